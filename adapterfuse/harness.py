@@ -1,0 +1,171 @@
+"""The multi-task harness: evaluate any predictor over tasks -> per-task metrics, average, cost.
+
+Also the two reference predictors every comparison table carries: the base model zero-shot and the
+oracle (each task answered by its own task's expert).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapterfuse.backends import Cost, Predictor
+from adapterfuse.base import BaseModel
+from adapterfuse.errors import ConfigError
+from adapterfuse.expert import Expert, attach_experts
+from adapterfuse.fsutil import atomic_dir, write_json
+from adapterfuse.library import ExpertLibrary
+from adapterfuse.scoring import DEFAULT_MAX_LENGTH, predict_proba, predictions
+from adapterfuse.tasks.glue import Example, TaskData, TaskSpec, get_task
+from adapterfuse.tasks.metrics import compute_metrics
+
+
+def score_examples(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
+                   examples: Sequence[Example], config: Any = None) -> dict[str, float]:
+    """The task's metrics of ``model`` on ``examples`` (batch size, autocast, length from ``config``)."""
+    probs = predict_proba(model, tokenizer, task, examples,
+                          batch_size=getattr(config, "eval_batch_size", 32), autocast=getattr(config, "autocast", True),
+                          max_length=getattr(config, "max_length", DEFAULT_MAX_LENGTH))
+    return compute_metrics(task.metrics, predictions(task, probs), [e.label for e in examples])
+
+
+def adapter_params(experts: Sequence[Expert]) -> int:
+    """Adapter parameters stored by a set of experts."""
+    return sum(t.numel() for e in experts for t in e.state_dict.values())
+
+
+class ModelPredictor:
+    """A predictor that is one (possibly adapted) model read through :mod:`adapterfuse.scoring`.
+
+    Args:
+        name: shown in tables.
+        model: the model.
+        tokenizer: its tokenizer.
+        stored_params: adapter parameters it keeps (for :class:`Cost`).
+        batch_size, autocast, max_length: scoring settings.
+    """
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase, stored_params: int = 0,
+                 batch_size: int = 32, autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.stored_params = stored_params
+        self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
+
+    def prepare(self, task: TaskSpec) -> None:
+        """Hook run before each task's batch (the oracle switches adapters here)."""
+
+    def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
+        """``[n, n_labels]`` probabilities over the task's label words."""
+        self.prepare(task)
+        return predict_proba(self.model, self.tokenizer, task, batch, self.batch_size, self.autocast, self.max_length)
+
+    def cost(self) -> Cost:
+        """One base forward pass per input, plus whatever adapters it stores (fp32)."""
+        return Cost(stored_params=self.stored_params, forward_passes=1.0, memory_bytes=4 * self.stored_params)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write ``predictor.json`` describing it (the base has no weights of its own to save)."""
+        with atomic_dir(path, overwrite) as tmp:
+            write_json(tmp / "predictor.json", {"kind": "zero_shot", "name": self.name})
+
+
+class ZeroShotPredictor(ModelPredictor):
+    """The base model with no adapter: the floor every backend must beat."""
+
+    def __init__(self, base: BaseModel, **kwargs: Any) -> None:
+        super().__init__("base zero-shot", base.model, base.tokenizer, **kwargs)
+
+
+class OraclePredictor(ModelPredictor):
+    """Each task answered by its own task's expert: the reference the backends are normalised by.
+
+    Args:
+        base: the frozen base.
+        library: experts; the first expert of each task is used for that task.
+    """
+
+    def __init__(self, base: BaseModel, library: ExpertLibrary, **kwargs: Any) -> None:
+        self.by_task = {task: experts[0] for task, experts in library.by_task().items() if task}
+        experts = list(self.by_task.values())
+        if not experts:
+            raise ConfigError("oracle: no expert records its task; expected experts trained by adapterfuse")
+        model = attach_experts(base.model, experts)
+        super().__init__("oracle", model, base.tokenizer, stored_params=adapter_params(experts), **kwargs)
+
+    def prepare(self, task: TaskSpec) -> None:
+        expert = self.by_task.get(task.train_task)
+        if expert is None:
+            raise ConfigError(f"oracle: no expert for task {task.name!r}; have experts for {sorted(self.by_task)}")
+        self.model.set_adapter(expert.name)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write every expert in a subfolder and ``predictor.json`` mapping tasks to them."""
+        with atomic_dir(path, overwrite) as tmp:
+            for expert in self.by_task.values():
+                (tmp / expert.name).mkdir()
+                expert.write_into(tmp / expert.name)
+            tasks = {t: e.name for t, e in self.by_task.items()}
+            write_json(tmp / "predictor.json", {"kind": "oracle", "tasks": tasks})
+
+
+def evaluate(predictor: Predictor, data: Sequence[TaskData], split: str = "test",
+             max_examples: int | None = None) -> dict[str, Any]:
+    """Evaluate a predictor over tasks.
+
+    Args:
+        predictor: anything with ``predict_proba`` and ``cost``.
+        data: the tasks' splits.
+        split: ``"test"`` (GLUE dev) or ``"validation"``.
+        max_examples: evaluate at most this many examples per task (the first ones).
+
+    Returns:
+        ``{"predictor", "tasks": {task: metrics + n + seconds + examples_per_s}, "average",
+        "examples_per_s", "cost"}``; ``average`` is the mean of the per-task ``score``.
+
+    Raises:
+        ConfigError: for an unknown split or no tasks.
+    """
+    if split not in ("test", "validation", "train"):
+        raise ConfigError(f"split {split!r}: expected 'test', 'validation' or 'train'")
+    if not data:
+        raise ConfigError("evaluate: expected at least one task, got none")
+    tasks: dict[str, dict[str, float]] = {}
+    total_n, total_s = 0, 0.0
+    for td in data:
+        examples = getattr(td, split)[:max_examples]
+        t0 = time.perf_counter()
+        probs = predictor.predict_proba(td.task, list(examples))
+        seconds = time.perf_counter() - t0
+        metrics = compute_metrics(td.task.metrics, predictions(td.task, probs), [e.label for e in examples])
+        tasks[td.task.name] = {**metrics, "n": len(examples), "seconds": round(seconds, 3),
+                               "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2)}
+        total_n, total_s = total_n + len(examples), total_s + seconds
+    return {"predictor": predictor.name, "split": split, "tasks": tasks,
+            "average": statistics.fmean(t["score"] for t in tasks.values()),
+            "examples_per_s": round(total_n / max(total_s, 1e-9), 2), "cost": predictor.cost().as_dict()}
+
+
+def results_table(results: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table: one row per predictor, each task's metrics, the average and the cost."""
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    metric_cols = []
+    for t in tasks:  # a task's official metrics, plus their mean where GLUE averages several
+        names = get_task(t).metrics
+        metric_cols += [(t, m) for m in names] + ([(t, "score")] if len(names) > 1 else [])
+    head = ["predictor", *[f"{t} {m}" for t, m in metric_cols], "average", "ex/s", "adapter params", "passes/input"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["predictor"]]
+        cells += [f"{r['tasks'][t][m]:.3f}" if t in r["tasks"] else "—" for t, m in metric_cols]
+        cost = r["cost"]
+        cells += [f"{r['average']:.3f}", f"{r['examples_per_s']:.1f}", f"{cost['stored_params']:,}",
+                  f"{cost['forward_passes']:g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

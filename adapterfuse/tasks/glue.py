@@ -1,0 +1,284 @@
+"""GLUE tasks as prompts to one causal LM, answered by the next token over each task's label words.
+
+Data comes from ``GLUE_DIR`` (the layout of the GLUE download script: ``$GLUE_DIR/SST-2/train.tsv``
+…) or, when ``GLUE_DIR`` is unset, from the Hub dataset ``nyu-mll/glue``. Class ids follow the Hub's
+label order, so both sources give the same labels. GLUE test labels are private: ``dev`` is our test
+split, and a seeded validation split is carved out of ``train``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapterfuse.errors import ConfigError, DataError
+
+HUB_DATASET = "nyu-mll/glue"
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input: its text fields, its gold label (class id, or a float for regression), its row."""
+
+    fields: tuple[str, ...]
+    label: int | float
+    idx: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one GLUE task is posed to the LM and scored.
+
+    Attributes:
+        name: our task name (``sst2``, ``mnli_mm`` …).
+        folder: its folder under ``GLUE_DIR``.
+        hub_config: its config name in ``nyu-mll/glue``.
+        hub_fields: the Hub's column names of the text fields, in template order.
+        tsv_fields: the same columns in the GLUE_DIR files (header names, or indices for CoLA).
+        tsv_label: the label column (name or index).
+        template: the prompt, with ``{0}``, ``{1}`` for the fields; it ends right before the answer.
+        label_words: one word per class, in class-id order; each must be one token of the tokenizer.
+        metrics: official metric names (see :mod:`adapterfuse.tasks.metrics`).
+        text_labels: GLUE_DIR label strings -> class id, for files that spell labels out.
+        regression: the label is a float read as the expectation over the label words' values.
+        test_file, hub_test_split: the dev file / split used as our test split.
+        family: the training task whose expert answers this task (``mnli`` for ``mnli_mm``).
+    """
+
+    name: str
+    folder: str
+    hub_config: str
+    hub_fields: tuple[str, ...]
+    tsv_fields: tuple[str | int, ...]
+    tsv_label: str | int
+    template: str
+    label_words: tuple[str, ...]
+    metrics: tuple[str, ...]
+    text_labels: dict[str, int] = field(default_factory=dict)
+    regression: bool = False
+    test_file: str = "dev.tsv"
+    hub_test_split: str = "validation"
+    family: str = ""
+    has_header: bool = True
+
+    @property
+    def n_labels(self) -> int:
+        """Number of label words (classes, or score levels for regression)."""
+        return len(self.label_words)
+
+    @property
+    def train_task(self) -> str:
+        """The task whose training data and expert serve this task."""
+        return self.family or self.name
+
+    def prompt(self, fields: tuple[str, ...]) -> str:
+        """The prompt for one example's fields."""
+        return self.template.format(*(" ".join(f.split()) for f in fields))
+
+
+_YES_NO = (" no", " yes")
+_NLI2 = {"entailment": 0, "not_entailment": 1}
+_NLI_PROMPT = "Premise: {0}\nHypothesis: {1}\nDoes the premise entail the hypothesis? Answer:"
+_MNLI = dict(folder="MNLI", hub_config="mnli", hub_fields=("premise", "hypothesis"),
+             tsv_fields=("sentence1", "sentence2"), tsv_label="gold_label",
+             template="Premise: {0}\nHypothesis: {1}\nDoes the premise entail the hypothesis? "
+                      "Answer yes, maybe or no:",
+             label_words=(" yes", " maybe", " no"), metrics=("accuracy",),
+             text_labels={"entailment": 0, "neutral": 1, "contradiction": 2})
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("cola", "CoLA", "cola", ("sentence",), (3,), 1,
+             "Sentence: {0}\nIs this sentence grammatically acceptable? Answer:", _YES_NO, ("mcc",),
+             has_header=False),
+    TaskSpec("sst2", "SST-2", "sst2", ("sentence",), ("sentence",), "label",
+             "Review: {0}\nIs the sentiment negative or positive? Answer:", (" negative", " positive"),
+             ("accuracy",)),
+    TaskSpec("mrpc", "MRPC", "mrpc", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
+             "Sentence 1: {0}\nSentence 2: {1}\nDo both sentences mean the same thing? Answer:", _YES_NO,
+             ("accuracy", "f1")),
+    TaskSpec("qqp", "QQP", "qqp", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
+             "Question 1: {0}\nQuestion 2: {1}\nDo both questions ask the same thing? Answer:", _YES_NO,
+             ("accuracy", "f1")),
+    TaskSpec("stsb", "STS-B", "stsb", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
+             "Sentence 1: {0}\nSentence 2: {1}\nHow similar are they, from 0 to 5? Score: ",
+             ("0", "1", "2", "3", "4", "5"), ("pearson", "spearman"), regression=True),
+    TaskSpec("rte", "RTE", "rte", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
+             _NLI_PROMPT, (" yes", " no"), ("accuracy",), text_labels=_NLI2),
+    TaskSpec("wnli", "WNLI", "wnli", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
+             _NLI_PROMPT, _YES_NO, ("accuracy",)),
+    TaskSpec("qnli", "QNLI", "qnli", ("question", "sentence"), ("question", "sentence"), "label",
+             "Question: {0}\nSentence: {1}\nDoes the sentence answer the question? Answer:", (" yes", " no"),
+             ("accuracy",), text_labels=_NLI2),
+    TaskSpec("mnli", test_file="dev_matched.tsv", hub_test_split="validation_matched", **_MNLI),
+    TaskSpec("mnli_mm", test_file="dev_mismatched.tsv", hub_test_split="validation_mismatched",
+             family="mnli", **_MNLI),
+]}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by name.
+
+    Raises:
+        ConfigError: for an unknown name, listing the known ones.
+    """
+    key = name.strip().lower().replace("-", "")
+    aliases = {"sts": "stsb", "sst": "sst2", "mnlimm": "mnli_mm", "mnli_m": "mnli"}
+    key = aliases.get(key, key)
+    if key not in TASKS:
+        raise ConfigError(f"task {name!r}: unknown; expected one of {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def parse_tasks(names: str | list[str]) -> list[TaskSpec]:
+    """Parse ``"sst2,rte"`` or a list of names into task specs (duplicates removed, order kept)."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    out: list[TaskSpec] = []
+    for item in (i for i in items if i.strip()):
+        task = get_task(item)
+        if task not in out:
+            out.append(task)
+    if not out:
+        raise ConfigError("tasks: expected at least one task name, got none; e.g. --tasks sst2,rte")
+    return out
+
+
+def _parse_label(task: TaskSpec, raw: str, where: str) -> int | float:
+    raw = raw.strip()
+    try:
+        if task.regression:
+            return float(raw)
+        if raw in task.text_labels:
+            return task.text_labels[raw]
+        value = int(raw)
+    except ValueError:
+        raise DataError(f"{where}: label {raw!r} is not valid for task {task.name}; expected "
+                        f"{sorted(task.text_labels) or 'an integer class id'}") from None
+    if not 0 <= value < task.n_labels:
+        raise DataError(f"{where}: label {value} out of range for task {task.name}; expected 0..{task.n_labels - 1}")
+    return value
+
+
+def _read_tsv(task: TaskSpec, path: Path) -> list[Example]:
+    """Read one GLUE download-script file (tab-separated, no quoting)."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if task.has_header:
+        header, rows = rows[0], rows[1:]
+        try:
+            cols = [header.index(c) for c in (*task.tsv_fields, task.tsv_label)]
+        except ValueError:
+            raise DataError(f"{path}: header {header} lacks a column of {[*task.tsv_fields, task.tsv_label]}; "
+                            "expected the GLUE download-script layout") from None
+    else:
+        cols = [int(c) for c in (*task.tsv_fields, task.tsv_label)]
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) <= max(cols):
+            continue  # a few GLUE files carry malformed rows; the official scripts skip them too
+        label = row[cols[-1]]
+        if label.strip() in ("", "-"):
+            continue  # MNLI rows without a gold label
+        out.append(Example(tuple(row[c] for c in cols[:-1]), _parse_label(task, label, f"{path}:{i + 2}"), i))
+    return out
+
+
+def _read_hub(task: TaskSpec, split: str) -> list[Example]:
+    """Read a split of ``nyu-mll/glue`` with the datasets library."""
+    from datasets import load_dataset
+
+    ds = load_dataset(HUB_DATASET, task.hub_config, split=split)
+    return [Example(tuple(row[f] for f in task.hub_fields),
+                    float(row["label"]) if task.regression else int(row["label"]), i)
+            for i, row in enumerate(ds)]
+
+
+def read_split(task: TaskSpec, split: str, glue_dir: str | os.PathLike | None = None) -> list[Example]:
+    """Read the raw ``train`` or ``dev`` split of a task.
+
+    Args:
+        task: the task.
+        split: ``"train"`` or ``"dev"``.
+        glue_dir: a GLUE_DIR folder; defaults to ``$GLUE_DIR``; when neither is set, the Hub is used.
+
+    Returns:
+        The examples in file order.
+
+    Raises:
+        DataError: when the file is missing or the Hub cannot be reached, naming what was tried.
+    """
+    if split not in ("train", "dev"):
+        raise ConfigError(f"split {split!r}: expected 'train' or 'dev'")
+    root = glue_dir if glue_dir is not None else os.environ.get("GLUE_DIR")
+    if root:
+        path = Path(root) / task.folder / ("train.tsv" if split == "train" else task.test_file)
+        if not path.is_file():
+            raise DataError(f"task {task.name}: file {path} not found; put the GLUE download-script files "
+                            f"under GLUE_DIR ({root}), or unset GLUE_DIR to download '{HUB_DATASET}' "
+                            "from the Hugging Face Hub")
+        return _read_tsv(task, path)
+    hub_split = "train" if split == "train" else task.hub_test_split
+    try:
+        return _read_hub(task, hub_split)
+    except Exception as e:  # the datasets library raises many types when offline
+        raise DataError(f"task {task.name}: could not load {HUB_DATASET}/{task.hub_config} split {hub_split} "
+                        f"from the Hub ({type(e).__name__}); set GLUE_DIR to a folder with "
+                        f"{task.folder}/train.tsv and {task.folder}/{task.test_file}") from e
+
+
+@dataclass
+class TaskData:
+    """One task's three splits: ``train`` (fit experts), ``validation`` (fit combiners), ``test`` (dev)."""
+
+    task: TaskSpec
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def _capped(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
+    """A seeded subset of at most ``cap`` examples, kept in file order."""
+    if cap is None or cap >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), cap))
+    return [examples[i] for i in keep]
+
+
+def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
+              max_train: int | None = None, max_test: int | None = None,
+              glue_dir: str | os.PathLike | None = None) -> TaskData:
+    """Load a task's splits: a seeded validation split carved out of train, dev as the test split.
+
+    Args:
+        task: a spec or a task name.
+        validation_size: examples moved from ``train`` into ``validation`` (never in both).
+        seed: the seed of the carve and of the caps.
+        max_train: cap on the training examples (a seeded subset of what remains after the carve).
+        max_test: cap on the test examples (a seeded subset of dev).
+        glue_dir: see :func:`read_split`.
+
+    Returns:
+        The :class:`TaskData`.
+
+    Raises:
+        ConfigError: for negative sizes or a validation split that would take all of train.
+        DataError: see :func:`read_split`.
+    """
+    spec = get_task(task) if isinstance(task, str) else task
+    for what, value in (("validation_size", validation_size), ("max_train", max_train), ("max_test", max_test)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{what}: expected a number >= 0, got {value}")
+    train = read_split(spec, "train", glue_dir)
+    if validation_size >= len(train):
+        raise ConfigError(f"validation_size: {validation_size} would leave no training examples for "
+                          f"{spec.name} ({len(train)} in train); use a smaller validation_size")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    validation = [train[i] for i in sorted(order[:validation_size])]
+    rest = [train[i] for i in sorted(order[validation_size:])]
+    test = read_split(spec, "dev", glue_dir)
+    return TaskData(spec, _capped(rest, max_train, seed + 1), validation, _capped(test, max_test, seed + 2))

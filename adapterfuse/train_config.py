@@ -1,0 +1,62 @@
+"""The training configuration of an expert, validated before any model is loaded."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainConfig(BaseModel):
+    """How one expert is trained. Unknown keys and out-of-range values are refused.
+
+    The defaults are what the GLUE experts in ``docs/results.md`` were trained with, except where a
+    recipe says otherwise (caps and epochs per task).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["lora", "adalora"] = "lora"
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank; AdaLoRA's average target rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0, le=100)
+    batch_size: int = Field(16, ge=1)
+    max_train_examples: int | None = Field(2000, ge=1)
+    validation_size: int = Field(200, ge=0)
+    max_length: int = Field(256, ge=8)
+    seed: int = Field(0, ge=0)
+    autocast: bool = True
+    balance_classes: bool = Field(False, description="weight the loss by inverse class frequency")
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+    adalora_init_r: int = Field(12, ge=1, description="AdaLoRA's initial rank per module")
+    adalora_tinit_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps before pruning starts")
+    adalora_tfinal_ratio: float = Field(0.2, ge=0, lt=1, description="share of steps after the budget is fixed")
+    adalora_delta_t: int = Field(10, ge=1, description="steps between rank reallocations")
+    adalora_orth_reg: float = Field(0.5, ge=0, description="orthogonality regulariser weight")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.method == "adalora":
+            if self.rank > self.adalora_init_r:
+                raise ValueError(f"rank {self.rank} > adalora_init_r {self.adalora_init_r}; AdaLoRA prunes "
+                                 "from init_r down to rank, so init_r must be at least rank")
+            if self.adalora_tinit_ratio + self.adalora_tfinal_ratio >= 1:
+                raise ValueError("adalora_tinit_ratio + adalora_tfinal_ratio must be < 1 to leave steps for pruning")
+        if not self.target_modules:
+            raise ValueError("target_modules: expected at least one module name")
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        """The alpha actually used."""
+        return self.alpha if self.alpha is not None else 2.0 * self.rank

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapterfuse.cli import main
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-base") / "tiny"
+    make_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["train", "--task", "sst2"], "--out"),
+    (["train", "--task", "sst2", "--out", "x", "--rank", "0"], "positive integer"),
+    (["train", "--task", "sst2", "--out", "x", "--method", "dora"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_errors_exit_1_with_one_line_and_no_traceback(tmp_path, capsys, glue_dir):
+    (tmp_path / "exists").mkdir()
+    assert main(["train", "--task", "sst2", "--out", str(tmp_path / "exists")]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["train", "--task", "squad", "--out", str(tmp_path / "new")]) == 1
+    assert "unknown" in capsys.readouterr().err
+
+
+def test_train_then_eval_end_to_end(tiny_folder, tmp_path, capsys, glue_dir):
+    out = tmp_path / "expert"
+    code = main(["train", "--task", "sst2", "--base", str(tiny_folder), "--out", str(out), "--max-train-examples",
+                 "16", "--max-eval-examples", "4", "--batch-size", "4", "--validation-size", "8", "--no-autocast"])
+    assert code == 0 and (out / "adapterfuse.json").is_file()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scores"]["test"]["accuracy"] >= 0
+    assert main(["eval", "--experts", str(out), "--tasks", "sst2", "--base", str(tiny_folder),
+                 "--max-eval-examples", "6", "--validation-size", "8", "--out", str(tmp_path / "r.json")]) == 0
+    assert "| oracle |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["tasks"]["sst2"]["n"] == 6 and result["predictor"] == "oracle"
+    assert main(["eval", "--tasks", "sst2", "--base", str(tiny_folder), "--max-eval-examples", "6",
+                 "--validation-size", "8"]) == 0
+    assert "| base zero-shot |" in capsys.readouterr().out

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterfuse.errors import ResumeError
+from adapterfuse.scoring import predict_proba
+from adapterfuse.tasks.glue import get_task
+from adapterfuse.train import batch_schedule, task_loss, train_expert
+from tests.helpers import plain_peft_model, state_equal, tiny_config, tiny_data
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_at(step_to_stop: int):
+    def callback(step: int, loss: float) -> None:
+        if step == step_to_stop:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_resume_after_interruption_gives_the_same_adapter(tiny_base, tmp_path, method):
+    extra = dict(adalora_init_r=6, adalora_delta_t=1, adalora_tinit_ratio=0.1, adalora_tfinal_ratio=0.2,
+                 dropout=0.1) if method == "adalora" else {"dropout": 0.1}
+    config = tiny_config(method=method, **extra)
+    data = tiny_data(tmp_path / "glue", config=config)
+    straight = train_expert(tiny_base, "sst2", config, out=tmp_path / "straight", data=data, progress=False)
+
+    with pytest.raises(Interrupt):
+        train_expert(tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False,
+                     callback=_stop_at(7))
+    assert not (tmp_path / "resumed").exists()  # nothing half-written in place
+    assert (tmp_path / ".resumed.partial" / "checkpoint.pt").is_file()
+    resumed = train_expert(tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False)
+    assert resumed.meta["training"]["resumed_from_step"] == 4
+    assert state_equal(straight.state_dict, resumed.state_dict)
+    assert not (tmp_path / ".resumed.partial").exists()
+
+
+def test_changed_config_refuses_to_resume_and_says_what_changed(tiny_base, tmp_path):
+    config = tiny_config()
+    data = tiny_data(tmp_path / "glue", config=config)
+    with pytest.raises(Interrupt):
+        train_expert(tiny_base, "sst2", config, out=tmp_path / "x", data=data, progress=False, callback=_stop_at(5))
+    with pytest.raises(ResumeError, match=r"config\.lr"):
+        train_expert(tiny_base, "sst2", tiny_config(lr=1e-4), out=tmp_path / "x", data=data, progress=False)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tiny_base, tmp_path):
+    data = tiny_data(tmp_path / "glue")
+    a, b = (train_expert(tiny_base, "sst2", tiny_config(dropout=0.1), out=tmp_path / n, data=data, progress=False)
+            for n in ("a", "b"))
+    c = train_expert(tiny_base, "sst2", tiny_config(dropout=0.1, seed=1), out=tmp_path / "c", data=data,
+                     progress=False)
+    assert (a.path / "adapter_model.safetensors").read_bytes() == (b.path / "adapter_model.safetensors").read_bytes()
+    assert not state_equal(a.state_dict, c.state_dict)
+
+
+def test_adalora_saves_its_final_ranks_and_loads_in_plain_peft(tiny_base, tmp_path):
+    config = tiny_config(method="adalora", rank=2, adalora_init_r=6, adalora_delta_t=1, epochs=2.0)
+    data = tiny_data(tmp_path / "glue", config=config)
+    expert = train_expert(tiny_base, "sst2", config, out=tmp_path / "ada", data=data, progress=False)
+    ranks = expert.meta["adalora_ranks"]
+    assert len(ranks) == 14 and sum(ranks.values()) <= 2 * 14  # the budget is target_r per module on average
+    assert len(set(ranks.values())) > 1  # the allocation is not uniform
+    task = get_task("sst2")
+    plain = plain_peft_model(tiny_base.model, expert.path)
+    p_plain = predict_proba(plain, tiny_base.tokenizer, task, data.test, autocast=False)
+    p_ours = predict_proba(expert.attach(tiny_base.model), tiny_base.tokenizer, task, data.test, autocast=False)
+    torch.testing.assert_close(p_plain, p_ours, rtol=0, atol=1e-6)
+    # The folded ΔW of every module equals what PEFT itself computes.
+    modules = dict(plain.named_modules())
+    for name, delta in expert.deltas.items():
+        peft_delta = modules[f"base_model.model.{name}"].get_delta_weight("default")
+        torch.testing.assert_close(delta.dense(), peft_delta, rtol=1e-5, atol=1e-7)
+        assert delta.rank == ranks[name]
+
+
+def test_schedule_is_seeded_and_covers_each_epoch():
+    lengths = [i % 7 for i in range(50)]
+    a = batch_schedule(lengths, 8, 2.0, seed=0)
+    assert a == batch_schedule(lengths, 8, 2.0, seed=0) != batch_schedule(lengths, 8, 2.0, seed=1)
+    assert len(a) == 14 and sorted(i for b in a[:7] for i in b) == list(range(50))
+
+
+def test_regression_loss_targets_the_two_nearest_digits():
+    task = get_task("stsb")
+    logits = torch.log(torch.tensor([[0.05, 0.05, 0.3, 0.5, 0.05, 0.05]]))
+    expected = -(0.6 * torch.log(torch.tensor(0.3)) + 0.4 * torch.log(torch.tensor(0.5)))
+    torch.testing.assert_close(task_loss(task, logits, [2.4]), expected)
