@@ -104,7 +104,8 @@ def deltas_from_peft(
         ExpertError: for an unsupported adapter type (DoRA, embeddings, other PEFT methods) or a
             module whose factors are missing or of mismatched shapes.
     """
-    peft_type = str(config.get("peft_type", "")).upper()
+    raw_type = config.get("peft_type", "")
+    peft_type = str(getattr(raw_type, "value", raw_type)).upper()  # a PeftType enum or its JSON string
     if peft_type not in ("LORA", "ADALORA"):
         raise ExpertError(f"expert {name!r}: peft_type must be LORA or ADALORA, got {peft_type!r}; "
                           "only LoRA-family adapters can be folded into ΔW")

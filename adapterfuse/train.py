@@ -204,8 +204,6 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from adapterfuse.harness import score_examples
-
     config = config or TrainConfig()
     spec = get_task(task) if isinstance(task, str) else task
     if out is None:
@@ -279,25 +277,30 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
             callback(done, loss.item())
     train_wall = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
+        run = {"train_examples": len(train), "steps": len(schedule), "resumed_from_step": start,
+               "train_wall_s": round(train_wall, 2), "train_tokens_per_s": round(tokens / max(train_wall, 1e-9), 1)}
+        expert = _evaluate_and_save(peft_model, base, spec, data, config, run, out, overwrite)
+        ckpt.clear()
+    accelerator.wait_for_everyone()
+    return expert if accelerator.is_main_process else Expert.load(out)
+
+
+def _evaluate_and_save(peft_model: nn.Module, base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig,
+                       run: dict[str, Any], out: Path, overwrite: bool) -> Expert:
+    """Score the trained adapter on validation and test, then write the expert folder atomically."""
+    from adapterfuse.harness import score_examples
 
     peft_model.eval()
-    t1 = time.perf_counter()
-    scores = {
-        "validation": (score_examples(peft_model, base.tokenizer, spec, data.validation, config)
-                       if data.validation else {}),
-        "test": score_examples(peft_model, base.tokenizer, spec, data.test[: config.max_eval_examples or None], config),
-    }
-    meta = {
-        "task": spec.name, "method": config.method, "seed": config.seed,
-        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
-        "training": {**config.model_dump(mode="json"), "train_examples": len(train), "steps": len(schedule),
-                     "resumed_from_step": start, "train_wall_s": round(train_wall, 2),
-                     "train_tokens_per_s": round(tokens / max(train_wall, 1e-9), 1),
-                     "eval_wall_s": round(time.perf_counter() - t1, 2)},
-        "scores": scores, "versions": versions(),
-    }
-    if not accelerator.is_main_process:
-        return Expert.load(out) if out.exists() else None  # type: ignore[return-value]
+    t0 = time.perf_counter()
+    test = data.test[: config.max_eval_examples or None]
+    scores = {"validation": score_examples(peft_model, base.tokenizer, spec, data.validation, config)
+              if data.validation else {},
+              "test": score_examples(peft_model, base.tokenizer, spec, test, config)}
+    meta = {"task": spec.name, "method": config.method, "seed": config.seed,
+            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+            "training": {**config.model_dump(mode="json"), **run, "eval_wall_s": round(time.perf_counter() - t0, 2)},
+            "scores": scores, "versions": versions()}
     # Name the base by its spec (a Hub id for the default), not the local cache folder it was read from.
     peft_model.peft_config["default"].base_model_name_or_path = base.spec
     with atomic_dir(out, overwrite) as tmp:
@@ -307,6 +310,5 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         if config.method == "adalora":
             expert.meta["adalora_ranks"] = {m: d.rank for m, d in expert.deltas.items()}
         expert.write_into(tmp)
-    ckpt.clear()
     expert.path = out
     return expert

@@ -55,9 +55,9 @@ def trainer_train(base, data: TaskData, config: TrainConfig) -> float:
         lora_dropout=config.dropout, task_type="CAUSAL_LM"))
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=config.batch_size, num_train_epochs=1,
-                                 learning_rate=config.lr, warmup_ratio=config.warmup_ratio, bf16=config.autocast,
+                                 learning_rate=config.lr, warmup_steps=config.warmup_ratio, bf16=config.autocast,
                                  use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
-                                 logging_strategy="no", seed=config.seed, group_by_length=True,
+                                 logging_strategy="no", seed=config.seed, train_sampling_strategy="group_by_length",
                                  dataloader_num_workers=0, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           data_collator=DataCollatorForSeq2Seq(tok, padding=True))
@@ -88,12 +88,13 @@ def ours_scoring(base, data: TaskData, batch_size: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="sst2")
+    parser.add_argument("--base", default=None, help="base spec (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--examples", type=int, default=320, help="training examples per run")
     parser.add_argument("--eval-examples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    base = load_base()
+    base = load_base(args.base)
     config = TrainConfig(max_train_examples=args.examples, lr=3e-4, checkpoint_every=10_000)
     data = load_task(args.task, validation_size=0, max_train=args.examples, max_test=args.eval_examples)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, task {args.task}, "
