@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from adapterfuse import merge  # a callable package: adapterfuse.merge(experts, method=...)
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import AdapterFuseError
 from adapterfuse.expert import Expert
@@ -14,19 +15,20 @@ from adapterfuse.train import train_expert
 from adapterfuse.train_config import TrainConfig
 
 __all__ = [
-           "TASKS",
-           "AdapterFuseError",
-           "BaseModel",
-           "Expert",
-           "ExpertLibrary",
-           "OraclePredictor",
-           "TaskSpec",
-           "TrainConfig",
-           "ZeroShotPredictor",
-           "__version__",
-           "evaluate",
-           "get_task",
-           "load_base",
-           "load_task",
-           "train_expert",
+    "TASKS",
+    "AdapterFuseError",
+    "BaseModel",
+    "Expert",
+    "ExpertLibrary",
+    "OraclePredictor",
+    "TaskSpec",
+    "TrainConfig",
+    "ZeroShotPredictor",
+    "__version__",
+    "evaluate",
+    "get_task",
+    "load_base",
+    "load_task",
+    "merge",
+    "train_expert",
 ]

@@ -1,4 +1,4 @@
-"""The ``adapterfuse`` command line: train and evaluate experts (merge, ensemble, route come next).
+"""The ``adapterfuse`` command line: train, evaluate and merge experts.
 
 Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error exits 1 with
 its one-line message; neither prints a traceback (``ADAPTERFUSE_DEBUG=1`` shows it).
@@ -69,6 +69,12 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     ev.add_argument("--out", type=Path, default=None, help="results.json to write")
     ev.add_argument("--overwrite", action="store_true")
+    train.set_defaults(handler=_cmd_train)
+    ev.set_defaults(handler=_cmd_eval)
+
+    from adapterfuse import cli_merge
+
+    cli_merge.register(sub)
     return parser
 
 
@@ -125,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _build_parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "eval": _cmd_eval}[args.command](args)
+        return args.handler(args)
     except (AdapterFuseError, ValidationError) as e:
         if os.environ.get("ADAPTERFUSE_DEBUG"):
             raise
