@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from adapterfuse import merge  # a callable package: adapterfuse.merge(experts, method=...)
+from adapterfuse import ensemble, merge  # callable packages: adapterfuse.merge(experts, method=...)
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import AdapterFuseError
 from adapterfuse.expert import Expert
@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "ZeroShotPredictor",
     "__version__",
+    "ensemble",
     "evaluate",
     "get_task",
     "load_base",

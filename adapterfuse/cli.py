@@ -1,4 +1,4 @@
-"""The ``adapterfuse`` command line: train, evaluate and merge experts.
+"""The ``adapterfuse`` command line: train, evaluate, merge and ensemble experts.
 
 Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error exits 1 with
 its one-line message; neither prints a traceback (``ADAPTERFUSE_DEBUG=1`` shows it).
@@ -72,9 +72,10 @@ def _build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
     ev.set_defaults(handler=_cmd_eval)
 
-    from adapterfuse import cli_merge
+    from adapterfuse import cli_ensemble, cli_merge
 
     cli_merge.register(sub)
+    cli_ensemble.register(sub)
     return parser
 
 
