@@ -31,7 +31,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         subparsers: what ``ArgumentParser.add_subparsers()`` returned.
 
     Returns:
-        The new sub-parser (its ``func`` default is :func:`run`).
+        The new sub-parser (its ``handler`` default is :func:`run`).
     """
     p = subparsers.add_parser(
         "ensemble", help="pool several experts in one batched pass",
