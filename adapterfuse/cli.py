@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by every subcommand)."""
     try:
         value = int(text)
     except ValueError:
@@ -45,13 +46,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="expert folder to write")
     train.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
     train.add_argument("--method", default="lora", choices=["lora", "adalora"])
-    train.add_argument("--rank", type=_positive_int, default=8)
-    train.add_argument("--max-train-examples", type=_positive_int, default=2000)
-    train.add_argument("--max-eval-examples", type=_positive_int, default=None)
+    train.add_argument("--rank", type=positive_int, default=8)
+    train.add_argument("--max-train-examples", type=positive_int, default=2000)
+    train.add_argument("--max-eval-examples", type=positive_int, default=None)
     train.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     train.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=_positive_int, default=16)
+    train.add_argument("--batch-size", type=positive_int, default=16)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
     train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
@@ -63,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--experts", nargs="*", default=[], type=Path, help="expert folders (none: base zero-shot)")
     ev.add_argument("--tasks", required=True, help="comma-separated task names")
     ev.add_argument("--base", default=None)
-    ev.add_argument("--max-eval-examples", type=_positive_int, default=None)
+    ev.add_argument("--max-eval-examples", type=positive_int, default=None)
     ev.add_argument("--split", default="test", choices=["test", "validation"])
     ev.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")

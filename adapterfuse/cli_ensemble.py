@@ -11,17 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.cli import positive_int
 from adapterfuse.ensemble.pooling import POOLINGS
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -48,10 +39,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="examples carved from train for validation; keep the experts' value so they never trained "
                         "on it")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
-    p.add_argument("--max-eval-examples", type=_positive_int, default=None)
+    p.add_argument("--max-eval-examples", type=positive_int, default=None)
     p.add_argument("--temperature", type=float, default=1.0, help="pooling temperature (uniform or given weights)")
     p.add_argument("--metric", default="score", choices=["score", "nll"], help="what selection maximises")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per batch (x K rows)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per batch (x K rows)")
     p.add_argument("--no-autocast", action="store_true", help="score in fp32 instead of bf16 autocast")
     p.add_argument("--seed", type=int, default=0, help="seed of the weight fit")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")

@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import ConfigError
-from adapterfuse.merge.functional import Truncation, factor_truncation, stack_factors
+from adapterfuse.merge.functional import Truncation, dense_truncation, factor_truncation, stack_factors
 
 
 class MergeParams(BaseModel):
@@ -225,3 +225,9 @@ def linear_output(items: list[tuple[float, LowRank]], rank: int | None) -> Trunc
     # Truncating to the stacked rank itself returns the factors untouched but still measures the norm,
     # which the pooled error over all modules needs.
     return factor_truncation(stacked, stacked.rank if rank is None else rank)
+
+
+def truncate_output(merged: torch.Tensor, job: ModuleJob, params: TiesParams | DareParams) -> Truncation:
+    """Truncate a dense merged ΔW to the output rank (default: the largest rank among the module's experts)."""
+    rank = job.max_rank if params.rank is None else params.rank
+    return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)

@@ -19,8 +19,8 @@ import hashlib
 import torch
 
 from adapterfuse.delta import LowRank
-from adapterfuse.merge.common import DareParams, MergeMethod, ModuleJob
-from adapterfuse.merge.functional import Truncation, dare_drop, dense_truncation
+from adapterfuse.merge.common import DareParams, MergeMethod, ModuleJob, truncate_output
+from adapterfuse.merge.functional import Truncation, dare_drop
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -78,8 +78,7 @@ def merge_module(job: ModuleJob, params: DareParams) -> Truncation:
     """
     stack = dropped_stack(job, params)
     merged = params.lam * (stack * job.weight_tensor(stack.device).reshape(-1, 1, 1)).sum(dim=0)
-    rank = job.max_rank if params.rank is None else params.rank
-    return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)
+    return truncate_output(merged, job, params)
 
 
 METHOD = MergeMethod(

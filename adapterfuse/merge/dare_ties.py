@@ -8,9 +8,9 @@ mass, the agreeing weighted entries are averaged (divided by how many agree), an
 
 from __future__ import annotations
 
-from adapterfuse.merge.common import DareParams, MergeMethod, ModuleJob
+from adapterfuse.merge.common import DareParams, MergeMethod, ModuleJob, truncate_output
 from adapterfuse.merge.dare_linear import dropped_stack
-from adapterfuse.merge.functional import Truncation, dense_truncation
+from adapterfuse.merge.functional import Truncation
 from adapterfuse.merge.ties import sign_merge
 
 
@@ -25,9 +25,7 @@ def merge_module(job: ModuleJob, params: DareParams) -> Truncation:
         The truncated merge, its truncation error and the untruncated norm.
     """
     stack = dropped_stack(job, params)
-    merged = params.lam * sign_merge(stack, job.weight_tensor(stack.device))
-    rank = job.max_rank if params.rank is None else params.rank
-    return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)
+    return truncate_output(params.lam * sign_merge(stack, job.weight_tensor(stack.device)), job, params)
 
 
 METHOD = MergeMethod(

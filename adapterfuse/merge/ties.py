@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from adapterfuse.merge.common import MergeMethod, ModuleJob, TiesParams
+from adapterfuse.merge.common import MergeMethod, ModuleJob, TiesParams, truncate_output
 from adapterfuse.merge.functional import (
     Truncation,
-    dense_truncation,
     disjoint_mean,
     elect_sign,
     trim_by_magnitude,
@@ -48,9 +47,7 @@ def merge_module(job: ModuleJob, params: TiesParams) -> Truncation:
         The truncated merge, its truncation error and the untruncated norm.
     """
     stack = torch.stack([trim_by_magnitude(d.dense(), params.density) for d in job.deltas])
-    merged = params.lam * sign_merge(stack, job.weight_tensor(stack.device))
-    rank = job.max_rank if params.rank is None else params.rank
-    return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)
+    return truncate_output(params.lam * sign_merge(stack, job.weight_tensor(stack.device)), job, params)
 
 
 METHOD = MergeMethod(
