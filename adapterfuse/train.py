@@ -234,7 +234,7 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     weights = _class_weights(spec, train, config.balance_classes)
 
-    start = 0
+    start, prior_wall, tokens_before = 0, 0.0, 0
     state = ckpt.load()
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     if state is not None:
@@ -246,8 +246,9 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         torch.set_rng_state(state["rng"])
         _restore_allocator(peft_model, state.get("allocator", {}))
         start = state["step"]
+        prior_wall, tokens_before = state.get("wall_s", 0.0), state.get("tokens", 0)
 
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens = time.perf_counter(), tokens_before  # wall time and tokens add up across resumes
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(range(start, len(schedule)), desc=f"train {spec.name}", initial=start, total=len(schedule),
                disable=not progress or not accelerator.is_main_process)
@@ -272,10 +273,11 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         if accelerator.is_main_process and (done % config.checkpoint_every == 0) and done < len(schedule):
             ckpt.save({"step": done, "adapter": {n: p.detach().clone() for n, p in trainable.items()},
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": torch.get_rng_state(), "allocator": _allocator_state(peft_model)})
+                       "rng": torch.get_rng_state(), "allocator": _allocator_state(peft_model),
+                       "wall_s": prior_wall + time.perf_counter() - t0, "tokens": tokens})
         if callback is not None:
             callback(done, loss.item())
-    train_wall = time.perf_counter() - t0
+    train_wall = prior_wall + time.perf_counter() - t0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
         run = {"train_examples": len(train), "steps": len(schedule), "resumed_from_step": start,

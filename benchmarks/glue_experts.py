@@ -26,7 +26,7 @@ PLAN: dict[str, dict] = {
     "cola": {"max_train_examples": 6000, "epochs": 1.0, "balance_classes": True},
     "mrpc": {"max_train_examples": 3468, "epochs": 1.5},
     "stsb": {"max_train_examples": 5000, "epochs": 1.0},
-    "rte": {"max_train_examples": 2290, "epochs": 2.0},
+    "rte": {"max_train_examples": 2290, "epochs": 1.5},
 }
 
 

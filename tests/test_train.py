@@ -34,9 +34,10 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_base, tmp_path, m
         train_expert(tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False,
                      callback=_stop_at(7))
     assert not (tmp_path / "resumed").exists()  # nothing half-written in place
-    assert (tmp_path / ".resumed.partial" / "checkpoint.pt").is_file()
+    checkpoint = torch.load(tmp_path / ".resumed.partial" / "checkpoint.pt", weights_only=True)
     resumed = train_expert(tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False)
     assert resumed.meta["training"]["resumed_from_step"] == 4
+    assert resumed.meta["training"]["train_wall_s"] >= round(checkpoint["wall_s"], 2) > 0  # time adds up
     assert state_equal(straight.state_dict, resumed.state_dict)
     assert not (tmp_path / ".resumed.partial").exists()
 
