@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from adapterfuse import ensemble, merge  # callable packages: adapterfuse.merge(experts, method=...)
+from adapterfuse import ensemble, merge, route  # callable packages: adapterfuse.merge(experts, ...)
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import AdapterFuseError
 from adapterfuse.expert import Expert
@@ -31,5 +31,6 @@ __all__ = [
     "load_base",
     "load_task",
     "merge",
+    "route",
     "train_expert",
 ]

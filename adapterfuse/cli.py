@@ -1,4 +1,4 @@
-"""The ``adapterfuse`` command line: train, evaluate, merge and ensemble experts.
+"""The ``adapterfuse`` command line: train, evaluate, merge, ensemble and route experts.
 
 Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error exits 1 with
 its one-line message; neither prints a traceback (``ADAPTERFUSE_DEBUG=1`` shows it).
@@ -57,6 +57,10 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
     train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    train.add_argument("--ensemble", default=None, choices=["batchensemble", "mimo", "camero", "swag"],
+                       help="train a parameter-efficient ensemble of --members members instead of one expert")
+    train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
+    train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
 
     ev = sub.add_parser("eval", help="evaluate experts (or the base zero-shot) on tasks",
                         description="Evaluate the oracle of the given experts (each task by its own expert), "
@@ -73,10 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
     ev.set_defaults(handler=_cmd_eval)
 
-    from adapterfuse import cli_ensemble, cli_merge
+    from adapterfuse import cli_ensemble, cli_merge, cli_route
 
     cli_merge.register(sub)
     cli_ensemble.register(sub)
+    cli_route.register(sub)
     return parser
 
 
@@ -93,8 +98,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, seed=args.seed, balance_classes=args.balance_classes,
                          autocast=not args.no_autocast, validation_size=args.validation_size,
                          adalora_init_r=max(12, args.rank))
+    if args.ensemble:
+        from adapterfuse.pe_ensemble.options import check_kind
+
+        check_kind(args.ensemble, args.members)
     check_output(args.out, args.overwrite)  # before the base is loaded
     base = load_base(args.base)
+    if args.ensemble:
+        from adapterfuse.pe_ensemble import train_pe_ensemble
+
+        ens = train_pe_ensemble(base, task, args.ensemble, args.members, config, out=args.out,
+                                overwrite=args.overwrite, pooling=args.pooling)
+        print(json.dumps({"ensemble": str(args.out), "kind": args.ensemble, "members": args.members,
+                          "scores": ens.manifest["scores"],
+                          "train_wall_s": ens.manifest["training"]["train_wall_s"]}, indent=2))
+        return 0
     expert = train_expert(base, task, config, out=args.out, overwrite=args.overwrite)
     print(json.dumps({"expert": str(args.out), "scores": expert.meta["scores"],
                       "train_wall_s": expert.meta["training"]["train_wall_s"]}, indent=2))

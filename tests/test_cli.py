@@ -61,3 +61,13 @@ def test_train_then_eval_end_to_end(tiny_folder, tmp_path, capsys, glue_dir):
     assert main(["eval", "--tasks", "sst2", "--base", str(tiny_folder), "--max-eval-examples", "6",
                  "--validation-size", "8"]) == 0
     assert "| base zero-shot |" in capsys.readouterr().out
+
+
+def test_train_a_parameter_efficient_ensemble(tiny_folder, tmp_path, capsys, glue_dir):
+    out = tmp_path / "be"
+    code = main(["train", "--task", "sst2", "--base", str(tiny_folder), "--out", str(out), "--ensemble",
+                 "batchensemble", "--members", "3", "--max-train-examples", "16", "--max-eval-examples", "4",
+                 "--batch-size", "4", "--validation-size", "8", "--no-autocast"])
+    assert code == 0 and (out / "pe_ensemble.json").is_file()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kind"] == "batchensemble" and printed["members"] == 3 and "test" in printed["scores"]

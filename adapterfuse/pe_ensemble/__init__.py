@@ -1,0 +1,36 @@
+"""Parameter-efficient ensembles: K members that share most of their adapter weights.
+
+``train_pe_ensemble(base, task, kind=..., members=K, config=..., out=...)`` trains one of
+
+- ``batchensemble``: BatchEnsemble / TabM LoRA (shared A, B; per-member rank-1 r_k, s_k);
+- ``mimo``: K inputs packed in one sequence through one shared LoRA, K answers;
+- ``camero``: shared bottom-layer LoRA, per-member top-layer LoRA, perturbations, consistency loss;
+- ``swag``: a Gaussian over one LoRA fitted along the end of training, K samples;
+
+and saves a folder that :func:`load_pe_ensemble` turns into a harness predictor (members pooled as
+in the ensemble backend) or :meth:`PEEnsemble.merged` into one plain LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from adapterfuse.pe_ensemble.layers import MODES, MemberLoRALinear, member_deltas, member_factors
+from adapterfuse.pe_ensemble.options import KINDS, PEOptions
+from adapterfuse.pe_ensemble.predictor import PEEnsemble, PEEnsemblePredictor, load_pe_ensemble
+from adapterfuse.pe_ensemble.swag import SwagPosterior
+from adapterfuse.pe_ensemble.train import members_loss, prepare_model, train_pe_ensemble
+
+__all__ = [
+    "KINDS",
+    "MODES",
+    "MemberLoRALinear",
+    "PEEnsemble",
+    "PEEnsemblePredictor",
+    "PEOptions",
+    "SwagPosterior",
+    "load_pe_ensemble",
+    "member_deltas",
+    "member_factors",
+    "members_loss",
+    "prepare_model",
+    "train_pe_ensemble",
+]

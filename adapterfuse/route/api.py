@@ -1,0 +1,279 @@
+"""``route()``: experts in, a routed :class:`~adapterfuse.backends.Predictor` out; and its reports.
+
+Every argument that can be checked without a weight is checked first (router, then, on, target,
+pooling, top_k against the number of experts or clusters, validation data where a router fits on it);
+then the experts are loaded and checked together against the base; only then does anything run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from adapterfuse.backends import MultiTaskData, Predictor
+from adapterfuse.base import BaseModel
+from adapterfuse.errors import ConfigError
+from adapterfuse.expert import Expert
+from adapterfuse.harness import evaluate
+from adapterfuse.library import ExpertLibrary
+from adapterfuse.merge.sources import count_experts, load_library
+from adapterfuse.route.cluster import ClusterRouter
+from adapterfuse.route.data import PoolScores, RoutingData, own_expert, routed_score
+from adapterfuse.route.features import DEFAULT_LAYER, check_on, resolve_layer
+from adapterfuse.route.learned import LearnedRouter, check_target, target_labels
+from adapterfuse.route.mbc import mbc_pool
+from adapterfuse.route.predictor import ArrowPredictor, RoutePredictor, check_then
+from adapterfuse.route.routers import Router, check_top_k, keep_top_k
+from adapterfuse.route.subset import greedy_subset
+from adapterfuse.scoring import DEFAULT_MAX_LENGTH
+from adapterfuse.tasks.glue import TaskData
+
+ROUTERS = ("learned", "clustered", "mbc", "arrow")
+ACROSS = ("learned", "clustered", "arrow")
+
+
+def check_arguments(router: str, top_k: int, then: str, on: str, target: str, pooling: str, n_experts: int,
+                    mbc_clusters: int | None, across: str, needs_validation: bool, validation: Any,
+                    data: Any) -> None:
+    """The checks that read no weight, in the order a user would fix them (the CLI runs them first too).
+
+    Raises:
+        ConfigError: naming the argument at fault.
+    """
+    if router not in ROUTERS:
+        raise ConfigError(f"router {router!r}: unknown; expected one of {', '.join(ROUTERS)}")
+    check_then(then)
+    check_on(on)
+    check_target(target)
+    if pooling not in ("linear", "log_linear"):
+        raise ConfigError(f"pooling {pooling!r}: unknown; expected 'linear' or 'log_linear'")
+    if across not in ACROSS:
+        raise ConfigError(f"mbc_router {across!r}: unknown; expected one of {', '.join(ACROSS)}")
+    routed_to = n_experts
+    if router == "mbc":
+        if mbc_clusters is None or isinstance(mbc_clusters, bool) or not 1 <= mbc_clusters <= n_experts:
+            raise ConfigError(f"mbc_clusters: expected an integer in 1 .. {n_experts} (the number of experts), "
+                              f"got {mbc_clusters!r}")
+        routed_to = mbc_clusters
+    check_top_k(top_k, routed_to)
+    if needs_validation and not validation and data is None:
+        raise ConfigError(f"validation: router {router!r} fits on the validation split, got none; pass "
+                          "validation=[TaskData, ...] (or router='arrow', which needs no data)")
+
+
+def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1, then: str = "ensemble",
+          validation: Sequence[TaskData] | None = None, on: str = "prompt", *, layer: int = DEFAULT_LAYER,
+          target: str = "best_expert", hidden: int = 0, epochs: int = 300, lr: float = 1e-2,
+          clusters: int | None = None, cluster_temperature: float = 1.0, mbc_clusters: int | None = None,
+          mbc_router: str | None = None, sketch: int | None = None, mbc_merge: str = "uniform",
+          temperature: float | Mapping[str, float] = 1.0, budget: int | None = None, pooling: str = "linear",
+          seed: int = 0, batch_size: int = 32, autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH,
+          max_validation_examples: int | None = None, data: RoutingData | None = None, name: str | None = None,
+          allow_pickle: bool = False) -> RoutePredictor | ArrowPredictor:
+    """Route each input to its top-k experts; answer with a pooled ensemble or a merge of them.
+
+    Args:
+        experts: :class:`Expert` objects, expert folders or Hub ids, or an :class:`ExpertLibrary`.
+        base: the frozen base they were trained on.
+        router: ``"learned"`` (classifier on base features), ``"clustered"`` (k-means on them), ``"mbc"``
+            (experts clustered by ΔW similarity and merged, then routed by ``mbc_router``) or ``"arrow"``
+            (per token, zero-shot).
+        top_k: experts kept per input (per token for Arrow).
+        then: ``"ensemble"`` (one batched pass over the chosen experts) or ``"merge"`` (linear merge).
+        validation: tasks whose validation split the learned/clustered routers (and ``budget``) fit on.
+        on: route on the ``"prompt"`` or the raw input ``"fields"`` (no template).
+        layer: base layer whose mean-pooled hidden state is the feature (0: embeddings; -1: last).
+        target: what the learned router predicts: ``"best_expert"`` or the input's ``"task"``.
+        hidden: hidden size of the learned router (0: linear).
+        epochs, lr: its full-batch training.
+        clusters: k-means clusters (default: the number of experts).
+        cluster_temperature: softmax temperature of each cluster's expert distribution.
+        mbc_clusters: the number of expert groups for ``"mbc"``.
+        mbc_router: how MBC routes across groups: ``"learned"``/``"clustered"`` (default with validation
+            data) or ``"arrow"`` (default without).
+        sketch: MBC similarity from a random-projection sketch of this side (``None``: exact).
+        mbc_merge: ``"uniform"`` (average) or ``"task_arithmetic"`` (sum) within a group.
+        temperature: Arrow's softmax temperature (one number or per module name).
+        budget: keep at most this many experts, chosen greedily by validation gain (needs validation).
+        pooling: pooling of ``then="ensemble"`` with ``top_k > 1``.
+        seed: seed of k-means, the router's initialisation, sketches and power iteration.
+        batch_size, autocast, max_length: scoring and feature settings.
+        max_validation_examples: fit on at most this many validation examples per task.
+        data: a :class:`RoutingData` to reuse across calls (its ``on`` and ``layer`` must match).
+        name: the predictor's name in tables.
+        allow_pickle: accept ``adapter_model.bin`` (loaded with ``weights_only``).
+
+    Returns:
+        A :class:`RoutePredictor` (``info["validation"]`` holds routing accuracy and score) or an
+        :class:`ArrowPredictor`.
+
+    Raises:
+        ConfigError: an empty expert list, unknown router/then/on/target/pooling, ``top_k`` larger than
+            the experts (or MBC groups), a fitted router without validation data.
+        CompatibilityError / ExpertError: experts from different bases, or not from ``base``.
+    """
+    n = count_experts(experts)
+    across = mbc_router or ("arrow" if not validation and data is None else "learned")
+    kind = across if router == "mbc" else router
+    check_arguments(router, top_k, then, on, target, pooling, n, mbc_clusters, across,
+                    kind != "arrow" or budget is not None, validation, data)
+    library = load_library(experts, base, allow_pickle)
+    pool, info = list(library), {"router": router}
+    if router == "mbc":
+        pool, labels = mbc_pool(pool, base, int(mbc_clusters or 1), sketch, seed, mbc_merge)
+        info["mbc"] = {"clusters": mbc_clusters, "groups": {e.name: e.meta["members"] for e in pool},
+                       "labels": labels, "sketch": sketch, "merge": mbc_merge, "router": across}
+    settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
+    if kind == "arrow" and budget is None:
+        return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
+    data = _routing_data(data, base, validation, on, layer, max_validation_examples, settings)
+    scores = data.scores(pool)
+    if budget is not None:
+        subset = greedy_subset(scores, budget)
+        check_top_k(top_k, len(subset.members))
+        info["subset"] = subset.report()
+        pool, scores = [pool[i] for i in subset.members], scores.subset(subset.members)
+    if kind == "arrow":
+        return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
+    fitted = _fit(kind, data, scores, target, hidden, epochs, lr, clusters, cluster_temperature, seed)
+    info.update(fitted.config())
+    info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
+    return RoutePredictor(base, pool, fitted, top_k, then, on, data.layer, pooling, name=name, info=info,
+                          **settings)
+
+
+def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None, on: str,
+                  layer: int, max_examples: int | None, settings: dict[str, Any]) -> RoutingData:
+    """The given routing data if it matches ``on`` and ``layer``, else new routing data."""
+    if data is None:
+        return RoutingData(base, list(validation or []), on, layer, max_examples=max_examples, **settings)
+    if data.on != on or data.layer != resolve_layer(base.model, layer) or data.base is not base:
+        raise ConfigError(f"data: routing data was built with on={data.on!r}, layer={data.layer} on another or the "
+                          f"same base; this call asks for on={on!r}, layer={layer}; build a matching RoutingData")
+    return data
+
+
+def _fit(kind: str, data: RoutingData, scores: PoolScores, target: str, hidden: int, epochs: int, lr: float,
+         clusters: int | None, temperature: float, seed: int) -> Router:
+    """Fit the learned or clustered router on the cached validation features."""
+    n_experts = len(scores.names)
+    if kind == "learned":
+        labels = target_labels(target, scores.quality, scores.own)
+        return LearnedRouter.fit(data.features, labels, n_experts, hidden, target, epochs, lr, seed=seed)
+    return ClusterRouter.fit(data.features, scores.quality, clusters or n_experts, seed, temperature)
+
+
+def accuracy_report(top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | None,
+                    tasks: Sequence[str]) -> dict[str, Any]:
+    """Routing accuracy against the oracle assignment (and the best-expert assignment), overall and per task.
+
+    Args:
+        top1: ``[N]`` the routed expert of each input.
+        own: ``[N]`` its oracle expert (``-1``: none, left out of the oracle accuracy).
+        best: ``[N]`` its best expert, if known.
+        tasks: the task name of each input.
+    """
+    def acc(mask: torch.Tensor, want: torch.Tensor) -> float | None:
+        return float((top1[mask] == want[mask]).float().mean()) if bool(mask.any()) else None
+
+    names = list(dict.fromkeys(tasks))
+    per_task: dict[str, dict[str, float | None]] = {}
+    for name in names:
+        rows = torch.tensor([t == name for t in tasks])
+        per_task[name] = {"oracle": acc(rows & (own >= 0), own)}
+        if best is not None:
+            per_task[name]["best"] = acc(rows, best)
+    out: dict[str, Any] = {"oracle": acc(own >= 0, own), "tasks": per_task}
+    if best is not None:
+        out["best"] = acc(torch.ones_like(top1, dtype=torch.bool), best)
+    return out
+
+
+def validation_report(router: Router, data: RoutingData, scores: PoolScores, top_k: int,
+                      pooling: str) -> dict[str, Any]:
+    """The router on its own validation split (in-sample): routing accuracy and the pooled score."""
+    indices, weights = keep_top_k(router.probs(data.features), top_k)
+    report = accuracy_report(indices[:, 0], scores.own, scores.best, [t.name for t in data.row_tasks])
+    oracle_rows = scores.own >= 0
+    if bool(oracle_rows.all()):
+        report["oracle_score"] = routed_score(scores, scores.own[:, None], torch.ones(len(scores.own), 1))
+    report["best_score"] = routed_score(scores, scores.best[:, None], torch.ones(len(scores.best), 1))
+    report["score"] = routed_score(scores, indices, weights, pooling)
+    return report
+
+
+def routing_accuracy(predictor: RoutePredictor, data: Sequence[TaskData], split: str = "test",
+                     max_examples: int | None = None, against_best: bool = False) -> dict[str, Any]:
+    """How often the predictor's top-1 expert is the oracle's (each task's own expert) on a split.
+
+    Args:
+        predictor: a sequence-level routed predictor (Arrow routes per token and has no such number).
+        data: the tasks.
+        split: ``"test"`` or ``"validation"``.
+        max_examples: the first this many examples per task.
+        against_best: also compare with each input's best expert (one batched pass over the pool).
+
+    Returns:
+        ``{"oracle", "tasks": {task: {"oracle"[, "best"]}}[, "best"]}``.
+    """
+    if not isinstance(predictor, RoutePredictor):
+        raise ConfigError(f"routing_accuracy: expected a RoutePredictor, got {type(predictor).__name__}")
+    top1, own, tasks = [], [], []
+    for td in data:
+        examples = list(getattr(td, split)[:max_examples])
+        top1.append(predictor.choose(td.task, examples)[0][:, 0])
+        own += [own_expert(td.task, predictor.experts)] * len(examples)
+        tasks += [td.task.name] * len(examples)
+    best = None
+    if against_best:
+        view = [TaskData(td.task, [], list(getattr(td, split)[:max_examples]), []) for td in data]
+        rd = RoutingData(predictor.base, view, predictor.on, predictor.extractor.layer,
+                         batch_size=predictor.batch_size, autocast=predictor.autocast)
+        best = rd.scores(predictor.experts).best
+    return accuracy_report(torch.cat(top1), torch.tensor(own, dtype=torch.long), best, tasks)
+
+
+def quality_curve(values: Sequence[Any], build: Callable[[Any], Predictor], data: Sequence[TaskData],
+                  split: str = "test", max_examples: int | None = None) -> list[dict[str, Any]]:
+    """Quality against a size (clusters, MBC groups, budget): build and evaluate one predictor per value.
+
+    Args:
+        values: the sizes, e.g. ``range(2, N + 1)``.
+        build: size -> predictor, e.g. ``lambda c: route(experts, base, "clustered", clusters=c, ...)``.
+        data: the tasks to evaluate on.
+        split, max_examples: as in :func:`~adapterfuse.harness.evaluate`.
+
+    Returns:
+        One ``{"value", "average", "tasks", "cost", "predictor"}`` per value.
+    """
+    out = []
+    for value in values:
+        result = evaluate(build(value), data, split, max_examples)
+        out.append({"value": value, "average": result["average"], "tasks": result["tasks"],
+                    "cost": result["cost"], "predictor": result["predictor"]})
+    return out
+
+
+class RouteCombiner:
+    """The routing backend as a :class:`~adapterfuse.backends.Combiner`.
+
+    Args:
+        base: the frozen base.
+        router: see :func:`route`.
+        members: names of the library's experts to use (default: all).
+        **options: passed to :func:`route`.
+    """
+
+    name = "route"
+
+    def __init__(self, base: BaseModel, router: str = "learned", members: Sequence[str] | None = None,
+                 **options: Any) -> None:
+        self.base, self.router, self.members, self.options = base, router, list(members or []), options
+
+    def fit(self, library: ExpertLibrary, validation: MultiTaskData | None) -> RoutePredictor | ArrowPredictor:
+        """Fit on the validation split only (see :func:`route`)."""
+        experts: list[Expert] = [library[n] for n in self.members] if self.members else list(library)
+        data = list(validation.values()) if validation else None
+        return route(experts, self.base, self.router, validation=data, **self.options)

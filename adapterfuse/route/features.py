@@ -1,0 +1,188 @@
+"""What a router sees: the input text, and the frozen base's mean-pooled hidden state of one layer.
+
+A router never sees the task id. It sees the prompt (``on="prompt"``) or only the raw input fields
+joined by newlines (``on="fields"``: no template, so telling tasks apart by their instruction is not
+possible). The representation is the masked mean over real tokens of the hidden state after layer
+``layer`` of the base (0: the token embeddings; the last index: the final normed state, as in
+``output_hidden_states``). The forward pass stops right after that layer, so an early layer costs only
+that fraction of a base pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from adapterfuse.base import BaseModel
+from adapterfuse.errors import ConfigError
+from adapterfuse.scoring import DEFAULT_MAX_LENGTH, autocast_context, length_batches, pad
+from adapterfuse.tasks.glue import Example, TaskSpec
+
+ON = ("prompt", "fields")
+DEFAULT_LAYER = 2
+
+
+def check_on(on: str) -> str:
+    """Return ``on`` if it is ``"prompt"`` or ``"fields"``.
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    if on not in ON:
+        raise ConfigError(f"on {on!r}: unknown; expected one of {', '.join(ON)} (route on the prompt, or on the "
+                          "raw input fields without the task's template)")
+    return on
+
+
+def routing_text(task: TaskSpec, example: Example, on: str) -> str:
+    """The text a router sees for one input: its prompt, or its raw fields joined by newlines."""
+    if on == "prompt":
+        return task.prompt(example.fields)
+    return "\n".join(" ".join(f.split()) for f in example.fields)
+
+
+def routing_texts(task: TaskSpec, examples: Sequence[Example], on: str) -> list[str]:
+    """:func:`routing_text` for every example."""
+    check_on(on)
+    return [routing_text(task, e, on) for e in examples]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass once the wanted layer has run."""
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    """The decoder's stack of transformer blocks (``layers`` for Llama-likes, else its first ModuleList).
+
+    Raises:
+        ConfigError: if the decoder has no ModuleList of blocks.
+    """
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList):
+            return child
+    raise ConfigError(f"features: decoder {type(decoder).__name__} has no list of transformer blocks")
+
+
+def n_layers(model: nn.Module) -> int:
+    """The number of transformer blocks of a causal LM."""
+    return len(decoder_layers(model.get_decoder()))
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """A layer index in ``0 .. n_layers`` (negative counts from the end, ``-1`` is the final normed state).
+
+    Raises:
+        ConfigError: for an index out of range.
+    """
+    total = n_layers(model)
+    index = layer if layer >= 0 else total + 1 + layer
+    if not 0 <= index <= total:
+        raise ConfigError(f"layer {layer}: out of range for a base with {total} blocks; expected "
+                          f"{-total - 1} .. {total} (0 = token embeddings, {total} = final hidden state)")
+    return index
+
+
+def _capture_module(model: nn.Module, index: int) -> nn.Module:
+    """The module whose output is hidden state ``index`` (``output_hidden_states`` numbering)."""
+    decoder = model.get_decoder()
+    layers = decoder_layers(decoder)
+    if index == 0:
+        return model.get_input_embeddings()
+    if index == len(layers):  # HF's last hidden state is after the final norm, where there is one
+        for name in ("norm", "ln_f", "final_layernorm"):
+            if isinstance(getattr(decoder, name, None), nn.Module):
+                return getattr(decoder, name)
+        return layers[-1]
+    return layers[index - 1]
+
+
+class FeatureExtractor:
+    """Mean-pooled hidden states of one layer of the frozen base, cached per text.
+
+    Args:
+        base: the frozen base (never modified; a hook is added during a pass and removed after).
+        layer: which hidden state (see :func:`resolve_layer`).
+        batch_size: texts per forward pass (batched by similar length).
+        autocast: run the base under bf16 autocast (features are returned in fp32).
+        max_length: token cap; a longer text keeps its first and last halves (as in scoring).
+
+    Raises:
+        ConfigError: a layer out of range or a batch size below 1.
+    """
+
+    def __init__(self, base: BaseModel, layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
+                 max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        self.base, self.layer = base, resolve_layer(base.model, layer)
+        self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        """The feature size (the base's hidden size)."""
+        return int(self.base.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def fraction(self) -> float:
+        """The share of a base forward pass that one feature pass runs (blocks run / blocks)."""
+        return self.layer / n_layers(self.base.model)
+
+    def _tokens(self, texts: Sequence[str]) -> list[list[int]]:
+        ids = self.base.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        half = self.max_length // 2
+        return [x if len(x) <= self.max_length else x[:half] + x[-(self.max_length - half):] for x in ids]
+
+    @torch.no_grad()
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The masked mean of hidden state ``layer`` over real tokens, fp32 ``[n, d]``."""
+        model = self.base.model
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            captured["h"] = output[0] if isinstance(output, tuple) else output  # type: ignore[index]
+            raise _Stop
+
+        handle = _capture_module(model, self.layer).register_forward_hook(hook)
+        try:
+            with autocast_context(self.autocast, input_ids.device):
+                model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        hidden = captured["h"].float()
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Features of ``texts`` in their order, ``[n, d]`` fp32 on the CPU; known texts come from the cache.
+
+        Args:
+            texts: the routing texts (see :func:`routing_texts`).
+
+        Returns:
+            One row per text.
+        """
+        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if todo:
+            device = next(self.base.model.parameters()).device
+            tokens = self._tokens(todo)
+            pad_id = self.base.tokenizer.pad_token_id
+            for idx in length_batches([len(x) for x in tokens], self.batch_size):
+                ids, mask = pad([tokens[i] for i in idx], pad_id)
+                rows = self.pooled(ids.to(device), mask.to(device)).cpu()
+                for row, i in enumerate(idx):
+                    self.cache[todo[i]] = rows[row]
+        if not texts:
+            return torch.empty((0, self.dim))
+        return torch.stack([self.cache[t] for t in texts])
+
+    def features(self, task: TaskSpec, examples: Sequence[Example], on: str) -> torch.Tensor:
+        """Features of ``examples`` of ``task`` routed on ``on`` (see :func:`routing_texts`)."""
+        return self.encode(routing_texts(task, examples, on))

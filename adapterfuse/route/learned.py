@@ -1,0 +1,131 @@
+"""The learned router: a linear or one-hidden-layer classifier on frozen base features.
+
+It is trained on the validation split's cached features (no base forward pass during training) to
+predict, for each input, either the expert that scores it best (``target="best_expert"``: the one with
+the highest log-likelihood of the gold label, which need not be its own task's expert) or the expert of
+the task it came from (``target="task"``). Training is full-batch Adam on standardised features with
+a seeded initialisation, so a fit is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterfuse.errors import ConfigError
+from adapterfuse.route.routers import Router, Standardizer, register
+
+TARGETS = ("best_expert", "task")
+
+
+def check_target(target: str) -> str:
+    """Return ``target`` if known.
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    if target not in TARGETS:
+        raise ConfigError(f"target {target!r}: unknown; expected one of {', '.join(TARGETS)}")
+    return target
+
+
+def make_net(dim: int, n_experts: int, hidden: int) -> nn.Sequential:
+    """``Linear(d, E)``, or ``Linear(d, h) -> GELU -> Linear(h, E)`` when ``hidden > 0``."""
+    if hidden > 0:
+        return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n_experts))
+    return nn.Sequential(nn.Linear(dim, n_experts))
+
+
+@register
+class LearnedRouter(Router):
+    """A small classifier from features to experts.
+
+    Args:
+        scaler: the feature standardiser fitted on the validation features.
+        net: the classifier (see :func:`make_net`).
+        hidden: its hidden size (0: linear).
+        target: what it was trained to predict.
+    """
+
+    kind = "learned"
+
+    def __init__(self, scaler: Standardizer, net: nn.Sequential, hidden: int, target: str) -> None:
+        self.scaler, self.net, self.hidden, self.target = scaler, net.eval(), hidden, target
+        self.net.requires_grad_(False)
+        self.n_experts = int(net[-1].out_features)
+
+    @torch.no_grad()
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(self.scaler(features)), dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "target": self.target, "n_experts": self.n_experts,
+                "dim": int(self.scaler.mean.shape[0])}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"net.{k}": v.detach().clone() for k, v in self.net.state_dict().items()}
+        return {"mean": self.scaler.mean, "std": self.scaler.std, **state}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LearnedRouter:
+        net = make_net(int(config["dim"]), int(config["n_experts"]), int(config["hidden"]))
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        return cls(Standardizer(tensors["mean"], tensors["std"]), net, int(config["hidden"]), str(config["target"]))
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, n_experts: int, hidden: int = 0,
+            target: str = "best_expert", epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-3,
+            seed: int = 0) -> LearnedRouter:
+        """Train on labelled features (full batch, Adam, cross-entropy).
+
+        Args:
+            features: ``[N, d]`` validation features.
+            labels: ``[N]`` expert index per row (rows labelled ``-1`` are ignored).
+            n_experts: the number of classes ``E``.
+            hidden: hidden size; 0 for a linear router.
+            target: recorded with the router (see :data:`TARGETS`).
+            epochs: full-batch steps.
+            lr: Adam's learning rate.
+            weight_decay: L2 penalty (AdamW), against over-fitting a few hundred inputs.
+            seed: seed of the initialisation.
+
+        Returns:
+            The trained router.
+
+        Raises:
+            ConfigError: no labelled row, bad sizes.
+        """
+        if hidden < 0 or epochs < 1 or lr <= 0:
+            raise ConfigError(f"learned router: expected hidden >= 0, epochs >= 1, lr > 0; got hidden={hidden}, "
+                              f"epochs={epochs}, lr={lr}")
+        keep = labels >= 0
+        if not bool(keep.any()):
+            raise ConfigError("learned router: no validation input has a target expert; with target='task' every "
+                              "task needs an expert of its own (check the experts' recorded tasks)")
+        x, y = features[keep].float(), labels[keep].long()
+        scaler = Standardizer.fit(x)
+        torch.manual_seed(seed)  # the classifier's initialisation is the only random step
+        net = make_net(x.shape[1], n_experts, hidden)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        z = scaler(x)
+        for _ in range(epochs):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(z), y).backward()
+            opt.step()
+        return cls(scaler, net, hidden, target)
+
+
+def target_labels(target: str, quality: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The training labels of a target: the best expert per row, or the row's own task's expert.
+
+    Args:
+        target: ``"best_expert"`` or ``"task"``.
+        quality: ``[N, E]`` per-row expert quality.
+        own: ``[N]`` oracle expert per row (``-1``: none).
+
+    Returns:
+        ``[N]`` expert indices (``-1`` rows are ignored in training).
+    """
+    return quality.argmax(dim=1) if check_target(target) == "best_expert" else own.clone()

@@ -1,0 +1,160 @@
+"""The router interface: a batch of input features -> a distribution over the experts; keep the top k.
+
+Every sequence-level router (learned, clustered, a fixed choice) maps features ``[n, d]`` to
+probabilities ``[n, E]``. :func:`keep_top_k` keeps each row's ``k`` largest and renormalises them; what
+happens next (pooled ensemble or merge) is the predictor's business. Routers save as a JSON-ready
+config plus named tensors, and load back through :data:`ROUTERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from adapterfuse.errors import ConfigError
+
+
+def check_top_k(top_k: int, n_experts: int | None = None) -> int:
+    """Return ``top_k`` if it is an integer >= 1 (and at most ``n_experts`` when that is known).
+
+    Raises:
+        ConfigError: otherwise, naming both numbers.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k: expected an integer >= 1, got {top_k!r}")
+    if n_experts is not None and top_k > n_experts:
+        raise ConfigError(f"top_k: {top_k} is larger than the number of experts to route to ({n_experts}); "
+                          f"expected 1 .. {n_experts}")
+    return top_k
+
+
+def keep_top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` most probable experts and their renormalised weights.
+
+    Ties go to the lower expert index (a stable sort), so the choice is deterministic.
+
+    Args:
+        probs: ``[n, E]`` router probabilities.
+        k: how many to keep (``1 <= k <= E``).
+
+    Returns:
+        ``(indices [n, k] long, weights [n, k] fp32 summing to 1 per row)``, best first.
+
+    Raises:
+        ConfigError: for a ``k`` out of range.
+    """
+    check_top_k(k, int(probs.shape[1]))
+    values, order = torch.sort(probs.float(), dim=1, descending=True, stable=True)
+    values, order = values[:, :k], order[:, :k]
+    total = values.sum(dim=1, keepdim=True)
+    # A row whose kept mass is zero (a router certain of some other expert) falls back to equal weights.
+    weights = torch.where(total > 0, values / total.clamp(min=1e-30), torch.full_like(values, 1.0 / k))
+    return order, weights
+
+
+class Standardizer:
+    """Per-feature mean and standard deviation, fitted once and applied to every batch.
+
+    Args:
+        mean: ``[d]``.
+        std: ``[d]`` (clamped away from 0 so constant features stay finite).
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean, self.std = mean.float(), std.float().clamp(min=1e-6)
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> Standardizer:
+        """Fit on ``[N, d]`` features."""
+        x = features.float()
+        return cls(x.mean(dim=0), x.std(dim=0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1]))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std``."""
+        return (features.float() - self.mean) / self.std
+
+
+class Router:
+    """Base class of sequence-level routers.
+
+    Attributes:
+        kind: the name saved in the manifest (the key of :data:`ROUTERS`).
+        n_experts: the number of experts it distributes over.
+    """
+
+    kind: ClassVar[str] = "router"
+    n_experts: int
+
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        """``[n, E]`` probabilities over the experts for ``[n, d]`` features."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready settings (what :meth:`from_saved` needs besides the tensors)."""
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors to save."""
+        return {}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Router:
+        """Rebuild a router from :meth:`config` and :meth:`tensors`."""
+        raise NotImplementedError
+
+    def n_params(self) -> int:
+        """Numbers the router stores."""
+        return sum(t.numel() for t in self.tensors().values())
+
+
+class FixedRouter(Router):
+    """Always the same expert: the reference a router is checked against.
+
+    Args:
+        n_experts: the number of experts.
+        expert: the index of the expert every input goes to.
+
+    Raises:
+        ConfigError: an index out of range.
+    """
+
+    kind = "fixed"
+
+    def __init__(self, n_experts: int, expert: int) -> None:
+        if not 0 <= expert < n_experts:
+            raise ConfigError(f"expert: index {expert} out of range for {n_experts} experts")
+        self.n_experts, self.expert = n_experts, expert
+
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((features.shape[0], self.n_experts))
+        out[:, self.expert] = 1.0
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"n_experts": self.n_experts, "expert": self.expert}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FixedRouter:
+        return cls(int(config["n_experts"]), int(config["expert"]))
+
+
+ROUTERS: dict[str, type[Router]] = {FixedRouter.kind: FixedRouter}
+"""Saved router kind -> class (the learned and clustered routers register themselves on import)."""
+
+
+def register(cls: type[Router]) -> type[Router]:
+    """Class decorator: make a router kind loadable."""
+    ROUTERS[cls.kind] = cls
+    return cls
+
+
+def load_router(kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Router:
+    """Rebuild a saved router.
+
+    Raises:
+        ConfigError: an unknown kind.
+    """
+    if kind not in ROUTERS:
+        raise ConfigError(f"router kind {kind!r}: unknown; expected one of {', '.join(sorted(ROUTERS))}")
+    return ROUTERS[kind].from_saved(config, tensors)

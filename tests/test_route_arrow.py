@@ -1,0 +1,104 @@
+"""Arrow: prototypes by power iteration on the factors, the fused rank-space form, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterfuse.delta import LowRank
+from adapterfuse.ensemble.batched import BatchedEnsemble
+from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.errors import ConfigError
+from adapterfuse.route import ArrowModel, ArrowPredictor, RoutePredictor, power_prototypes, route, routing_weights
+from adapterfuse.route.arrow import ArrowLinear
+from adapterfuse.tasks.glue import Example, get_task
+
+SST2 = get_task("sst2")
+BATCH = [Example((f"the film was {w} and the plot was {v} .",), 0, i)
+         for i, (w, v) in enumerate([("great", "dull"), ("bad", "fine"), ("a long and boring", "awful"),
+                                     ("wonderful", "good")])]
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_base):
+    """Eight experts of different ranks (1 .. 8), some on fewer modules."""
+    out = []
+    for i in range(8):
+        modules = None if i % 3 else [m for m, _ in tiny_base.model.named_modules() if m.endswith(("q_proj",
+                                                                                                   "v_proj"))]
+        out.append(random_expert(tiny_base, f"a{i}", rank=1 + i, modules=modules, seed=10 + i, scale=1.5))
+    return out
+
+
+def test_prototypes_are_the_top_right_singular_vectors_of_the_dense_delta():
+    gen = torch.Generator().manual_seed(0)
+    factors = [LowRank(torch.randn(r, 24, generator=gen), torch.randn(16, r, generator=gen)) for r in (1, 3, 6)]
+    protos = power_prototypes(factors)
+    for f, p in zip(factors, protos, strict=True):
+        v = torch.linalg.svd(f.dense().double())[2][0].float()
+        assert abs(float(p @ v)) == pytest.approx(1.0, abs=1e-6)  # equal up to sign
+        assert float(p.norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_routing_weights_keep_top_k_by_absolute_cosine():
+    protos = torch.eye(3, 4)
+    x = torch.tensor([[0.1, -5.0, 1.0, 0.0], [3.0, 0.0, 0.0, 9.0]])
+    w = routing_weights(x, protos, top_k=2, temperature=0.5)
+    assert torch.allclose(w.sum(1), torch.ones(2))
+    assert w[0, 1] > w[0, 2] > 0 and w[0, 0] == 0  # |-5| wins: the sign of a prototype is arbitrary
+    assert w[1, 0] > w[1, 1] > 0 and w[1, 2] == 0  # zero cosines tie: the lower index is kept
+    assert torch.equal(routing_weights(x, protos, 1, 1.0), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_fused_layer_equals_the_per_expert_reference():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16)
+    factors = [LowRank(torch.randn(r, 24), torch.randn(16, r)) for r in (2, 5, 3)]
+    layer = ArrowLinear(base, [factors[0], None, *factors[1:]], torch.cat([power_prototypes(factors)[:1],
+                        torch.zeros(1, 24), power_prototypes(factors)[1:]]), top_k=2, temperature=0.3)
+    x = torch.randn(3, 7, 24)
+    fused = layer(x)
+    layer.fused = False
+    reference = layer(x)
+    dense = base(x)
+    w = routing_weights(x.reshape(-1, 24), layer.prototypes, 2, 0.3)
+    for e, f in zip((0, 2, 3), factors, strict=True):
+        dense = dense + (w[:, e:e + 1] * (x.reshape(-1, 24) @ f.dense().T)).view(3, 7, 16)
+    assert w[:, 1].abs().sum() == 0  # the expert without this module is never chosen
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused, dense, rtol=0, atol=1e-5)
+
+
+def test_fused_model_equals_the_reference_with_eight_experts_of_different_ranks(tiny_base, experts):
+    arrow = ArrowModel(tiny_base.model, [e.deltas for e in experts], top_k=3, temperature=0.2)
+    from adapterfuse.scoring import predict_proba
+
+    fused = predict_proba(arrow.model, tiny_base.tokenizer, SST2, BATCH, autocast=False)
+    arrow.set_fused(False)
+    reference = predict_proba(arrow.model, tiny_base.tokenizer, SST2, BATCH, autocast=False)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+    plain = predict_proba(tiny_base.model, tiny_base.tokenizer, SST2, BATCH, autocast=False)
+    assert (fused - plain).abs().max() > 1e-3  # the experts do change the answers
+    assert all(isinstance(m, ArrowLinear) for m in arrow.layers.values()) and len(arrow.layers) == 14
+    assert not any(isinstance(m, ArrowLinear) for m in tiny_base.model.modules())  # the base is untouched
+
+
+def test_one_expert_with_top_1_is_that_expert(tiny_base, experts):
+    predictor = route(experts[1:2], tiny_base, "arrow", autocast=False)
+    alone = BatchedEnsemble(tiny_base.model, experts[1:2]).member_log_probs(tiny_base.tokenizer, SST2, BATCH,
+                                                                            autocast=False)[0].exp()
+    torch.testing.assert_close(predictor.predict_proba(SST2, BATCH), alone, rtol=0, atol=1e-6)
+    assert predictor.cost().forward_passes == 1.0
+
+
+def test_save_load_round_trip_and_errors(tiny_base, other_base, experts, tmp_path):
+    predictor = route(experts[:4], tiny_base, "arrow", top_k=2, temperature={"default": 0.5}, autocast=False)
+    assert isinstance(predictor, ArrowPredictor)
+    predictor.save(tmp_path / "arrow")
+    loaded = RoutePredictor.load(tmp_path / "arrow", tiny_base)
+    assert isinstance(loaded, ArrowPredictor) and loaded.top_k == 2 and loaded.names == predictor.names
+    assert torch.equal(loaded.predict_proba(SST2, BATCH), predictor.predict_proba(SST2, BATCH))
+    with pytest.raises(ConfigError, match="top_k: 5 is larger than the number of experts"):
+        route(experts[:4], tiny_base, "arrow", top_k=5)
+    with pytest.raises(ConfigError, match=r"at least one expert|non-empty list"):
+        route([], tiny_base, "arrow")

@@ -1,0 +1,131 @@
+"""Fitting routers: learned routing accuracy, deterministic clustering, MBC, greedy subsets, features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterfuse.delta import LowRank, peft_from_deltas
+from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.expert import Expert
+from adapterfuse.route import (
+    ClusterRouter,
+    FeatureExtractor,
+    RoutingData,
+    cluster_experts,
+    cosine_matrix,
+    greedy_subset,
+    quality_curve,
+    route,
+    routing_accuracy,
+    routing_texts,
+)
+from adapterfuse.route.features import resolve_layer
+from adapterfuse.route.subset import subset_score
+from adapterfuse.tasks.glue import load_task
+from tests.conftest import write_glue_dir
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_glue_dir(tmp_path_factory.mktemp("route-fit") / "glue", n_train=80, n_dev=16)
+    return [load_task(t, validation_size=30, glue_dir=root) for t in ("sst2", "stsb")]
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_base):
+    return [random_expert(tiny_base, f"t{i}", rank=2, seed=i, scale=2.0, task=t)
+            for i, t in enumerate(("sst2", "stsb"))]
+
+
+def test_features_stop_early_and_match_the_full_hidden_states(tiny_base):
+    texts = ["a short one .", "a somewhat longer text with more words in it ."]
+    ids = tiny_base.tokenizer(texts[1:], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = tiny_base.model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in (0, 1, 2, -1):
+        got = FeatureExtractor(tiny_base, layer, autocast=False).encode(texts)
+        torch.testing.assert_close(got[1], hidden[resolve_layer(tiny_base.model, layer)][0].mean(0), rtol=0,
+                                   atol=1e-5)
+    single = FeatureExtractor(tiny_base, 1, autocast=False).encode(texts[:1])
+    torch.testing.assert_close(single[0], FeatureExtractor(tiny_base, 1, autocast=False).encode(texts)[0],
+                               rtol=0, atol=1e-5)  # padding in a batch changes nothing
+
+
+def test_routing_on_fields_drops_the_template(data):
+    stsb = data[1]
+    assert routing_texts(stsb.task, stsb.test[:1], "fields")[0] == "\n".join(stsb.test[0].fields)
+    assert "Sentence 1:" in routing_texts(stsb.task, stsb.test[:1], "prompt")[0]
+
+
+def test_learned_router_routes_tasks_apart(tiny_base, experts, data):
+    predictor = route(experts, tiny_base, "learned", validation=data, target="task", autocast=False)
+    assert predictor.info["validation"]["oracle"] == 1.0
+    accuracy = routing_accuracy(predictor, data, "test", against_best=True)
+    assert accuracy["oracle"] >= 0.9 and accuracy["tasks"]["stsb"]["oracle"] >= 0.9
+    assert 0.0 <= accuracy["best"] <= 1.0
+    best = route(experts, tiny_base, "learned", validation=data, hidden=16, autocast=False)
+    report = best.info["validation"]
+    assert report["best"] >= 0.8 and report["best_score"] >= report["oracle_score"] - 1e-9
+
+
+def test_clustering_is_deterministic_for_a_seed(tiny_base, experts, data):
+    rd = RoutingData(tiny_base, data, autocast=False)
+    scores = rd.scores(experts)
+    a = ClusterRouter.fit(rd.features, scores.quality, clusters=4, seed=3)
+    b = ClusterRouter.fit(rd.features, scores.quality, clusters=4, seed=3)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.table, b.table)
+    assert torch.equal(a.assign(rd.features), b.assign(rd.features))
+    one = route(experts, tiny_base, "clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
+    two = route(experts, tiny_base, "clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
+    assert torch.equal(one.router.centroids, two.router.centroids)
+    assert rd.scores(experts) is scores  # the experts' answers were computed once
+    curve = quality_curve([1, 2], lambda c: route(experts, tiny_base, "clustered", clusters=c, data=rd,
+                                                  autocast=False), data, max_examples=4)
+    assert [p["value"] for p in curve] == [1, 2] and all(-1 <= p["average"] <= 1 for p in curve)
+
+
+def _scaled(expert: Expert, factor: float, name: str, base) -> Expert:
+    deltas = {m: LowRank(d.A, d.B * factor) for m, d in expert.deltas.items()}
+    state, config = peft_from_deltas(deltas, base.spec)
+    return Expert(name=name, config=config, state_dict=state, meta={**expert.meta, "task": None})
+
+
+def test_mbc_groups_experts_by_delta_similarity(tiny_base, experts):
+    near = _scaled(experts[0], 3.0, "near", tiny_base)  # same direction as t0: cosine 1
+    pool = [experts[0], experts[1], near]
+    cos = cosine_matrix([e.deltas for e in pool])
+    assert cos[0, 2] == pytest.approx(1.0, abs=1e-9) and abs(float(cos[0, 1])) < 0.5
+    dense = [torch.cat([e.deltas[m].dense().flatten() for m in sorted(e.deltas)]) for e in pool]
+    assert float(cos[0, 1]) == pytest.approx(float(torch.nn.functional.cosine_similarity(dense[0], dense[1], 0)),
+                                             abs=1e-5)
+    sketched = cosine_matrix([e.deltas for e in pool], sketch_size=24, seed=0)
+    assert float(sketched[0, 2]) == pytest.approx(1.0, abs=1e-9) and abs(float(sketched[0, 1])) < 0.5
+    assert cluster_experts(cos, 2) == [0, 1, 0] and cluster_experts(cos, 3) == [0, 1, 2]
+    assert cluster_experts(cos, 1) == [0, 0, 0]
+
+
+def test_mbc_merges_within_groups_and_routes_across_them(tiny_base, experts, data):
+    near = _scaled(experts[0], 1.0, "near", tiny_base)
+    predictor = route([*experts, near], tiny_base, "mbc", mbc_clusters=2, validation=data, target="task",
+                      autocast=False)
+    assert predictor.names == ["cluster-0", "cluster-1"]
+    assert predictor.info["mbc"]["groups"] == {"cluster-0": ["t0", "near"], "cluster-1": ["t1"]}
+    assert predictor.info["validation"]["oracle"] == 1.0
+    zero_shot = route([*experts, near], tiny_base, "mbc", mbc_clusters=2)
+    assert type(zero_shot).__name__ == "ArrowPredictor" and len(zero_shot.experts) == 2
+
+
+def test_greedy_subset_curve_under_a_budget(tiny_base, experts, data):
+    extra = random_expert(tiny_base, "t2", rank=2, seed=7, scale=0.01, task="sst2")  # nearly the base
+    rd = RoutingData(tiny_base, data, autocast=False)
+    scores = rd.scores([*experts, extra])
+    subset = greedy_subset(scores, 3)
+    singles = [subset_score(scores, [i]) for i in range(3)]
+    assert subset.curve[0]["score"] == max(singles) and subset.members[0] == singles.index(max(singles))
+    assert subset.curve[1]["score"] == max(subset_score(scores, [subset.members[0], i]) for i in range(3)
+                                           if i != subset.members[0])
+    assert [p["budget"] for p in subset.curve] == [1, 2, 3]
+    assert sorted(subset.members) == [0, 1, 2] and subset.curve[-1]["members"] == subset.names
+    predictor = route([*experts, extra], tiny_base, "learned", budget=2, data=rd, autocast=False)
+    assert len(predictor.experts) == 2 and predictor.info["subset"]["members"] == predictor.names
