@@ -55,6 +55,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     p.add_argument("--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
+    p.add_argument("--eval", action="store_true", help="score the merge on the test split of --tasks (GLUE dev) "
+                   "and put the harness table in adapterfuse.json and the card")
+    p.add_argument("--max-eval-examples", type=int, default=None, help="cap on test examples per task with --eval")
     p.set_defaults(handler=run)
     return p
 
@@ -141,15 +144,19 @@ def run(args: argparse.Namespace) -> int:
 
     weights, params, uses_validation = _check_args(args)
     base = validation = None
-    if args.full or uses_validation:
+    if args.eval and not args.tasks:
+        raise ConfigError("--eval: scores the merge on the test split of --tasks; give --tasks T1,T2,...")
+    if args.full or uses_validation or args.eval:
         from adapterfuse.base import load_base
 
-        if uses_validation:  # data first: a missing GLUE file fails before the base is loaded
-            validation = _load_validation(args.tasks, args.validation_size, args.data_seed)
+        if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
+            validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
         base = load_base(args.base)
     adapter = merge(args.experts, args.method, weights=weights, density=args.density, rank=args.rank,
-                    lam=args.lam, seed=args.seed, base=base, validation=validation,
+                    lam=args.lam, seed=args.seed, base=base, validation=validation if uses_validation else None,
                     allow_pickle=args.allow_pickle, **params)
+    if args.eval:
+        adapter.evaluate_on(base, validation)
     path = adapter.save_pretrained(args.out, overwrite=args.overwrite, full=args.full, base=base)
     pushed = None
     if args.push:
@@ -158,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_validation(tasks: str, size: int, seed: int):
+def _load_validation(tasks: str, size: int, seed: int, max_test: int | None = None):
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
-    return [load_task(t, validation_size=size, seed=seed) for t in parse_tasks(tasks)]
+    return [load_task(t, validation_size=size, seed=seed, max_test=max_test) for t in parse_tasks(tasks)]
 
 
 def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str, Any]:
@@ -179,6 +186,9 @@ def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str,
         learned = adapter.search["learned"]
         out["learned"] = {"weights": learned["weights"], "loss_uniform": learned["loss_uniform"],
                           "loss": learned["loss"]}
+    if adapter.evaluation:
+        out["evaluation"] = {t: m["score"] for t, m in adapter.evaluation[-1]["tasks"].items()}
+        out["average"] = adapter.evaluation[-1]["average"]
     if pushed_to:
         out["pushed_to"] = pushed_to
     return out

@@ -64,6 +64,23 @@ def test_end_to_end_merge_with_lambda_search(setup, glue_dir, tmp_path, capsys):
     assert meta["search"]["lambda_search"]["tasks"] == ["sst2"] and len(meta["sources"]) == 2
 
 
+def test_eval_puts_the_harness_table_in_the_card_and_metadata(setup, glue_dir, tmp_path, capsys):
+    _, folder, experts, _ = setup
+    out = tmp_path / "evaluated"
+    assert _run("--experts", *[str(e.path) for e in experts], "--method", "uniform", "--out", str(out),
+                "--base", str(folder), "--tasks", "sst2", "--validation-size", "8", "--eval",
+                "--max-eval-examples", "6") == 0
+    printed = json.loads(capsys.readouterr().out)
+    meta = json.loads((out / "adapterfuse.json").read_text())
+    assert meta["evaluation"][0]["tasks"]["sst2"]["n"] == 6
+    assert printed["average"] == pytest.approx(meta["evaluation"][0]["average"])
+    assert "## Harness results" in (out / "README.md").read_text()
+    with pytest.raises(ConfigError, match="--eval"):
+        _run("--experts", *[str(e.path) for e in experts], "--method", "uniform", "--out", str(tmp_path / "x"),
+             "--eval")
+    assert not (tmp_path / "x").exists()
+
+
 def test_full_model_with_weights_and_rank(setup, tmp_path, capsys):
     base, folder, experts, data = setup
     out = tmp_path / "full"

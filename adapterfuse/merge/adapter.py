@@ -71,6 +71,7 @@ class MergedAdapter:
         base: ``{"spec", "fingerprint"}`` of the base the experts were trained on.
         search: records of what was chosen on validation data (``lambda_search``, ``soup``, ``learned``).
         notes: remarks such as weaker compatibility checks for plain PEFT folders.
+        evaluation: harness results of this adapter (see :meth:`evaluate_on`), shown on the card.
     """
 
     result: MergeResult
@@ -80,6 +81,25 @@ class MergedAdapter:
     base: dict[str, Any]
     search: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+
+    def evaluate_on(self, base: BaseModel, data: Sequence[Any], split: str = "test", **kwargs: Any) -> dict[str, Any]:
+        """Measure this adapter on the harness and keep the result for the card and ``adapterfuse.json``.
+
+        Args:
+            base: the base the experts were trained on.
+            data: the tasks' splits (:class:`~adapterfuse.tasks.glue.TaskData`).
+            split: which split to score (``test`` is GLUE dev).
+            **kwargs: scoring settings of the predictor (``autocast``, ``batch_size`` …).
+
+        Returns:
+            The harness result (per-task metrics, average, cost).
+        """
+        from adapterfuse.harness import evaluate
+
+        result = evaluate(self.predictor(base, **kwargs), data, split=split)
+        self.evaluation.append(result)
+        return result
 
     @classmethod
     def build(cls, result: MergeResult, experts: ExpertLibrary | Sequence[Expert], base: BaseModel | None,
@@ -142,7 +162,7 @@ class MergedAdapter:
                 "merged_with": self.result.method, "params": self.params, "sources": self.sources,
                 "base": self.base, "truncation_error": {"overall": self.overall_error,
                                                         "per_module": self.per_module_error},
-                "coverage": self.coverage, "search": self.search, "notes": self.notes,
+                "coverage": self.coverage, "search": self.search, "notes": self.notes, "evaluation": self.evaluation,
                 "adapter_params": self.num_params, "versions": versions()}
 
     def attach(self, model: torch.nn.Module, copy_base: bool = True):
@@ -259,6 +279,10 @@ class MergedAdapter:
         usage = ("from transformers import AutoModelForCausalLM",
                  "model = AutoModelForCausalLM.from_pretrained('PATH')") if full else (
                  "from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')")
+        if self.evaluation:
+            from adapterfuse.harness import results_table
+
+            lines += ["", "## Harness results", "", results_table(self.evaluation)]
         lines += ["", "Load it with:", "", "```python", *usage, "```", ""]
         return "\n".join(lines)
 
