@@ -102,6 +102,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from adapterfuse.pe_ensemble.options import check_kind
 
         check_kind(args.ensemble, args.members)
+        if args.method != "lora":
+            raise ConfigError(f"--ensemble {args.ensemble}: members are LoRA adapters, got --method {args.method}; "
+                              "drop --method or use --method lora")
     check_output(args.out, args.overwrite)  # before the base is loaded
     base = load_base(args.base)
     if args.ensemble:

@@ -27,11 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterfuse.base import BaseModel
-from adapterfuse.errors import ResumeError
+from adapterfuse.errors import ConfigError, ResumeError
 from adapterfuse.expert import Expert, versions
 from adapterfuse.fsutil import atomic_dir, check_output, write_json
 from adapterfuse.scoring import autocast_context, encode, label_logits, label_token_ids, pad
-from adapterfuse.tasks.glue import Example, TaskData, TaskSpec, get_task, load_task
+from adapterfuse.tasks.glue import (
+    Example,
+    TaskData,
+    TaskSpec,
+    capped_subset,
+    dev_subset_seed,
+    get_task,
+    load_task,
+)
 from adapterfuse.train_config import TrainConfig
 
 Callback = Callable[[int, float], None]
@@ -207,7 +215,7 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     config = config or TrainConfig()
     spec = get_task(task) if isinstance(task, str) else task
     if out is None:
-        raise ValueError("out: expected the expert folder to write, got None")
+        raise ConfigError("out: expected the expert folder to write, got None; pass out=PATH")
     out = check_output(out, overwrite)
     data = data or load_task(spec, config.validation_size, config.seed, config.max_train_examples)
     train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
@@ -295,7 +303,8 @@ def _evaluate_and_save(peft_model: nn.Module, base: BaseModel, spec: TaskSpec, d
 
     peft_model.eval()
     t0 = time.perf_counter()
-    test = data.test[: config.max_eval_examples or None]
+    # The same seeded subset of dev that load_task(max_test=...) and the other commands score.
+    test = capped_subset(data.test, config.max_eval_examples, dev_subset_seed(config.seed))
     scores = {"validation": score_examples(peft_model, base.tokenizer, spec, data.validation, config)
               if data.validation else {},
               "test": score_examples(peft_model, base.tokenizer, spec, test, config)}

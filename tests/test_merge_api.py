@@ -301,3 +301,15 @@ def test_merged_adapter_round_trips_its_state(lib):
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-llama-0"
     assert sum(t.numel() for t in state.values()) == merged.num_params
     assert copy.deepcopy(merged.metadata())["sources"][1]["peft_type"] == "ADALORA"
+
+
+def test_merge_combiner_fits_the_library_into_one_predictor(lib, tiny_base):
+    from adapterfuse.library import ExpertLibrary
+    from adapterfuse.merge import MergeCombiner
+
+    experts, data, _ = lib
+    library = ExpertLibrary([experts[n] for n in NAMES])
+    predictor = MergeCombiner(tiny_base, "task_arithmetic", lam=0.5).fit(library, None)
+    expected = merge([experts[n] for n in NAMES], "task_arithmetic", lam=0.5).predictor(tiny_base)
+    assert predictor.name == "merge:task_arithmetic"
+    assert torch.equal(predictor.predict_proba(TASK, data.test), expected.predict_proba(TASK, data.test))

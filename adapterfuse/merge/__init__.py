@@ -8,7 +8,7 @@ factors, :func:`merge_deltas` with a name from :func:`available_methods`; the bu
 from __future__ import annotations
 
 from adapterfuse.merge.adapter import MergedAdapter
-from adapterfuse.merge.api import SEARCH_METHODS, all_methods, merge, prepare
+from adapterfuse.merge.api import SEARCH_METHODS, MergeCombiner, all_methods, merge, prepare
 from adapterfuse.merge.common import MergeMethod, MergeParams, MergeResult
 from adapterfuse.merge.functional import (
     dare_drop,
@@ -25,6 +25,7 @@ from adapterfuse.merge.soup import greedy_soup
 __all__ = [
     "METHODS",
     "SEARCH_METHODS",
+    "MergeCombiner",
     "MergeMethod",
     "MergeParams",
     "MergeResult",

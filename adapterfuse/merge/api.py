@@ -164,3 +164,26 @@ def _files(result: MergeResult, base: BaseModel):
     from adapterfuse.delta import peft_from_deltas
 
     return peft_from_deltas(result.deltas, base.spec)
+
+
+class MergeCombiner:
+    """The merge backend as a :class:`~adapterfuse.backends.Combiner`: library + validation -> one adapter.
+
+    Args:
+        base: the frozen base the experts were trained on.
+        method: any name of :func:`all_methods`.
+        **options: the other arguments of :func:`merge` (``weights``, ``density``, ``rank``, ``lam`` …).
+    """
+
+    def __init__(self, base: BaseModel, method: str = "ties", **options: Any) -> None:
+        self.base, self.method, self.options = base, method, options
+        self.name = f"merge:{method}"
+
+    def fit(self, library: ExpertLibrary, validation: Sequence[TaskData] | dict[str, TaskData] | None = None):
+        """Merge the library (fitting λ, soup or weights on ``validation`` where the method does).
+
+        Returns:
+            The merged adapter's predictor (its ``.adapter`` is the :class:`MergedAdapter`).
+        """
+        merged = merge(library, self.method, base=self.base, validation=validation, **self.options)
+        return merged.predictor(self.base, name=self.name)

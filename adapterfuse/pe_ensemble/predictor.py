@@ -240,7 +240,8 @@ class PEEnsemblePredictor:
         """``[n, n_labels]`` pooled probabilities over the task's label words."""
         if not batch:
             return torch.empty((0, task.n_labels))
-        return pool(self.pooling, self.member_log_probs(task, batch), [1.0] * self.ensemble.k)
+        k = self.ensemble.k  # uniform weights 1/K, as the ensemble backend's: log-linear is the geometric mean
+        return pool(self.pooling, self.member_log_probs(task, batch), [1.0 / k] * k)
 
     def cost(self) -> Cost:
         """What is stored (the compact trained tensors) and K rows (MIMO: K-times longer rows) of work."""

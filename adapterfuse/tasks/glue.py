@@ -240,7 +240,7 @@ class TaskData:
     test: list[Example]
 
 
-def _capped(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
+def capped_subset(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
     """A seeded subset of at most ``cap`` examples, kept in file order."""
     if cap is None or cap >= len(examples):
         return examples
@@ -281,4 +281,10 @@ def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
     validation = [train[i] for i in sorted(order[:validation_size])]
     rest = [train[i] for i in sorted(order[validation_size:])]
     test = read_split(spec, "dev", glue_dir)
-    return TaskData(spec, _capped(rest, max_train, seed + 1), validation, _capped(test, max_test, seed + 2))
+    return TaskData(spec, capped_subset(rest, max_train, seed + 1), validation,
+                    capped_subset(test, max_test, dev_subset_seed(seed)))
+
+
+def dev_subset_seed(seed: int) -> int:
+    """The seed of the capped test subset for a split seed (shared by every command that caps dev)."""
+    return seed + 2
