@@ -33,7 +33,7 @@ METHODS: dict[str, dict] = {
     "greedy soup": {"method": "greedy_soup"},
     "learned (gradient)": {"method": "learned", "mode": "gradient", "epochs": 3},
     "learned (gradient, per layer)": {"method": "learned", "mode": "gradient", "per_layer": True, "epochs": 3},
-    "learned (gradient-free)": {"method": "learned", "mode": "gradient_free", "steps": 24},
+    "learned (gradient-free)": {"method": "learned", "mode": "gradient_free", "steps": 16},
 }
 
 
