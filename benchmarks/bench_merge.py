@@ -6,7 +6,8 @@ Usage::
 
 For K random rank-r LoRA experts on every linear layer of the base (seeded), it times:
 - our ``task_arithmetic`` to rank r and to the exact rank K·r, against PEFT ``svd`` at the same rank;
-- our ``ties`` (density 0.2, rank r) against PEFT ``ties_svd`` (density 0.2, rank r).
+- our ``ties`` (density 0.2, rank r; exact SVD, and the seeded randomized SVD of ``exact_svd=False``)
+  against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD).
 Only the merge itself is timed (each output's dense ΔW is formed afterwards, for the error). Peak
 memory is the largest rise of the process's resident memory during the call (sampled every
 2 ms). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F over all modules is measured
@@ -151,7 +152,9 @@ def bench_k(base, k: int, r: int, density: float, repeats: int) -> list[tuple]:
         ("task_arithmetic, rank r", lambda: ours("task_arithmetic", r), lambda: peft_merge(model, k, "svd", r), ref_ta),
         ("task_arithmetic, exact rank K·r", lambda: ours("task_arithmetic", None),
          lambda: peft_merge(model, k, "svd", k * r), ref_ta),
-        ("ties, rank r", lambda: ours("ties", r, density=density),
+        ("ties, rank r (exact SVD)", lambda: ours("ties", r, density=density),
+         lambda: peft_merge(model, k, "ties_svd", r, density), ref_ties),
+        ("ties, rank r (randomized SVD)", lambda: ours("ties", r, density=density, exact_svd=False),
          lambda: peft_merge(model, k, "ties_svd", r, density), ref_ties),
     ]
     rows = []
