@@ -152,7 +152,7 @@ def bench_k(base, k: int, r: int, density: float, repeats: int) -> list[tuple]:
         ("task_arithmetic, rank r", lambda: ours("task_arithmetic", r), lambda: peft_merge(model, k, "svd", r), ref_ta),
         ("task_arithmetic, exact rank K·r", lambda: ours("task_arithmetic", None),
          lambda: peft_merge(model, k, "svd", k * r), ref_ta),
-        ("ties, rank r (exact SVD)", lambda: ours("ties", r, density=density),
+        ("ties, rank r (exact SVD)", lambda: ours("ties", r, density=density, exact_svd=True),
          lambda: peft_merge(model, k, "ties_svd", r, density), ref_ties),
         ("ties, rank r (randomized SVD)", lambda: ours("ties", r, density=density, exact_svd=False),
          lambda: peft_merge(model, k, "ties_svd", r, density), ref_ties),
