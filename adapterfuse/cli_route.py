@@ -7,25 +7,15 @@ Wired into ``adapterfuse.cli`` by ``register(subparsers)``; :func:`run` raises a
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.cli import positive_int
 from adapterfuse.route.features import DEFAULT_LAYER, ON
 from adapterfuse.route.learned import TARGETS
 
 HELP = "route each input to its top-k experts (learned, clustered, mbc, arrow), then pool or merge them"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,7 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "split (and on --eval-tasks, test only), print the table with routing accuracy, and save it."))
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders")
     p.add_argument("--router", default="learned", choices=["learned", "clustered", "mbc", "arrow"])
-    p.add_argument("--top-k", type=_positive_int, default=1, help="experts kept per input (per token for arrow)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="experts kept per input (per token for arrow)")
     p.add_argument("--then", default="ensemble", choices=["ensemble", "merge"], help="pool or merge the chosen")
     p.add_argument("--on", default="prompt", choices=list(ON), help="route on the prompt or the raw input fields")
     p.add_argument("--tasks", required=True, help="comma-separated tasks (fit on validation, score on test)")
@@ -52,17 +42,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="feature layer (0 embeddings, -1 last)")
     p.add_argument("--target", default="best_expert", choices=list(TARGETS), help="what the learned router learns")
     p.add_argument("--hidden", type=int, default=0, help="hidden size of the learned router (0: linear)")
-    p.add_argument("--clusters", type=_positive_int, default=None, help="k-means clusters (default: experts)")
-    p.add_argument("--mbc-clusters", type=_positive_int, default=None, help="expert groups for --router mbc")
+    p.add_argument("--clusters", type=positive_int, default=None, help="k-means clusters (default: experts)")
+    p.add_argument("--mbc-clusters", type=positive_int, default=None, help="expert groups for --router mbc")
     p.add_argument("--mbc-router", default=None, choices=["learned", "clustered", "arrow"])
-    p.add_argument("--sketch", type=_positive_int, default=None, help="MBC similarity from a sketch of this side")
+    p.add_argument("--sketch", type=positive_int, default=None, help="MBC similarity from a sketch of this side")
     p.add_argument("--temperature", type=float, default=1.0, help="Arrow's softmax temperature")
-    p.add_argument("--budget", type=_positive_int, default=None, help="keep at most this many experts (greedy)")
+    p.add_argument("--budget", type=positive_int, default=None, help="keep at most this many experts (greedy)")
     p.add_argument("--pooling", default="linear", choices=["linear", "log_linear"])
     p.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
-    p.add_argument("--max-eval-examples", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-eval-examples", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--no-autocast", action="store_true", help="score in fp32 instead of bf16 autocast")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, the router fit, sketches")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
@@ -73,14 +63,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def _held_out(names: str | None, max_examples: int | None, seed: int) -> list[Any]:
     """Tasks evaluated on their dev split only (their train split is never read)."""
-    from adapterfuse.tasks.glue import TaskData, parse_tasks, read_split
+    from adapterfuse.tasks.glue import TaskData, capped_subset, dev_subset_seed, parse_tasks, read_split
 
     out = []
     for task in parse_tasks(names) if names else []:
         dev = read_split(task, "dev")
-        if max_examples is not None and max_examples < len(dev):
-            dev = [dev[i] for i in sorted(random.Random(seed + 2).sample(range(len(dev)), max_examples))]
-        out.append(TaskData(task, [], [], dev))
+        out.append(TaskData(task, [], [], capped_subset(dev, max_examples, dev_subset_seed(seed))))
     return out
 
 
