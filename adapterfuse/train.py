@@ -130,11 +130,18 @@ def _fingerprint_data(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def _class_weights(task: TaskSpec, examples: Sequence[Example], balance: bool) -> torch.Tensor | None:
+def class_weights(task: TaskSpec, examples: Sequence[Example], balance: bool) -> torch.Tensor | None:
+    """Inverse class frequencies for the loss when ``balance`` (classification only), else ``None``."""
     if not balance or task.regression:
         return None
     counts = torch.bincount(torch.tensor([int(e.label) for e in examples]), minlength=task.n_labels).float()
     return counts.sum() / (task.n_labels * counts.clamp(min=1))
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at step ``total``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
 
 
 class _Checkpoint:
@@ -236,11 +243,9 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(len(schedule) * config.warmup_ratio)
-    total = len(schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
+    scheduler = linear_schedule(optimizer, len(schedule), warmup)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    weights = _class_weights(spec, train, config.balance_classes)
+    weights = class_weights(spec, train, config.balance_classes)
 
     start, prior_wall, tokens_before = 0, 0.0, 0
     state = ckpt.load()

@@ -46,7 +46,7 @@ from adapterfuse.pe_ensemble.swag import SwagPosterior, flatten, lr_factor, snap
 from adapterfuse.scoring import autocast_context, encode, label_token_ids, pad, predictions
 from adapterfuse.tasks.glue import Example, TaskData, TaskSpec, get_task, load_task
 from adapterfuse.tasks.metrics import compute_metrics
-from adapterfuse.train import batch_schedule, task_loss
+from adapterfuse.train import batch_schedule, class_weights, linear_schedule, task_loss
 from adapterfuse.train_config import TrainConfig
 
 Callback = Callable[[int, float], None]
@@ -81,14 +81,6 @@ def build_layout(kind: str, model: nn.Module, modules: Sequence[str], opts: PEOp
     return dict.fromkeys(modules, "shared")
 
 
-def _class_weights(task: TaskSpec, examples: Sequence[Example], balance: bool) -> torch.Tensor | None:
-    """Inverse class frequencies (as train_expert), or ``None``."""
-    if not balance or task.regression:
-        return None
-    counts = torch.bincount(torch.tensor([int(e.label) for e in examples]), minlength=task.n_labels).float()
-    return counts.sum() / (task.n_labels * counts.clamp(min=1))
-
-
 class _Steps:
     """One training step's forward and loss for a kind (holds the encoded data and settings)."""
 
@@ -100,7 +92,7 @@ class _Steps:
         self.encoded, self.label_ids, self.config = encoded, label_ids, config
         self.pad_id = base.tokenizer.pad_token_id
         self.sep = base.tokenizer.encode(opts.mimo_separator, add_special_tokens=False)
-        self.weights = _class_weights(spec, train, config.balance_classes)
+        self.weights = class_weights(spec, train, config.balance_classes)
 
     def loss(self, model: nn.Module, rows: list[int], step: int) -> torch.Tensor:
         """The loss of one step (forward under the config's autocast; the loss in fp32)."""
@@ -135,8 +127,7 @@ def _scheduler(kind: str, opts: PEOptions, optimizer: torch.optim.Optimizer, tot
         start = int(total * opts.swag_start)
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, warmup, start, opts.swag_lr_ratio))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
+    return linear_schedule(optimizer, total, warmup)
 
 
 def prepare_model(base: BaseModel, kind: str, members: int, config: TrainConfig,
