@@ -1,4 +1,4 @@
-"""The ``adapterfuse`` command line: train, evaluate, merge, ensemble and route experts.
+"""The ``adapterfuse`` command line: train, evaluate, merge, ensemble, route, run recipes, push.
 
 Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error exits 1 with
 its one-line message; neither prints a traceback (``ADAPTERFUSE_DEBUG=1`` shows it).
@@ -77,11 +77,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
     ev.set_defaults(handler=_cmd_eval)
 
-    from adapterfuse import cli_ensemble, cli_merge, cli_route
+    from adapterfuse import cli_ensemble, cli_merge, cli_route, cli_run
 
     cli_merge.register(sub)
     cli_ensemble.register(sub)
     cli_route.register(sub)
+    cli_run.register(sub)
     return parser
 
 

@@ -28,11 +28,11 @@ METHODS: dict[str, dict] = {  # the uniform-vs-learned comparison first: a cut-s
     "uniform": {"method": "uniform"},
     "learned (gradient)": {"method": "learned", "mode": "gradient", "epochs": 3},
     "task_arithmetic (λ on val)": {"method": "task_arithmetic"},
-    "ties (d=0.2, λ on val)": {"method": "ties", "density": 0.2},
+    "ties (d=0.2; λ on val)": {"method": "ties", "density": 0.2},
     "greedy soup": {"method": "greedy_soup"},
-    "dare_linear (d=0.5, λ on val)": {"method": "dare_linear", "density": 0.5},
-    "dare_ties (d=0.5, λ on val)": {"method": "dare_ties", "density": 0.5},
-    "learned (gradient, per layer)": {"method": "learned", "mode": "gradient", "per_layer": True, "epochs": 3},
+    "dare_linear (d=0.5; λ on val)": {"method": "dare_linear", "density": 0.5},
+    "dare_ties (d=0.5; λ on val)": {"method": "dare_ties", "density": 0.5},
+    "learned (gradient; per layer)": {"method": "learned", "mode": "gradient", "per_layer": True, "epochs": 3},
     "learned (gradient-free)": {"method": "learned", "mode": "gradient_free", "steps": 16},
 }
 

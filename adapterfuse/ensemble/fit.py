@@ -27,12 +27,23 @@ from adapterfuse.tasks.glue import TaskData
 METRICS = ("score", "nll")
 
 
-def _validate(members: list[Expert], pooling: str, weights: str | Sequence[float], select: str | None,
-              validation: Sequence[TaskData] | None, temperature: float,
-              metric: str) -> tuple[str | list[float], tuple[str, int] | None]:
-    """The cheap checks, in the order a user would fix them; returns the parsed weights and selection."""
+def check_options(names: list[str], pooling: str, weights: str | Sequence[float], select: str | None,
+                  validation: Any, temperature: float,
+                  metric: str) -> tuple[str | list[float], tuple[str, int] | None]:
+    """The checks that read no weight, in the order a user would fix them (recipes run them in --dry-run).
+
+    Args:
+        names: the members' names.
+        pooling, weights, select, temperature, metric: as in :func:`ensemble`.
+        validation: anything truthy when validation data will be given.
+
+    Returns:
+        The parsed weights and selection.
+
+    Raises:
+        ConfigError: naming the argument at fault.
+    """
     check_pooling(pooling)
-    names = [e.name for e in members]
     spec = parse_weights(weights)
     selection = parse_select(select)
     check_temperature(temperature)
@@ -83,9 +94,9 @@ def ensemble(experts: Iterable[Expert] | ExpertLibrary, base: BaseModel, pooling
         CompatibilityError / ExpertError: members from different bases, or not over ``base``.
     """
     members = check_member_list(list(experts))
-    spec, selecting = _validate(members, pooling, weights, select, validation, temperature, metric)
-    check_members(members, base)
     names = [e.name for e in members]
+    spec, selecting = check_options(names, pooling, weights, select, validation, temperature, metric)
+    check_members(members, base)
     settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
     if spec != "learned" and selecting is None:
         fit = resolve_weights(spec, pooling, names, temperature=temperature)

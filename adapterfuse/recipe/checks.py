@@ -1,0 +1,144 @@
+"""The checks ``adapterfuse run --dry-run`` makes without loading a model or reading a weight.
+
+Each combiner's options go through the same validators its backend runs first (unknown option,
+unknown method or router, weight count, density range …); experts already on disk are compared by
+their config files and safetensors headers (base fingerprint, module shapes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from adapterfuse.errors import CompatibilityError, ConfigError
+from adapterfuse.recipe.schema import CombinerEntry, Recipe
+
+# Arguments a recipe supplies itself; a combiner's options may not set them.
+_SUPPLIED = {"experts", "base", "validation", "data", "name", "allow_pickle", "task", "config", "out", "overwrite",
+             "callback", "progress"}
+
+
+def expert_names(recipe: Recipe) -> list[str]:
+    """The experts a recipe trains (``task-method-rRANK-sSEED``) or names by path (the folder name)."""
+    ex = recipe.experts
+    if ex.paths:
+        return [Path(p).name for p in ex.paths]
+    return [f"{t}-{ex.method}-r{ex.rank}-s{s}" for t in recipe.tasks for s in ex.seeds]
+
+
+def _check_keys(entry: CombinerEntry, fn: Any, extra: set[str] = frozenset()) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and not extra:
+        return  # validated by the method's own parameter model instead
+    allowed = (set(params) | extra) - _SUPPLIED
+    unknown = sorted(set(entry.options) - allowed)
+    if unknown:
+        raise ConfigError(f"combiner {entry.label!r}: unknown option(s) {unknown} for backend {entry.backend!r}; "
+                          f"expected some of {sorted(allowed)}")
+
+
+def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
+    """Validate one combiner's options the way its backend will, before anything is loaded.
+
+    Raises:
+        ConfigError: an unknown member, option, method, router or kind, or a bad value.
+    """
+    from adapterfuse.ensemble.fit import check_options, ensemble
+    from adapterfuse.merge.api import prepare
+    from adapterfuse.pe_ensemble.options import parse_options
+    from adapterfuse.route.api import check_arguments, route
+
+    names = expert_names(recipe)
+    missing = sorted(set(entry.members or []) - set(names))
+    if missing:
+        raise ConfigError(f"combiner {entry.label!r}: members {missing} are not experts of this recipe; "
+                          f"expected some of {names}")
+    n, opts = len(entry.members or names), dict(entry.options)
+    if entry.backend == "merge":
+        supplied = sorted(set(opts) & _SUPPLIED)
+        if supplied:
+            raise ConfigError(f"combiner {entry.label!r}: options {supplied} are supplied by the recipe; remove them")
+        request = {k: v for k, v in opts.items() if k not in ("lambda_grid", "autocast", "batch_size")}
+        prepare(n, **{"method": "ties", **request})
+    elif entry.backend == "ensemble":
+        _check_keys(entry, ensemble)
+        check_options(names[:n], opts.get("pooling", "log_linear"), opts.get("weights", "uniform"),
+                      opts.get("select"), True, opts.get("temperature", 1.0), opts.get("metric", "score"))
+    elif entry.backend == "route":
+        _check_keys(entry, route)
+        router = opts.get("router", "learned")
+        across = opts.get("mbc_router") or "learned"
+        check_arguments(router, opts.get("top_k", 1), opts.get("then", "ensemble"), opts.get("on", "prompt"),
+                        opts.get("target", "best_expert"), opts.get("pooling", "linear"), n, opts.get("mbc_clusters"),
+                        across, False, True, None)
+    else:
+        if recipe.experts.paths:
+            raise ConfigError(f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "
+                              "needs the recipe to train experts; remove experts.paths or this combiner")
+        rest = {k: v for k, v in opts.items() if k not in ("kind", "members")}
+        task = next(iter(recipe.tasks))
+        parse_options(opts.get("kind", "batchensemble"), opts.get("members", 4),
+                      recipe.train_config(task, recipe.experts.seeds[0]), rest)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Validate every combiner of a recipe (see :func:`check_combiner`).
+
+    Raises:
+        ConfigError: the first combiner at fault, named.
+    """
+    for entry in recipe.combiners:
+        check_combiner(entry, recipe)
+
+
+def expert_header(folder: Path) -> dict[str, Any]:
+    """An expert folder's compatibility facts, from its JSON files and safetensors header only.
+
+    Returns:
+        ``{"fingerprint", "peft_type", "shapes": {module: (out, in)}}``.
+
+    Raises:
+        CompatibilityError: a missing config or weights file.
+    """
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for f in (config_file, weights):
+        if not f.is_file():
+            raise CompatibilityError(f"expert {folder.name!r}: {f.name} not found in {folder}; expected a PEFT "
+                                     "adapter folder with safetensors weights")
+    meta_file = folder / "adapterfuse.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    shapes: dict[str, list[int]] = {}
+    with safe_open(weights, "pt") as fh:
+        for key in fh.keys():
+            shape = fh.get_slice(key).get_shape()
+            module = key.split(".lora_")[0]
+            if ".lora_A" in key:
+                shapes.setdefault(module, [0, 0])[1] = shape[-1]
+            elif ".lora_B" in key:
+                shapes.setdefault(module, [0, 0])[0] = shape[0]
+    return {"fingerprint": (meta.get("base") or {}).get("fingerprint"),
+            "peft_type": json.loads(config_file.read_text()).get("peft_type"), "shapes": shapes}
+
+
+def check_expert_headers(folders: list[Path]) -> list[dict[str, Any]]:
+    """Compare experts on disk by header: one base fingerprint, the same shape for a shared module.
+
+    Raises:
+        CompatibilityError: naming the two experts that disagree and on what.
+    """
+    headers = [expert_header(f) for f in folders]
+    for folder, head in zip(folders[1:], headers[1:], strict=True):
+        first, ref = folders[0], headers[0]
+        if head["fingerprint"] and ref["fingerprint"] and head["fingerprint"] != ref["fingerprint"]:
+            raise CompatibilityError(f"experts {first.name!r} and {folder.name!r} were trained on different bases "
+                                     f"({ref['fingerprint'][:19]}… vs {head['fingerprint'][:19]}…); combine "
+                                     "experts of one base only")
+        for module in set(head["shapes"]) & set(ref["shapes"]):
+            if head["shapes"][module] != ref["shapes"][module]:
+                raise CompatibilityError(f"experts {first.name!r} and {folder.name!r}: module {module} has shape "
+                                         f"{ref['shapes'][module]} vs {head['shapes'][module]}; expected one base")
+    return headers

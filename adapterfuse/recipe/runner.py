@@ -1,0 +1,263 @@
+"""Run a recipe: train (or reuse) the experts, fit every combiner, evaluate all on one harness, report.
+
+Everything a run produces lives under its ``--out`` folder::
+
+    OUT/recipe.json        the validated recipe this run used
+    OUT/experts/           one folder per trained expert (a finished one is reused, a partial one resumes)
+    OUT/pe/                parameter-efficient ensembles, one per task
+    OUT/results.jsonl      one line per evaluated predictor, appended as soon as it is measured
+    OUT/results.json|.md   the comparison; OUT/accuracy_vs_cost.png and OUT/scores_heatmap.png
+    OUT/predictors/        predictors listed in ``outputs.save``
+
+A rerun skips every expert and predictor already finished with the same settings (each result line
+carries a hash of what produced it), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adapterfuse.backends import Cost, Predictor
+from adapterfuse.base import BaseModel, load_base
+from adapterfuse.errors import ConfigError
+from adapterfuse.expert import Expert
+from adapterfuse.fsutil import write_json
+from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
+from adapterfuse.library import ExpertLibrary
+from adapterfuse.recipe.checks import check_expert_headers, check_recipe
+from adapterfuse.recipe.report import write_report
+from adapterfuse.recipe.schema import CombinerEntry, Recipe
+from adapterfuse.tasks.glue import Example, TaskData, TaskSpec, load_task
+from adapterfuse.train_config import TrainConfig
+
+# Fields recorded by training that are measurements, not settings.
+_MEASURED = {"eval_wall_s", "resumed_from_step", "steps", "train_examples", "train_tokens_per_s", "train_wall_s"}
+DATA_SEED = 0  # every expert of a task sees the same carve, so no seed trains on another's validation
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expert_folder(recipe: Recipe, out: Path, name: str) -> Path:
+    """Where the expert ``name`` of a recipe lives."""
+    return Path(recipe.experts.dir) / name if recipe.experts.dir else out / "experts" / name
+
+
+def plan(recipe: Recipe, out: Path) -> list[str]:
+    """What a run would do, step by step, and what is already done; reads no weight.
+
+    Raises:
+        ConfigError / CompatibilityError: a bad combiner option, or finished experts that disagree.
+    """
+    check_recipe(recipe)
+    lines, finished = [], []
+    if recipe.experts.paths:
+        lines += [f"expert {p}: given" for p in recipe.experts.paths]
+        finished = [Path(p) for p in recipe.experts.paths if Path(p).is_dir()]
+    else:
+        for task in recipe.tasks:
+            for seed in recipe.experts.seeds:
+                cfg = recipe.train_config(task, seed)
+                folder = expert_folder(recipe, out, f"{task}-{cfg.method}-r{cfg.rank}-s{seed}")
+                done = (folder / "adapterfuse.json").is_file()
+                finished += [folder] if done else []
+                what = "reuse" if done else "train"
+                lines.append(f"expert {folder.name}: {what} ({cfg.max_train_examples} examples, {cfg.epochs:g} "
+                             f"epoch(s), {cfg.method} r={cfg.rank})")
+    if finished:
+        check_expert_headers(finished)
+        lines.append(f"experts on disk: {len(finished)} compatible (one base fingerprint, matching shapes)")
+    done = _finished_results(out)
+    for label in [*("base zero-shot" if b == "zero_shot" else b for b in recipe.harness.baselines),
+                  *(c.label for c in recipe.combiners)]:
+        lines.append(f"predictor {label}: {'reuse result' if label in done else 'fit and evaluate'}")
+    for entry in recipe.outputs.push:
+        lines.append(f"push {entry.predictor} -> {entry.repo_id} ({'private' if entry.private else 'public'})")
+    return lines
+
+
+def _finished_results(out: Path) -> dict[str, dict[str, Any]]:
+    log = out / "results.jsonl"
+    if not log.is_file():
+        return {}
+    return {r["predictor"]: r for r in (json.loads(line) for line in log.read_text().splitlines() if line.strip())}
+
+
+def _check_reused(expert: Expert, config: TrainConfig) -> None:
+    recorded = {k: v for k, v in (expert.meta.get("training") or {}).items() if k not in _MEASURED}
+    wanted = json.loads(config.model_dump_json())
+    changed = sorted(k for k in wanted if k in recorded and recorded[k] != wanted[k])
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"expert {expert.name!r} at {expert.path} was trained with {k}={recorded[k]!r}, the recipe "
+                          f"asks {k}={wanted[k]!r}; delete that folder to retrain, or change the recipe")
+
+
+def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], log: Callable) -> list[Expert]:
+    from adapterfuse.train import train_expert
+
+    if recipe.experts.paths:
+        return list(ExpertLibrary.load(recipe.experts.paths, base.fingerprint))
+    experts = []
+    for task in recipe.tasks:
+        for seed in recipe.experts.seeds:
+            cfg = recipe.train_config(task, seed)
+            folder = expert_folder(recipe, out, f"{task}-{cfg.method}-r{cfg.rank}-s{seed}")
+            if (folder / "adapterfuse.json").is_file():
+                expert = Expert.load(folder)
+                _check_reused(expert, cfg)
+                log(f"expert {folder.name}: reused")
+            else:
+                t0 = time.perf_counter()
+                expert = train_expert(base, task, cfg, out=folder, data=data[task], progress=False)
+                log(f"expert {folder.name}: trained in {time.perf_counter() - t0:.0f} s")
+            experts.append(expert)
+    return experts
+
+
+class TaskwisePredictor:
+    """One predictor per task (e.g. a parameter-efficient ensemble trained for each), behind one name."""
+
+    def __init__(self, name: str, by_task: dict[str, Any]) -> None:
+        self.name, self.by_task = name, by_task
+
+    def predict_proba(self, task: TaskSpec, batch: list[Example]):
+        """Delegate to the task's own predictor."""
+        if task.train_task not in self.by_task:
+            raise ConfigError(f"{self.name}: no predictor for task {task.name!r}; have {sorted(self.by_task)}")
+        return self.by_task[task.train_task].predict_proba(task, batch)
+
+    def cost(self) -> Cost:
+        """Parameters and memory of all tasks' predictors; passes per input of the costliest."""
+        costs = [p.cost() for p in self.by_task.values()]
+        return Cost(sum(c.stored_params for c in costs), max(c.forward_passes for c in costs),
+                    sum(c.memory_bytes for c in costs))
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Parameter-efficient ensembles are already saved under OUT/pe."""
+        raise ConfigError(f"{self.name}: its ensembles are saved under the run's pe/ folder; nothing more to save")
+
+
+def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel,
+                  data: dict[str, TaskData]) -> TaskwisePredictor:
+    from adapterfuse.pe_ensemble.predictor import MANIFEST, PEEnsemble
+    from adapterfuse.pe_ensemble.train import train_pe_ensemble
+
+    opts = dict(entry.options)
+    kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
+    by_task = {}
+    for task in recipe.tasks:
+        cfg = recipe.train_config(task, recipe.experts.seeds[0])
+        folder = out / "pe" / f"{task}-{kind}-k{members}-{_digest(cfg.model_dump(), opts)}"
+        if (folder / MANIFEST).is_file():
+            ens = PEEnsemble.load(folder)
+        else:
+            ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], progress=False,
+                                    **opts)
+        by_task[task] = ens.predictor(base)
+    return TaskwisePredictor(entry.label, by_task)
+
+
+def _fit(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, library: ExpertLibrary,
+         data: dict[str, TaskData], validation: dict[str, TaskData]) -> Predictor:
+    from adapterfuse.ensemble.fit import EnsembleCombiner
+    from adapterfuse.merge.api import MergeCombiner
+    from adapterfuse.route.api import RouteCombiner
+
+    if entry.backend == "pe_ensemble":
+        return _pe_ensembles(entry, recipe, out, base, data)
+    members = ExpertLibrary([library[n] for n in entry.members]) if entry.members else library
+    opts = {**entry.options, "name": entry.label}
+    if entry.backend == "merge":
+        predictor = MergeCombiner(base, **{k: v for k, v in opts.items() if k != "name"}).fit(members, validation)
+        predictor.name = entry.label
+        return predictor
+    combiner = EnsembleCombiner(base, **opts) if entry.backend == "ensemble" else RouteCombiner(base, **opts)
+    return combiner.fit(members, validation)
+
+
+def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Do everything a recipe asks, resuming what an earlier run under ``out`` finished.
+
+    Args:
+        recipe: a validated recipe (see :func:`~adapterfuse.recipe.schema.load_recipe`).
+        out: the run folder.
+        base: an already loaded base (default: load ``recipe.base``).
+        log: where progress lines go.
+
+    Returns:
+        ``{"recipe", "results": [harness result + "fit_seconds" …], "wall_s", "files"}`` (also written
+        to ``out/results.json``).
+
+    Raises:
+        ConfigError / CompatibilityError: a bad combiner option or incompatible experts (before any
+            model is loaded); ExpertError and friends from the backends.
+    """
+    out = Path(out)
+    check_recipe(recipe)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
+    base = base or load_base(recipe.base)
+    h = recipe.harness
+    data = {}
+    for task, entry in recipe.tasks.items():
+        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
+        data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
+    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
+    library = ExpertLibrary(_experts(recipe, out, base, data, log), base.fingerprint)
+    setting = _digest(h.model_dump(), {t: e.model_dump() for t, e in recipe.tasks.items()},
+                      sorted(e.weights_sha256() for e in library))
+    done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
+    results = []
+
+    def measure(label: str, config: Any, build: Callable[[], Predictor]) -> None:
+        key = _digest(setting, config)
+        if label in done and done[label]["setting"]["key"] == key:
+            log(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
+            results.append(done[label])
+            return
+        t0 = time.perf_counter()
+        predictor = build()
+        fit_s = time.perf_counter() - t0
+        result = evaluate(predictor, list(data.values()))
+        result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
+        if label in recipe.outputs.save:
+            predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
+        if label in {p.predictor for p in recipe.outputs.push}:
+            _push(recipe, label, predictor, base, log)
+        with open(out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        log(f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
+            f"(fit {fit_s:.0f} s)")
+        results.append(result)
+        del predictor
+        gc.collect()
+
+    if "zero_shot" in h.baselines:
+        measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base))
+    if "oracle" in h.baselines:
+        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library))
+    for entry in recipe.combiners:
+        measure(entry.label, entry.model_dump(), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
+    summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+    summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
+    write_json(out / "results.json", summary)
+    return summary
+
+
+def _push(recipe: Recipe, label: str, predictor: Any, base: BaseModel, log: Callable[[str], None]) -> None:
+    adapter = getattr(predictor, "adapter", None)
+    if adapter is None:
+        raise ConfigError(f"outputs.push: predictor {label!r} is not a merged adapter; only merge combiners push")
+    for entry in (p for p in recipe.outputs.push if p.predictor == label):
+        pushed = adapter.push_to_hub(entry.repo_id, private=entry.private, endpoint=entry.endpoint)
+        log(f"pushed {label} to {entry.repo_id}: {pushed}")

@@ -1,0 +1,185 @@
+"""What a recipe file may say: pydantic models that refuse unknown keys and wrong values.
+
+A recipe is checked completely (sections, task names, each combiner's backend and options) by
+:func:`load_recipe` before any model or weight is read, so a misspelt key fails in ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapterfuse.errors import ConfigError
+from adapterfuse.tasks.glue import TASKS
+from adapterfuse.train_config import TrainConfig
+
+BACKENDS = ("merge", "ensemble", "route", "pe_ensemble")
+BASELINES = ("zero_shot", "oracle")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskEntry(_Strict):
+    """Per-task caps and overrides (everything optional)."""
+
+    max_train: int | None = Field(None, ge=1, description="training examples (default: the experts' cap)")
+    epochs: float | None = Field(None, gt=0, le=100)
+    balance_classes: bool | None = None
+    max_test: int | None = Field(None, ge=1, description="dev examples evaluated (seeded subset)")
+
+
+class ExpertsSection(_Strict):
+    """How the experts are trained, or which existing ones are used."""
+
+    method: Literal["lora", "adalora"] = "lora"
+    rank: int = Field(8, ge=1, le=1024)
+    epochs: float = Field(1.0, gt=0, le=100)
+    max_train: int | None = Field(2000, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: dict[str, Any] = Field(default_factory=dict, description="any other TrainConfig field")
+    paths: list[str] | None = Field(None, min_length=1, description="use these expert folders / Hub ids; "
+                                    "train nothing")
+    dir: str | None = Field(None, description="where trained experts live (default OUT/experts)")
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = {"method", "rank", "epochs", "max_train_examples", "seed", "validation_size"}
+        clash = sorted(owned & set(value))
+        if clash:
+            raise ValueError(f"experts.train sets {clash}, which the recipe sets elsewhere (experts.method/rank/"
+                             "epochs/max_train/seeds, harness.validation_size); move them there")
+        TrainConfig(**value)  # unknown keys and bad values fail here, before anything is loaded
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"expected distinct seeds >= 0, got {value}")
+        return value
+
+
+class CombinerEntry(_Strict):
+    """One backend with its options: fitted on the validation split, then evaluated."""
+
+    backend: Literal["merge", "ensemble", "route", "pe_ensemble"]
+    name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
+    members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The row label of this combiner in tables and plots."""
+        if self.name:
+            return self.name
+        main = {"merge": "method", "ensemble": "pooling", "route": "router", "pe_ensemble": "kind"}[self.backend]
+        value = self.options.get(main)
+        return f"{self.backend} {value}" if value is not None else self.backend
+
+
+class HarnessSection(_Strict):
+    """Which splits and how many examples the comparison uses."""
+
+    validation_size: int = Field(200, ge=1, description="examples carved from train for validation")
+    validation_per_task: int = Field(100, ge=1, description="validation examples each combiner fits on")
+    max_test: int | None = Field(None, ge=1, description="dev examples per task (default: all)")
+    baselines: list[Literal["zero_shot", "oracle"]] = Field(default_factory=lambda: list(BASELINES))
+
+
+class PushEntry(_Strict):
+    """Push one saved predictor (a merged adapter) to the Hub."""
+
+    predictor: str
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    private: bool = True
+    endpoint: str | None = None
+
+
+class OutputsSection(_Strict):
+    """What is kept besides the results: saved predictors, Hub pushes, plots."""
+
+    save: list[str] = Field(default_factory=list, description="predictor labels saved under OUT/predictors")
+    push: list[PushEntry] = Field(default_factory=list)
+    plots: bool = True
+
+
+class Recipe(_Strict):
+    """A whole recipe file."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    base: str | None = Field(None, description="Hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
+    tasks: dict[str, TaskEntry] = Field(min_length=1)
+    experts: ExpertsSection = Field(default_factory=ExpertsSection)
+    combiners: list[CombinerEntry] = Field(default_factory=list)
+    harness: HarnessSection = Field(default_factory=HarnessSection)
+    outputs: OutputsSection = Field(default_factory=OutputsSection)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, TaskEntry]) -> dict[str, TaskEntry]:
+        unknown = sorted(set(value) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; expected names from {sorted(TASKS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _labels(self) -> Recipe:
+        labels = [c.label for c in self.combiners]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"combiner labels {twice} appear twice; give each a distinct 'name'")
+        known = set(labels) | {"oracle"}
+        for wanted in [*self.outputs.save, *(p.predictor for p in self.outputs.push)]:
+            if wanted not in known:
+                raise ValueError(f"outputs: predictor {wanted!r} is not a combiner of this recipe; expected one "
+                                 f"of {sorted(known)}")
+        return self
+
+    def train_config(self, task: str, seed: int) -> TrainConfig:
+        """The training configuration of ``task``'s expert with ``seed``."""
+        entry, ex = self.tasks[task], self.experts
+        fields: dict[str, Any] = {**ex.train, "method": ex.method, "rank": ex.rank, "seed": seed,
+                                  "epochs": entry.epochs or ex.epochs, "validation_size": self.harness.validation_size,
+                                  "max_train_examples": entry.max_train or ex.max_train}
+        if entry.balance_classes is not None:
+            fields["balance_classes"] = entry.balance_classes
+        return TrainConfig(**fields)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (no model, data or weight is touched).
+
+    Args:
+        path: a ``.yaml`` file.
+
+    Returns:
+        The validated :class:`Recipe` (combiner options are checked by
+        :func:`adapterfuse.recipe.checks.check_recipe`).
+
+    Raises:
+        ConfigError: a missing or unparsable file, or the first invalid key or value, named by its path
+            in the file (e.g. ``combiners.2.backend``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path}: no such file; expected a YAML recipe (see recipes/README.md)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Recipe(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "".join(f"{x}: " if i == len(err["loc"]) - 1 else f"{x}." for i, x in enumerate(err["loc"]))
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"recipe {path}: {where}{err['msg'].removeprefix('Value error, ')}{got}") from None

@@ -1,0 +1,185 @@
+"""Recipes: validation before anything loads, resume after an interruption, results as measured."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import adapterfuse.base
+import adapterfuse.train
+from adapterfuse import cli
+from adapterfuse.errors import CompatibilityError, ConfigError
+from adapterfuse.harness import evaluate
+from adapterfuse.library import ExpertLibrary
+from adapterfuse.merge.api import MergeCombiner
+from adapterfuse.recipe import load_recipe, plan, run_recipe
+from adapterfuse.recipe.checks import check_expert_headers
+from adapterfuse.recipe.report import pareto_front
+from adapterfuse.recipe.runner import DATA_SEED
+from adapterfuse.tasks.glue import TaskData, load_task
+
+TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
+
+
+def _recipe(tmp_path: Path, **changes) -> Path:
+    raw = {
+        "name": "tiny",
+        "tasks": {"sst2": {}, "rte": {"max_train": 16}},
+        "experts": {"rank": 4, "max_train": 24, "epochs": 1.0, "train": TINY_TRAIN},
+        "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 12},
+        "combiners": [{"backend": "merge", "options": {"method": "uniform"}},
+                      {"backend": "ensemble", "name": "ens", "options": {"pooling": "log_linear"}},
+                      {"backend": "route", "name": "arrow", "options": {"router": "arrow", "top_k": 1}},
+                      {"backend": "pe_ensemble", "name": "be", "options": {"kind": "batchensemble", "members": 2}}],
+        "outputs": {"save": ["merge uniform"], "plots": True},
+    }
+    if "combiners" in changes:
+        raw["outputs"] = {}
+    raw.update(changes)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Fail the test if anything loads a base model or trains."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded during validation")
+    monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
+    monkeypatch.setattr(adapterfuse.train, "train_expert", refuse)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"expertz": {}}, "expertz: Extra inputs are not permitted"),
+    ({"tasks": {"sst-2": {}}}, "unknown task(s) ['sst-2']"),
+    ({"harness": {"max_tset": 3}}, "harness.max_tset"),
+    ({"combiners": [{"backend": "merg"}]}, "combiners.0.backend"),
+    ({"experts": {"train": {"learning_rate": 1}}}, "learning_rate"),
+    ({"outputs": {"save": ["nothing"]}}, "predictor 'nothing' is not a combiner"),
+])
+def test_bad_recipe_keys_fail_on_load(tmp_path, no_loading, changes, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(_recipe(tmp_path, **changes))
+    assert message in str(e.value)
+    assert "tiny.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("combiner, message", [
+    ({"backend": "merge", "options": {"method": "tie"}}, "unknown merge method 'tie'"),
+    ({"backend": "merge", "options": {"method": "ties", "density": 0}}, "density"),
+    ({"backend": "merge", "options": {"method": "uniform", "weights": [1, 2, 3]}}, "got 3 weights for 2 experts"),
+    ({"backend": "ensemble", "options": {"poolin": "linear"}}, "unknown option(s) ['poolin']"),
+    ({"backend": "ensemble", "options": {"pooling": "geometric"}}, "pooling 'geometric'"),
+    ({"backend": "route", "options": {"router": "arow"}}, "router 'arow'"),
+    ({"backend": "route", "options": {"top_k": 3}}, "top_k"),
+    ({"backend": "ensemble", "members": ["cola-lora-r4-s0"]}, "members ['cola-lora-r4-s0'] are not experts"),
+    ({"backend": "pe_ensemble", "options": {"kind": "mimo", "be_jitter": 0.1}}, "another kind"),
+])
+def test_bad_combiner_fails_in_dry_run_before_loading(tmp_path, no_loading, capsys, combiner, message):
+    path = _recipe(tmp_path, combiners=[combiner])
+    with pytest.raises(ConfigError) as e:
+        plan(load_recipe(path), tmp_path / "out")
+    assert message in str(e.value)
+    assert cli.main(["run", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adapterfuse run: error:") and "\n" not in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_loading, capsys):
+    path = _recipe(tmp_path)
+    assert cli.main(["run", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "expert sst2-lora-r4-s0: train (24 examples" in out and "expert rte-lora-r4-s0: train (16 examples" in out
+    assert "predictor ens: fit and evaluate" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_dir, tiny_base, monkeypatch):
+    recipe = load_recipe(_recipe(tmp_path))
+    out = tmp_path / "out"
+    real_train = adapterfuse.train.train_expert
+    trained: list[str] = []
+
+    def counting_train(base, task, config, **kwargs):
+        trained.append(task)
+        return real_train(base, task, config, **kwargs)
+
+    monkeypatch.setattr(adapterfuse.train, "train_expert", counting_train)
+
+    def interrupt(line: str) -> None:  # stop the first run right after its first predictor is measured
+        if line.startswith("predictor base zero-shot"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, out, base=tiny_base, log=interrupt)
+    assert trained == ["sst2", "rte"]
+    assert not (out / "results.json").exists()
+
+    lines: list[str] = []
+    summary = run_recipe(recipe, out, base=tiny_base, log=lines.append)
+    assert trained == ["sst2", "rte"], "finished experts must be reused, not retrained"
+    assert "expert sst2-lora-r4-s0: reused" in lines and any("base zero-shot: reused result" in x for x in lines)
+    names = [r["predictor"] for r in summary["results"]]
+    assert names == ["base zero-shot", "oracle", "merge uniform", "ens", "arrow", "be"]
+    assert summary["results"][-1]["cost"]["forward_passes"] == 2  # K=2 members, one per task
+    assert len(list((out / "pe").iterdir())) == 2
+
+    # The written numbers are the harness's: recompute the merge on the same data and compare.
+    written = json.loads((out / "results.json").read_text())["results"]
+    library = ExpertLibrary.load(sorted((out / "experts").iterdir()), tiny_base.fingerprint)
+    data = [load_task(t, 8, DATA_SEED, cap, 12) for t, cap in (("sst2", 24), ("rte", 16))]
+    validation = {d.task.name: TaskData(d.task, [], d.validation[:8], []) for d in data}
+    again = evaluate(MergeCombiner(tiny_base, method="uniform").fit(library, validation), data)
+    mine = next(r for r in written if r["predictor"] == "merge uniform")
+    for task in ("sst2", "rte"):
+        assert mine["tasks"][task]["score"] == pytest.approx(again["tasks"][task]["score"], abs=1e-9)
+    assert mine["average"] == pytest.approx(again["average"], abs=1e-9)
+    md = (out / "results.md").read_text()
+    assert f"{mine['average']:.3f}" in md and ("| ens |" in md or "| **ens** |" in md)
+    for png in ("accuracy_vs_cost.png", "scores_heatmap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "predictors" / "merge_uniform" / "adapter_model.safetensors").is_file()
+
+    # A third run measures nothing again; a changed combiner is re-measured alone.
+    lines.clear()
+    run_recipe(recipe, out, base=tiny_base, log=lines.append)
+    assert sum("reused result" in x for x in lines) == 6
+    changed = load_recipe(_recipe(tmp_path, combiners=[{"backend": "merge", "options": {"method": "task_arithmetic",
+                                                                                        "lam": 0.5}}]))
+    lines.clear()
+    run_recipe(changed, out, base=tiny_base, log=lines.append)
+    assert [x for x in lines if "reused result" not in x and x.startswith("predictor")] == \
+        [x for x in lines if x.startswith("predictor merge task_arithmetic")]
+
+
+def test_a_reused_expert_trained_differently_is_refused(tmp_path, glue_dir, tiny_base):
+    out = tmp_path / "out"
+    run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), out, base=tiny_base, log=lambda _: None)
+    other = _recipe(tmp_path, experts={"rank": 4, "max_train": 24, "epochs": 2.0, "train": TINY_TRAIN},
+                    combiners=[], outputs={})
+    with pytest.raises(ConfigError, match=r"sst2-lora-r4-s0.*epochs=1.0, the recipe asks epochs=2.0"):
+        run_recipe(load_recipe(other), out, base=tiny_base, log=lambda _: None)
+
+
+def test_headers_tell_experts_of_different_bases_apart(tmp_path, glue_dir, tiny_base):
+    out = tmp_path / "out"
+    run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), out, base=tiny_base, log=lambda _: None)
+    a, b = sorted((out / "experts").iterdir())
+    copy = tmp_path / "copy"
+    shutil.copytree(b, copy)
+    meta = json.loads((copy / "adapterfuse.json").read_text())
+    meta["base"]["fingerprint"] = "sha256:" + "0" * 64
+    (copy / "adapterfuse.json").write_text(json.dumps(meta))
+    assert len(check_expert_headers([a, b])) == 2
+    with pytest.raises(CompatibilityError, match="trained on different bases"):
+        check_expert_headers([a, copy])
+
+
+def test_pareto_front_keeps_points_nothing_beats():
+    points = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (5.0, 0.7), (9.0, 0.9), (0.5, 0.1)]
+    assert pareto_front(points) == [5, 0, 2, 4]
