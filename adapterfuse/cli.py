@@ -56,6 +56,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
     train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
+    train.add_argument("--snapshots", type=positive_int, default=1,
+                       help="save N adapters along one run (cyclic cosine LR; --out/snapshot-1..N)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train.add_argument("--ensemble", default=None, choices=["batchensemble", "mimo", "camero", "swag"],
                        help="train a parameter-efficient ensemble of --members members instead of one expert")
@@ -98,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          max_eval_examples=args.max_eval_examples, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, balance_classes=args.balance_classes,
                          autocast=not args.no_autocast, validation_size=args.validation_size,
-                         adalora_init_r=max(12, args.rank))
+                         adalora_init_r=max(12, args.rank), snapshots=args.snapshots)
     if args.ensemble:
         from adapterfuse.pe_ensemble.options import check_kind
 
@@ -118,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           "train_wall_s": ens.manifest["training"]["train_wall_s"]}, indent=2))
         return 0
     expert = train_expert(base, task, config, out=args.out, overwrite=args.overwrite)
-    print(json.dumps({"expert": str(args.out), "scores": expert.meta["scores"],
+    print(json.dumps({"expert": str(expert.path), "scores": expert.meta["scores"],
                       "train_wall_s": expert.meta["training"]["train_wall_s"]}, indent=2))
     return 0
 

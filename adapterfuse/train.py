@@ -144,6 +144,16 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
 
 
+def cyclic_schedule(optimizer: torch.optim.Optimizer, cycle: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing from the full rate to 0 within each ``cycle`` steps, then a restart.
+
+    Huang et al., "Snapshot Ensembles: Train 1, get M for free" (https://arxiv.org/abs/1704.00109): the
+    adapter at the end of each cycle is one member.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * (s % cycle) / cycle)))
+
+
 class _Checkpoint:
     """The partial-run folder: what would be resumed, and the refusal when the run changed."""
 
@@ -209,9 +219,12 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         progress: show a progress bar with the loss.
 
     Returns:
-        The trained :class:`Expert`, with validation and test scores in its metadata.
+        The trained :class:`Expert`, with validation and test scores in its metadata. With
+        ``config.snapshots = N > 1``, ``out`` holds ``snapshot-1 … snapshot-N`` (one expert folder each,
+        taken at the end of each cosine cycle) and the last snapshot is returned.
 
     Raises:
+        ConfigError: more snapshots than training steps.
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
         ResumeError: a partial checkpoint exists that was made with another config, base or data.
     """
@@ -242,12 +255,16 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     scorer = LabelScorer(peft_model, labels)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(len(schedule) * config.warmup_ratio)
-    scheduler = linear_schedule(optimizer, len(schedule), warmup)
+    cycle = math.ceil(len(schedule) / config.snapshots)
+    if config.snapshots > len(schedule):
+        raise ConfigError(f"snapshots {config.snapshots}: more than the {len(schedule)} training steps; use at most "
+                          f"{len(schedule)} or train on more examples/epochs")
+    scheduler = (linear_schedule(optimizer, len(schedule), int(len(schedule) * config.warmup_ratio))
+                 if config.snapshots == 1 else cyclic_schedule(optimizer, cycle))
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     weights = class_weights(spec, train, config.balance_classes)
 
-    start, prior_wall, tokens_before = 0, 0.0, 0
+    start, prior_wall, tokens_before, snapshots = 0, 0.0, 0, []
     state = ckpt.load()
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     if state is not None:
@@ -260,6 +277,7 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         _restore_allocator(peft_model, state.get("allocator", {}))
         start = state["step"]
         prior_wall, tokens_before = state.get("wall_s", 0.0), state.get("tokens", 0)
+        snapshots = state.get("snapshots", [])
 
     t0, tokens = time.perf_counter(), tokens_before  # wall time and tokens add up across resumes
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -283,11 +301,14 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
+        if config.snapshots > 1 and (done % cycle == 0 or done == len(schedule)):
+            snapshots.append({n: p.detach().clone() for n, p in trainable.items()})
         if accelerator.is_main_process and (done % config.checkpoint_every == 0) and done < len(schedule):
             ckpt.save({"step": done, "adapter": {n: p.detach().clone() for n, p in trainable.items()},
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "rng": torch.get_rng_state(), "allocator": _allocator_state(peft_model),
-                       "wall_s": prior_wall + time.perf_counter() - t0, "tokens": tokens})
+                       "wall_s": prior_wall + time.perf_counter() - t0, "tokens": tokens,
+                       "snapshots": snapshots})
         if callback is not None:
             callback(done, loss.item())
     train_wall = prior_wall + time.perf_counter() - t0
@@ -295,15 +316,37 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
         run = {"train_examples": len(train), "steps": len(schedule), "resumed_from_step": start,
                "train_wall_s": round(train_wall, 2), "train_tokens_per_s": round(tokens / max(train_wall, 1e-9), 1)}
-        expert = _evaluate_and_save(peft_model, base, spec, data, config, run, out, overwrite)
+        if config.snapshots == 1:
+            with atomic_dir(out, overwrite) as tmp:
+                expert = _evaluate_into(peft_model, base, spec, data, config, run, tmp, out.name)
+        else:
+            expert = _save_snapshots(peft_model, trainable, snapshots, base, spec, data, config, run, out, overwrite)
+        expert.path = out / expert.name if config.snapshots > 1 else out
         ckpt.clear()
     accelerator.wait_for_everyone()
-    return expert if accelerator.is_main_process else Expert.load(out)
+    if accelerator.is_main_process:
+        return expert
+    return Expert.load(out / f"snapshot-{config.snapshots}" if config.snapshots > 1 else out)
 
 
-def _evaluate_and_save(peft_model: nn.Module, base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig,
-                       run: dict[str, Any], out: Path, overwrite: bool) -> Expert:
-    """Score the trained adapter on validation and test, then write the expert folder atomically."""
+def _save_snapshots(peft_model: nn.Module, trainable: dict[str, nn.Parameter], snapshots: list[dict[str, Any]],
+                    base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig, run: dict[str, Any],
+                    out: Path, overwrite: bool) -> Expert:
+    """Write ``out/snapshot-1 … snapshot-N``, each a scored expert folder, in one atomic rename."""
+    with atomic_dir(out, overwrite) as tmp:
+        for i, snapshot in enumerate(snapshots, start=1):
+            with torch.no_grad():
+                for name, tensor in snapshot.items():
+                    trainable[name].copy_(tensor)
+            (tmp / f"snapshot-{i}").mkdir()
+            expert = _evaluate_into(peft_model, base, spec, data, config, {**run, "snapshot": i},
+                                    tmp / f"snapshot-{i}", f"snapshot-{i}")
+    return expert  # the last snapshot: the run's final adapter
+
+
+def _evaluate_into(peft_model: nn.Module, base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig,
+                   run: dict[str, Any], tmp: Path, name: str) -> Expert:
+    """Score the trained adapter on validation and test, then write the expert files into ``tmp``."""
     from adapterfuse.harness import score_examples
 
     peft_model.eval()
@@ -319,12 +362,10 @@ def _evaluate_and_save(peft_model: nn.Module, base: BaseModel, spec: TaskSpec, d
             "scores": scores, "versions": versions()}
     # Name the base by its spec (a Hub id for the default), not the local cache folder it was read from.
     peft_model.peft_config["default"].base_model_name_or_path = base.spec
-    with atomic_dir(out, overwrite) as tmp:
-        peft_model.save_pretrained(tmp)
-        expert = Expert.load(tmp, name=out.name)
-        expert.meta = meta
-        if config.method == "adalora":
-            expert.meta["adalora_ranks"] = {m: d.rank for m, d in expert.deltas.items()}
-        expert.write_into(tmp)
-    expert.path = out
+    peft_model.save_pretrained(tmp)
+    expert = Expert.load(tmp, name=name)
+    expert.meta = meta
+    if config.method == "adalora":
+        expert.meta["adalora_ranks"] = {m: d.rank for m, d in expert.deltas.items()}
+    expert.write_into(tmp)
     return expert

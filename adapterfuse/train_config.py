@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     balance_classes: bool = Field(False, description="weight the loss by inverse class frequency")
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
+    snapshots: int = Field(1, ge=1, le=64, description="save this many adapters along one run, each at the end of "
+                           "a cosine learning-rate cycle (snapshot ensembles); 1: one expert, linear schedule")
     eval_batch_size: int = Field(32, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     adalora_init_r: int = Field(12, ge=1, description="AdaLoRA's initial rank per module")
@@ -52,6 +54,8 @@ class TrainConfig(BaseModel):
                                  "from init_r down to rank, so init_r must be at least rank")
             if self.adalora_tinit_ratio + self.adalora_tfinal_ratio >= 1:
                 raise ValueError("adalora_tinit_ratio + adalora_tfinal_ratio must be < 1 to leave steps for pruning")
+        if self.snapshots > 1 and self.method == "adalora":
+            raise ValueError("snapshots > 1 needs method 'lora': AdaLoRA's rank budget follows one schedule")
         if not self.target_modules:
             raise ValueError("target_modules: expected at least one module name")
         return self

@@ -93,3 +93,52 @@ def test_regression_loss_targets_the_two_nearest_digits():
     logits = torch.log(torch.tensor([[0.05, 0.05, 0.3, 0.5, 0.05, 0.05]]))
     expected = -(0.6 * torch.log(torch.tensor(0.3)) + 0.4 * torch.log(torch.tensor(0.5)))
     torch.testing.assert_close(task_loss(task, logits, [2.4]), expected)
+
+
+def test_snapshots_are_taken_at_each_cycle_end_and_survive_a_resume(tiny_base, tmp_path):
+    config = tiny_config(snapshots=3)  # 48 examples / batch 4 = 12 steps: cycles of 4
+    data = tiny_data(tmp_path / "glue", config=config)
+    straight = train_expert(tiny_base, "sst2", config, out=tmp_path / "s", data=data, progress=False)
+    folders = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert folders == ["snapshot-1", "snapshot-2", "snapshot-3"]
+    assert straight.path == tmp_path / "s" / "snapshot-3"
+    from adapterfuse.expert import Expert
+    snaps = [Expert.load(tmp_path / "s" / f) for f in folders]
+    assert not state_equal(snaps[0].state_dict, snaps[1].state_dict)
+    assert state_equal(snaps[2].state_dict, straight.state_dict)
+    assert [s.meta["training"]["snapshot"] for s in snaps] == [1, 2, 3]
+    assert all("accuracy" in s.meta["scores"]["test"] for s in snaps)
+
+    with pytest.raises(Interrupt):  # interrupted after the first snapshot, resumed from step 8
+        train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False,
+                     callback=_stop_at(10))
+    train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False)
+    for f in folders:
+        assert (tmp_path / "s" / f / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "r" / f / "adapter_model.safetensors").read_bytes()
+
+
+def test_cyclic_schedule_restarts_at_each_cycle():
+    from adapterfuse.train import cyclic_schedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cyclic_schedule(opt, 4)
+    rates = []
+    for _ in range(8):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == rates[4] == 1.0
+    assert rates[0] > rates[1] > rates[2] > rates[3] > 0
+    assert rates[2] == pytest.approx(0.5)
+
+
+def test_snapshots_need_lora_and_enough_steps(tiny_base, tmp_path):
+    from pydantic import ValidationError
+
+    from adapterfuse.errors import ConfigError
+    with pytest.raises(ValidationError, match="snapshots > 1 needs method 'lora'"):
+        tiny_config(method="adalora", snapshots=2, adalora_init_r=6)
+    data = tiny_data(tmp_path / "glue")
+    with pytest.raises(ConfigError, match="snapshots 20: more than the 12 training steps"):
+        train_expert(tiny_base, "sst2", tiny_config(snapshots=20), out=tmp_path / "x", data=data, progress=False)
+    assert not (tmp_path / "x").exists()
