@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapterfuse import fsutil
 from adapterfuse.backends import Cost
 from adapterfuse.base import BaseModel
 from adapterfuse.ensemble.batched import BatchedEnsemble
 from adapterfuse.ensemble.pooling import check_pooling, check_temperature, check_weights, pool
 from adapterfuse.ensemble.weights import uniform_weights
-from adapterfuse.errors import ConfigError, ExpertError
+from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.fsutil import atomic_dir, write_json
 from adapterfuse.harness import adapter_params
@@ -25,7 +24,6 @@ from adapterfuse.tasks.glue import Example, TaskSpec
 
 MANIFEST = "ensemble.json"
 FORMAT_VERSION = 1
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def check_member_list(experts: Sequence[Expert]) -> list[Expert]:
@@ -172,31 +170,13 @@ def _member_folders(names: Sequence[str]) -> list[str]:
     """A folder name per member: its own name when that is a safe single path part, else ``member-i``."""
     out = []
     for i, name in enumerate(names):
-        folder = name if _SAFE_NAME.fullmatch(name) and name != MANIFEST else f"member-{i}"
+        folder = name if fsutil.SAFE_FOLDER.fullmatch(name) and name != MANIFEST else f"member-{i}"
         out.append(folder if folder not in out else f"member-{i}")
     return out
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     """Read and check ``ensemble.json``."""
-    file = folder / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ExpertError(f"ensemble {folder}: no {MANIFEST}; expected a folder saved by EnsemblePredictor.save"
-                          ) from None
-    except json.JSONDecodeError as e:
-        raise ExpertError(f"ensemble {folder}: {MANIFEST} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != "ensemble":
-        raise ExpertError(f"ensemble {folder}: {MANIFEST} is not an ensemble manifest (kind "
-                          f"{manifest.get('kind') if isinstance(manifest, dict) else None!r}, expected 'ensemble')")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExpertError(f"ensemble {folder}: format_version {manifest.get('format_version')!r}, expected "
-                          f"{FORMAT_VERSION}; re-save it with this version of adapterfuse")
-    missing = [k for k in ("members", "pooling", "weights", "temperature") if k not in manifest]
-    if missing:
-        raise ExpertError(f"ensemble {folder}: {MANIFEST} lacks {missing}; the file is incomplete")
-    for m in manifest["members"]:
-        if not isinstance(m, dict) or not _SAFE_NAME.fullmatch(str(m.get("folder", ""))):
-            raise ExpertError(f"ensemble {folder}: member entry {m!r} needs a 'name' and a plain 'folder' name")
-    return manifest
+    return fsutil.read_manifest(folder, MANIFEST, "ensemble", FORMAT_VERSION,
+                                ("members", "pooling", "weights", "temperature"), "EnsemblePredictor.save",
+                                members="members")

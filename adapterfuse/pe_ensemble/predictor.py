@@ -10,7 +10,6 @@ batched pass, linear or log-linear pooling) and can be merged back into one adap
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterfuse import fsutil
 from adapterfuse.backends import Cost
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, peft_from_deltas
@@ -159,18 +159,8 @@ class PEEnsemble:
             ExpertError: a missing folder, manifest or weights file, or a manifest of another kind/version.
         """
         folder = Path(path)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise ExpertError(f"pe ensemble {folder}: no {MANIFEST}; expected a folder saved by "
-                              "train_pe_ensemble") from None
-        except json.JSONDecodeError as e:
-            raise ExpertError(f"pe ensemble {folder}: {MANIFEST} is not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("kind") != "pe_ensemble":
-            raise ExpertError(f"pe ensemble {folder}: {MANIFEST} is not a pe_ensemble manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ExpertError(f"pe ensemble {folder}: format_version {manifest.get('format_version')!r}, expected "
-                              f"{FORMAT_VERSION}")
+        manifest = fsutil.read_manifest(folder, MANIFEST, "pe_ensemble", FORMAT_VERSION,
+                                        saved_by="train_pe_ensemble")
         if not (folder / WEIGHTS).is_file():
             raise ExpertError(f"pe ensemble {folder}: {WEIGHTS} not found; the folder is incomplete")
         return cls(manifest, load_file(str(folder / WEIGHTS)), folder)

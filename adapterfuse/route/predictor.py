@@ -17,8 +17,6 @@ group, so a routing costs one model copy per distinct choice (the base weights a
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterfuse import fsutil
 from adapterfuse.backends import Cost
 from adapterfuse.base import BaseModel
 from adapterfuse.ensemble.batched import BatchedEnsemble
 from adapterfuse.ensemble.predictor import check_members
-from adapterfuse.errors import ConfigError, ExpertError
+from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.fsutil import atomic_dir, write_json
 from adapterfuse.harness import adapter_params
@@ -45,7 +44,6 @@ from adapterfuse.tasks.glue import Example, TaskSpec
 MANIFEST, TENSORS, EXPERTS = "route.json", "router.safetensors", "experts"
 FORMAT_VERSION = 1
 THEN = ("ensemble", "merge")
-_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MAX_CACHED = 64
 
 
@@ -303,7 +301,7 @@ def _folders(names: Sequence[str]) -> list[str]:
     """A folder per expert: its name when that is a safe single path part, else ``expert-i``."""
     out: list[str] = []
     for i, name in enumerate(names):
-        folder = name if _SAFE.fullmatch(name) else f"expert-{i}"
+        folder = name if fsutil.SAFE_FOLDER.fullmatch(name) else f"expert-{i}"
         out.append(folder if folder not in out else f"expert-{i}")
     return out
 
@@ -314,22 +312,5 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     Raises:
         ExpertError: missing, not JSON, not a route manifest, another format version, or incomplete.
     """
-    file = folder / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ExpertError(f"route {folder}: no {MANIFEST}; expected a folder saved by RoutePredictor.save") from None
-    except json.JSONDecodeError as e:
-        raise ExpertError(f"route {folder}: {MANIFEST} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != "route":
-        raise ExpertError(f"route {folder}: {MANIFEST} is not a route manifest (expected kind 'route')")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExpertError(f"route {folder}: format_version {manifest.get('format_version')!r}, expected "
-                          f"{FORMAT_VERSION}; re-save it with this version of adapterfuse")
-    missing = [k for k in ("experts", "router") if k not in manifest]
-    if missing:
-        raise ExpertError(f"route {folder}: {MANIFEST} lacks {missing}; the file is incomplete")
-    for m in manifest["experts"]:
-        if not isinstance(m, dict) or not _SAFE.fullmatch(str(m.get("folder", ""))):
-            raise ExpertError(f"route {folder}: expert entry {m!r} needs a 'name' and a plain 'folder' name")
-    return manifest
+    return fsutil.read_manifest(folder, MANIFEST, "route", FORMAT_VERSION, ("experts", "router"),
+                                "RoutePredictor.save", members="experts")
