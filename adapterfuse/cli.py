@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -149,6 +150,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# Warnings libraries raise on every adapter load that say nothing a user can act on.
+_LIBRARY_NOISE = (r"The PEFT config's `base_model_name_or_path` was renamed",
+                  r"`is_gradient_checkpointing` is deprecated",
+                  r"Unable to fetch remote file due to the following error",
+                  r"Could not find a config file in")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adapterfuse`` console script.
 
@@ -156,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 ok, 1 an adapterfuse error, 2 bad arguments.
     """
     args = _build_parser().parse_args(argv)
+    for noise in _LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=noise)
     try:
         return args.handler(args)
     except (AdapterFuseError, ValidationError) as e:
