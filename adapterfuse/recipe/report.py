@@ -12,6 +12,8 @@ from typing import Any
 
 from adapterfuse.tasks.glue import get_task
 
+REFERENCES = ("base zero-shot", "oracle")
+
 
 def ms_per_input(result: dict[str, Any]) -> float:
     """Measured wall milliseconds per evaluated input."""
@@ -59,16 +61,24 @@ def _plot_cost(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     points = [(ms_per_input(r), r["average"]) for r in results]
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
+    ref = [r["predictor"] in REFERENCES for r in results]  # baselines drawn apart from the backends
+    for is_ref, style in ((False, dict(color="tab:blue", marker="o", label="backends")),
+                          (True, dict(color="grey", marker="s", label="base zero-shot / oracle"))):
+        xs = [p for p, flag in zip(points, ref, strict=True) if flag == is_ref]
+        ax.scatter([p[0] for p in xs], [p[1] for p in xs], zorder=3, **style)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", lw=1.5, ls="--",
             marker="o", zorder=2, label="Pareto front")
     for (x, y), r in zip(points, results, strict=True):
         ax.annotate(r["predictor"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("measured cost: ms per input (log scale)")
     ax.set_ylabel("average dev score")
     ax.set_title(title)
