@@ -183,3 +183,28 @@ def test_headers_tell_experts_of_different_bases_apart(tmp_path, glue_dir, tiny_
 def test_pareto_front_keeps_points_nothing_beats():
     points = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (5.0, 0.7), (9.0, 0.9), (0.5, 0.1)]
     assert pareto_front(points) == [5, 0, 2, 4]
+
+
+def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_base, monkeypatch):
+    from tests.fake_hub_server import FakeHub
+
+    run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), tmp_path / "train", base=tiny_base,
+               log=lambda _: None)
+    experts = [str(p) for p in sorted((tmp_path / "train" / "experts").iterdir())]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_recipeTOKEN")
+    with FakeHub(require_token="hf_recipeTOKEN") as hub:
+        path = _recipe(tmp_path, experts={"paths": experts}, harness={"validation_size": 8, "max_test": 12,
+                                                                      "baselines": ["oracle"]},
+                       combiners=[{"backend": "merge", "name": "ties", "options": {"method": "ties", "lam": 1.0}}],
+                       outputs={"save": ["ties"], "push": [{"predictor": "ties", "repo_id": "alice/ties",
+                                                            "endpoint": hub.endpoint}]})
+        lines: list[str] = []
+        summary = run_recipe(load_recipe(path), tmp_path / "push", base=tiny_base, log=lines.append)
+        pushed = hub.files("alice/ties")
+    saved = tmp_path / "push" / "predictors" / "ties"
+    assert pushed["adapter_model.safetensors"] == (saved / "adapter_model.safetensors").read_bytes()
+    assert any(line.startswith("pushed ties to alice/ties") for line in lines)
+    assert [r["predictor"] for r in summary["results"]] == ["oracle", "ties"]
+    assert not (tmp_path / "push" / "experts").exists()  # given experts are used in place, none trained
