@@ -275,3 +275,17 @@ def test_validation_happens_before_any_maths(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(CompatibilityError):
         merge_deltas(experts, "ties")
     assert calls == []
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("lam", [0.25, 1.5])
+def test_scaling_a_merge_equals_merging_at_that_lambda(method, lam):
+    # The λ search merges once and scales; that must be the merge at λ, truncation error included.
+    extra = {} if method == "task_arithmetic" else {"density": 0.5, "rank": 3, "exact_svd": True}
+    direct = merge_deltas(_experts(), method, lam=lam, **extra)
+    scaled = merge_deltas(_experts(), method, **extra).scaled(lam)
+    assert scaled.params.lam == pytest.approx(lam)
+    for m in MODULES:
+        ref = direct.deltas[m].dense(torch.float64)
+        assert _max_diff(scaled.deltas[m], ref) <= 1e-5 * float(ref.abs().max())
+        assert scaled.per_module_error[m] == pytest.approx(direct.per_module_error[m], rel=1e-4, abs=1e-7)

@@ -197,6 +197,17 @@ class MergeResult:
     overall_error: float
     coverage: dict[str, list[int]]
 
+    def scaled(self, lam: float) -> MergeResult:
+        """The same merge with λ multiplied by ``lam``, without merging again.
+
+        Every λ method applies λ as one scalar on the merged ΔW before the rank truncation, and the
+        truncation of λ·M is λ times the truncation of M with the same relative error. So scaling the
+        B factors is the merge at λ·``self.lam``, exactly in exact arithmetic.
+        """
+        params = self.params.model_copy(update={"lam": self.params.lam * lam})
+        deltas = {m: LowRank(d.A, d.B * lam) for m, d in self.deltas.items()}
+        return MergeResult(self.method, params, deltas, self.per_module_error, self.overall_error, self.coverage)
+
 
 def pooled_error(parts: list[Truncation]) -> float:
     """The relative Frobenius error of several modules taken as one long vector.

@@ -155,8 +155,9 @@ def search_lambda(merge_at: Callable[[float], MergeResult], to_files: Callable[[
     """
     scores: list[float] = []
     results: list[MergeResult] = []
+    unit = merge_at(1.0)  # one merge; λ only scales it (see MergeResult.scaled)
     for lam in grid:
-        result = merge_at(lam)
+        result = unit.scaled(lam)
         state, config = to_files(result)
         scores.append(host.score(state, config, validation, name=f"lambda={lam:g}"))
         results.append(result)
