@@ -169,13 +169,3 @@ def test_stack_factors_rejects_empty_and_mismatched_shapes() -> None:
     bad = [(1.0, LowRank(_randn(2, 12), _randn(16, 2))), (1.0, LowRank(_randn(2, 10), _randn(16, 2)))]
     with pytest.raises(CompatibilityError, match=r"item 1 has ΔW shape \(16, 10\), expected \(16, 12\)"):
         stack_factors(bad)
-
-
-@pytest.mark.parametrize("n, k", [(40_000, 1), (40_000, 32_000), (100_000, 80_000), (100_000, 100_000),
-                                  (50_000, 25_000)])
-def test_kth_smallest_equals_kthvalue(n, k):
-    from adapterfuse.merge.functional import kth_smallest
-    g = torch.Generator().manual_seed(n + k)
-    for values in (torch.randn(n, generator=g).abs(), torch.randint(0, 7, (n,), generator=g).float(),
-                   torch.zeros(n)):
-        assert torch.equal(kth_smallest(values, k), values.kthvalue(k).values)

@@ -40,28 +40,6 @@ def kept_count(numel: int, density: float) -> int:
     return min(numel, max(1, math.floor(density * numel + 0.5)))
 
 
-def kth_smallest(values: torch.Tensor, k: int, sample: int = 8192, margin: int = 256) -> torch.Tensor:
-    """The ``k``-th smallest of a 1-D tensor (1-based), exactly as ``values.kthvalue(k).values``, faster.
-
-    A fixed-seed sample brackets the answer between two sample order statistics; one counting pass
-    checks the bracket, and ``kthvalue`` then runs on the few entries inside it. When the bracket
-    misses (or the tensor is small) it falls back to ``kthvalue`` on everything, so the result never
-    depends on the sample, only the time does.
-    """
-    n = values.numel()
-    if n <= 4 * sample:
-        return values.kthvalue(k).values
-    gen = torch.Generator(device=values.device).manual_seed(0)
-    s = values[torch.randint(0, n, (sample,), generator=gen, device=values.device)].sort().values
-    pos = (k - 1) * sample // n
-    lo, hi = s[max(pos - margin, 0)], s[min(pos + margin, sample - 1)]
-    below = int((values < lo).sum())
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.numel():
-        return inside.kthvalue(k - below).values
-    return values.kthvalue(k).values
-
-
 def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries of largest absolute value and zero the rest (TIES "trim").
 
@@ -86,7 +64,7 @@ def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if n_keep >= flat.numel():
         return delta
     mag = flat.abs()
-    threshold = kth_smallest(mag, flat.numel() - n_keep)
+    threshold = mag.kthvalue(flat.numel() - n_keep).values
     above = mag > threshold
     tied = mag == threshold
     # At most n_keep entries lie strictly above the k-th smallest and at least n_keep at or above it,
