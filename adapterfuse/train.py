@@ -144,14 +144,32 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
 
 
-def cyclic_schedule(optimizer: torch.optim.Optimizer, cycle: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine annealing from the full rate to 0 within each ``cycle`` steps, then a restart.
+def cycle_ends(total: int, cycles: int) -> list[int]:
+    """The steps (1-based counts) at which each of ``cycles`` near-equal cycles of ``total`` steps ends.
+
+    Rounded, not a fixed ``ceil(total / cycles)`` length, so there are exactly ``cycles`` of them
+    (``cycles <= total``); the last one is ``total``.
+    """
+    return [round(i * total / cycles) for i in range(1, cycles + 1)]
+
+
+def cyclic_schedule(optimizer: torch.optim.Optimizer, ends: Sequence[int]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing from the full rate to 0 within each cycle, then a restart.
 
     Huang et al., "Snapshot Ensembles: Train 1, get M for free" (https://arxiv.org/abs/1704.00109): the
     adapter at the end of each cycle is one member.
+
+    Args:
+        optimizer: the optimizer whose rate is scaled.
+        ends: where each cycle ends (see :func:`cycle_ends`).
     """
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * (s % cycle) / cycle)))
+    starts = [0, *ends[:-1]]
+
+    def factor(step: int) -> float:
+        i = next((j for j, end in enumerate(ends) if step < end), len(ends) - 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - starts[i]) / (ends[i] - starts[i])))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class _Checkpoint:
@@ -242,6 +260,10 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     labels = label_token_ids(spec, base.tokenizer)
     encoded = encode(spec, train, base.tokenizer, config.max_length)
     schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
+    if config.snapshots > len(schedule):
+        raise ConfigError(f"snapshots {config.snapshots}: more than the {len(schedule)} training steps; use at most "
+                          f"{len(schedule)} or train on more examples/epochs")
+    ends = cycle_ends(len(schedule), config.snapshots)
     identity = {"task": spec.name, "base": base.fingerprint, "data": _fingerprint_data(train),
                 "config": config.model_dump(mode="json")}
     ckpt = _Checkpoint(out, identity)
@@ -255,12 +277,8 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     scorer = LabelScorer(peft_model, labels)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    cycle = math.ceil(len(schedule) / config.snapshots)
-    if config.snapshots > len(schedule):
-        raise ConfigError(f"snapshots {config.snapshots}: more than the {len(schedule)} training steps; use at most "
-                          f"{len(schedule)} or train on more examples/epochs")
     scheduler = (linear_schedule(optimizer, len(schedule), int(len(schedule) * config.warmup_ratio))
-                 if config.snapshots == 1 else cyclic_schedule(optimizer, cycle))
+                 if config.snapshots == 1 else cyclic_schedule(optimizer, ends))
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     weights = class_weights(spec, train, config.balance_classes)
 
@@ -301,7 +319,7 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
-        if config.snapshots > 1 and (done % cycle == 0 or done == len(schedule)):
+        if config.snapshots > 1 and done in ends:
             snapshots.append({n: p.detach().clone() for n, p in trainable.items()})
         if accelerator.is_main_process and (done % config.checkpoint_every == 0) and done < len(schedule):
             ckpt.save({"step": done, "adapter": {n: p.detach().clone() for n, p in trainable.items()},

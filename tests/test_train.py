@@ -121,7 +121,7 @@ def test_snapshots_are_taken_at_each_cycle_end_and_survive_a_resume(tiny_base, t
 def test_cyclic_schedule_restarts_at_each_cycle():
     from adapterfuse.train import cyclic_schedule
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = cyclic_schedule(opt, 4)
+    sched = cyclic_schedule(opt, [4, 8])
     rates = []
     for _ in range(8):
         rates.append(opt.param_groups[0]["lr"])
@@ -142,3 +142,17 @@ def test_snapshots_need_lora_and_enough_steps(tiny_base, tmp_path):
     with pytest.raises(ConfigError, match="snapshots 20: more than the 12 training steps"):
         train_expert(tiny_base, "sst2", tiny_config(snapshots=20), out=tmp_path / "x", data=data, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("total, cycles", [(10, 6), (12, 5), (7, 7), (100, 3), (5, 1)])
+def test_cycle_ends_give_exactly_the_snapshots_asked_for(total, cycles):
+    from adapterfuse.train import cycle_ends
+    ends = cycle_ends(total, cycles)
+    assert len(ends) == len(set(ends)) == cycles and ends[-1] == total and ends == sorted(ends) and ends[0] >= 1
+
+
+def test_uneven_cycles_still_save_every_snapshot(tiny_base, tmp_path):
+    config = tiny_config(snapshots=5)  # 12 steps: a fixed ceil(12/5)=3-step cycle would give only 4
+    data = tiny_data(tmp_path / "glue", config=config)
+    train_expert(tiny_base, "sst2", config, out=tmp_path / "s", data=data, progress=False)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [f"snapshot-{i}" for i in range(1, 6)]
