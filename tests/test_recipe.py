@@ -60,7 +60,11 @@ def no_loading(monkeypatch):
     ({"harness": {"max_tset": 3}}, "harness.max_tset"),
     ({"combiners": [{"backend": "merg"}]}, "combiners.0.backend"),
     ({"experts": {"train": {"learning_rate": 1}}}, "learning_rate"),
-    ({"outputs": {"save": ["nothing"]}}, "predictor 'nothing' is not a combiner"),
+    ({"outputs": {"save": ["nothing"]}}, "outputs.save: predictor 'nothing' is not a savable combiner"),
+    ({"outputs": {"save": ["be"]}}, "outputs.save: predictor 'be' is not a savable combiner"),
+    ({"outputs": {"push": [{"predictor": "ens", "repo_id": "a/b"}]}},
+     "outputs.push: predictor 'ens' is not a merge combiner"),
+    ({"experts": {"train": {"snapshots": 3}}}, "experts.train.snapshots: a recipe expert is one adapter"),
 ])
 def test_bad_recipe_keys_fail_on_load(tmp_path, no_loading, changes, message):
     with pytest.raises(ConfigError) as e:

@@ -24,17 +24,13 @@ _SUPPLIED = {"experts", "base", "validation", "data", "name", "allow_pickle", "t
 
 def expert_names(recipe: Recipe) -> list[str]:
     """The experts a recipe trains (``task-method-rRANK-sSEED``) or names by path (the folder name)."""
-    ex = recipe.experts
-    if ex.paths:
-        return [Path(p).name for p in ex.paths]
-    return [f"{t}-{ex.method}-r{ex.rank}-s{s}" for t in recipe.tasks for s in ex.seeds]
+    if recipe.experts.paths:
+        return [Path(p).name for p in recipe.experts.paths]
+    return [name for _, name, _ in recipe.trained_experts()]
 
 
-def _check_keys(entry: CombinerEntry, fn: Any, extra: set[str] = frozenset()) -> None:
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and not extra:
-        return  # validated by the method's own parameter model instead
-    allowed = (set(params) | extra) - _SUPPLIED
+def _check_keys(entry: CombinerEntry, fn: Any) -> None:
+    allowed = set(inspect.signature(fn).parameters) - _SUPPLIED
     unknown = sorted(set(entry.options) - allowed)
     if unknown:
         raise ConfigError(f"combiner {entry.label!r}: unknown option(s) {unknown} for backend {entry.backend!r}; "
@@ -66,7 +62,7 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
         prepare(n, **{"method": "ties", **request})
     elif entry.backend == "ensemble":
         _check_keys(entry, ensemble)
-        check_options(names[:n], opts.get("pooling", "log_linear"), opts.get("weights", "uniform"),
+        check_options(entry.members or names, opts.get("pooling", "log_linear"), opts.get("weights", "uniform"),
                       opts.get("select"), True, opts.get("temperature", 1.0), opts.get("metric", "score"))
     elif entry.backend == "route":
         _check_keys(entry, route)

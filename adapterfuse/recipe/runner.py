@@ -61,23 +61,21 @@ def plan(recipe: Recipe, out: Path) -> list[str]:
     if recipe.experts.paths:
         lines += [f"expert {p}: given" for p in recipe.experts.paths]
         finished = [Path(p) for p in recipe.experts.paths if Path(p).is_dir()]
-    else:
-        for task in recipe.tasks:
-            for seed in recipe.experts.seeds:
-                cfg = recipe.train_config(task, seed)
-                folder = expert_folder(recipe, out, f"{task}-{cfg.method}-r{cfg.rank}-s{seed}")
-                done = (folder / "adapterfuse.json").is_file()
-                finished += [folder] if done else []
-                what = "reuse" if done else "train"
-                lines.append(f"expert {folder.name}: {what} ({cfg.max_train_examples} examples, {cfg.epochs:g} "
-                             f"epoch(s), {cfg.method} r={cfg.rank})")
+    for _, name, cfg in recipe.trained_experts():
+        folder = expert_folder(recipe, out, name)
+        done = (folder / "adapterfuse.json").is_file()
+        finished += [folder] if done else []
+        lines.append(f"expert {name}: {'reuse' if done else 'train'} ({cfg.max_train_examples} examples, "
+                     f"{cfg.epochs:g} epoch(s), {cfg.method} r={cfg.rank})")
     if finished:
         check_expert_headers(finished)
         lines.append(f"experts on disk: {len(finished)} compatible (one base fingerprint, matching shapes)")
     done = _finished_results(out)
     for label in [*("base zero-shot" if b == "zero_shot" else b for b in recipe.harness.baselines),
                   *(c.label for c in recipe.combiners)]:
-        lines.append(f"predictor {label}: {'reuse result' if label in done else 'fit and evaluate'}")
+        # The run reuses a recorded result only if its settings and the experts' weights still match.
+        what = "result on disk (reused if unchanged)" if label in done else "fit and evaluate"
+        lines.append(f"predictor {label}: {what}")
     for entry in recipe.outputs.push:
         lines.append(f"push {entry.predictor} -> {entry.repo_id} ({'private' if entry.private else 'public'})")
     return lines
@@ -106,19 +104,17 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
     if recipe.experts.paths:
         return list(ExpertLibrary.load(recipe.experts.paths, base.fingerprint))
     experts = []
-    for task in recipe.tasks:
-        for seed in recipe.experts.seeds:
-            cfg = recipe.train_config(task, seed)
-            folder = expert_folder(recipe, out, f"{task}-{cfg.method}-r{cfg.rank}-s{seed}")
-            if (folder / "adapterfuse.json").is_file():
-                expert = Expert.load(folder)
-                _check_reused(expert, cfg)
-                log(f"expert {folder.name}: reused")
-            else:
-                t0 = time.perf_counter()
-                expert = train_expert(base, task, cfg, out=folder, data=data[task], progress=False)
-                log(f"expert {folder.name}: trained in {time.perf_counter() - t0:.0f} s")
-            experts.append(expert)
+    for task, name, cfg in recipe.trained_experts():
+        folder = expert_folder(recipe, out, name)
+        if (folder / "adapterfuse.json").is_file():
+            expert = Expert.load(folder)
+            _check_reused(expert, cfg)
+            log(f"expert {name}: reused")
+        else:
+            t0 = time.perf_counter()
+            expert = train_expert(base, task, cfg, out=folder, data=data[task], progress=False)
+            log(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
+        experts.append(expert)
     return experts
 
 
@@ -174,13 +170,12 @@ def _fit(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, libra
     if entry.backend == "pe_ensemble":
         return _pe_ensembles(entry, recipe, out, base, data)
     members = ExpertLibrary([library[n] for n in entry.members]) if entry.members else library
-    opts = {**entry.options, "name": entry.label}
-    if entry.backend == "merge":
-        predictor = MergeCombiner(base, **{k: v for k, v in opts.items() if k != "name"}).fit(members, validation)
+    if entry.backend == "merge":  # MergeCombiner names its predictor itself
+        predictor = MergeCombiner(base, **entry.options).fit(members, validation)
         predictor.name = entry.label
         return predictor
-    combiner = EnsembleCombiner(base, **opts) if entry.backend == "ensemble" else RouteCombiner(base, **opts)
-    return combiner.fit(members, validation)
+    combiner = EnsembleCombiner if entry.backend == "ensemble" else RouteCombiner
+    return combiner(base, **entry.options, name=entry.label).fit(members, validation)
 
 
 def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
@@ -233,7 +228,7 @@ def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
         if label in recipe.outputs.save:
             predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
         if label in {p.predictor for p in recipe.outputs.push}:
-            _push(recipe, label, predictor, base, log)
+            _push(recipe, label, predictor, log)
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(result) + "\n")
         log(f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
@@ -254,10 +249,7 @@ def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
     return summary
 
 
-def _push(recipe: Recipe, label: str, predictor: Any, base: BaseModel, log: Callable[[str], None]) -> None:
-    adapter = getattr(predictor, "adapter", None)
-    if adapter is None:
-        raise ConfigError(f"outputs.push: predictor {label!r} is not a merged adapter; only merge combiners push")
-    for entry in (p for p in recipe.outputs.push if p.predictor == label):
-        pushed = adapter.push_to_hub(entry.repo_id, private=entry.private, endpoint=entry.endpoint)
+def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None]) -> None:
+    for entry in (p for p in recipe.outputs.push if p.predictor == label):  # only merges (checked on load)
+        pushed = predictor.adapter.push_to_hub(entry.repo_id, private=entry.private, endpoint=entry.endpoint)
         log(f"pushed {label} to {entry.repo_id}: {pushed}")

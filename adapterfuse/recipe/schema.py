@@ -42,8 +42,7 @@ class ExpertsSection(_Strict):
     max_train: int | None = Field(2000, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     train: dict[str, Any] = Field(default_factory=dict, description="any other TrainConfig field")
-    paths: list[str] | None = Field(None, min_length=1, description="use these expert folders / Hub ids; "
-                                    "train nothing")
+    paths: list[str] | None = Field(None, min_length=1, description="use these expert folders; train nothing")
     dir: str | None = Field(None, description="where trained experts live (default OUT/experts)")
 
     @field_validator("train")
@@ -54,6 +53,9 @@ class ExpertsSection(_Strict):
         if clash:
             raise ValueError(f"experts.train sets {clash}, which the recipe sets elsewhere (experts.method/rank/"
                              "epochs/max_train/seeds, harness.validation_size); move them there")
+        if value.get("snapshots", 1) != 1:
+            raise ValueError("experts.train.snapshots: a recipe expert is one adapter; for several per task use "
+                             "experts.seeds")
         TrainConfig(**value)  # unknown keys and bad values fail here, before anything is loaded
         return value
 
@@ -135,12 +137,28 @@ class Recipe(_Strict):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             raise ValueError(f"combiner labels {twice} appear twice; give each a distinct 'name'")
-        known = set(labels) | {"oracle"}
-        for wanted in [*self.outputs.save, *(p.predictor for p in self.outputs.push)]:
-            if wanted not in known:
-                raise ValueError(f"outputs: predictor {wanted!r} is not a combiner of this recipe; expected one "
-                                 f"of {sorted(known)}")
+        # Checked here, not after an hour of fitting: what can be saved, and that only merges push.
+        savable = {c.label for c in self.combiners if c.backend != "pe_ensemble"} | {"oracle"}
+        for wanted in self.outputs.save:
+            if wanted not in savable:
+                raise ValueError(f"outputs.save: predictor {wanted!r} is not a savable combiner of this recipe "
+                                 f"(pe_ensemble ones are kept under OUT/pe already); expected one of {sorted(savable)}")
+        merges = {c.label for c in self.combiners if c.backend == "merge"}
+        for entry in self.outputs.push:
+            if entry.predictor not in merges:
+                raise ValueError(f"outputs.push: predictor {entry.predictor!r} is not a merge combiner of this recipe "
+                                 f"(only a merged adapter is pushed); expected one of {sorted(merges)}")
         return self
+
+    def trained_experts(self) -> list[tuple[str, str, TrainConfig]]:
+        """``(task, expert name, its training config)`` for every expert the recipe trains, in order.
+
+        Names are ``task-method-rRANK-sSEED``; empty when ``experts.paths`` gives the experts instead.
+        """
+        if self.experts.paths:
+            return []
+        configs = [(task, self.train_config(task, seed)) for task in self.tasks for seed in self.experts.seeds]
+        return [(task, f"{task}-{c.method}-r{c.rank}-s{c.seed}", c) for task, c in configs]
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
         """The training configuration of ``task``'s expert with ``seed``."""
