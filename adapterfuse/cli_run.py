@@ -7,6 +7,7 @@ before loading anything; ``--dry-run`` stops there and prints the plan.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -71,5 +72,5 @@ def push_cmd(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise ConfigError(f"push: folder {args.folder} not found; expected a saved expert or adapter folder")
     result = push_folder(args.folder, args.repo_id, private=args.private, endpoint=args.endpoint)
-    print(json.dumps(result.__dict__ if hasattr(result, "__dict__") else result, indent=2, default=str))
+    print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0

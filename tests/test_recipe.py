@@ -212,3 +212,21 @@ def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_bas
     assert any(line.startswith("pushed ties to alice/ties") for line in lines)
     assert [r["predictor"] for r in summary["results"]] == ["oracle", "ties"]
     assert not (tmp_path / "push" / "experts").exists()  # given experts are used in place, none trained
+
+
+def test_push_command_uploads_a_folder_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
+    from tests.fake_hub_server import FakeHub
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_cliTOKEN")
+    with FakeHub(require_token="hf_cliTOKEN") as hub:
+        assert cli.main(["push", str(folder), "alice/x", "--endpoint", hub.endpoint]) == 0
+        assert hub.files("alice/x") == {"adapter_config.json": b'{"peft_type": "LORA"}'}
+    assert json.loads(capsys.readouterr().out)["repo_id"] == "alice/x"
+    assert cli.main(["push", str(tmp_path / "nope"), "alice/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "folder" in err and "nope" in err and "hf_cliTOKEN" not in err

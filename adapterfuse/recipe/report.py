@@ -38,9 +38,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _tasks(results: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(t for r in results for t in r["tasks"]))
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per predictor: each task's score, the average, the average over the oracle's, the cost."""
-    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    tasks = _tasks(results)
     oracle = next((r["average"] for r in results if r["predictor"] == "oracle"), None)
     front = set(pareto_front([(ms_per_input(r), r["average"]) for r in results]))
     head = ["predictor", *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks], "average", "÷ oracle",
@@ -94,7 +98,7 @@ def _plot_heatmap(results: list[dict[str, Any]], path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    tasks = _tasks(results)
     grid = [[r["tasks"][t]["score"] if t in r["tasks"] else float("nan") for t in tasks] for r in results]
     fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 3, 0.42 * len(results) + 1.5))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
