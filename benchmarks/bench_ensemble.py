@@ -151,34 +151,41 @@ def main() -> int:
 
     rows, ok = [], True
     for k in ks:
+        # Exactness is checked in fp32 on a few prompts, where the three ways must agree to rounding; under
+        # bf16 autocast they round differently (PEFT casts per adapter), so that difference is only shown.
+        exact = make_methods(base, experts[:k], [(ids[:8], mask[:8]) for ids, mask in batches[:1]], labels, False,
+                             device)
+        reference = exact["set_adapter"]()
+        diff = max(float((exact[m]() - reference).abs().max()) for m in ("batched", "mixed"))
+        ok &= diff <= 1e-4
+        del exact
         methods = make_methods(base, experts[:k], batches, labels, autocast, device)
         reference = methods["set_adapter"]()
-        diff = max(float((methods[m]() - reference).abs().max()) for m in ("batched", "mixed"))  # also warm-up
-        ok &= diff < (5e-2 if autocast else 1e-4)
+        diff_run = max(float((methods[m]() - reference).abs().max()) for m in ("batched", "mixed"))  # also warm-up
         speeds: dict[str, list[float]] = {m: [] for m in methods}
         for _ in range(args.repeats):
             for name, fn in methods.items():
                 speeds[name].append(timed(fn, n, device))
         med = {m: statistics.median(v) for m, v in speeds.items()}
-        rows.append((k, med, single / k, diff))
-        print(f"K={k}: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + f" examples/s, max |Δp| {diff:.2g}",
-              flush=True)
+        rows.append((k, med, single / k, diff, diff_run))
+        print(f"K={k}: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + f" examples/s, max |Δp| fp32 "
+              f"{diff:.2g}, as timed {diff_run:.2g}", flush=True)
         del methods
 
     print("\n| K | batched ex/s | PEFT set_adapter ex/s | PEFT mixed ex/s | ideal ex/s | batched / ideal "
-          "| batched / mixed | batched / set_adapter | max abs Δp vs PEFT |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for k, med, ideal, diff in rows:
+          "| batched / mixed | batched / set_adapter | max abs Δp vs PEFT, fp32 | as timed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, med, ideal, diff, diff_run in rows:
         print(f"| {k} | {med['batched']:.1f} | {med['set_adapter']:.1f} | {med['mixed']:.1f} | {ideal:.1f} "
               f"| {med['batched'] / ideal:.2f} | {med['batched'] / med['mixed']:.2f}x "
-              f"| {med['batched'] / med['set_adapter']:.2f}x | {diff:.1e} |")
-    k, med, ideal, _ = rows[-1]
+              f"| {med['batched'] / med['set_adapter']:.2f}x | {diff:.1e} | {diff_run:.1e} |")
+    k, med, ideal, _, _ = rows[-1]
     print(f"\n(medians of {args.repeats} alternating runs in one process; ideal = one member's examples/s / K)")
     print(f"goal at K={k}: batched >= 0.9 x ideal: {'met' if med['batched'] >= 0.9 * ideal else 'NOT met'} "
           f"({med['batched'] / ideal:.2f}); batched >= 1.3x PEFT mixed: "
           f"{'met' if med['batched'] >= 1.3 * med['mixed'] else 'NOT met'} ({med['batched'] / med['mixed']:.2f}x)")
     if not ok:
-        print("ERROR: the batched probabilities disagree with PEFT", file=sys.stderr)
+        print("ERROR: in fp32 the batched probabilities disagree with PEFT by more than 1e-4", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -111,6 +111,24 @@ def make_methods(base, batches, labels, args, device) -> tuple[dict[str, Callabl
     return methods, what
 
 
+@torch.no_grad()
+def arrow_agreement(base, args, batch, labels, device) -> float:
+    """Max |Δp| between the fused and the per-expert Arrow forward on 8 prompts, in fp32.
+
+    They are equal up to summation order; under bf16 autocast that order flips roundings, and a flipped
+    top-k choice in a later layer then changes the answer, so exactness is only meaningful in fp32.
+    """
+    experts = [random_expert(base, f"s{i}", rank=args.rank, seed=i, scale=0.1) for i in range(args.experts)]
+    arrow = ArrowModel(base.model, [e.deltas for e in experts], top_k=args.arrow_top_k, temperature=0.1)
+    arrow.model.to(device)
+    ids, mask = batch[0][:8], batch[1][:8]
+    out = []
+    for fused in (True, False):
+        arrow.set_fused(fused)
+        out.append(label_logits(arrow.model, ids, mask, labels).float().softmax(-1))
+    return float((out[0] - out[1]).abs().max())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=None, help="base model spec (default: SmolLM2-135M-Instruct)")
@@ -143,8 +161,7 @@ def main() -> int:
           f"({n_layers(base.model)} blocks), {len(examples)} prompts ({source}), batch size {args.batch_size}, "
           f"{args.experts} experts of rank {args.rank}, {'bf16 autocast' if not args.no_autocast else 'fp32'}, "
           f"{args.repeats} alternating repeats", flush=True)
-    fused, reference = methods["arrow fused"](), methods["arrow per-expert"]()
-    agree = float((fused - reference).abs().max())
+    agree = arrow_agreement(base, args, batches[0], labels, device)
     for fn in methods.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -166,7 +183,7 @@ def main() -> int:
             goal = "reference"
         shown = f"{t / unit:.1%}" if name.startswith(("learned", "clustered")) else f"{t / unit:.2f}x"
         print(f"| {name} | {what[name]} | {t * 1e3:.1f} | {shown} | {goal} |")
-    print(f"\narrow fused vs per-expert: max |Δp| = {agree:.2e}")
+    print(f"\narrow fused vs per-expert (fp32, 8 prompts): max |Δp| = {agree:.2e}")
     return 0 if agree <= 1e-4 else 1
 
 

@@ -130,3 +130,18 @@ def test_bad_inputs(tiny_base):
     bad = {"model.layers.9.self_attn.q_proj": bad[ATTN[0]]}
     with pytest.raises(CompatibilityError, match=r"layers\.9.*not found"):
         BatchedEnsemble(tiny_base.model, [bad])
+
+
+def test_a_batch_over_max_rows_is_split_and_gives_the_same_answers(tiny_base, sst2):
+    experts = [random_expert(tiny_base, f"e{i}", rank=2, seed=i) for i in range(4)]
+    whole = BatchedEnsemble(tiny_base.model, experts)
+    split = BatchedEnsemble(tiny_base.model, experts, max_rows=8)  # 2 inputs x 4 members per pass
+    q_rows = []
+    split.model.get_submodule("model.layers.0.self_attn.q_proj").base.register_forward_hook(
+        lambda m, i, o: q_rows.append(i[0].shape[0]))
+    ref = whole.member_log_probs(tiny_base.tokenizer, sst2.task, sst2.test, batch_size=6, autocast=False)
+    got = split.member_log_probs(tiny_base.tokenizer, sst2.task, sst2.test, batch_size=6, autocast=False)
+    assert max(q_rows) == 8
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="max_rows"):
+        BatchedEnsemble(tiny_base.model, experts, max_rows=0)

@@ -14,6 +14,7 @@ from adapterfuse.merge.functional import (
     disjoint_mean,
     elect_sign,
     kept_count,
+    kth_smallest,
     stack_factors,
     trim_by_magnitude,
 )
@@ -169,3 +170,15 @@ def test_stack_factors_rejects_empty_and_mismatched_shapes() -> None:
     bad = [(1.0, LowRank(_randn(2, 12), _randn(16, 2))), (1.0, LowRank(_randn(2, 10), _randn(16, 2)))]
     with pytest.raises(CompatibilityError, match=r"item 1 has ΔW shape \(16, 10\), expected \(16, 12\)"):
         stack_factors(bad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_smallest_equals_kthvalue_on_low_rank_and_tied_inputs(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    low_rank = (torch.randn(700, 4, generator=gen) @ torch.randn(4, 300, generator=gen)).abs().reshape(-1)
+    tied = torch.randint(0, 7, (90_000,), generator=gen).float()
+    spiky = torch.cat([torch.zeros(80_000), torch.randn(1_000, generator=gen).abs()])
+    for values in (low_rank, tied, spiky):
+        n = values.numel()
+        for k in (1, 2, n // 5, n // 2, n - n // 5, n - 1, n):
+            assert kth_smallest(values, k) == values.kthvalue(k).values

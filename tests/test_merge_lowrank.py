@@ -8,6 +8,7 @@ import torch
 from adapterfuse.delta import LowRank
 from adapterfuse.errors import ConfigError
 from adapterfuse.merge.functional import (
+    _gram_triangles,
     dense_truncation,
     factor_truncation,
     stack_factors,
@@ -142,3 +143,17 @@ def test_dense_truncation_norm_and_seed_change() -> None:
     u = dense_truncation(m, 2, exact=False, seed=1)
     assert t.norm == pytest.approx(float(torch.linalg.norm(m.double())), rel=1e-6)
     assert not torch.equal(t.delta.B, u.delta.B)  # a different seed draws a different test matrix
+
+
+def test_ill_conditioned_factors_take_the_qr_path_and_stay_exact() -> None:
+    # The same expert twice (plus a tiny perturbation) makes the stacked factors nearly rank-deficient:
+    # the Gram/Cholesky shortcut must refuse them, and the result must still be the exact truncation.
+    one = LowRank(_randn(3, 12, seed=1), _randn(16, 3, seed=2))
+    twin = LowRank(one.A + 1e-6 * _randn(3, 12, seed=5), one.B.clone())
+    lr = stack_factors([(1.0, one), (1.0, twin), (0.5, LowRank(_randn(2, 12, seed=3), _randn(16, 2, seed=4)))])
+    assert _gram_triangles(lr) is None
+    assert _gram_triangles(_stacked()) is not None  # a well-conditioned stack does use it
+    out, err = truncate_factors(lr, 3)
+    ref, ref_err = _svd_ref(lr.dense(torch.float64), 3)
+    assert float((out.dense(torch.float64) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    assert err == pytest.approx(ref_err, abs=1e-5)

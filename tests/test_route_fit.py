@@ -21,6 +21,7 @@ from adapterfuse.route import (
     routing_texts,
 )
 from adapterfuse.route.features import resolve_layer
+from adapterfuse.route.learned import LearnedRouter, routing_loss, target_labels
 from adapterfuse.route.subset import subset_score
 from adapterfuse.tasks.glue import load_task
 from tests.conftest import write_glue_dir
@@ -129,3 +130,26 @@ def test_greedy_subset_curve_under_a_budget(tiny_base, experts, data):
     assert sorted(subset.members) == [0, 1, 2] and subset.curve[-1]["members"] == subset.names
     predictor = route([*experts, extra], tiny_base, "learned", budget=2, data=rd, autocast=False)
     assert len(predictor.experts) == 2 and predictor.info["subset"]["members"] == predictor.names
+
+
+def test_likelihood_loss_is_cross_entropy_for_a_one_hot_quality():
+    # With log-likelihood 0 for one expert and -inf for the others, the mixture likelihood is the router's
+    # probability of that expert: the loss must be exactly the cross-entropy on that label.
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    quality = torch.full((6, 3), float("-inf")).scatter(1, labels[:, None], 0.0)
+    assert torch.allclose(routing_loss(logits, quality), torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_likelihood_router_prefers_the_expert_that_is_good_on_average():
+    # Expert 1 is nearly as good as expert 0 on most rows and far better on a few; the best-expert label
+    # is mostly 0, but the likelihood target must learn expert 1, whose mixture likelihood is higher.
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 4, generator=gen)
+    quality = torch.stack([torch.full((200,), -0.10), torch.full((200,), -0.11)], dim=1)
+    quality[:20, 0] = -5.0
+    assert target_labels("best_expert", quality, torch.zeros(200, dtype=torch.long)).eq(0).sum() == 180
+    router = LearnedRouter.fit(features, target_labels("likelihood", quality, torch.zeros(200, dtype=torch.long)),
+                               2, target="likelihood", epochs=200, lr=0.05)
+    assert bool((router.probs(features).argmax(dim=1) == 1).all())
+    assert router.config()["target"] == "likelihood"

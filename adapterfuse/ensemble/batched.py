@@ -91,11 +91,13 @@ class StackedLoRALinear(nn.Module):
         if x.shape[0] % self.k:
             raise ConfigError(f"batched forward: {x.shape[0]} rows is not a multiple of K={self.k} members; "
                               "expected the batch replicated once per member")
-        # The low-rank part stays fp32 even under autocast, so fp32 runs match PEFT exactly and bf16
-        # runs lose no adapter precision; its cost is small next to the base matmul.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.reshape(self.k, -1, x.shape[-1]).float()
-            low = torch.bmm(torch.bmm(h, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+        h = x.reshape(self.k, -1, x.shape[-1])
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.A.dtype)  # e.g. a bf16-loaded base without autocast: the factors stay fp32
+        # Under autocast the two bmm run in the autocast dtype, as PEFT's LoRA layers do: an fp32 detour
+        # (casting every activation up and back) measured slower than K separate PEFT passes. Without
+        # autocast everything is fp32 and equals each member run alone.
+        low = torch.bmm(torch.bmm(h, self.A.transpose(1, 2)), self.B.transpose(1, 2))
         return y + low.view(y.shape).to(y.dtype)
 
 
@@ -130,6 +132,12 @@ def _install(model: nn.Module, stacked: Stacked) -> list[str]:
     return list(stacked)
 
 
+# Rows (inputs x members) per forward pass. On this CPU, 64 SST-2 prompts x 8 members in one pass ran at
+# 0.73 of the ideal speed against 0.97-1.13 at 128-256 rows (benchmarks/bench_ensemble.py): past a few
+# hundred rows the activations fall out of cache, so larger batches are split.
+MAX_ROWS = 256
+
+
 class BatchedEnsemble:
     """K experts over one frozen base, run as one batched forward pass.
 
@@ -137,14 +145,18 @@ class BatchedEnsemble:
         model: the base causal LM (plain, not a PEFT model); it is never modified.
         members: the experts, or their ``module -> LowRank`` mappings.
         names: names of the members (default: the experts' names, or ``member-i``).
+        max_rows: the most rows (inputs x members) one forward pass runs; a larger batch is split.
 
     Raises:
-        ConfigError: no members, or a PEFT-wrapped model.
+        ConfigError: no members, ``max_rows < 1``, or a PEFT-wrapped model.
         CompatibilityError: a module missing from the base, not linear, or of another shape.
     """
 
     def __init__(self, model: nn.Module, members: Sequence[Expert | Deltas],
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, max_rows: int = MAX_ROWS) -> None:
+        if max_rows < 1:
+            raise ConfigError(f"max_rows: expected >= 1, got {max_rows}")
+        self.max_rows = max_rows
         if not members:
             raise ConfigError("members: expected at least one expert, got none")
         if hasattr(model, "get_base_model"):
@@ -176,6 +188,10 @@ class BatchedEnsemble:
             label_ids: the label words' token ids.
         """
         k, n = self.k, input_ids.shape[0]
+        if k * n > self.max_rows and n > 1:
+            step = max(1, self.max_rows // k)
+            return torch.cat([self.member_logits(input_ids[i:i + step], attention_mask[i:i + step], label_ids)
+                              for i in range(0, n, step)], dim=1)
         embeds = self.model.get_input_embeddings()(input_ids)  # once for [n, T], shared by all members
         mask = attention_mask.repeat(k, 1)
         hidden = self.model.get_decoder()(inputs_embeds=embeds.repeat(k, 1, 1), attention_mask=mask,
@@ -200,7 +216,7 @@ class BatchedEnsemble:
             task: the task whose prompt and label words to use.
             examples: the inputs.
             batch_size: inputs per batch (each runs as ``K * batch_size`` rows); batches by similar length.
-            autocast: run the base under bf16 autocast (the low-rank parts and logits stay fp32).
+            autocast: run under bf16 autocast (the low-rank parts too, as in PEFT; the logits stay fp32).
             max_length: prompt length cap (see :func:`adapterfuse.scoring.encode`).
 
         Returns:

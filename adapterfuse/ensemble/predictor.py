@@ -64,7 +64,7 @@ class EnsemblePredictor:
         weights: one weight per member, or ``None``/``"uniform"`` for equal weights.
         temperature: the pooling temperature (see :mod:`adapterfuse.ensemble.pooling`).
         batch_size: inputs per batch (each runs as ``K * batch_size`` rows).
-        autocast: run the base under bf16 autocast (adapters and label logits stay fp32).
+        autocast: run under bf16 autocast (the low-rank parts too, as in PEFT; label logits stay fp32).
         max_length: prompt length cap.
         name: shown in tables (default: describes the pooling and K).
         info: how the ensemble was fitted (selection, learned weights), kept in ``ensemble.json``.

@@ -15,7 +15,7 @@ import torch
 from adapterfuse.merge.common import MergeMethod, ModuleJob, TiesParams, truncate_output
 from adapterfuse.merge.functional import (
     Truncation,
-    disjoint_mean,
+    agreeing_mean_,
     elect_sign,
     trim_by_magnitude,
 )
@@ -32,8 +32,8 @@ def sign_merge(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ``[out, in]``: the disjoint mean of the weighted entries that agree with the sign elected on the
         weighted stack.
     """
-    weighted = stack * weights.reshape(-1, 1, 1)
-    return disjoint_mean(stack, elect_sign(weighted), weights)
+    weighted = stack * weights.to(stack).reshape(-1, 1, 1)
+    return agreeing_mean_(weighted, elect_sign(weighted))
 
 
 def merge_module(job: ModuleJob, params: TiesParams) -> Truncation:

@@ -85,7 +85,9 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         validation: tasks whose validation split the learned/clustered routers (and ``budget``) fit on.
         on: route on the ``"prompt"`` or the raw input ``"fields"`` (no template).
         layer: base layer whose mean-pooled hidden state is the feature (0: embeddings; -1: last).
-        target: what the learned router predicts: ``"best_expert"`` or the input's ``"task"``.
+        target: what the learned router learns: ``"best_expert"``, the input's ``"task"``, or
+            ``"likelihood"`` (maximise the routed mixture's validation likelihood; see
+            :mod:`adapterfuse.route.learned`).
         hidden: hidden size of the learned router (0: linear).
         epochs, lr: its full-batch training.
         clusters: k-means clusters (default: the number of experts).

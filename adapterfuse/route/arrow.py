@@ -137,16 +137,20 @@ class ArrowLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + Σ_e w_e(x) ΔW_e x`` per token."""
         y = self.base(x)
-        # Routing and the low-rank part stay fp32 even under autocast (cheap next to the base matmul).
+        flat = x.reshape(-1, x.shape[-1])
+        # The routing decision is fp32 (a top-k on bf16 cosines would tie often). The low-rank part runs
+        # in the autocast dtype under autocast, as PEFT's LoRA layers do, and in fp32 otherwise.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            flat = x.reshape(-1, x.shape[-1]).float()
-            w = routing_weights(flat, self.prototypes, self.top_k, self.temperature)
-            low = self._fused(flat, w) if self.fused else self._reference(flat, w)
+            w = routing_weights(flat.float(), self.prototypes, self.top_k, self.temperature)
+        if not torch.is_autocast_enabled(x.device.type):
+            flat = flat.to(self.A.dtype)
+        low = self._fused(flat, w) if self.fused else self._reference(flat, w)
         return y + low.view(y.shape).to(y.dtype)
 
     def _fused(self, flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """One rank-``R`` update, the routing weights applied slot by slot in rank space."""
-        return ((flat @ self.A.T) * w[:, self.slot_expert]) @ self.B.T
+        h = flat @ self.A.T
+        return (h * w[:, self.slot_expert].to(h.dtype)) @ self.B.T
 
     def _reference(self, flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The same sum computed expert by expert (for tests and the benchmark)."""
@@ -154,7 +158,8 @@ class ArrowLinear(nn.Module):
         start = 0
         for e, r in self.ranks:
             a, b = self.A[start:start + r], self.B[:, start:start + r]
-            out = out + w[:, e:e + 1] * ((flat @ a.T) @ b.T)
+            part = (flat @ a.T) @ b.T
+            out = out + w[:, e:e + 1].to(part.dtype) * part
             start += r
         return out
 

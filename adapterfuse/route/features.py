@@ -21,7 +21,7 @@ from adapterfuse.scoring import DEFAULT_MAX_LENGTH, autocast_context, length_bat
 from adapterfuse.tasks.glue import Example, TaskSpec
 
 ON = ("prompt", "fields")
-DEFAULT_LAYER = 2
+DEFAULT_LAYER = 1  # after block 1: 1/30 of a SmolLM2 pass, inside the 5% routing budget (bench_route)
 
 
 def check_on(on: str) -> str:

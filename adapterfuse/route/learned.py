@@ -3,7 +3,10 @@
 It is trained on the validation split's cached features (no base forward pass during training) to
 predict, for each input, either the expert that scores it best (``target="best_expert"``: the one with
 the highest log-likelihood of the gold label, which need not be its own task's expert) or the expert of
-the task it came from (``target="task"``). Training is full-batch Adam on standardised features with
+the task it came from (``target="task"``), or, with ``target="likelihood"``, to maximise the validation
+likelihood of the routed mixture, ``sum_e p(e | x) p_e(y | x)``: a soft target that rewards every
+expert in proportion to how well it answers, so the router is not fitted to which of several nearly
+equal experts happened to be best on one input. Training is full-batch Adam on standardised features with
 a seeded initialisation, so a fit is deterministic.
 """
 
@@ -17,7 +20,7 @@ from torch import nn
 from adapterfuse.errors import ConfigError
 from adapterfuse.route.routers import Router, Standardizer, register
 
-TARGETS = ("best_expert", "task")
+TARGETS = ("best_expert", "task", "likelihood")
 
 
 def check_target(target: str) -> str:
@@ -82,7 +85,9 @@ class LearnedRouter(Router):
 
         Args:
             features: ``[N, d]`` validation features.
-            labels: ``[N]`` expert index per row (rows labelled ``-1`` are ignored).
+            labels: ``[N]`` expert index per row (rows labelled ``-1`` are ignored), or ``[N, E]`` per-expert
+                log-likelihoods of the gold label (target ``"likelihood"``; rows with a non-finite
+                entry are ignored).
             n_experts: the number of classes ``E``.
             hidden: hidden size; 0 for a linear router.
             target: recorded with the router (see :data:`TARGETS`).
@@ -100,11 +105,11 @@ class LearnedRouter(Router):
         if hidden < 0 or epochs < 1 or lr <= 0:
             raise ConfigError(f"learned router: expected hidden >= 0, epochs >= 1, lr > 0; got hidden={hidden}, "
                               f"epochs={epochs}, lr={lr}")
-        keep = labels >= 0
+        keep = labels.isfinite().all(dim=1) if labels.dim() == 2 else labels >= 0
         if not bool(keep.any()):
             raise ConfigError("learned router: no validation input has a target expert; with target='task' every "
                               "task needs an expert of its own (check the experts' recorded tasks)")
-        x, y = features[keep].float(), labels[keep].long()
+        x, y = features[keep].float(), labels[keep]
         scaler = Standardizer.fit(x)
         torch.manual_seed(seed)  # the classifier's initialisation is the only random step
         net = make_net(x.shape[1], n_experts, hidden)
@@ -112,20 +117,41 @@ class LearnedRouter(Router):
         z = scaler(x)
         for _ in range(epochs):
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(net(z), y).backward()
+            routing_loss(net(z), y).backward()
             opt.step()
         return cls(scaler, net, hidden, target)
 
 
-def target_labels(target: str, quality: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """The training labels of a target: the best expert per row, or the row's own task's expert.
+def routing_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The router's training loss.
 
     Args:
-        target: ``"best_expert"`` or ``"task"``.
-        quality: ``[N, E]`` per-row expert quality.
+        logits: ``[N, E]`` router logits.
+        targets: ``[N]`` expert indices (cross-entropy), or ``[N, E]`` per-expert log-likelihoods of the
+            gold label: then the negative log-likelihood of the routed mixture,
+            ``-log sum_e softmax(logits)_e exp(targets_e)``, averaged over rows.
+
+    Returns:
+        The scalar loss.
+    """
+    if targets.dim() == 2:
+        return -(torch.log_softmax(logits, dim=-1) + targets.to(logits)).logsumexp(dim=-1).mean()
+    return nn.functional.cross_entropy(logits, targets.long())
+
+
+def target_labels(target: str, quality: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The training labels of a target: the best expert per row, the row's own task's expert, or the
+    whole quality matrix (``"likelihood"``).
+
+    Args:
+        target: one of :data:`TARGETS`.
+        quality: ``[N, E]`` per-row expert quality (log-likelihood of the gold label).
         own: ``[N]`` oracle expert per row (``-1``: none).
 
     Returns:
-        ``[N]`` expert indices (``-1`` rows are ignored in training).
+        ``[N]`` expert indices (``-1`` rows are ignored in training), or ``[N, E]`` for ``"likelihood"``.
     """
-    return quality.argmax(dim=1) if check_target(target) == "best_expert" else own.clone()
+    target = check_target(target)
+    if target == "likelihood":
+        return quality.clone()
+    return quality.argmax(dim=1) if target == "best_expert" else own.clone()
