@@ -81,7 +81,9 @@ def distill_row(base, recipe, task: str, experts: list[Expert], data, out: Path)
     gain = avg["ensemble"] - best_seed
     return {"task": task, "label": "distilled (log_linear learned teacher)", "score": avg["student"],
             "teacher_score": avg["ensemble"], "kept_of_gain_over_base": report["kept"],
-            "kept_of_gain_over_best_seed": (avg["student"] - best_seed) / gain if abs(gain) > 1e-12 else None,
+            # A share of a gain only means something when there is one: None when the teacher does not
+            # beat the best seed.
+            "kept_of_gain_over_best_seed": (avg["student"] - best_seed) / gain if gain > 1e-12 else None,
             "train_wall_s": student.meta["training"]["train_wall_s"], "passes": 1}
 
 
