@@ -95,12 +95,19 @@ def main() -> int:
     data = [load_task(t, 200, 0, CAPS.get(t)) for t in tasks]
     validation = [TaskData(d.task, [], d.validation[:100], []) for d in data]
     extra = held_out(args.heldout.split(","), args.max_heldout) if args.heldout else []
-    routing = {on: RoutingData(base, validation, on, batch_size=32) for on in ("prompt", "fields")}
-    # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert.
-    curve = greedy_subset(routing["prompt"].scores(experts), len(experts)).report()["curve"]
-    (args.out / "subset_curve.json").write_text(json.dumps(curve, indent=2))
-    print("greedy subset (validation, best kept expert per input): "
-          + ", ".join(f"{c['budget']}: +{c['added']} {c['score']:.3f}" for c in curve), flush=True)
+    routing: dict[str, RoutingData] = {}
+
+    def routing_data(on: str) -> RoutingData:  # built on first use: an Arrow-only run needs none
+        if on not in routing:
+            routing[on] = RoutingData(base, validation, on, batch_size=32)
+        return routing[on]
+
+    if not (args.out / "subset_curve.json").exists():
+        # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert.
+        curve = greedy_subset(routing_data("prompt").scores(experts), len(experts)).report()["curve"]
+        (args.out / "subset_curve.json").write_text(json.dumps(curve, indent=2))
+        print("greedy subset (validation, best kept expert per input): "
+              + ", ".join(f"{c['budget']}: +{c['added']} {c['score']:.3f}" for c in curve), flush=True)
 
     def record(label: str, build: Any, in_task: bool = True) -> None:
         if label in done:
@@ -120,7 +127,7 @@ def main() -> int:
         kwargs = dict(ROWS[label])
         on = kwargs.pop("on", "prompt")
         record(label, lambda kw=kwargs, on=on, label=label: route(
-            experts, base, validation=validation, on=on, data=None if kw["router"] == "arrow" else routing[on],
+            experts, base, validation=validation, on=on, data=None if kw["router"] == "arrow" else routing_data(on),
             name=label, **kw))
     print_tables(log, args.recipe_results, [d.task.name for d in data], [d.task.name for d in extra])
     return 0
