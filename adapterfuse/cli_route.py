@@ -63,13 +63,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def _held_out(names: str | None, max_examples: int | None, seed: int) -> list[Any]:
     """Tasks evaluated on their dev split only (their train split is never read)."""
-    from adapterfuse.tasks.glue import TaskData, capped_subset, dev_subset_seed, parse_tasks, read_split
+    from adapterfuse.tasks.glue import load_held_out, parse_tasks
 
-    out = []
-    for task in parse_tasks(names) if names else []:
-        dev = read_split(task, "dev")
-        out.append(TaskData(task, [], [], capped_subset(dev, max_examples, dev_subset_seed(seed))))
-    return out
+    return [load_held_out(task, max_examples, seed) for task in (parse_tasks(names) if names else [])]
 
 
 def run(args: argparse.Namespace) -> int:

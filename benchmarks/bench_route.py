@@ -65,6 +65,14 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def make_arrow(base, args, device) -> ArrowModel:
+    """Arrow over ``args.experts`` synthetic seeded rank-``args.rank`` experts on every linear layer."""
+    experts = [random_expert(base, f"s{i}", rank=args.rank, seed=i, scale=0.1) for i in range(args.experts)]
+    arrow = ArrowModel(base.model, [e.deltas for e in experts], top_k=args.arrow_top_k, temperature=0.1)
+    arrow.model.to(device)
+    return arrow
+
+
 def make_methods(base, batches, labels, args, device) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
     """Every timed method (name -> zero-argument callable) and what each one times."""
     autocast, k = not args.no_autocast, args.experts
@@ -96,9 +104,7 @@ def make_methods(base, batches, labels, args, device) -> tuple[dict[str, Callabl
         methods[f"clustered (layer {layer})"] = lambda r=clustered, f=route_with: f(r)
         for name in ("learned", "clustered"):
             what[f"{name} (layer {layer})"] = f"feature pass to block {extractor.layer}/{n_layers(base.model)} + router"
-    experts = [random_expert(base, f"s{i}", rank=args.rank, seed=i, scale=0.1) for i in range(k)]
-    arrow = ArrowModel(base.model, [e.deltas for e in experts], top_k=args.arrow_top_k, temperature=0.1)
-    arrow.model.to(device)
+    arrow = make_arrow(base, args, device)
 
     def arrow_run(fused: bool):
         arrow.set_fused(fused)
@@ -118,9 +124,7 @@ def arrow_agreement(base, args, batch, labels, device) -> float:
     They are equal up to summation order; under bf16 autocast that order flips roundings, and a flipped
     top-k choice in a later layer then changes the answer, so exactness is only meaningful in fp32.
     """
-    experts = [random_expert(base, f"s{i}", rank=args.rank, seed=i, scale=0.1) for i in range(args.experts)]
-    arrow = ArrowModel(base.model, [e.deltas for e in experts], top_k=args.arrow_top_k, temperature=0.1)
-    arrow.model.to(device)
+    arrow = make_arrow(base, args, device)
     ids, mask = batch[0][:8], batch[1][:8]
     out = []
     for fused in (True, False):

@@ -30,7 +30,7 @@ from adapterfuse.ensemble import ensemble
 from adapterfuse.ensemble.distill import distill
 from adapterfuse.ensemble.pooling import pool
 from adapterfuse.expert import Expert
-from adapterfuse.recipe.schema import load_recipe
+from adapterfuse.recipe.schema import expert_name, load_recipe
 from adapterfuse.scoring import predictions
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.metrics import compute_metrics
@@ -43,7 +43,7 @@ def members(base, recipe, task: str, seeds: list[int], folder: Path, data) -> li
     out = []
     for seed in seeds:
         config = recipe.train_config(task, seed)
-        path = folder / f"{task}-{config.method}-r{config.rank}-s{seed}"
+        path = folder / expert_name(task, config)
         if not (path / "adapterfuse.json").is_file():
             t0 = time.perf_counter()
             train_expert(base, task, config, out=path, data=data, overwrite=path.exists())
@@ -52,11 +52,10 @@ def members(base, recipe, task: str, seeds: list[int], folder: Path, data) -> li
     return out
 
 
-def task_rows(base, task: str, experts: list[Expert], data) -> list[dict[str, Any]]:
+def task_rows(task: str, experts: list[Expert], data, fitted: dict) -> list[dict[str, Any]]:
     """Each seed alone, then the seed ensemble pooled four ways on one cached batched pass over dev."""
     rows = [{"task": task, "label": f"seed {e.meta['training']['seed']}", "score": e.meta["scores"]["test"]["score"],
              "passes": 1} for e in experts]
-    fitted = {(p, w): ensemble(experts, base, p, w, validation=[data]) for p, w in POOLINGS}
     t0 = time.perf_counter()
     log_probs = next(iter(fitted.values())).member_log_probs(data.task, data.test)
     ms = (time.perf_counter() - t0) * 1000 / len(data.test)
@@ -70,9 +69,8 @@ def task_rows(base, task: str, experts: list[Expert], data) -> list[dict[str, An
     return rows
 
 
-def distill_row(base, recipe, task: str, experts: list[Expert], data, out: Path) -> dict[str, Any]:
-    """Distil the learned log-linear seed ensemble into one LoRA adapter trained like a seed."""
-    teacher = ensemble(experts, base, "log_linear", "learned", validation=[data])
+def distill_row(recipe, task: str, experts: list[Expert], data, out: Path, teacher) -> dict[str, Any]:
+    """Distil ``teacher`` (the learned log-linear seed ensemble) into one LoRA adapter trained like a seed."""
     student = distill(teacher, [data], out / f"{task}-distilled", config=recipe.train_config(task, 0),
                       overwrite=(out / f"{task}-distilled").exists())
     report = student.meta["distillation"]
@@ -107,11 +105,15 @@ def main() -> int:
         entry = recipe.tasks[task]
         data = load_task(task, recipe.harness.validation_size, 0, entry.max_train)
         experts = members(base, recipe, task, seeds, args.experts_dir, data)
-        new = [] if any(r["task"] == task and r["label"].startswith("seed") for r in done) else \
-            task_rows(base, task, experts, data)
-        if task in args.distill.split(",") and not any(r["task"] == task and r["label"].startswith("distilled")
-                                                       for r in done):
-            new.append(distill_row(base, recipe, task, experts, data, args.out))
+        rows_due = not any(r["task"] == task and r["label"].startswith("seed") for r in done)
+        distill_due = task in args.distill.split(",") and not any(
+            r["task"] == task and r["label"].startswith("distilled") for r in done)
+        # Fitted once: the four poolings' rows and the distillation's teacher share them.
+        fitted = {(p, w): ensemble(experts, base, p, w, validation=[data]) for p, w in POOLINGS} \
+            if rows_due or distill_due else {}
+        new = task_rows(task, experts, data, fitted) if rows_due else []
+        if distill_due:
+            new.append(distill_row(recipe, task, experts, data, args.out, fitted[("log_linear", "learned")]))
         with log.open("a") as fh:
             for row in new:
                 fh.write(json.dumps(row) + "\n")

@@ -4,15 +4,17 @@ Usage (GLUE_DIR set)::
 
     python benchmarks/glue_route.py --experts runs/experts/{cola,sst2,stsb,mrpc,rte}-lora-r8-s0 \
         --out runs/glue_route [--heldout qnli --max-heldout 1000] [--rows NAME,...] [--recipe-results FILE]
+        [--recipe recipes/glue.yaml]
 
-Validation is carved as ``recipes/glue.yaml`` carves it (200 training examples per task with seed 0,
-the first 100 of them used), so the numbers sit in one table with that recipe's merges and ensembles:
-``--recipe-results runs/glue/results.json`` adds its zero-shot, oracle, best merge and best ensemble
-rows. Each routed row is fitted once and scored on the full dev sets of the experts' tasks and on the
-held-out tasks' dev sets (a seeded subset of ``--max-heldout``), with its routing accuracy against the
-oracle assignment (each input to its own task's expert) and its cost. The held-out task has no expert
-and no training data: zero-shot and every single expert are scored on it too. Rows are appended to
-``OUT/results.jsonl`` as they finish and skipped on a rerun; the tables are printed at the end.
+Validation is carved as ``--recipe`` carves it (its ``harness.validation_size`` training examples
+per task with data seed 0, the first ``validation_per_task`` of them used), so the numbers sit in one
+table with that recipe's merges and ensembles: ``--recipe-results runs/glue/results.json`` adds its
+zero-shot, oracle, best merge and best ensemble rows. Each routed row is fitted once and scored on the
+full dev sets of the experts' tasks and on the held-out tasks' dev sets (a seeded subset of
+``--max-heldout``), with its routing accuracy against the oracle assignment (each input to its own
+task's expert) and its cost. The held-out task has no expert and no training data: zero-shot and
+every single expert are scored on it too. Rows are appended to ``OUT/results.jsonl`` as they finish
+and skipped on a rerun; the tables are printed at the end.
 """
 
 from __future__ import annotations
@@ -26,13 +28,10 @@ from typing import Any
 from adapterfuse import load_base
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, ZeroShotPredictor, adapter_params, evaluate
+from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.route import RoutingData, greedy_subset, route, routing_accuracy
 from adapterfuse.route.predictor import RoutePredictor
-from adapterfuse.tasks.glue import TaskData, capped_subset, dev_subset_seed, get_task, load_task, read_split
-
-# The training caps of recipes/glue.yaml: the validation carve does not depend on them, only the train
-# subset does, but the same call keeps the carve identical by construction.
-CAPS = {"sst2": 4000, "cola": 6000, "stsb": 5000, "mrpc": 3468, "rte": 2290}
+from adapterfuse.tasks.glue import TaskData, load_held_out, load_task
 
 # label -> route() arguments; "on" picks the routing data (features of the prompt or of the raw fields).
 ROWS: dict[str, dict[str, Any]] = {
@@ -48,12 +47,6 @@ ROWS: dict[str, dict[str, Any]] = {
     **{f"mbc {g} groups": {"router": "mbc", "mbc_clusters": g, "target": "likelihood"} for g in (2, 3, 4)},
     "arrow top-1": {"router": "arrow", "top_k": 1},
 }
-
-
-def held_out(names: list[str], max_examples: int | None) -> list[TaskData]:
-    """Tasks scored on (a seeded subset of) their dev split only; their train split is never read."""
-    return [TaskData(get_task(n), [], [], capped_subset(read_split(get_task(n), "dev"), max_examples,
-                                                         dev_subset_seed(0))) for n in names]
 
 
 def row_result(label: str, predictor: Any, data: list[TaskData], extra: list[TaskData]) -> dict[str, Any]:
@@ -80,6 +73,7 @@ def main() -> int:
     parser.add_argument("--max-heldout", type=int, default=1000)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels (default: all)")
     parser.add_argument("--recipe-results", type=Path, default=None, help="results.json of recipes/glue.yaml")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"), help="whose validation carve")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
@@ -92,9 +86,10 @@ def main() -> int:
     base = load_base(args.base)
     experts = [Expert.load(p) for p in args.experts]
     tasks = [e.task for e in experts]
-    data = [load_task(t, 200, 0, CAPS.get(t)) for t in tasks]
-    validation = [TaskData(d.task, [], d.validation[:100], []) for d in data]
-    extra = held_out(args.heldout.split(","), args.max_heldout) if args.heldout else []
+    harness = load_recipe(args.recipe).harness
+    data = [load_task(t, harness.validation_size, 0) for t in tasks]  # the carve ignores training caps
+    validation = [TaskData(d.task, [], d.validation[:harness.validation_per_task], []) for d in data]
+    extra = [load_held_out(t, args.max_heldout) for t in args.heldout.split(",")] if args.heldout else []
     routing: dict[str, RoutingData] = {}
 
     def routing_data(on: str) -> RoutingData:  # built on first use: an Arrow-only run needs none

@@ -271,19 +271,26 @@ def factor_truncation(lr: LowRank, rank: int) -> Truncation:
         return _truncate_via_gram(lr, rank, *gram)
     qb, rb = torch.linalg.qr(lr.B)
     qa, ra = torch.linalg.qr(lr.A.T)
+    us, vh, error, norm = _core_truncation(rb, ra, rank)
+    return Truncation(LowRank((vh @ qa.T).contiguous(), (qb @ us).contiguous()), error, norm)
+
+
+def _core_truncation(rb: torch.Tensor, ra: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """SVD of the core ``Rb Ra^T``: its top-``rank`` ``U_k S_k`` and ``V_k^T``, the relative error of dropping
+    the rest, and ``||ΔW||_F`` (the core has the singular values of ``B A``)."""
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    norm_sq = s.square().sum()
     k = min(rank, s.numel())
-    new = LowRank((vh[:k] @ qa.T).contiguous(), (qb @ (u[:, :k] * s[:k])).contiguous())
-    return Truncation(new, _relative(s[k:].square().sum(), norm_sq), math.sqrt(float(norm_sq)))
+    norm_sq = s.square().sum()
+    return u[:, :k] * s[:k], vh[:k], _relative(s[k:].square().sum(), norm_sq), math.sqrt(float(norm_sq))
 
 
 def _gram_triangles(lr: LowRank) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The R factors of ``B = Qb Rb`` and ``A^T = Qa Ra`` as Cholesky factors of fp64 Gram matrices.
+    """The R factors of ``B = Qb Rb`` and ``A^T = Qa Ra`` as Cholesky factors of their Gram matrices.
 
-    Two ``[R, R]`` Gram products and Choleskys cost about 0.7 of two Householder QRs here. The Gram
-    squares the condition number, so it is refused (``None``: use QR) when a factor is rank-deficient or
-    its triangle's diagonal spans more than a factor 100 (a condition number of about 100 or more).
+    Two ``[R, R]`` Gram products (fp32) and Choleskys (fp64) cost about 0.7 of two Householder QRs here.
+    The Gram squares the condition number, so it is refused (``None``: use QR) when a factor is
+    rank-deficient or its triangle's diagonal spans more than a factor 100 (a condition number of about
+    100 or more).
     """
     out = []
     for m in (lr.B, lr.A.T):
@@ -300,13 +307,10 @@ def _gram_triangles(lr: LowRank) -> tuple[torch.Tensor, torch.Tensor] | None:
 def _truncate_via_gram(lr: LowRank, rank: int, rb: torch.Tensor, ra: torch.Tensor) -> Truncation:
     """:func:`factor_truncation` given ``Rb`` and ``Ra``: ``Qb = B Rb^-1`` and ``Qa = A^T Ra^-1``, applied by
     triangular solves on ``[R, k]`` blocks so no ``Q`` is ever formed."""
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    k = min(rank, s.numel())
-    left = torch.linalg.solve_triangular(rb, u[:, :k] * s[:k], upper=True)  # Rb^-1 U_k S_k
-    right = torch.linalg.solve_triangular(ra, vh[:k].T, upper=True)  # Ra^-1 V_k
-    new = LowRank((right.T.float() @ lr.A).contiguous(), (lr.B @ left.float()).contiguous())
-    norm_sq = s.square().sum()
-    return Truncation(new, _relative(s[k:].square().sum(), norm_sq), math.sqrt(float(norm_sq)))
+    us, vh, error, norm = _core_truncation(rb, ra, rank)
+    left = torch.linalg.solve_triangular(rb, us, upper=True)  # Rb^-1 U_k S_k
+    right = torch.linalg.solve_triangular(ra, vh.T, upper=True)  # Ra^-1 V_k
+    return Truncation(LowRank((right.T.float() @ lr.A).contiguous(), (lr.B @ left.float()).contiguous()), error, norm)
 
 
 def truncate_factors(lr: LowRank, rank: int) -> tuple[LowRank, float]:

@@ -158,7 +158,7 @@ class Recipe(_Strict):
         if self.experts.paths:
             return []
         configs = [(task, self.train_config(task, seed)) for task in self.tasks for seed in self.experts.seeds]
-        return [(task, f"{task}-{c.method}-r{c.rank}-s{c.seed}", c) for task, c in configs]
+        return [(task, expert_name(task, c), c) for task, c in configs]
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
         """The training configuration of ``task``'s expert with ``seed``."""
@@ -169,6 +169,11 @@ class Recipe(_Strict):
         if entry.balance_classes is not None:
             fields["balance_classes"] = entry.balance_classes
         return TrainConfig(**fields)
+
+
+def expert_name(task: str, config: TrainConfig) -> str:
+    """The folder name of a recipe-trained expert: ``task-method-rRANK-sSEED``."""
+    return f"{task}-{config.method}-r{config.rank}-s{config.seed}"
 
 
 def load_recipe(path: str | Path) -> Recipe:

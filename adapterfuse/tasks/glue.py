@@ -285,6 +285,28 @@ def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
                     capped_subset(test, max_test, dev_subset_seed(seed)))
 
 
+def load_held_out(task: TaskSpec | str, max_test: int | None = None, seed: int = 0,
+                  glue_dir: str | os.PathLike | None = None) -> TaskData:
+    """A held-out task: its dev split only (as ``test``), for tasks with no expert and no training data.
+
+    Its train split is never read, so a task whose train file is absent (QNLI here) still loads.
+
+    Args:
+        task: a spec or a task name.
+        max_test: cap on the test examples (the same seeded subset :func:`load_task` takes for ``seed``).
+        seed: the split seed whose dev subset to take.
+        glue_dir: see :func:`read_split`.
+
+    Returns:
+        A :class:`TaskData` with empty ``train`` and ``validation``.
+
+    Raises:
+        DataError: see :func:`read_split`.
+    """
+    spec = get_task(task) if isinstance(task, str) else task
+    return TaskData(spec, [], [], capped_subset(read_split(spec, "dev", glue_dir), max_test, dev_subset_seed(seed)))
+
+
 def dev_subset_seed(seed: int) -> int:
     """The seed of the capped test subset for a split seed (shared by every command that caps dev)."""
     return seed + 2
