@@ -13,6 +13,10 @@ linear and log-linear, uniform and learned weights (learned on the task's 200 va
 members' dev log-probabilities come from one batched pass per task, timed, and every pooling re-pools
 them. ``--distill TASK`` trains one LoRA student on the learned log-linear ensemble's distribution over
 the task's training inputs and reports how much of the ensemble's gain over the best seed it keeps.
+``--cross-distill N`` does the same across tasks: the learned log-linear ensemble of every task's seed-0
+expert (weights learned on all tasks' validation inputs, as the recipe's cross-task ensemble) is
+distilled into one multi-task LoRA on the first N training inputs of each task, then student, teacher
+and zero-shot are scored on the full dev sets.
 Rows are appended to ``OUT/results.jsonl`` as they finish (a rerun skips them); the table is printed.
 """
 
@@ -32,7 +36,7 @@ from adapterfuse.ensemble.pooling import pool
 from adapterfuse.expert import Expert
 from adapterfuse.recipe.schema import expert_name, load_recipe
 from adapterfuse.scoring import predictions
-from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.glue import TaskData, load_task
 from adapterfuse.tasks.metrics import compute_metrics
 
 POOLINGS = [(p, w) for p in ("linear", "log_linear") for w in ("uniform", "learned")]
@@ -85,6 +89,44 @@ def distill_row(recipe, task: str, experts: list[Expert], data, out: Path, teach
             "train_wall_s": student.meta["training"]["train_wall_s"], "passes": 1}
 
 
+def cross_distill_row(base, recipe, experts_dir: Path, out: Path, per_task: int) -> dict[str, Any]:
+    """Distil the cross-task learned log-linear ensemble of the seed-0 experts into one multi-task LoRA."""
+    tasks = list(recipe.tasks)
+    data = [load_task(t, recipe.harness.validation_size, 0, recipe.tasks[t].max_train) for t in tasks]
+    experts = [Expert.load(experts_dir / expert_name(t, recipe.train_config(t, 0))) for t in tasks]
+    validation = [TaskData(d.task, [], d.validation[:recipe.harness.validation_per_task], []) for d in data]
+    teacher = ensemble(experts, base, "log_linear", "learned", validation=validation)
+    config = recipe.train_config(tasks[0], 0).model_copy(update={"max_train_examples": per_task, "epochs": 1.0})
+    folder = out / "cross-task-distilled"
+    student = distill(teacher, data, folder, config=config, overwrite=folder.exists())
+    report = student.meta["distillation"]
+    avg = report["test_average"]
+    return {"task": "all", "label": f"distilled cross-task ({len(tasks)} experts, log_linear learned teacher)",
+            "score": avg["student"], "teacher_score": avg["ensemble"], "zero_shot": avg["base"],
+            "kept_of_gain_over_base": report["kept"], "per_task": report["per_task"],
+            "teacher_weights": [round(float(x), 4) for x in teacher.weights],
+            "train_examples": student.meta["training"]["train_examples"],
+            "train_wall_s": student.meta["training"]["train_wall_s"], "passes": 1}
+
+
+def print_tables(rows: list[dict[str, Any]]) -> None:
+    """The same-task rows as one Markdown table (a column per task), then the cross-task row."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "all"))
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["task"] != "all"))
+    score = {(r["task"], r["label"]): r["score"] for r in rows}
+    print("\n| predictor | " + " | ".join(tasks) + " | passes/input |")
+    print("|---|" + "---|" * (len(tasks) + 1))
+    for label in labels:
+        cells = [f"{score[t, label]:.3f}" if (t, label) in score else "—" for t in tasks]
+        passes = next(r["passes"] for r in rows if r["label"] == label)
+        print(f"| {label} | " + " | ".join(cells) + f" | {passes} |")
+    for r in rows:
+        if r["task"] == "all":
+            print(f"\n{r['label']}: student {r['score']:.3f}, teacher {r['teacher_score']:.3f}, zero-shot "
+                  f"{r['zero_shot']:.3f}, kept {r['kept_of_gain_over_base']:.2f} of the teacher's gain; per task "
+                  + json.dumps({k: {t: round(v, 3) for t, v in d.items()} for k, d in r["per_task"].items()}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts-dir", required=True, type=Path)
@@ -93,6 +135,8 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"))
     parser.add_argument("--distill", default="", help="comma-separated tasks whose seed ensemble is distilled")
+    parser.add_argument("--cross-distill", type=int, default=0, metavar="N",
+                        help="distil the cross-task ensemble on N training inputs per task (0: skip)")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
@@ -101,7 +145,7 @@ def main() -> int:
     log = args.out / "results.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     base = load_base(args.base)
-    for task in args.tasks.split(","):
+    for task in filter(None, args.tasks.split(",")):
         entry = recipe.tasks[task]
         data = load_task(task, recipe.harness.validation_size, 0, entry.max_train)
         experts = members(base, recipe, task, seeds, args.experts_dir, data)
@@ -119,10 +163,13 @@ def main() -> int:
                 fh.write(json.dumps(row) + "\n")
                 print(json.dumps({k: row[k] for k in ("task", "label", "score")}), flush=True)
         done += new
-    print("\n| task | predictor | dev score | passes/input | weights |")
-    print("|---|---|---|---|---|")
-    for r in done:
-        print(f"| {r['task']} | {r['label']} | {r['score']:.3f} | {r['passes']} | {r.get('weights', '')} |")
+    if args.cross_distill and not any(r["task"] == "all" for r in done):
+        row = cross_distill_row(base, recipe, args.experts_dir, args.out, args.cross_distill)
+        with log.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("task", "label", "score", "teacher_score")}), flush=True)
+        done.append(row)
+    print_tables(done)
     return 0
 
 

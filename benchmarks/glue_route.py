@@ -33,13 +33,15 @@ from adapterfuse.route import RoutingData, greedy_subset, route, routing_accurac
 from adapterfuse.route.predictor import RoutePredictor
 from adapterfuse.tasks.glue import TaskData, load_held_out, load_task
 
-# label -> route() arguments; "on" picks the routing data (features of the prompt or of the raw fields).
+# label -> route() arguments; "on" and "shape" pick the routing data (features of the prompt or of the raw
+# fields; on the fields the text's shape is appended unless "shape" is False).
 ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 (best_expert)": {"router": "learned", "target": "best_expert"},
     "learned top-1": {"router": "learned", "target": "likelihood"},
     "learned top-2": {"router": "learned", "target": "likelihood", "top_k": 2},
     "learned top-1 task target": {"router": "learned", "target": "task"},
     "learned top-1 budget 3": {"router": "learned", "target": "likelihood", "budget": 3},
+    "learned top-1 (fields, no shape)": {"router": "learned", "target": "likelihood", "on": "fields", "shape": False},
     "learned top-1 (fields)": {"router": "learned", "target": "likelihood", "on": "fields"},
     "learned top-2 (fields)": {"router": "learned", "target": "likelihood", "top_k": 2, "on": "fields"},
     "learned top-1 task target (fields)": {"router": "learned", "target": "task", "on": "fields"},
@@ -90,12 +92,12 @@ def main() -> int:
     data = [load_task(t, harness.validation_size, 0) for t in tasks]  # the carve ignores training caps
     validation = [TaskData(d.task, [], d.validation[:harness.validation_per_task], []) for d in data]
     extra = [load_held_out(t, args.max_heldout) for t in args.heldout.split(",")] if args.heldout else []
-    routing: dict[str, RoutingData] = {}
+    routing: dict[tuple[str, bool | None], RoutingData] = {}
 
-    def routing_data(on: str) -> RoutingData:  # built on first use: an Arrow-only run needs none
-        if on not in routing:
-            routing[on] = RoutingData(base, validation, on, batch_size=32)
-        return routing[on]
+    def routing_data(on: str, shape: bool | None = None) -> RoutingData:  # on first use: Arrow alone needs none
+        if (on, shape) not in routing:
+            routing[on, shape] = RoutingData(base, validation, on, batch_size=32, shape=shape)
+        return routing[on, shape]
 
     if not (args.out / "subset_curve.json").exists():
         # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert.
@@ -120,10 +122,10 @@ def main() -> int:
                    in_task=False)
     for label in args.rows.split(","):
         kwargs = dict(ROWS[label])
-        on = kwargs.pop("on", "prompt")
-        record(label, lambda kw=kwargs, on=on, label=label: route(
-            experts, base, validation=validation, on=on, data=None if kw["router"] == "arrow" else routing_data(on),
-            name=label, **kw))
+        on, shape = kwargs.pop("on", "prompt"), kwargs.pop("shape", None)
+        record(label, lambda kw=kwargs, on=on, shape=shape, label=label: route(
+            experts, base, validation=validation, on=on, shape=shape, name=label,
+            data=None if kw["router"] == "arrow" else routing_data(on, shape), **kw))
     print_tables(log, args.recipe_results, [d.task.name for d in data], [d.task.name for d in extra])
     return 0
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from adapterfuse.delta import LowRank, peft_from_deltas
 from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.route import (
     ClusterRouter,
@@ -20,7 +23,7 @@ from adapterfuse.route import (
     routing_accuracy,
     routing_texts,
 )
-from adapterfuse.route.features import resolve_layer
+from adapterfuse.route.features import SHAPE_DIM, resolve_layer, text_shape
 from adapterfuse.route.learned import LearnedRouter, routing_loss, target_labels
 from adapterfuse.route.subset import subset_score
 from adapterfuse.tasks.glue import load_task
@@ -57,6 +60,25 @@ def test_routing_on_fields_drops_the_template(data):
     stsb = data[1]
     assert routing_texts(stsb.task, stsb.test[:1], "fields")[0] == "\n".join(stsb.test[0].fields)
     assert "Sentence 1:" in routing_texts(stsb.task, stsb.test[:1], "prompt")[0]
+
+
+def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
+    assert text_shape("one two three\nfour\nfive six\nseven") == pytest.approx(
+        [math.log1p(4), math.log1p(3), math.log1p(1), math.log1p(3)])
+    assert text_shape("just one line") == pytest.approx([math.log1p(1), math.log1p(3), 0.0, 0.0])
+    texts = ["a b c\nd e", "a single longer line of words"]
+    plain = FeatureExtractor(tiny_base, 1, autocast=False).encode(texts)
+    shaped = FeatureExtractor(tiny_base, 1, autocast=False, shape=True)
+    got = shaped.encode(texts)
+    assert got.shape == (2, plain.shape[1] + SHAPE_DIM) and shaped.dim == got.shape[1]
+    torch.testing.assert_close(got[:, :-SHAPE_DIM], plain, rtol=0, atol=0)
+    torch.testing.assert_close(got[:, -SHAPE_DIM:], torch.tensor([text_shape(t) for t in texts]), rtol=0, atol=0)
+    # Only the raw fields get the shape by default; a RoutingData built otherwise is refused by name.
+    assert RoutingData(tiny_base, data, "fields", autocast=False).features.shape[1] == plain.shape[1] + SHAPE_DIM
+    prompt = RoutingData(tiny_base, data, "prompt", autocast=False)
+    assert prompt.features.shape[1] == plain.shape[1]
+    with pytest.raises(ConfigError, match=r"shape=False.*shape=True"):
+        route(experts, tiny_base, "learned", validation=data, shape=True, data=prompt, autocast=False)
 
 
 def test_learned_router_routes_tasks_apart(tiny_base, experts, data):

@@ -95,13 +95,17 @@ def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, 
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
     manifest = json.loads((tmp_path / "r" / "route.json").read_text())
-    assert manifest["on"] == "fields" and manifest["top_k"] == 2
+    assert manifest["on"] == "fields" and manifest["top_k"] == 2 and manifest["features"]["shape"] is True
     loaded = RoutePredictor.load(tmp_path / "r", tiny_base)
+    assert loaded.extractor.shape is True
     assert type(loaded.router) is type(predictor.router) and loaded.names == predictor.names
     for td in data:
         assert torch.equal(loaded.predict_proba(td.task, td.test), predictor.predict_proba(td.task, td.test))
     with pytest.raises(OutputExistsError, match="already exists"):
         predictor.save(tmp_path / "r")
+    del manifest["features"]["shape"]  # a folder saved before features had a shape was fitted without one
+    (tmp_path / "r" / "route.json").write_text(json.dumps(manifest))
+    assert RoutePredictor.load(tmp_path / "r", tiny_base).extractor.shape is False
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         RoutePredictor.load(tmp_path / "r", tiny_base.__class__(**{**tiny_base.__dict__, "fingerprint": "f" * 64}))
     (tmp_path / "r" / "route.json").write_text("{}")

@@ -21,7 +21,7 @@ from adapterfuse.library import ExpertLibrary
 from adapterfuse.merge.sources import count_experts, load_library
 from adapterfuse.route.cluster import ClusterRouter
 from adapterfuse.route.data import PoolScores, RoutingData, own_expert, routed_score
-from adapterfuse.route.features import DEFAULT_LAYER, check_on, resolve_layer
+from adapterfuse.route.features import DEFAULT_LAYER, check_on, default_shape, resolve_layer
 from adapterfuse.route.learned import LearnedRouter, check_target, target_labels
 from adapterfuse.route.mbc import mbc_pool
 from adapterfuse.route.predictor import ArrowPredictor, RoutePredictor, check_then
@@ -65,7 +65,7 @@ def check_arguments(router: str, top_k: int, then: str, on: str, target: str, po
 
 def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1, then: str = "ensemble",
           validation: Sequence[TaskData] | None = None, on: str = "prompt", *, layer: int = DEFAULT_LAYER,
-          target: str = "best_expert", hidden: int = 0, epochs: int = 300, lr: float = 1e-2,
+          shape: bool | None = None, target: str = "best_expert", hidden: int = 0, epochs: int = 300, lr: float = 1e-2,
           clusters: int | None = None, cluster_temperature: float = 1.0, mbc_clusters: int | None = None,
           mbc_router: str | None = None, sketch: int | None = None, mbc_merge: str = "uniform",
           temperature: float | Mapping[str, float] = 1.0, budget: int | None = None, pooling: str = "linear",
@@ -85,6 +85,8 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         validation: tasks whose validation split the learned/clustered routers (and ``budget``) fit on.
         on: route on the ``"prompt"`` or the raw input ``"fields"`` (no template).
         layer: base layer whose mean-pooled hidden state is the feature (0: embeddings; -1: last).
+        shape: append the routing text's shape (field count and lengths) to the features; default:
+            only when routing on the raw fields (see :func:`~adapterfuse.route.features.text_shape`).
         target: what the learned router learns: ``"best_expert"``, the input's ``"task"``, or
             ``"likelihood"`` (maximise the routed mixture's validation likelihood; see
             :mod:`adapterfuse.route.learned`).
@@ -103,7 +105,7 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         seed: seed of k-means, the router's initialisation, sketches and power iteration.
         batch_size, autocast, max_length: scoring and feature settings.
         max_validation_examples: fit on at most this many validation examples per task.
-        data: a :class:`RoutingData` to reuse across calls (its ``on`` and ``layer`` must match).
+        data: a :class:`RoutingData` to reuse across calls (its ``on``, ``layer`` and ``shape`` must match).
         name: the predictor's name in tables.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``weights_only``).
 
@@ -130,7 +132,8 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
     if kind == "arrow" and budget is None:
         return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
-    data = _routing_data(data, base, validation, on, layer, max_validation_examples, settings)
+    data = _routing_data(data, base, validation, on, layer, default_shape(on, shape), max_validation_examples,
+                         settings)
     scores = data.scores(pool)
     if budget is not None:
         subset = greedy_subset(scores, budget)
@@ -143,17 +146,19 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     info.update(fitted.config())
     info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
     return RoutePredictor(base, pool, fitted, top_k, then, on, data.layer, pooling, name=name, info=info,
-                          **settings)
+                          shape=data.extractor.shape, **settings)
 
 
 def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None, on: str,
-                  layer: int, max_examples: int | None, settings: dict[str, Any]) -> RoutingData:
-    """The given routing data if it matches ``on`` and ``layer``, else new routing data."""
+                  layer: int, shape: bool, max_examples: int | None, settings: dict[str, Any]) -> RoutingData:
+    """The given routing data if it matches ``on``, ``layer`` and ``shape``, else new routing data."""
     if data is None:
-        return RoutingData(base, list(validation or []), on, layer, max_examples=max_examples, **settings)
-    if data.on != on or data.layer != resolve_layer(base.model, layer) or data.base is not base:
-        raise ConfigError(f"data: routing data was built with on={data.on!r}, layer={data.layer} on another or the "
-                          f"same base; this call asks for on={on!r}, layer={layer}; build a matching RoutingData")
+        return RoutingData(base, list(validation or []), on, layer, max_examples=max_examples, shape=shape, **settings)
+    built = (data.on, data.layer, data.extractor.shape)
+    if built != (on, resolve_layer(base.model, layer), shape) or data.base is not base:
+        raise ConfigError(f"data: routing data was built with on={data.on!r}, layer={data.layer}, "
+                          f"shape={data.extractor.shape} on another or the same base; this call asks for on={on!r}, "
+                          f"layer={layer}, shape={shape}; build a matching RoutingData")
     return data
 
 
@@ -232,7 +237,7 @@ def routing_accuracy(predictor: RoutePredictor, data: Sequence[TaskData], split:
     if against_best:
         view = [TaskData(td.task, [], list(getattr(td, split)[:max_examples]), []) for td in data]
         rd = RoutingData(predictor.base, view, predictor.on, predictor.extractor.layer,
-                         batch_size=predictor.batch_size, autocast=predictor.autocast)
+                         batch_size=predictor.batch_size, autocast=predictor.autocast, shape=predictor.extractor.shape)
         best = rd.scores(predictor.experts).best
     return accuracy_report(torch.cat(top1), torch.tensor(own, dtype=torch.long), best, tasks)
 

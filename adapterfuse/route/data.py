@@ -24,7 +24,7 @@ from adapterfuse.ensemble.batched import BatchedEnsemble
 from adapterfuse.ensemble.cache import MemberCache, cache_members
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.route.features import DEFAULT_LAYER, FeatureExtractor, check_on, routing_texts
+from adapterfuse.route.features import DEFAULT_LAYER, FeatureExtractor, check_on, default_shape, routing_texts
 from adapterfuse.scoring import DEFAULT_MAX_LENGTH, predictions
 from adapterfuse.tasks.glue import TaskData, TaskSpec
 from adapterfuse.tasks.metrics import compute_metrics
@@ -160,6 +160,8 @@ class RoutingData:
         layer: the feature layer (see :class:`FeatureExtractor`).
         batch_size, autocast, max_length: feature and scoring settings.
         max_examples: use at most this many validation examples per task (the first ones).
+        shape: append the text's shape to the features (default: only ``on="fields"``; see
+            :func:`~adapterfuse.route.features.text_shape`).
 
     Raises:
         ConfigError: no tasks, a task with no validation examples, an unknown ``on`` or a bad layer.
@@ -167,12 +169,13 @@ class RoutingData:
 
     def __init__(self, base: BaseModel, validation: Sequence[TaskData], on: str = "prompt",
                  layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH, max_examples: int | None = None) -> None:
+                 max_length: int = DEFAULT_MAX_LENGTH, max_examples: int | None = None,
+                 shape: bool | None = None) -> None:
         if not validation:
             raise ConfigError("validation: expected at least one task's data, got none; the learned and clustered "
                               "routers fit on the validation split (pass validation=[TaskData, ...])")
         self.base, self.on = base, check_on(on)
-        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length)
+        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape))
         self.tasks = [td.task for td in validation]
         self.examples = [list(td.validation[:max_examples]) for td in validation]
         for task, examples in zip(self.tasks, self.examples, strict=True):

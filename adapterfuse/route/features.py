@@ -6,10 +6,16 @@ possible). The representation is the masked mean over real tokens of the hidden 
 ``layer`` of the base (0: the token embeddings; the last index: the final normed state, as in
 ``output_hidden_states``). The forward pass stops right after that layer, so an early layer costs only
 that fraction of a base pass.
+
+Routing on the raw fields adds the text's shape (:func:`text_shape`: how many fields, how long each
+is). A masked mean forgets length, and length is most of what tells an RTE premise-hypothesis pair
+from an STS-B sentence pair once the template is gone: without it, layer-1 features sent 40% of STS-B
+dev to RTE (``benchmarks/glue_route.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +28,19 @@ from adapterfuse.tasks.glue import Example, TaskSpec
 
 ON = ("prompt", "fields")
 DEFAULT_LAYER = 1  # after block 1: 1/30 of a SmolLM2 pass, inside the 5% routing budget (bench_route)
+SHAPE_DIM = 4
+
+
+def text_shape(text: str) -> list[float]:
+    """The shape of a routing text: ``log1p`` of its line count, of the word counts of its first and
+    second lines, and of the words of all later lines (``SHAPE_DIM`` numbers; fields are lines)."""
+    words = [len(line.split()) for line in text.split("\n")]
+    return [math.log1p(len(words)), math.log1p(words[0]), math.log1p(sum(words[1:2])), math.log1p(sum(words[2:]))]
+
+
+def default_shape(on: str, shape: bool | None) -> bool:
+    """Whether features carry :func:`text_shape`: as asked, else only when routing on the raw fields."""
+    return check_on(on) == "fields" if shape is None else bool(shape)
 
 
 def check_on(on: str) -> str:
@@ -110,23 +129,24 @@ class FeatureExtractor:
         batch_size: texts per forward pass (batched by similar length).
         autocast: run the base under bf16 autocast (features are returned in fp32).
         max_length: token cap; a longer text keeps its first and last halves (as in scoring).
+        shape: append :func:`text_shape` to every feature row.
 
     Raises:
         ConfigError: a layer out of range or a batch size below 1.
     """
 
     def __init__(self, base: BaseModel, layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH) -> None:
+                 max_length: int = DEFAULT_MAX_LENGTH, shape: bool = False) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
-        self.base, self.layer = base, resolve_layer(base.model, layer)
+        self.base, self.layer, self.shape = base, resolve_layer(base.model, layer), shape
         self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
         self.cache: dict[str, torch.Tensor] = {}
 
     @property
     def dim(self) -> int:
-        """The feature size (the base's hidden size)."""
-        return int(self.base.model.get_input_embeddings().weight.shape[1])
+        """The feature size (the base's hidden size, plus ``SHAPE_DIM`` with ``shape``)."""
+        return int(self.base.model.get_input_embeddings().weight.shape[1]) + (SHAPE_DIM if self.shape else 0)
 
     @property
     def fraction(self) -> float:
@@ -181,7 +201,10 @@ class FeatureExtractor:
                     self.cache[todo[i]] = rows[row]
         if not texts:
             return torch.empty((0, self.dim))
-        return torch.stack([self.cache[t] for t in texts])
+        pooled = torch.stack([self.cache[t] for t in texts])
+        if not self.shape:
+            return pooled
+        return torch.cat([pooled, torch.tensor([text_shape(t) for t in texts], dtype=pooled.dtype)], dim=1)
 
     def features(self, task: TaskSpec, examples: Sequence[Example], on: str) -> torch.Tensor:
         """Features of ``examples`` of ``task`` routed on ``on`` (see :func:`routing_texts`)."""
