@@ -9,8 +9,10 @@ A module is adapted in one of three modes:
 - ``independent``: member ``k`` has its own ``A_k``, ``B_k`` (CAMERO's top layers).
 
 As in :mod:`adapterfuse.ensemble.batched`, rows are member-contiguous: with K members the batch holds
-``K*n`` rows and rows ``k*n .. (k+1)*n - 1`` belong to member ``k``. The low-rank part always runs in
-fp32 (autocast off) so a bf16 base loses no adapter precision and fp32 runs match PEFT exactly.
+``K*n`` rows and rows ``k*n .. (k+1)*n - 1`` belong to member ``k``. The factors are fp32 parameters.
+Under autocast the low-rank matmuls run in the autocast dtype, as PEFT's LoRA layers do, so a
+parameter-efficient ensemble and the plain LoRA it is measured against pay the same per matmul;
+without autocast everything is fp32 and matches PEFT exactly.
 """
 
 from __future__ import annotations
@@ -90,23 +92,23 @@ class MemberLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)`` plus each row's member update; ``x`` is ``[rows, ..., in]``."""
         y = self.base(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()
-            if self.dropout and self.training:
-                h = F.dropout(h, self.dropout, training=True)
-            if self.mode == "shared":
-                low = (h @ self.A.T) @ self.B.T
+        # Without autocast a bf16-loaded base's input is cast up to the fp32 factors; under autocast the
+        # matmuls below run in bf16 (PEFT's choice), an fp32 detour measured slower than K PEFT passes.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout, training=True)
+        if self.mode == "shared":
+            low = (h @ self.A.T) @ self.B.T
+        else:
+            if x.shape[0] % self.k:
+                raise ConfigError(f"member forward: {x.shape[0]} rows is not a multiple of K={self.k}; "
+                                  "expected member-contiguous rows")
+            h = h.reshape(self.k, -1, h.shape[-1])
+            if self.mode == "batchensemble":
+                low = ((h * self.r[:, None, :]) @ self.A.T) @ self.B.T * self.s[:, None, :]
             else:
-                if x.shape[0] % self.k:
-                    raise ConfigError(f"member forward: {x.shape[0]} rows is not a multiple of K={self.k}; "
-                                      "expected member-contiguous rows")
-                h = h.reshape(self.k, -1, h.shape[-1])
-                if self.mode == "batchensemble":
-                    low = ((h * self.r[:, None, :]) @ self.A.T) @ self.B.T * self.s[:, None, :]
-                else:
-                    low = torch.bmm(torch.bmm(h, self.A.transpose(1, 2)), self.B.transpose(1, 2))
-            low = low * self.scale
-        return y + low.reshape(y.shape).to(y.dtype)
+                low = torch.bmm(torch.bmm(h, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+        return y + (low * self.scale).reshape(y.shape).to(y.dtype)
 
     def tensors(self) -> Tensors:
         """The trainable tensors by short name (``A``, ``B``, and ``r``, ``s`` for BatchEnsemble)."""
