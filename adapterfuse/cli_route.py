@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.cli import positive_int
-from adapterfuse.route.features import DEFAULT_LAYER, ON
+from adapterfuse.route.features import DEFAULT_LAYER, ON, READOUTS
 from adapterfuse.route.learned import TARGETS
 
 HELP = "route each input to its top-k experts (learned, clustered, mbc, arrow), then pool or merge them"
@@ -40,6 +40,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="route folder to write")
     p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
     p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="feature layer (0 embeddings, -1 last)")
+    p.add_argument("--readout", default="mean", choices=list(READOUTS),
+                   help="features: the mean over tokens, or the mean and the last token's state")
     p.add_argument("--target", default="best_expert", choices=list(TARGETS), help="what the learned router learns")
     p.add_argument("--hidden", type=int, default=0, help="hidden size of the learned router (0: linear)")
     p.add_argument("--clusters", type=positive_int, default=None, help="k-means clusters (default: experts)")
@@ -99,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = route(library, base, args.router, args.top_k, args.then, validation=data, on=args.on,
-                      layer=args.layer, target=args.target, hidden=args.hidden, clusters=args.clusters,
-                      mbc_clusters=args.mbc_clusters, mbc_router=across, sketch=args.sketch,
+                      layer=args.layer, readout=args.readout, target=args.target, hidden=args.hidden,
+                      clusters=args.clusters, mbc_clusters=args.mbc_clusters, mbc_router=across, sketch=args.sketch,
                       temperature=args.temperature, budget=args.budget, pooling=args.pooling, seed=args.seed,
                       batch_size=args.batch_size, autocast=not args.no_autocast)
     scored = data + _held_out(args.eval_tasks, args.max_eval_examples, args.data_seed)

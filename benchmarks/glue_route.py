@@ -33,18 +33,23 @@ from adapterfuse.route import RoutingData, greedy_subset, route, routing_accurac
 from adapterfuse.route.predictor import RoutePredictor
 from adapterfuse.tasks.glue import TaskData, load_held_out, load_task
 
-# label -> route() arguments; "on" and "shape" pick the routing data (features of the prompt or of the raw
-# fields; on the fields the text's shape is appended unless "shape" is False).
+# label -> route() arguments; "on", "shape" and "readout" pick the routing data (features of the prompt or of
+# the raw fields; on the fields the text's shape is appended unless "shape" is False; "mean_last" adds the last
+# token's state to the mean).
 ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 (best_expert)": {"router": "learned", "target": "best_expert"},
     "learned top-1": {"router": "learned", "target": "likelihood"},
     "learned top-2": {"router": "learned", "target": "likelihood", "top_k": 2},
     "learned top-1 task target": {"router": "learned", "target": "task"},
+    "learned top-1 task target (mean+last)": {"router": "learned", "target": "task", "readout": "mean_last"},
     "learned top-1 budget 3": {"router": "learned", "target": "likelihood", "budget": 3},
-    "learned top-1 (fields, no shape)": {"router": "learned", "target": "likelihood", "on": "fields", "shape": False},
+    "learned top-1 (fields without shape)": {"router": "learned", "target": "likelihood", "on": "fields",
+                                             "shape": False},
     "learned top-1 (fields)": {"router": "learned", "target": "likelihood", "on": "fields"},
     "learned top-2 (fields)": {"router": "learned", "target": "likelihood", "top_k": 2, "on": "fields"},
     "learned top-1 task target (fields)": {"router": "learned", "target": "task", "on": "fields"},
+    "learned top-1 task target (fields mean+last)": {"router": "learned", "target": "task", "on": "fields",
+                                                      "readout": "mean_last"},
     **{f"clustered {c}": {"router": "clustered", "clusters": c} for c in (2, 3, 4, 5)},
     **{f"mbc {g} groups": {"router": "mbc", "mbc_clusters": g, "target": "likelihood"} for g in (2, 3, 4)},
     "arrow top-1": {"router": "arrow", "top_k": 1},
@@ -92,12 +97,12 @@ def main() -> int:
     data = [load_task(t, harness.validation_size, 0) for t in tasks]  # the carve ignores training caps
     validation = [TaskData(d.task, [], d.validation[:harness.validation_per_task], []) for d in data]
     extra = [load_held_out(t, args.max_heldout) for t in args.heldout.split(",")] if args.heldout else []
-    routing: dict[tuple[str, bool | None], RoutingData] = {}
+    routing: dict[tuple[str, bool | None, str], RoutingData] = {}
 
-    def routing_data(on: str, shape: bool | None = None) -> RoutingData:  # on first use: Arrow alone needs none
-        if (on, shape) not in routing:
-            routing[on, shape] = RoutingData(base, validation, on, batch_size=32, shape=shape)
-        return routing[on, shape]
+    def routing_data(on: str, shape: bool | None = None, readout: str = "mean") -> RoutingData:  # Arrow needs none
+        if (on, shape, readout) not in routing:
+            routing[on, shape, readout] = RoutingData(base, validation, on, batch_size=32, shape=shape, readout=readout)
+        return routing[on, shape, readout]
 
     if not (args.out / "subset_curve.json").exists():
         # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert.
@@ -122,10 +127,11 @@ def main() -> int:
                    in_task=False)
     for label in args.rows.split(","):
         kwargs = dict(ROWS[label])
-        on, shape = kwargs.pop("on", "prompt"), kwargs.pop("shape", None)
-        record(label, lambda kw=kwargs, on=on, shape=shape, label=label: route(
-            experts, base, validation=validation, on=on, shape=shape, name=label,
-            data=None if kw["router"] == "arrow" else routing_data(on, shape), **kw))
+        features = {"on": kwargs.pop("on", "prompt"), "shape": kwargs.pop("shape", None),
+                    "readout": kwargs.pop("readout", "mean")}
+        record(label, lambda kw=kwargs, f=features, label=label: route(
+            experts, base, validation=validation, name=label,
+            data=None if kw["router"] == "arrow" else routing_data(**f), **f, **kw))
     print_tables(log, args.recipe_results, [d.task.name for d in data], [d.task.name for d in extra])
     return 0
 

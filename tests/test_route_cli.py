@@ -43,7 +43,7 @@ def argv(setup, out, *extra: str) -> list[str]:
 def test_fits_evaluates_prints_and_saves(setup, tmp_path, glue_dir, capsys):
     out = tmp_path / "r"
     args = parser().parse_args(argv(setup, out, "--router", "learned", "--top-k", "2", "--on", "fields",
-                                    "--eval-tasks", "rte", "--layer", "1"))
+                                    "--eval-tasks", "rte", "--layer", "1", "--readout", "mean_last"))
     assert args.handler is run and run(args) == 0
     printed = capsys.readouterr().out
     assert "| route learned top2 ensemble (fields) |" in printed and "rte accuracy" in printed
@@ -52,6 +52,7 @@ def test_fits_evaluates_prints_and_saves(setup, tmp_path, glue_dir, capsys):
     assert result["tasks"]["rte"]["n"] == 6 and result["routing_accuracy"]["tasks"]["rte"]["oracle"] is not None
     loaded = RoutePredictor.load(out, setup[2])
     assert isinstance(loaded, RoutePredictor) and loaded.top_k == 2 and loaded.on == "fields"
+    assert loaded.extractor.readout == "mean_last"
 
 
 def test_arrow_and_overwrite(setup, tmp_path, glue_dir, capsys):

@@ -56,6 +56,21 @@ def test_features_stop_early_and_match_the_full_hidden_states(tiny_base):
                                rtol=0, atol=1e-5)  # padding in a batch changes nothing
 
 
+def test_mean_last_readout_appends_the_last_tokens_state(tiny_base):
+    texts = ["a short one .", "a somewhat longer text with more words in it ."]
+    got = FeatureExtractor(tiny_base, 1, autocast=False, readout="mean_last").encode(texts)
+    d = tiny_base.model.config.hidden_size
+    assert got.shape == (2, 2 * d)
+    for row, text in enumerate(texts):  # the short text is right-padded in the batch: its last real token counts
+        ids = tiny_base.tokenizer([text], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = tiny_base.model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
+        torch.testing.assert_close(got[row, :d], hidden.mean(0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[row, d:], hidden[-1], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="readout 'max': unknown; expected one of mean, mean_last"):
+        FeatureExtractor(tiny_base, 1, readout="max")
+
+
 def test_routing_on_fields_drops_the_template(data):
     stsb = data[1]
     assert routing_texts(stsb.task, stsb.test[:1], "fields")[0] == "\n".join(stsb.test[0].fields)
@@ -77,7 +92,7 @@ def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
     assert RoutingData(tiny_base, data, "fields", autocast=False).features.shape[1] == plain.shape[1] + SHAPE_DIM
     prompt = RoutingData(tiny_base, data, "prompt", autocast=False)
     assert prompt.features.shape[1] == plain.shape[1]
-    with pytest.raises(ConfigError, match=r"shape=False.*shape=True"):
+    with pytest.raises(ConfigError, match=r"'shape': False.*'shape': True"):
         route(experts, tiny_base, "learned", validation=data, shape=True, data=prompt, autocast=False)
 
 

@@ -91,21 +91,23 @@ def test_merge_is_the_linear_merge_of_the_chosen_experts_at_each_inputs_weights(
 @pytest.mark.parametrize("router", ["learned", "clustered", "mbc"])
 def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, data, tmp_path, router):
     predictor = route(experts, tiny_base, router, top_k=2, validation=data, on="fields", autocast=False,
-                      clusters=3, mbc_clusters=2, hidden=8)
+                      clusters=3, mbc_clusters=2, hidden=8, readout="mean_last")
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
     manifest = json.loads((tmp_path / "r" / "route.json").read_text())
     assert manifest["on"] == "fields" and manifest["top_k"] == 2 and manifest["features"]["shape"] is True
+    assert manifest["features"]["readout"] == "mean_last"
     loaded = RoutePredictor.load(tmp_path / "r", tiny_base)
-    assert loaded.extractor.shape is True
+    assert loaded.extractor.shape is True and loaded.extractor.readout == "mean_last"
     assert type(loaded.router) is type(predictor.router) and loaded.names == predictor.names
     for td in data:
         assert torch.equal(loaded.predict_proba(td.task, td.test), predictor.predict_proba(td.task, td.test))
     with pytest.raises(OutputExistsError, match="already exists"):
         predictor.save(tmp_path / "r")
-    del manifest["features"]["shape"]  # a folder saved before features had a shape was fitted without one
+    del manifest["features"]["shape"], manifest["features"]["readout"]  # saved before either existed
     (tmp_path / "r" / "route.json").write_text(json.dumps(manifest))
-    assert RoutePredictor.load(tmp_path / "r", tiny_base).extractor.shape is False
+    old = RoutePredictor.load(tmp_path / "r", tiny_base).extractor
+    assert old.shape is False and old.readout == "mean"
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         RoutePredictor.load(tmp_path / "r", tiny_base.__class__(**{**tiny_base.__dict__, "fingerprint": "f" * 64}))
     (tmp_path / "r" / "route.json").write_text("{}")

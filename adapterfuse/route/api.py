@@ -21,7 +21,7 @@ from adapterfuse.library import ExpertLibrary
 from adapterfuse.merge.sources import count_experts, load_library
 from adapterfuse.route.cluster import ClusterRouter
 from adapterfuse.route.data import PoolScores, RoutingData, own_expert, routed_score
-from adapterfuse.route.features import DEFAULT_LAYER, check_on, default_shape, resolve_layer
+from adapterfuse.route.features import DEFAULT_LAYER, check_on, check_readout, default_shape, resolve_layer
 from adapterfuse.route.learned import LearnedRouter, check_target, target_labels
 from adapterfuse.route.mbc import mbc_pool
 from adapterfuse.route.predictor import ArrowPredictor, RoutePredictor, check_then
@@ -65,7 +65,8 @@ def check_arguments(router: str, top_k: int, then: str, on: str, target: str, po
 
 def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1, then: str = "ensemble",
           validation: Sequence[TaskData] | None = None, on: str = "prompt", *, layer: int = DEFAULT_LAYER,
-          shape: bool | None = None, target: str = "best_expert", hidden: int = 0, epochs: int = 300, lr: float = 1e-2,
+          shape: bool | None = None, readout: str = "mean", target: str = "best_expert", hidden: int = 0,
+          epochs: int = 300, lr: float = 1e-2,
           clusters: int | None = None, cluster_temperature: float = 1.0, mbc_clusters: int | None = None,
           mbc_router: str | None = None, sketch: int | None = None, mbc_merge: str = "uniform",
           temperature: float | Mapping[str, float] = 1.0, budget: int | None = None, pooling: str = "linear",
@@ -87,6 +88,7 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         layer: base layer whose mean-pooled hidden state is the feature (0: embeddings; -1: last).
         shape: append the routing text's shape (field count and lengths) to the features; default:
             only when routing on the raw fields (see :func:`~adapterfuse.route.features.text_shape`).
+        readout: ``"mean"`` over the tokens, or ``"mean_last"``: the mean and the last token's state.
         target: what the learned router learns: ``"best_expert"``, the input's ``"task"``, or
             ``"likelihood"`` (maximise the routed mixture's validation likelihood; see
             :mod:`adapterfuse.route.learned`).
@@ -105,7 +107,7 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         seed: seed of k-means, the router's initialisation, sketches and power iteration.
         batch_size, autocast, max_length: scoring and feature settings.
         max_validation_examples: fit on at most this many validation examples per task.
-        data: a :class:`RoutingData` to reuse across calls (its ``on``, ``layer`` and ``shape`` must match).
+        data: a :class:`RoutingData` to reuse across calls (its ``on`` and feature settings must match).
         name: the predictor's name in tables.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``weights_only``).
 
@@ -119,6 +121,7 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         CompatibilityError / ExpertError: experts from different bases, or not from ``base``.
     """
     n = count_experts(experts)
+    check_readout(readout)
     across = mbc_router or ("arrow" if not validation and data is None else "learned")
     kind = across if router == "mbc" else router
     check_arguments(router, top_k, then, on, target, pooling, n, mbc_clusters, across,
@@ -132,8 +135,8 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
     if kind == "arrow" and budget is None:
         return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
-    data = _routing_data(data, base, validation, on, layer, default_shape(on, shape), max_validation_examples,
-                         settings)
+    features = {"layer": layer, "readout": readout, "shape": default_shape(on, shape)}
+    data = _routing_data(data, base, validation, on, features, max_validation_examples, settings)
     scores = data.scores(pool)
     if budget is not None:
         subset = greedy_subset(scores, budget)
@@ -146,19 +149,19 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     info.update(fitted.config())
     info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
     return RoutePredictor(base, pool, fitted, top_k, then, on, data.layer, pooling, name=name, info=info,
-                          shape=data.extractor.shape, **settings)
+                          shape=data.extractor.shape, readout=data.extractor.readout, **settings)
 
 
 def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None, on: str,
-                  layer: int, shape: bool, max_examples: int | None, settings: dict[str, Any]) -> RoutingData:
-    """The given routing data if it matches ``on``, ``layer`` and ``shape``, else new routing data."""
+                  features: dict[str, Any], max_examples: int | None, settings: dict[str, Any]) -> RoutingData:
+    """The given routing data if it matches ``on`` and the ``features`` settings, else new routing data."""
     if data is None:
-        return RoutingData(base, list(validation or []), on, layer, max_examples=max_examples, shape=shape, **settings)
-    built = (data.on, data.layer, data.extractor.shape)
-    if built != (on, resolve_layer(base.model, layer), shape) or data.base is not base:
-        raise ConfigError(f"data: routing data was built with on={data.on!r}, layer={data.layer}, "
-                          f"shape={data.extractor.shape} on another or the same base; this call asks for on={on!r}, "
-                          f"layer={layer}, shape={shape}; build a matching RoutingData")
+        return RoutingData(base, list(validation or []), on, max_examples=max_examples, **features, **settings)
+    asked = {"on": on, **features, "layer": resolve_layer(base.model, features["layer"])}
+    built = {"on": data.on, **data.extractor.spec}
+    if built != asked or data.base is not base:
+        raise ConfigError(f"data: routing data was built with {built} on another or the same base; this call asks "
+                          f"for {asked}; build a matching RoutingData")
     return data
 
 
@@ -237,7 +240,8 @@ def routing_accuracy(predictor: RoutePredictor, data: Sequence[TaskData], split:
     if against_best:
         view = [TaskData(td.task, [], list(getattr(td, split)[:max_examples]), []) for td in data]
         rd = RoutingData(predictor.base, view, predictor.on, predictor.extractor.layer,
-                         batch_size=predictor.batch_size, autocast=predictor.autocast, shape=predictor.extractor.shape)
+                         batch_size=predictor.batch_size, autocast=predictor.autocast, shape=predictor.extractor.shape,
+                         readout=predictor.extractor.readout)
         best = rd.scores(predictor.experts).best
     return accuracy_report(torch.cat(top1), torch.tensor(own, dtype=torch.long), best, tasks)
 

@@ -162,6 +162,7 @@ class RoutingData:
         max_examples: use at most this many validation examples per task (the first ones).
         shape: append the text's shape to the features (default: only ``on="fields"``; see
             :func:`~adapterfuse.route.features.text_shape`).
+        readout: ``"mean"`` or ``"mean_last"`` (see :class:`FeatureExtractor`).
 
     Raises:
         ConfigError: no tasks, a task with no validation examples, an unknown ``on`` or a bad layer.
@@ -170,12 +171,13 @@ class RoutingData:
     def __init__(self, base: BaseModel, validation: Sequence[TaskData], on: str = "prompt",
                  layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
                  max_length: int = DEFAULT_MAX_LENGTH, max_examples: int | None = None,
-                 shape: bool | None = None) -> None:
+                 shape: bool | None = None, readout: str = "mean") -> None:
         if not validation:
             raise ConfigError("validation: expected at least one task's data, got none; the learned and clustered "
                               "routers fit on the validation split (pass validation=[TaskData, ...])")
         self.base, self.on = base, check_on(on)
-        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape))
+        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape),
+                                          readout)
         self.tasks = [td.task for td in validation]
         self.examples = [list(td.validation[:max_examples]) for td in validation]
         for task, examples in zip(self.tasks, self.examples, strict=True):

@@ -7,6 +7,11 @@ possible). The representation is the masked mean over real tokens of the hidden 
 ``output_hidden_states``). The forward pass stops right after that layer, so an early layer costs only
 that fraction of a base pass.
 
+``readout="mean_last"`` appends the last real token's hidden state to the mean. Every prompt ends with
+its task's question ("Score:", "Answer:"), which a mean over a long input dilutes and the last
+position holds: on the GLUE prompts at layer 1 it took a task-target router's dev accuracy from
+0.9980 to 0.9998, and on the raw fields from 0.779 to 0.827.
+
 Routing on the raw fields adds the text's shape (:func:`text_shape`: how many fields, how long each
 is). A masked mean forgets length, and length is most of what tells an RTE premise-hypothesis pair
 from an STS-B sentence pair once the template is gone: without it, layer-1 features sent 40% of STS-B
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +33,7 @@ from adapterfuse.scoring import DEFAULT_MAX_LENGTH, autocast_context, length_bat
 from adapterfuse.tasks.glue import Example, TaskSpec
 
 ON = ("prompt", "fields")
+READOUTS = ("mean", "mean_last")
 DEFAULT_LAYER = 1  # after block 1: 1/30 of a SmolLM2 pass, inside the 5% routing budget (bench_route)
 SHAPE_DIM = 4
 
@@ -36,6 +43,18 @@ def text_shape(text: str) -> list[float]:
     second lines, and of the words of all later lines (``SHAPE_DIM`` numbers; fields are lines)."""
     words = [len(line.split()) for line in text.split("\n")]
     return [math.log1p(len(words)), math.log1p(words[0]), math.log1p(sum(words[1:2])), math.log1p(sum(words[2:]))]
+
+
+def check_readout(readout: str) -> str:
+    """Return ``readout`` if it is ``"mean"`` or ``"mean_last"``.
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    if readout not in READOUTS:
+        raise ConfigError(f"readout {readout!r}: unknown; expected one of {', '.join(READOUTS)} (the mean over "
+                          "tokens, or the mean followed by the last token's state)")
+    return readout
 
 
 def default_shape(on: str, shape: bool | None) -> bool:
@@ -130,23 +149,31 @@ class FeatureExtractor:
         autocast: run the base under bf16 autocast (features are returned in fp32).
         max_length: token cap; a longer text keeps its first and last halves (as in scoring).
         shape: append :func:`text_shape` to every feature row.
+        readout: ``"mean"`` over real tokens, or ``"mean_last"``: the mean, then the last real token's state.
 
     Raises:
-        ConfigError: a layer out of range or a batch size below 1.
+        ConfigError: a layer out of range, a batch size below 1 or an unknown readout.
     """
 
     def __init__(self, base: BaseModel, layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH, shape: bool = False) -> None:
+                 max_length: int = DEFAULT_MAX_LENGTH, shape: bool = False, readout: str = "mean") -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         self.base, self.layer, self.shape = base, resolve_layer(base.model, layer), shape
+        self.readout = check_readout(readout)
         self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
         self.cache: dict[str, torch.Tensor] = {}
 
     @property
     def dim(self) -> int:
-        """The feature size (the base's hidden size, plus ``SHAPE_DIM`` with ``shape``)."""
-        return int(self.base.model.get_input_embeddings().weight.shape[1]) + (SHAPE_DIM if self.shape else 0)
+        """The feature size: the base's hidden size (twice with ``mean_last``), plus ``SHAPE_DIM`` with ``shape``."""
+        hidden = int(self.base.model.get_input_embeddings().weight.shape[1])
+        return hidden * (2 if self.readout == "mean_last" else 1) + (SHAPE_DIM if self.shape else 0)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What a router fitted on these features needs again at test time (saved with a predictor)."""
+        return {"layer": self.layer, "readout": self.readout, "shape": self.shape}
 
     @property
     def fraction(self) -> float:
@@ -160,7 +187,8 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The masked mean of hidden state ``layer`` over real tokens, fp32 ``[n, d]``."""
+        """The masked mean of hidden state ``layer`` over real tokens (then, with ``mean_last``, the last
+        real token's state), fp32 ``[n, d]`` (``[n, 2d]``); rows are right-padded."""
         model = self.base.model
         captured: dict[str, torch.Tensor] = {}
 
@@ -178,7 +206,11 @@ class FeatureExtractor:
             handle.remove()
         hidden = captured["h"].float()
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self.readout == "mean":
+            return mean
+        last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
+        return torch.cat([mean, hidden[torch.arange(hidden.shape[0], device=hidden.device), last]], dim=1)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Features of ``texts`` in their order, ``[n, d]`` fp32 on the CPU; known texts come from the cache.

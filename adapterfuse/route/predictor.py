@@ -105,6 +105,7 @@ class RoutePredictor(_Saved):
         batch_size, autocast, max_length: scoring and feature settings.
         shape: whether the router's features carry the text's shape (default: only ``on="fields"``);
             it must be what the router was fitted with.
+        readout: ``"mean"`` or ``"mean_last"``, as the router was fitted.
 
     Raises:
         ConfigError: an empty pool, a router of another size, a bad top_k, then, on or pooling.
@@ -113,7 +114,8 @@ class RoutePredictor(_Saved):
     def __init__(self, base: BaseModel, pool: Sequence[Expert], router: Router, top_k: int = 1,
                  then: str = "ensemble", on: str = "prompt", layer: int = DEFAULT_LAYER, pooling: str = "linear",
                  name: str | None = None, info: dict[str, Any] | None = None, batch_size: int = 32,
-                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, shape: bool | None = None) -> None:
+                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, shape: bool | None = None,
+                 readout: str = "mean") -> None:
         if not pool:
             raise ConfigError("experts: expected at least one expert to route to, got none")
         if router.n_experts != len(pool):
@@ -124,7 +126,8 @@ class RoutePredictor(_Saved):
         self.then, self.on, self.pooling = check_then(then), check_on(on), pooling
         shown = name or f"route {router.kind} top{top_k} {then} ({on})"
         self._setup(base, pool, shown, info, batch_size, autocast, max_length)
-        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape))
+        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape),
+                                          readout)
         self._models: dict[tuple[str, tuple[int, ...]], BatchedEnsemble | RowMergeModel] = {}
 
     def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +217,7 @@ class RoutePredictor(_Saved):
         """
         router = {"kind": self.router.kind, "config": self.router.config()}
         extra = {"top_k": self.top_k, "then": self.then, "on": self.on, "pooling": self.pooling,
-                 "features": {"layer": self.extractor.layer, "shape": self.extractor.shape}}
+                 "features": self.extractor.spec}
         self._write(path, self._manifest(router, extra), self.router.tensors(), overwrite)
 
     @classmethod
@@ -246,11 +249,12 @@ class RoutePredictor(_Saved):
             return ArrowPredictor(base, experts, cfg["top_k"], cfg["temperature"], prototypes=protos,
                                   seed=cfg.get("seed", 0), name=manifest.get("name"), info=manifest.get("info"),
                                   **settings)
-        # Folders saved before features had a shape ("shape" absent) were fitted without it.
+        # Folders saved before features had a shape or a readout were fitted on the plain mean.
+        features = manifest["features"]
         return cls(base, experts, load_router(router["kind"], router["config"], tensors), manifest["top_k"],
-                   manifest["then"], manifest["on"], manifest["features"]["layer"], manifest["pooling"],
-                   name=manifest.get("name"), info=manifest.get("info"),
-                   shape=manifest["features"].get("shape", False), **settings)
+                   manifest["then"], manifest["on"], features["layer"], manifest["pooling"],
+                   name=manifest.get("name"), info=manifest.get("info"), shape=features.get("shape", False),
+                   readout=features.get("readout", "mean"), **settings)
 
 
 class ArrowPredictor(_Saved):
