@@ -10,12 +10,12 @@ that fraction of a base pass.
 ``readout="mean_last"`` appends the last real token's hidden state to the mean. Every prompt ends with
 its task's question ("Score:", "Answer:"), which a mean over a long input dilutes and the last
 position holds: on the GLUE prompts at layer 1 it took a task-target router's dev accuracy from
-0.9980 to 0.9998, and on the raw fields from 0.779 to 0.827.
+0.9980 to 0.9998, and on the raw fields from 0.779 to 0.827 (``benchmarks/route_features.py``).
 
 Routing on the raw fields adds the text's shape (:func:`text_shape`: how many fields, how long each
-is). A masked mean forgets length, and length is most of what tells an RTE premise-hypothesis pair
-from an STS-B sentence pair once the template is gone: without it, layer-1 features sent 40% of STS-B
-dev to RTE (``benchmarks/glue_route.py``).
+is), which a masked mean forgets. It helps less than one would think: a task-target router on
+layer-1 field features identified 0.764 of GLUE dev inputs' tasks without it and 0.779 with it; most
+of the remaining error is STS-B pairs taken for RTE pairs (582 of 1,500).
 """
 
 from __future__ import annotations
