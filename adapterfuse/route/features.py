@@ -45,16 +45,19 @@ def text_shape(text: str) -> list[float]:
     return [math.log1p(len(words)), math.log1p(words[0]), math.log1p(sum(words[1:2])), math.log1p(sum(words[2:]))]
 
 
+def _choice(name: str, value: str, choices: tuple[str, ...], meaning: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r}: unknown; expected one of {', '.join(choices)} ({meaning})")
+    return value
+
+
 def check_readout(readout: str) -> str:
     """Return ``readout`` if it is ``"mean"`` or ``"mean_last"``.
 
     Raises:
         ConfigError: otherwise.
     """
-    if readout not in READOUTS:
-        raise ConfigError(f"readout {readout!r}: unknown; expected one of {', '.join(READOUTS)} (the mean over "
-                          "tokens, or the mean followed by the last token's state)")
-    return readout
+    return _choice("readout", readout, READOUTS, "the mean over tokens, or the mean followed by the last token's state")
 
 
 def default_shape(on: str, shape: bool | None) -> bool:
@@ -68,10 +71,7 @@ def check_on(on: str) -> str:
     Raises:
         ConfigError: otherwise.
     """
-    if on not in ON:
-        raise ConfigError(f"on {on!r}: unknown; expected one of {', '.join(ON)} (route on the prompt, or on the "
-                          "raw input fields without the task's template)")
-    return on
+    return _choice("on", on, ON, "route on the prompt, or on the raw input fields without the task's template")
 
 
 def routing_text(task: TaskSpec, example: Example, on: str) -> str:
