@@ -30,6 +30,7 @@ from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, ZeroShotPredictor, adapter_params, evaluate
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.route import RoutingData, greedy_subset, route, routing_accuracy
+from adapterfuse.route.features import default_shape
 from adapterfuse.route.predictor import RoutePredictor
 from adapterfuse.tasks.glue import TaskData, load_held_out, load_task
 
@@ -97,12 +98,13 @@ def main() -> int:
     data = [load_task(t, harness.validation_size, 0) for t in tasks]  # the carve ignores training caps
     validation = [TaskData(d.task, [], d.validation[:harness.validation_per_task], []) for d in data]
     extra = [load_held_out(t, args.max_heldout) for t in args.heldout.split(",")] if args.heldout else []
-    routing: dict[tuple[str, bool | None, str], RoutingData] = {}
+    routing: dict[tuple[str, bool, str], RoutingData] = {}
 
     def routing_data(on: str, shape: bool | None = None, readout: str = "mean") -> RoutingData:  # Arrow needs none
-        if (on, shape, readout) not in routing:
-            routing[on, shape, readout] = RoutingData(base, validation, on, batch_size=32, shape=shape, readout=readout)
-        return routing[on, shape, readout]
+        key = (on, default_shape(on, shape), readout)  # shape None and its default share one feature pass
+        if key not in routing:
+            routing[key] = RoutingData(base, validation, on, batch_size=32, shape=key[1], readout=readout)
+        return routing[key]
 
     if not (args.out / "subset_curve.json").exists():
         # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert.

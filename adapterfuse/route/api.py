@@ -148,8 +148,8 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     fitted = _fit(kind, data, scores, target, hidden, epochs, lr, clusters, cluster_temperature, seed)
     info.update(fitted.config())
     info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
-    return RoutePredictor(base, pool, fitted, top_k, then, on, data.layer, pooling, name=name, info=info,
-                          shape=data.extractor.shape, readout=data.extractor.readout, **settings)
+    return RoutePredictor(base, pool, fitted, top_k, then, on, pooling=pooling, name=name, info=info,
+                          **data.extractor.spec, **settings)
 
 
 def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None, on: str,
@@ -239,9 +239,8 @@ def routing_accuracy(predictor: RoutePredictor, data: Sequence[TaskData], split:
     best = None
     if against_best:
         view = [TaskData(td.task, [], list(getattr(td, split)[:max_examples]), []) for td in data]
-        rd = RoutingData(predictor.base, view, predictor.on, predictor.extractor.layer,
-                         batch_size=predictor.batch_size, autocast=predictor.autocast, shape=predictor.extractor.shape,
-                         readout=predictor.extractor.readout)
+        rd = RoutingData(predictor.base, view, predictor.on, batch_size=predictor.batch_size,
+                         autocast=predictor.autocast, **predictor.extractor.spec)
         best = rd.scores(predictor.experts).best
     return accuracy_report(torch.cat(top1), torch.tensor(own, dtype=torch.long), best, tasks)
 

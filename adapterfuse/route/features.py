@@ -172,7 +172,9 @@ class FeatureExtractor:
 
     @property
     def spec(self) -> dict[str, Any]:
-        """What a router fitted on these features needs again at test time (saved with a predictor)."""
+        """What a router fitted on these features needs again at test time (saved with a predictor): the
+        keyword arguments ``layer``, ``readout`` and ``shape`` of this class, ``RoutingData`` and
+        ``RoutePredictor``."""
         return {"layer": self.layer, "readout": self.readout, "shape": self.shape}
 
     @property

@@ -250,11 +250,10 @@ class RoutePredictor(_Saved):
                                   seed=cfg.get("seed", 0), name=manifest.get("name"), info=manifest.get("info"),
                                   **settings)
         # Folders saved before features had a shape or a readout were fitted on the plain mean.
-        features = manifest["features"]
+        features = {"shape": False, "readout": "mean", **manifest["features"]}
         return cls(base, experts, load_router(router["kind"], router["config"], tensors), manifest["top_k"],
-                   manifest["then"], manifest["on"], features["layer"], manifest["pooling"],
-                   name=manifest.get("name"), info=manifest.get("info"), shape=features.get("shape", False),
-                   readout=features.get("readout", "mean"), **settings)
+                   manifest["then"], manifest["on"], pooling=manifest["pooling"], name=manifest.get("name"),
+                   info=manifest.get("info"), **features, **settings)
 
 
 class ArrowPredictor(_Saved):
