@@ -139,6 +139,8 @@ def main() -> int:
                         help="distil the cross-task ensemble on N training inputs per task (0: skip)")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
+    if args.cross_distill < 0:
+        parser.error(f"--cross-distill: expected N >= 0 training inputs per task (0 skips), got {args.cross_distill}")
     recipe = load_recipe(args.recipe)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
