@@ -9,9 +9,10 @@ For K random rank-r LoRA experts on every linear layer of the base (seeded), it 
 - our ``ties`` (density 0.2, rank r; exact SVD, and the seeded randomized SVD of ``exact_svd=False``)
   against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD).
 Only the merge itself is timed (each output's dense ΔW is formed afterwards, for the error). Peak
-memory is the largest rise of the process's resident memory during the call (sampled every
-2 ms). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F over all modules is measured
-against a dense float64 reference of the same method computed in this script. Prints a Markdown table.
+memory is the largest rise of the process's resident memory during the call (the kernel's high-water
+mark, see ``adapterfuse.memory``). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F
+over all modules is measured against a dense float64 reference of the same method computed in this
+script. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -30,39 +29,9 @@ import torch
 
 from adapterfuse.base import load_base
 from adapterfuse.delta import Deltas, deltas_from_peft
+from adapterfuse.memory import PeakMemory
 from adapterfuse.merge import merge_deltas
 from adapterfuse.train_config import ALL_LINEAR
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
-
-
-class PeakRSS:
-    """Largest rise of resident memory while the block runs (a sampling thread)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def make_peft(base_model, k: int, rank: int, seed: int):
@@ -116,7 +85,7 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]
     """Median seconds and median peak MiB of ``repeats`` calls, and the last result."""
     seconds, mibs, out = [], [], None
     for _ in range(repeats):
-        with PeakRSS() as peak:
+        with PeakMemory("cpu") as peak:
             t0 = time.perf_counter()
             out = fn()
             seconds.append(time.perf_counter() - t0)

@@ -10,10 +10,11 @@ LoRA, MIMO, CAMERO (K members each) and SWAG (K samples); ``batchensemble_split`
 ``--methods``) is BatchEnsemble with each step's batch cut into K blocks, one per member. Columns: the
 dev score (GLUE dev, the harness's test split), the trained parameters, the stored parameters, the
 training wall time (for the independent LoRAs: the sum of their K runs) and its ratio to the single
-LoRA, the peak GPU memory of training (CUDA only) and the inference examples/s of the harness. Every
-model folder goes under ``<out>/<task>/`` and is reused on a rerun; each row is appended to
-``<out>/<task>/results.jsonl`` as soon as it is measured (a rerun skips rows already there) and the
-tables are printed at the end.
+LoRA, the peak memory of training (its rise over the loaded base: allocated CUDA memory on a GPU,
+resident memory on a CPU, see ``adapterfuse.memory``) and its ratio to the single LoRA, and the
+inference examples/s of the harness. Every model folder goes under ``<out>/<task>/`` and is reused on
+a rerun; each row is appended to ``<out>/<task>/results.jsonl`` as soon as it is measured (a rerun
+skips rows already there) and the tables are printed at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.ensemble import EnsemblePredictor
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, adapter_params, evaluate
+from adapterfuse.memory import PeakMemory
 from adapterfuse.pe_ensemble import PEEnsemble, train_pe_ensemble
 from adapterfuse.tasks.glue import TaskData
 
@@ -56,15 +58,6 @@ def _label(method: str, k: int) -> str:
             "batchensemble_split": f"BatchEnsemble-LoRA ({k} members, batch split across members)"}[method]
 
 
-def _peak_reset() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
-
-
 def _expert(base: BaseModel, task: str, config: TrainConfig, folder: Path, data: TaskData) -> tuple[Expert, float]:
     """Train (or reuse) one LoRA expert; return it and its training wall time."""
     if not (folder / "adapterfuse.json").is_file():
@@ -78,7 +71,19 @@ def run_method(method: str, base: BaseModel, task: str, config: TrainConfig, dat
     """Train (or reuse) one row's model and measure it on the dev split."""
     k, scoring = args.members, {"batch_size": args.eval_batch_size, "autocast": config.autocast,
                                 "max_length": config.max_length}
-    _peak_reset()
+    peak = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")
+    with peak:
+        predictor, wall, trained = _train(method, base, task, config, train_data, folder, k, scoring)
+    result = evaluate(predictor, [data])
+    return {"method": method, "predictor": predictor.name, "task": task, "dev": result["tasks"][task],
+            "trained_params": trained, "stored_params": result["cost"]["stored_params"], "train_wall_s": wall,
+            "train_peak_gib": round(peak.gib, 3), "train_peak_device": "cuda" if peak.cuda else "cpu",
+            "examples_per_s": result["examples_per_s"]}
+
+
+def _train(method: str, base: BaseModel, task: str, config: TrainConfig, train_data: TaskData, folder: Path, k: int,
+           scoring: dict[str, Any]) -> tuple[Any, float, int]:
+    """Train (or reuse) one row's model; return its predictor, training wall time and trained parameters."""
     if method == "single":
         expert, wall = _expert(base, task, config, folder / "lora-s0", train_data)
         predictor = ModelPredictor(_label(method, k), expert.attach(base.model), base.tokenizer,
@@ -99,25 +104,26 @@ def run_method(method: str, base: BaseModel, task: str, config: TrainConfig, dat
         ensemble = PEEnsemble.load(out)
         predictor = ensemble.predictor(base, name=_label(method, k), **scoring)
         wall, trained = ensemble.manifest["training"]["train_wall_s"], ensemble.manifest["training"]["trained_params"]
-    peak = _peak_gib()
-    result = evaluate(predictor, [data])
-    return {"method": method, "predictor": predictor.name, "task": task, "dev": result["tasks"][task],
-            "trained_params": trained, "stored_params": result["cost"]["stored_params"], "train_wall_s": wall,
-            "train_peak_gib": peak, "examples_per_s": result["examples_per_s"]}
+    return predictor, wall, trained
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of one task's rows (training time relative to the single LoRA when measured)."""
-    single = next((r["train_wall_s"] for r in rows if r["method"] == "single"), None)
+    """A Markdown table of one task's rows (training time and memory relative to the single LoRA when measured)."""
+    single = next((r for r in rows if r["method"] == "single"), None)
     metrics = [m for m in rows[0]["dev"] if m not in ("n", "seconds", "examples_per_s")]
     head = ["method", *[f"dev {m}" for m in metrics], "trained params", "stored params", "train wall (s)",
-            "x single", "train peak GiB", "inference ex/s"]
+            "x single", "train peak rise (GiB)", "x single", "inference ex/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ratio(r: dict[str, Any], key: str) -> str:
+        return f"{r[key] / single[key]:.2f}" if single and r.get(key) and single.get(key) else "—"
+
     for r in rows:
-        ratio = f"{r['train_wall_s'] / single:.2f}" if single else "—"
-        peak = "—" if r["train_peak_gib"] is None else f"{r['train_peak_gib']:.2f}"
+        device = r.get("train_peak_device", "cuda")  # rows written before CPU peaks were measured: CUDA or none
+        peak = "—" if r.get("train_peak_gib") is None else f"{r['train_peak_gib']:.2f} ({device})"
         cells = [r["predictor"], *[f"{r['dev'][m]:.3f}" for m in metrics], f"{r['trained_params']:,}",
-                 f"{r['stored_params']:,}", f"{r['train_wall_s']:.1f}", ratio, peak, f"{r['examples_per_s']:.1f}"]
+                 f"{r['stored_params']:,}", f"{r['train_wall_s']:.1f}", ratio(r, "train_wall_s"), peak,
+                 ratio(r, "train_peak_gib"), f"{r['examples_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ Usage (GLUE_DIR set)::
 Validation is carved as ``--recipe`` carves it (its ``harness.validation_size`` training examples
 per task with data seed 0, the first ``validation_per_task`` of them used), so the numbers sit in one
 table with that recipe's merges and ensembles: ``--recipe-results runs/glue/results.json`` adds its
-zero-shot, oracle, best merge and best ensemble rows. Each routed row is fitted once and scored on the
+zero-shot, oracle, best merge and best ensemble rows; without it, zero-shot and the oracle are measured
+here. Each routed row is fitted once and scored on the
 full dev sets of the experts' tasks and on the held-out tasks' dev sets (a seeded subset of
 ``--max-heldout``), with its routing accuracy against the oracle assignment (each input to its own
 task's expert) and its cost. The held-out task has no expert and no training data: zero-shot and
@@ -27,7 +28,8 @@ from typing import Any
 
 from adapterfuse import load_base
 from adapterfuse.expert import Expert
-from adapterfuse.harness import ModelPredictor, ZeroShotPredictor, adapter_params, evaluate
+from adapterfuse.harness import ModelPredictor, OraclePredictor, ZeroShotPredictor, adapter_params, evaluate
+from adapterfuse.library import ExpertLibrary
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.route import RoutingData, greedy_subset, route, routing_accuracy
 from adapterfuse.route.features import default_shape
@@ -43,6 +45,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "learned top-2": {"router": "learned", "target": "likelihood", "top_k": 2},
     "learned top-1 task target": {"router": "learned", "target": "task"},
     "learned top-1 task target (mean+last)": {"router": "learned", "target": "task", "readout": "mean_last"},
+    "learned top-1 task prior (mean+last)": {"router": "learned", "target": "task_prior", "readout": "mean_last"},
+    "learned top-2 task prior (mean+last)": {"router": "learned", "target": "task_prior", "readout": "mean_last",
+                                             "top_k": 2},
     "learned top-1 budget 3": {"router": "learned", "target": "likelihood", "budget": 3},
     "learned top-1 (fields without shape)": {"router": "learned", "target": "likelihood", "on": "fields",
                                              "shape": False},
@@ -51,6 +56,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 task target (fields)": {"router": "learned", "target": "task", "on": "fields"},
     "learned top-1 task target (fields mean+last)": {"router": "learned", "target": "task", "on": "fields",
                                                       "readout": "mean_last"},
+    "learned top-1 task prior (fields mean+last)": {"router": "learned", "target": "task_prior", "on": "fields",
+                                                     "readout": "mean_last"},
     **{f"clustered {c}": {"router": "clustered", "clusters": c} for c in (2, 3, 4, 5)},
     **{f"mbc {g} groups": {"router": "mbc", "mbc_clusters": g, "target": "likelihood"} for g in (2, 3, 4)},
     "arrow top-1": {"router": "arrow", "top_k": 1},
@@ -113,14 +120,17 @@ def main() -> int:
         print("greedy subset (validation, best kept expert per input): "
               + ", ".join(f"{c['budget']}: +{c['added']} {c['score']:.3f}" for c in curve), flush=True)
 
-    def record(label: str, build: Any, in_task: bool = True) -> None:
+    def record(label: str, build: Any, in_task: bool = True, heldout: bool = True) -> None:
         if label in done:
             return
-        row = row_result(label, build(), data if in_task else [], extra)
+        row = row_result(label, build(), data if in_task else [], extra if heldout else [])
         with log.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("label", "average", "routing_accuracy") if k in row}), flush=True)
 
+    if args.recipe_results is None:  # the reference rows of the in-task table, measured here
+        record("base zero-shot", lambda: ZeroShotPredictor(base), heldout=False)
+        record("oracle (knows the task)", lambda: OraclePredictor(base, ExpertLibrary(experts)), heldout=False)
     if extra:  # the held-out task has no expert: zero-shot and each single expert are the baselines there
         record("zero-shot", lambda: ZeroShotPredictor(base), in_task=False)
         for e in experts:

@@ -20,6 +20,7 @@ from adapterfuse.harness import evaluate
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.merge.sources import count_experts, load_library
 from adapterfuse.route.cluster import ClusterRouter
+from adapterfuse.route.crossval import check_prior, choose_prior_weight
 from adapterfuse.route.data import PoolScores, RoutingData, own_expert, routed_score
 from adapterfuse.route.features import DEFAULT_LAYER, check_on, check_readout, default_shape, resolve_layer
 from adapterfuse.route.learned import LearnedRouter, check_target, target_labels
@@ -66,7 +67,7 @@ def check_arguments(router: str, top_k: int, then: str, on: str, target: str, po
 def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1, then: str = "ensemble",
           validation: Sequence[TaskData] | None = None, on: str = "prompt", *, layer: int = DEFAULT_LAYER,
           shape: bool | None = None, readout: str = "mean", target: str = "best_expert", hidden: int = 0,
-          epochs: int = 300, lr: float = 1e-2,
+          epochs: int = 300, lr: float = 1e-2, prior_weight: float | None = None, cv_folds: int = 5,
           clusters: int | None = None, cluster_temperature: float = 1.0, mbc_clusters: int | None = None,
           mbc_router: str | None = None, sketch: int | None = None, mbc_merge: str = "uniform",
           temperature: float | Mapping[str, float] = 1.0, budget: int | None = None, pooling: str = "linear",
@@ -89,11 +90,16 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         shape: append the routing text's shape (field count and lengths) to the features; default:
             only when routing on the raw fields (see :func:`~adapterfuse.route.features.text_shape`).
         readout: ``"mean"`` over the tokens, or ``"mean_last"``: the mean and the last token's state.
-        target: what the learned router learns: ``"best_expert"``, the input's ``"task"``, or
+        target: what the learned router learns: ``"best_expert"``, the input's ``"task"``,
             ``"likelihood"`` (maximise the routed mixture's validation likelihood; see
-            :mod:`adapterfuse.route.learned`).
+            :mod:`adapterfuse.route.learned`), or ``"task_prior"`` (that likelihood plus a prior towards
+            the input's own task's expert).
         hidden: hidden size of the learned router (0: linear).
         epochs, lr: its full-batch training.
+        prior_weight: the weight of ``"task_prior"``'s prior; ``None`` chooses it from
+            :data:`~adapterfuse.route.crossval.PRIOR_GRID` by ``cv_folds``-fold cross-validation on the
+            validation split (``info["prior_cv"]`` holds each weight's out-of-fold score).
+        cv_folds: the folds of that cross-validation.
         clusters: k-means clusters (default: the number of experts).
         cluster_temperature: softmax temperature of each cluster's expert distribution.
         mbc_clusters: the number of expert groups for ``"mbc"``.
@@ -126,6 +132,7 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     kind = across if router == "mbc" else router
     check_arguments(router, top_k, then, on, target, pooling, n, mbc_clusters, across,
                     kind != "arrow" or budget is not None, validation, data)
+    check_prior(prior_weight, cv_folds)
     library = load_library(experts, base, allow_pickle)
     pool, info = list(library), {"router": router}
     if router == "mbc":
@@ -145,8 +152,14 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         pool, scores = [pool[i] for i in subset.members], scores.subset(subset.members)
     if kind == "arrow":
         return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
-    fitted = _fit(kind, data, scores, target, hidden, epochs, lr, clusters, cluster_temperature, seed)
+    fit = {"hidden": hidden, "epochs": epochs, "lr": lr, "seed": seed}
+    if kind == "learned" and target == "task_prior" and prior_weight is None:
+        prior_weight, info["prior_cv"] = choose_prior_weight(data.features, scores, [t.name for t in data.row_tasks],
+                                                             cv_folds, **fit)
+    fitted = _fit(kind, data, scores, target, fit, prior_weight or 0.0, clusters, cluster_temperature)
     info.update(fitted.config())
+    if kind == "learned" and target == "task_prior":
+        info["prior_weight"] = prior_weight
     info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
     return RoutePredictor(base, pool, fitted, top_k, then, on, pooling=pooling, name=name, info=info,
                           **data.extractor.spec, **settings)
@@ -165,14 +178,15 @@ def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequenc
     return data
 
 
-def _fit(kind: str, data: RoutingData, scores: PoolScores, target: str, hidden: int, epochs: int, lr: float,
-         clusters: int | None, temperature: float, seed: int) -> Router:
-    """Fit the learned or clustered router on the cached validation features."""
+def _fit(kind: str, data: RoutingData, scores: PoolScores, target: str, fit: dict[str, Any], prior_weight: float,
+         clusters: int | None, temperature: float) -> Router:
+    """Fit the learned router (``fit``: hidden, epochs, lr, seed) or the clustered one on the cached features."""
     n_experts = len(scores.names)
     if kind == "learned":
         labels = target_labels(target, scores.quality, scores.own)
-        return LearnedRouter.fit(data.features, labels, n_experts, hidden, target, epochs, lr, seed=seed)
-    return ClusterRouter.fit(data.features, scores.quality, clusters or n_experts, seed, temperature)
+        return LearnedRouter.fit(data.features, labels, n_experts, target=target, own=scores.own,
+                                 prior_weight=prior_weight, **fit)
+    return ClusterRouter.fit(data.features, scores.quality, clusters or n_experts, fit["seed"], temperature)
 
 
 def accuracy_report(top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | None,

@@ -6,7 +6,10 @@ the highest log-likelihood of the gold label, which need not be its own task's e
 the task it came from (``target="task"``), or, with ``target="likelihood"``, to maximise the validation
 likelihood of the routed mixture, ``sum_e p(e | x) p_e(y | x)``: a soft target that rewards every
 expert in proportion to how well it answers, so the router is not fitted to which of several nearly
-equal experts happened to be best on one input. Training is full-batch Adam on standardised features with
+equal experts happened to be best on one input. ``target="task_prior"`` is that likelihood plus a
+weighted cross-entropy towards the input's own task's expert: the router leaves the task's expert only
+where the validation likelihood outweighs the prior (its weight is chosen by cross-validation in
+:mod:`adapterfuse.route.crossval` unless given). Training is full-batch Adam on standardised features with
 a seeded initialisation, so a fit is deterministic.
 """
 
@@ -20,7 +23,7 @@ from torch import nn
 from adapterfuse.errors import ConfigError
 from adapterfuse.route.routers import Router, Standardizer, register
 
-TARGETS = ("best_expert", "task", "likelihood")
+TARGETS = ("best_expert", "task", "likelihood", "task_prior")
 
 
 def check_target(target: str) -> str:
@@ -80,7 +83,7 @@ class LearnedRouter(Router):
     @classmethod
     def fit(cls, features: torch.Tensor, labels: torch.Tensor, n_experts: int, hidden: int = 0,
             target: str = "best_expert", epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-3,
-            seed: int = 0) -> LearnedRouter:
+            seed: int = 0, own: torch.Tensor | None = None, prior_weight: float = 0.0) -> LearnedRouter:
         """Train on labelled features (full batch, Adam, cross-entropy).
 
         Args:
@@ -95,6 +98,8 @@ class LearnedRouter(Router):
             lr: Adam's learning rate.
             weight_decay: L2 penalty (AdamW), against over-fitting a few hundred inputs.
             seed: seed of the initialisation.
+            own: ``[N]`` each row's own task's expert (``-1``: none), for the prior of ``[N, E]`` labels.
+            prior_weight: weight of the cross-entropy towards ``own`` (see :func:`routing_loss`).
 
         Returns:
             The trained router.
@@ -102,14 +107,15 @@ class LearnedRouter(Router):
         Raises:
             ConfigError: no labelled row, bad sizes.
         """
-        if hidden < 0 or epochs < 1 or lr <= 0:
-            raise ConfigError(f"learned router: expected hidden >= 0, epochs >= 1, lr > 0; got hidden={hidden}, "
-                              f"epochs={epochs}, lr={lr}")
+        if hidden < 0 or epochs < 1 or lr <= 0 or not prior_weight >= 0:
+            raise ConfigError(f"learned router: expected hidden >= 0, epochs >= 1, lr > 0, prior_weight >= 0; got "
+                              f"hidden={hidden}, epochs={epochs}, lr={lr}, prior_weight={prior_weight}")
         keep = labels.isfinite().all(dim=1) if labels.dim() == 2 else labels >= 0
         if not bool(keep.any()):
             raise ConfigError("learned router: no validation input has a target expert; with target='task' every "
                               "task needs an expert of its own (check the experts' recorded tasks)")
         x, y = features[keep].float(), labels[keep]
+        prior = own[keep] if own is not None and prior_weight > 0 else None
         scaler = Standardizer.fit(x)
         torch.manual_seed(seed)  # the classifier's initialisation is the only random step
         net = make_net(x.shape[1], n_experts, hidden)
@@ -117,12 +123,13 @@ class LearnedRouter(Router):
         z = scaler(x)
         for _ in range(epochs):
             opt.zero_grad(set_to_none=True)
-            routing_loss(net(z), y).backward()
+            routing_loss(net(z), y, prior, prior_weight).backward()
             opt.step()
         return cls(scaler, net, hidden, target)
 
 
-def routing_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def routing_loss(logits: torch.Tensor, targets: torch.Tensor, own: torch.Tensor | None = None,
+                 prior_weight: float = 0.0) -> torch.Tensor:
     """The router's training loss.
 
     Args:
@@ -130,18 +137,25 @@ def routing_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets: ``[N]`` expert indices (cross-entropy), or ``[N, E]`` per-expert log-likelihoods of the
             gold label: then the negative log-likelihood of the routed mixture,
             ``-log sum_e softmax(logits)_e exp(targets_e)``, averaged over rows.
+        own: ``[N]`` each row's own task's expert (``-1``: none); with ``[N, E]`` targets and
+            ``prior_weight > 0``, ``prior_weight`` times the cross-entropy towards it (rows with an own
+            expert) is added.
+        prior_weight: that weight.
 
     Returns:
         The scalar loss.
     """
-    if targets.dim() == 2:
-        return -(torch.log_softmax(logits, dim=-1) + targets.to(logits)).logsumexp(dim=-1).mean()
-    return nn.functional.cross_entropy(logits, targets.long())
+    if targets.dim() != 2:
+        return nn.functional.cross_entropy(logits, targets.long())
+    loss = -(torch.log_softmax(logits, dim=-1) + targets.to(logits)).logsumexp(dim=-1).mean()
+    if own is not None and prior_weight > 0 and bool((own >= 0).any()):
+        loss = loss + prior_weight * nn.functional.cross_entropy(logits, own.long(), ignore_index=-1)
+    return loss
 
 
 def target_labels(target: str, quality: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """The training labels of a target: the best expert per row, the row's own task's expert, or the
-    whole quality matrix (``"likelihood"``).
+    whole quality matrix (``"likelihood"`` and ``"task_prior"``, whose prior takes ``own`` separately).
 
     Args:
         target: one of :data:`TARGETS`.
@@ -149,9 +163,9 @@ def target_labels(target: str, quality: torch.Tensor, own: torch.Tensor) -> torc
         own: ``[N]`` oracle expert per row (``-1``: none).
 
     Returns:
-        ``[N]`` expert indices (``-1`` rows are ignored in training), or ``[N, E]`` for ``"likelihood"``.
+        ``[N]`` expert indices (``-1`` rows are ignored in training), or ``[N, E]`` for the likelihood targets.
     """
     target = check_target(target)
-    if target == "likelihood":
+    if target in ("likelihood", "task_prior"):
         return quality.clone()
     return quality.argmax(dim=1) if target == "best_expert" else own.clone()
