@@ -46,6 +46,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prior-weight", type=float, default=None,
                    help="--target task_prior: weight of the prior towards the task's expert (default: cross-validated)")
     p.add_argument("--cv-folds", type=int, default=5, help="folds of that cross-validation")
+    p.add_argument("--pca", type=int, default=None, help="learned router: project features onto this many principal "
+                   "components first (the text's shape passes through)")
     p.add_argument("--hidden", type=int, default=0, help="hidden size of the learned router (0: linear)")
     p.add_argument("--clusters", type=positive_int, default=None, help="k-means clusters (default: experts)")
     p.add_argument("--mbc-clusters", type=positive_int, default=None, help="expert groups for --router mbc")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.harness import evaluate, results_table
     from adapterfuse.library import ExpertLibrary
     from adapterfuse.route.api import check_arguments, route, routing_accuracy
-    from adapterfuse.route.crossval import check_prior
+    from adapterfuse.route.learned import check_fit_options
     from adapterfuse.route.predictor import RoutePredictor
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     kind = across if args.router == "mbc" else args.router
     check_arguments(args.router, args.top_k, args.then, args.on, args.target, args.pooling, len(args.experts),
            args.mbc_clusters, across, kind != "arrow" or args.budget is not None, True, None)
-    check_prior(args.prior_weight, args.cv_folds)
+    check_fit_options(args.prior_weight, args.cv_folds, args.pca)
     check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
     for note in library.notes:
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = route(library, base, args.router, args.top_k, args.then, validation=data, on=args.on,
                       layer=args.layer, readout=args.readout, target=args.target, hidden=args.hidden,
-                      prior_weight=args.prior_weight, cv_folds=args.cv_folds,
+                      prior_weight=args.prior_weight, cv_folds=args.cv_folds, pca=args.pca,
                       clusters=args.clusters, mbc_clusters=args.mbc_clusters, mbc_router=across, sketch=args.sketch,
                       temperature=args.temperature, budget=args.budget, pooling=args.pooling, seed=args.seed,
                       batch_size=args.batch_size, autocast=not args.no_autocast)

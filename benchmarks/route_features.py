@@ -3,12 +3,13 @@
 Usage (GLUE_DIR set)::
 
     python benchmarks/route_features.py [--tasks cola,sst2,stsb,mrpc,rte] [--layer 1] [--recipe recipes/glue.yaml]
-        [--train-per-task N]
+        [--train-per-task N] [--pca K]
 
 For the prompt and the raw fields, with the ``mean`` and ``mean_last`` readouts and with and without the
 text's shape, a linear :class:`~adapterfuse.route.learned.LearnedRouter` (target ``task``) is fitted on
 the validation inputs the recipe carves (``validation_per_task`` per task, data seed 0) and read on the
-full GLUE dev sets. ``--train-per-task N`` adds each task's first N training inputs to the fit: a task
+full GLUE dev sets. ``--pca K`` projects the features onto their top K principal components first
+(the shape passes through). ``--train-per-task N`` adds each task's first N training inputs to the fit: a task
 label costs nothing, so a task-target router could fit on many more inputs. It prints the share of
 dev inputs sent to their own task's expert (the routing accuracy of a task-target router, before any
 expert runs) and where the rest went.
@@ -24,7 +25,7 @@ import torch
 
 from adapterfuse import load_base
 from adapterfuse.recipe.schema import load_recipe
-from adapterfuse.route.features import FeatureExtractor
+from adapterfuse.route.features import SHAPE_DIM, FeatureExtractor
 from adapterfuse.route.learned import LearnedRouter
 from adapterfuse.tasks.glue import load_task
 
@@ -33,13 +34,14 @@ SETTINGS = [(on, readout, shape) for on in ("prompt", "fields") for readout in (
 
 
 def identify(extractor: FeatureExtractor, data: list, on: str, per_task: int,
-             train: int = 0) -> tuple[float, torch.Tensor]:
-    """Fit a task-target router on validation (and ``train`` training) features; return its dev accuracy and
+             train: int = 0, pca: int = 0) -> tuple[float, torch.Tensor]:
+    """Fit a task-target router on validation (and ``train`` training) features, projected onto ``pca``
+    principal components first if asked (the shape passes through); return its dev accuracy and
     confusion matrix."""
     fit = [list(d.validation[:per_task]) + list(d.train[:train]) for d in data]
     x = torch.cat([extractor.features(d.task, examples, on) for d, examples in zip(data, fit, strict=True)])
     y = torch.cat([torch.full((len(examples),), i) for i, examples in enumerate(fit)])
-    router = LearnedRouter.fit(x, y, len(data), target="task")
+    router = LearnedRouter.fit(x, y, len(data), target="task", pca=pca, pca_keep=SHAPE_DIM if extractor.shape else 0)
     truth = torch.cat([torch.full((len(d.test),), i) for i, d in enumerate(data)])
     chosen = router.probs(torch.cat([extractor.features(d.task, d.test, on) for d in data])).argmax(dim=1)
     confusion = torch.zeros(len(data), len(data), dtype=torch.long)
@@ -53,6 +55,7 @@ def main() -> int:
     parser.add_argument("--layer", type=int, default=1)
     parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"), help="whose validation carve")
     parser.add_argument("--train-per-task", type=int, default=0, help="training inputs added to the fit per task")
+    parser.add_argument("--pca", type=int, default=0, help="principal components the router sees (0: all features)")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     harness = load_recipe(args.recipe).harness
@@ -64,7 +67,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for on, readout, shape in SETTINGS:
         extractor = FeatureExtractor(base, args.layer, shape=shape, readout=readout)
-        accuracy, confusion = identify(extractor, data, on, harness.validation_per_task, args.train_per_task)
+        accuracy, confusion = identify(extractor, data, on, harness.validation_per_task, args.train_per_task,
+                                       args.pca)
         worst = sorted(((int(confusion[i, j]), tasks[i], tasks[j]) for i in range(len(tasks))
                         for j in range(len(tasks)) if i != j and confusion[i, j] > 0), reverse=True)[:3]
         print(f"| {on} | {readout} | {'yes' if shape else 'no'} | {accuracy:.4f} | "

@@ -1,4 +1,4 @@
-"""The ``task_prior`` target: its loss, its cross-validated weight, and its checks."""
+"""The ``task_prior`` target (its loss, its cross-validated weight), the PCA projection, and their checks."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import torch
 from adapterfuse.ensemble.cache import MemberCache
 from adapterfuse.ensemble.synthetic import random_expert
 from adapterfuse.errors import ConfigError
-from adapterfuse.route import route
-from adapterfuse.route.crossval import PRIOR_GRID, check_prior, choose_prior_weight, stratified_folds
+from adapterfuse.route import RoutePredictor, route
+from adapterfuse.route.crossval import PRIOR_GRID, choose_prior_weight, stratified_folds
 from adapterfuse.route.data import PoolScores, example_quality
-from adapterfuse.route.learned import LearnedRouter, routing_loss
+from adapterfuse.route.features import SHAPE_DIM
+from adapterfuse.route.learned import LearnedRouter, check_fit_options, routing_loss
+from adapterfuse.route.routers import Projection
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.conftest import write_glue_dir
 
@@ -74,12 +76,13 @@ def test_cross_validation_leaves_the_own_expert_only_when_that_scores_better_out
     assert {r["score"] for r in report["grid"]} == {1.0} and report["oracle_score"] == 1.0
 
 
-@pytest.mark.parametrize(("prior_weight", "cv_folds", "match"), [
-    (-0.5, 5, "prior_weight: expected a finite number >= 0"), (float("inf"), 5, "prior_weight"),
-    (None, 1, "cv_folds: expected an integer >= 2, got 1"), (None, 2.0, "cv_folds")])
-def test_bad_prior_settings_are_refused(prior_weight, cv_folds, match):
+@pytest.mark.parametrize(("prior_weight", "cv_folds", "pca", "match"), [
+    (-0.5, 5, None, "prior_weight: expected a finite number >= 0"), (float("inf"), 5, None, "prior_weight"),
+    (None, 1, None, "cv_folds: expected an integer >= 2, got 1"), (None, 2.0, None, "cv_folds"),
+    (None, 5, 0, "pca: expected an integer >= 1"), (None, 5, True, "pca")])
+def test_bad_fit_options_are_refused(prior_weight, cv_folds, pca, match):
     with pytest.raises(ConfigError, match=match):
-        check_prior(prior_weight, cv_folds)
+        check_fit_options(prior_weight, cv_folds, pca)
 
 
 def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base, tmp_path):
@@ -99,3 +102,47 @@ def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base
     assert "prior_cv" not in fixed.info and fixed.info["prior_weight"] == 1.0
     with pytest.raises(ConfigError, match="prior_weight"):  # refused before any expert folder is read
         route([tmp_path / "missing"], tiny_base, "learned", validation=data, target="task_prior", prior_weight=-1.0)
+
+
+def test_projection_keeps_top_components_and_passes_the_shape_through():
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.randn(200, 1, generator=gen)
+    content = signal @ torch.randn(1, 30, generator=gen) + 0.01 * torch.randn(200, 30, generator=gen)
+    shape = torch.randn(200, 4, generator=gen)
+    features = torch.cat([content, shape], dim=1)
+    proj = Projection.fit(features, 3, keep=4)
+    out = proj(features)
+    assert out.shape == (200, 7) and proj.dim == 7
+    torch.testing.assert_close(proj.components.T @ proj.components, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 3:], proj.scaler(features)[:, 30:])  # the shape, only standardised
+    assert abs(torch.corrcoef(torch.stack([out[:, 0], signal[:, 0]]))[0, 1]) > 0.99  # the dominant direction first
+    again = Projection.fit(features, 3, keep=4)
+    assert torch.equal(again.components, proj.components)
+    with pytest.raises(ConfigError, match=r"pca: expected an integer in 1 \.\. 30"):
+        Projection.fit(features, 31, keep=4)
+
+
+def test_a_projected_router_saves_and_loads_to_the_same_probabilities():
+    gen = torch.Generator().manual_seed(2)
+    features, labels = torch.randn(90, 12, generator=gen), torch.arange(90) % 3
+    router = LearnedRouter.fit(features, labels, 3, target="task", pca=4, pca_keep=2)
+    config = router.config()
+    assert config["pca"] == 4 and config["pca_keep"] == 2 and config["dim"] == 6
+    loaded = LearnedRouter.from_saved(config, router.tensors())
+    assert torch.equal(loaded.probs(features), router.probs(features))
+    plain = LearnedRouter.fit(features, labels, 3, target="task")
+    assert "pca" not in plain.config() and not any(k.startswith("proj.") for k in plain.tensors())
+
+
+def test_route_on_fields_with_pca_projects_the_content_and_keeps_the_shape(tiny_base, tmp_path):
+    root = write_glue_dir(tmp_path / "glue", n_train=60, n_dev=8)
+    data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]
+    experts = [random_expert(tiny_base, f"q{i}", rank=2, seed=i, scale=2.0, task=t)
+               for i, t in enumerate(("sst2", "rte"))]
+    predictor = route(experts, tiny_base, "learned", validation=data, on="fields", pca=3, target="task",
+                      autocast=False)
+    assert predictor.router.projection.keep == SHAPE_DIM and predictor.router.config()["dim"] == 3 + SHAPE_DIM
+    predictor.save(tmp_path / "routed")
+    loaded = RoutePredictor.load(tmp_path / "routed", tiny_base)
+    batch = data[1].test
+    assert torch.equal(loaded.predict_proba(data[1].task, batch), predictor.predict_proba(data[1].task, batch))

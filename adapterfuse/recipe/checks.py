@@ -47,7 +47,7 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
     from adapterfuse.merge.api import prepare
     from adapterfuse.pe_ensemble.options import parse_options
     from adapterfuse.route.api import check_arguments, route
-    from adapterfuse.route.crossval import check_prior
+    from adapterfuse.route.learned import check_fit_options
 
     names = expert_names(recipe)
     missing = sorted(set(entry.members or []) - set(names))
@@ -72,7 +72,7 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
         check_arguments(router, opts.get("top_k", 1), opts.get("then", "ensemble"), opts.get("on", "prompt"),
                         opts.get("target", "best_expert"), opts.get("pooling", "linear"), n, opts.get("mbc_clusters"),
                         across, False, True, None)
-        check_prior(opts.get("prior_weight"), opts.get("cv_folds", 5))
+        check_fit_options(opts.get("prior_weight"), opts.get("cv_folds", 5), opts.get("pca"))
     else:
         if recipe.experts.paths:
             raise ConfigError(f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "

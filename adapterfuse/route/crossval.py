@@ -19,22 +19,9 @@ import torch
 
 from adapterfuse.errors import ConfigError
 from adapterfuse.route.data import PoolScores, routed_score
-from adapterfuse.route.learned import LearnedRouter
+from adapterfuse.route.learned import LearnedRouter, check_fit_options
 
 PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-def check_prior(prior_weight: float | None, cv_folds: int) -> None:
-    """Check the ``task_prior`` settings before anything is read.
-
-    Raises:
-        ConfigError: a negative or non-finite ``prior_weight``, or ``cv_folds`` not an integer >= 2.
-    """
-    if prior_weight is not None and (isinstance(prior_weight, bool) or not 0 <= prior_weight < float("inf")):
-        raise ConfigError(f"prior_weight: expected a finite number >= 0 (or None: chosen by cross-validation), "
-                          f"got {prior_weight!r}")
-    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2:
-        raise ConfigError(f"cv_folds: expected an integer >= 2, got {cv_folds!r}")
 
 
 def stratified_folds(tasks: Sequence[str], k: int, seed: int) -> torch.Tensor:
@@ -51,7 +38,7 @@ def stratified_folds(tasks: Sequence[str], k: int, seed: int) -> torch.Tensor:
     Raises:
         ConfigError: ``k < 2`` or a task with fewer than ``k`` rows.
     """
-    check_prior(None, k)
+    check_fit_options(None, k)
     fold = torch.empty(len(tasks), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     for name in dict.fromkeys(tasks):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.route.routers import Router, Standardizer, register
+from adapterfuse.route.routers import Projection, Router, Standardizer, register
 
 TARGETS = ("best_expert", "task", "likelihood", "task_prior")
 
@@ -35,6 +35,22 @@ def check_target(target: str) -> str:
     if target not in TARGETS:
         raise ConfigError(f"target {target!r}: unknown; expected one of {', '.join(TARGETS)}")
     return target
+
+
+def check_fit_options(prior_weight: float | None, cv_folds: int, pca: int | None = None) -> None:
+    """Check the learned router's fit options before anything is read.
+
+    Raises:
+        ConfigError: a negative or non-finite ``prior_weight``, ``cv_folds`` not an integer >= 2, or ``pca``
+            neither ``None`` nor an integer >= 1.
+    """
+    if prior_weight is not None and (isinstance(prior_weight, bool) or not 0 <= prior_weight < float("inf")):
+        raise ConfigError(f"prior_weight: expected a finite number >= 0 (or None: chosen by cross-validation), "
+                          f"got {prior_weight!r}")
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2:
+        raise ConfigError(f"cv_folds: expected an integer >= 2, got {cv_folds!r}")
+    if pca is not None and (isinstance(pca, bool) or not isinstance(pca, int) or pca < 1):
+        raise ConfigError(f"pca: expected an integer >= 1 (principal components kept) or None, got {pca!r}")
 
 
 def make_net(dim: int, n_experts: int, hidden: int) -> nn.Sequential:
@@ -53,37 +69,48 @@ class LearnedRouter(Router):
         net: the classifier (see :func:`make_net`).
         hidden: its hidden size (0: linear).
         target: what it was trained to predict.
+        projection: applied to the features first (``pca``), or ``None``.
     """
 
     kind = "learned"
 
-    def __init__(self, scaler: Standardizer, net: nn.Sequential, hidden: int, target: str) -> None:
+    def __init__(self, scaler: Standardizer, net: nn.Sequential, hidden: int, target: str,
+                 projection: Projection | None = None) -> None:
         self.scaler, self.net, self.hidden, self.target = scaler, net.eval(), hidden, target
+        self.projection = projection
         self.net.requires_grad_(False)
         self.n_experts = int(net[-1].out_features)
 
     @torch.no_grad()
     def probs(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(self.scaler(features)), dim=-1)
+        x = features if self.projection is None else self.projection(features)
+        return torch.softmax(self.net(self.scaler(x)), dim=-1)
 
     def config(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "target": self.target, "n_experts": self.n_experts,
-                "dim": int(self.scaler.mean.shape[0])}
+        out = {"hidden": self.hidden, "target": self.target, "n_experts": self.n_experts,
+               "dim": int(self.scaler.mean.shape[0])}
+        if self.projection is not None:
+            out.update(pca=int(self.projection.components.shape[1]), pca_keep=self.projection.keep)
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         state = {f"net.{k}": v.detach().clone() for k, v in self.net.state_dict().items()}
-        return {"mean": self.scaler.mean, "std": self.scaler.std, **state}
+        projected = {} if self.projection is None else self.projection.tensors("proj.")
+        return {"mean": self.scaler.mean, "std": self.scaler.std, **state, **projected}
 
     @classmethod
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LearnedRouter:
         net = make_net(int(config["dim"]), int(config["n_experts"]), int(config["hidden"]))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        return cls(Standardizer(tensors["mean"], tensors["std"]), net, int(config["hidden"]), str(config["target"]))
+        projection = Projection.from_tensors(tensors, "proj.", int(config["pca_keep"])) if config.get("pca") else None
+        return cls(Standardizer(tensors["mean"], tensors["std"]), net, int(config["hidden"]), str(config["target"]),
+                   projection)
 
     @classmethod
     def fit(cls, features: torch.Tensor, labels: torch.Tensor, n_experts: int, hidden: int = 0,
             target: str = "best_expert", epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-3,
-            seed: int = 0, own: torch.Tensor | None = None, prior_weight: float = 0.0) -> LearnedRouter:
+            seed: int = 0, own: torch.Tensor | None = None, prior_weight: float = 0.0, pca: int = 0,
+            pca_keep: int = 0) -> LearnedRouter:
         """Train on labelled features (full batch, Adam, cross-entropy).
 
         Args:
@@ -100,6 +127,9 @@ class LearnedRouter(Router):
             seed: seed of the initialisation.
             own: ``[N]`` each row's own task's expert (``-1``: none), for the prior of ``[N, E]`` labels.
             prior_weight: weight of the cross-entropy towards ``own`` (see :func:`routing_loss`).
+            pca: project the features onto this many principal components first (0: no projection;
+                see :class:`~adapterfuse.route.routers.Projection`).
+            pca_keep: trailing features passed through the projection (the text's shape).
 
         Returns:
             The trained router.
@@ -116,6 +146,9 @@ class LearnedRouter(Router):
                               "task needs an expert of its own (check the experts' recorded tasks)")
         x, y = features[keep].float(), labels[keep]
         prior = own[keep] if own is not None and prior_weight > 0 else None
+        projection = Projection.fit(x, pca, pca_keep) if pca else None
+        if projection is not None:
+            x = projection(x)
         scaler = Standardizer.fit(x)
         torch.manual_seed(seed)  # the classifier's initialisation is the only random step
         net = make_net(x.shape[1], n_experts, hidden)
@@ -125,7 +158,7 @@ class LearnedRouter(Router):
             opt.zero_grad(set_to_none=True)
             routing_loss(net(z), y, prior, prior_weight).backward()
             opt.step()
-        return cls(scaler, net, hidden, target)
+        return cls(scaler, net, hidden, target, projection)
 
 
 def routing_loss(logits: torch.Tensor, targets: torch.Tensor, own: torch.Tensor | None = None,

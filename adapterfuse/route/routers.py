@@ -75,6 +75,65 @@ class Standardizer:
         return (features.float() - self.mean) / self.std
 
 
+class Projection:
+    """Standardise, then keep the top principal components of all but the last ``keep`` features.
+
+    A linear router on ~1,000 features fitted on a few hundred inputs spends its capacity on the content
+    directions that happen to separate those inputs, and drowns the few features that generalise (the
+    text's shape, appended last). Projecting the rest onto its top components first, and passing the
+    last ``keep`` features through, leaves the classifier few enough inputs to use them.
+
+    Args:
+        scaler: the standardiser of the input features.
+        components: ``[d - keep, k]`` orthonormal principal directions (sign fixed: each column's largest
+            entry is positive, so a fit is deterministic).
+        keep: trailing features passed through (standardised) instead of projected.
+    """
+
+    def __init__(self, scaler: Standardizer, components: torch.Tensor, keep: int) -> None:
+        self.scaler, self.components, self.keep = scaler, components.float(), int(keep)
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, k: int, keep: int = 0) -> Projection:
+        """Fit on ``[N, d]`` features.
+
+        Raises:
+            ConfigError: ``k`` not in ``1 .. min(N, d - keep)``.
+        """
+        n, d = features.shape
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, d - keep):
+            raise ConfigError(f"pca: expected an integer in 1 .. {min(n, d - keep)} (validation inputs and projected "
+                              f"features), got {k!r}")
+        scaler = Standardizer.fit(features)
+        content = scaler(features)[:, :d - keep]
+        _, _, vh = torch.linalg.svd(content - content.mean(dim=0), full_matrices=False)
+        top = vh[:k]
+        signs = torch.sign(top.gather(1, top.abs().argmax(dim=1, keepdim=True)))
+        return cls(scaler, (top * signs).T.contiguous(), keep)
+
+    @property
+    def dim(self) -> int:
+        """The projected width: ``k + keep``."""
+        return int(self.components.shape[1]) + self.keep
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """``[n, d]`` features -> ``[n, k + keep]``."""
+        z = self.scaler(features)
+        cut = z.shape[1] - self.keep
+        return torch.cat([z[:, :cut] @ self.components, z[:, cut:]], dim=1)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Named tensors to save."""
+        return {f"{prefix}mean": self.scaler.mean, f"{prefix}std": self.scaler.std,
+                f"{prefix}components": self.components}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, keep: int) -> Projection:
+        """Rebuild from :meth:`tensors`."""
+        return cls(Standardizer(tensors[f"{prefix}mean"], tensors[f"{prefix}std"]), tensors[f"{prefix}components"],
+                   keep)
+
+
 class Router:
     """Base class of sequence-level routers.
 
