@@ -83,6 +83,7 @@ def row_result(label: str, predictor: Any, data: list[TaskData], extra: list[Tas
     if isinstance(predictor, RoutePredictor):
         out["routing_accuracy"] = routing_accuracy(predictor, data, "test")["oracle"]
         out["validation"] = predictor.info.get("validation")
+        out.update({k: predictor.info[k] for k in ("prior_weight", "prior_cv") if k in predictor.info})
     return out
 
 
