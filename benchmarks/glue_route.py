@@ -121,8 +121,10 @@ def main() -> int:
         return routing[key]
 
     if not (args.out / "subset_curve.json").exists():
-        # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert.
-        curve = greedy_subset(routing_data("prompt").scores(experts), len(experts)).report()["curve"]
+        # Quality against a budget of loaded experts, on validation: each input sent to its best kept expert
+        # (scores only, no features: built on the routing data the first rows use, so the pass is shared).
+        scores = routing_data("prompt", readout="mean_last").scores(experts)
+        curve = greedy_subset(scores, len(experts)).report()["curve"]
         (args.out / "subset_curve.json").write_text(json.dumps(curve, indent=2))
         print("greedy subset (validation, best kept expert per input): "
               + ", ".join(f"{c['budget']}: +{c['added']} {c['score']:.3f}" for c in curve), flush=True)
