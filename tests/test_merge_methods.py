@@ -107,7 +107,9 @@ def test_method_matches_dense_reference(method: str, p: dict, weights: list[floa
     assert sorted(res.deltas) == list(MODULES)
     for module in MODULES:
         ref = _reference(method, experts, weights, module, **p)
-        assert _max_diff(res.deltas[module], ref) < 1e-5, module
+        # fp32 maths on entries up to ~13: the summation order (thread count) moves the last bits, so the
+        # bound scales with the entries (2e-6 relative; a wrong mask or sign would be off by O(1)).
+        assert _max_diff(res.deltas[module], ref) < 2e-6 * max(1.0, float(ref.abs().max())), module
         assert res.per_module_error[module] < 1e-5
     assert res.coverage == {"k": [0, 1, 2], "q": [0, 1, 2], "v": [0, 2]}
     assert list(res.coverage) == list(res.deltas) == list(MODULES)  # sorted, though experts list q first
