@@ -27,7 +27,7 @@ from adapterfuse import load_base
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.route.features import SHAPE_DIM, FeatureExtractor
 from adapterfuse.route.learned import LearnedRouter
-from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.glue import capped_subset, load_task
 
 SETTINGS = [(on, readout, shape) for on in ("prompt", "fields") for readout in ("mean", "mean_last")
             for shape in (False, True)]
@@ -38,7 +38,8 @@ def identify(extractor: FeatureExtractor, data: list, on: str, per_task: int,
     """Fit a task-target router on validation (and ``train`` training) features, projected onto ``pca``
     principal components first if asked (the shape passes through); return its dev accuracy and
     confusion matrix."""
-    fit = [list(d.validation[:per_task]) + list(d.train[:train]) for d in data]
+    # A seeded sample of train, not its first rows: the files are grouped by source.
+    fit = [list(d.validation[:per_task]) + capped_subset(d.train, train, 0) for d in data]
     x = torch.cat([extractor.features(d.task, examples, on) for d, examples in zip(data, fit, strict=True)])
     y = torch.cat([torch.full((len(examples),), i) for i, examples in enumerate(fit)])
     router = LearnedRouter.fit(x, y, len(data), target="task", pca=pca, pca_keep=SHAPE_DIM if extractor.shape else 0)

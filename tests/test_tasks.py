@@ -30,6 +30,15 @@ def test_validation_is_carved_from_train_and_never_overlaps(glue_dir):
     assert len(data.test) == 20
 
 
+def test_validation_prefixes_are_random_subsets_not_the_start_of_the_file(glue_dir):
+    # Callers fit on the first n validation examples; files are grouped by source, so those must not be
+    # the n earliest rows of the carve.
+    rows = [e.idx for e in load_task("sst2", validation_size=30, seed=0).validation]
+    assert rows != sorted(rows)
+    assert max(rows[:10]) > sorted(rows)[9]
+    assert [e.idx for e in load_task("sst2", validation_size=30, seed=0).validation] == rows
+
+
 def test_splits_are_seeded(glue_dir):
     a, b, c = (load_task("rte", validation_size=10, seed=s, max_train=20) for s in (1, 1, 2))
     assert [e.idx for e in a.validation] == [e.idx for e in b.validation]

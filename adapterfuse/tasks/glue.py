@@ -255,7 +255,8 @@ def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
 
     Args:
         task: a spec or a task name.
-        validation_size: examples moved from ``train`` into ``validation`` (never in both).
+        validation_size: examples moved from ``train`` into ``validation`` (never in both), in a seeded
+            random order, so that its first n are a random subset.
         seed: the seed of the carve and of the caps.
         max_train: cap on the training examples (a seeded subset of what remains after the carve).
         max_test: cap on the test examples (a seeded subset of dev).
@@ -278,7 +279,10 @@ def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
                           f"{spec.name} ({len(train)} in train); use a smaller validation_size")
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    validation = [train[i] for i in sorted(order[:validation_size])]
+    # Validation stays in the carve's shuffled order: callers fit on its first n (validation_per_task), and
+    # the files are grouped by source (STS-B: captions, then news, then forums), so the first n in file
+    # order would leave whole sources out (the first 100 of STS-B's carve held no headline pair).
+    validation = [train[i] for i in order[:validation_size]]
     rest = [train[i] for i in sorted(order[validation_size:])]
     test = read_split(spec, "dev", glue_dir)
     return TaskData(spec, capped_subset(rest, max_train, seed + 1), validation,
