@@ -46,6 +46,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 task target": {"router": "learned", "target": "task"},
     "learned top-1 task target (mean+last)": {"router": "learned", "target": "task", "readout": "mean_last"},
     "learned top-1 task prior (mean+last)": {"router": "learned", "target": "task_prior", "readout": "mean_last"},
+    "learned top-1 task target (mean+last shape pca 8)": {"router": "learned", "target": "task", "readout": "mean_last",
+                                                          "shape": True, "pca": 8},
     "learned top-2 task prior (mean+last)": {"router": "learned", "target": "task_prior", "readout": "mean_last",
                                              "top_k": 2},
     "learned top-1 task prior (mean+last pca 8)": {"router": "learned", "target": "task_prior", "readout": "mean_last",
