@@ -21,7 +21,7 @@ from adapterfuse.library import ExpertLibrary
 from adapterfuse.merge.sources import count_experts, load_library
 from adapterfuse.route.cluster import ClusterRouter
 from adapterfuse.route.crossval import choose_prior_weight
-from adapterfuse.route.data import PoolScores, RoutingData, own_expert, routed_score
+from adapterfuse.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score
 from adapterfuse.route.features import (
     DEFAULT_LAYER,
     SHAPE_DIM,
@@ -232,9 +232,9 @@ def validation_report(router: Router, data: RoutingData, scores: PoolScores, top
     """The router on its own validation split (in-sample): routing accuracy and the pooled score."""
     indices, weights = keep_top_k(router.probs(data.features), top_k)
     report = accuracy_report(indices[:, 0], scores.own, scores.best, [t.name for t in data.row_tasks])
-    oracle_rows = scores.own >= 0
-    if bool(oracle_rows.all()):
-        report["oracle_score"] = routed_score(scores, scores.own[:, None], torch.ones(len(scores.own), 1))
+    oracle = oracle_score(scores)
+    if oracle is not None:
+        report["oracle_score"] = oracle
     report["best_score"] = routed_score(scores, scores.best[:, None], torch.ones(len(scores.best), 1))
     report["score"] = routed_score(scores, indices, weights, pooling)
     return report

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.route.data import PoolScores, routed_score
+from adapterfuse.route.data import PoolScores, oracle_score, routed_score
 from adapterfuse.route.learned import LearnedRouter, check_fit_options
 
 PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -104,6 +104,7 @@ def choose_prior_weight(features: torch.Tensor, scores: PoolScores, tasks: Seque
                      "oracle_accuracy": float((chosen == scores.own).float().mean())})
     best = max(rows, key=lambda r: (round(r["score"], 12), r["prior_weight"]))
     report = {"folds": k, "grid": rows, "chosen": best["prior_weight"]}
-    if bool((scores.own >= 0).all()):
-        report["oracle_score"] = routed_score(scores, scores.own[:, None], ones)
+    oracle = oracle_score(scores)
+    if oracle is not None:
+        report["oracle_score"] = oracle
     return best["prior_weight"], report

@@ -147,6 +147,14 @@ def routed_score(scores: PoolScores, indices: torch.Tensor, weights: torch.Tenso
     return sum(out) / len(out)
 
 
+def oracle_score(scores: PoolScores) -> float | None:
+    """The validation score of the oracle routing (each row to its own task's expert), or ``None`` where
+    some row's task has no expert in the pool."""
+    if not bool((scores.own >= 0).all()):
+        return None
+    return routed_score(scores, scores.own[:, None], torch.ones(len(scores.own), 1))
+
+
 class RoutingData:
     """Validation inputs of several tasks, their routing features, and pools' cached answers.
 
