@@ -3,21 +3,25 @@
 Usage (GLUE_DIR set)::
 
     python benchmarks/route_features.py [--tasks cola,sst2,stsb,mrpc,rte] [--layer 1] [--recipe recipes/glue.yaml]
-        [--train-per-task N] [--pca K]
+        [--train-per-task N] [--pca K] [--shape-version V] [--eval-train M]
 
 For the prompt and the raw fields, with the ``mean`` and ``mean_last`` readouts and with and without the
 text's shape, a linear :class:`~adapterfuse.route.learned.LearnedRouter` (target ``task``) is fitted on
 the validation inputs the recipe carves (``validation_per_task`` per task, data seed 0) and read on the
 full GLUE dev sets. ``--pca K`` projects the features onto their top K principal components first
 (the shape passes through). ``--train-per-task N`` adds each task's first N training inputs to the fit: a task
-label costs nothing, so a task-target router could fit on many more inputs. It prints the share of
-dev inputs sent to their own task's expert (the routing accuracy of a task-target router, before any
-expert runs) and where the rest went.
+label costs nothing, so a task-target router could fit on many more inputs. ``--shape-version`` picks
+the text's shape (1: the four counts; 2, the default: with the length asymmetry). It prints the share
+of dev inputs sent to their own task's expert (the routing accuracy of a task-target router, before
+any expert runs) and where the rest went. ``--eval-train M`` also reads the router on M seeded training
+inputs per task that it was not fitted on: the same question on inputs from the fit's distribution,
+so a feature chosen by it is not chosen on dev.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import torch
 
 from adapterfuse import load_base
 from adapterfuse.recipe.schema import load_recipe
-from adapterfuse.route.features import SHAPE_DIM, FeatureExtractor
+from adapterfuse.route.features import SHAPE_VERSION, FeatureExtractor
 from adapterfuse.route.learned import LearnedRouter
 from adapterfuse.tasks.glue import capped_subset, load_task
 
@@ -33,21 +37,37 @@ SETTINGS = [(on, readout, shape) for on in ("prompt", "fields") for readout in (
             for shape in (False, True)]
 
 
-def identify(extractor: FeatureExtractor, data: list, on: str, per_task: int,
-             train: int = 0, pca: int = 0) -> tuple[float, torch.Tensor]:
+def held_out_train(examples: list, fitted: list, n: int) -> list:
+    """A seeded sample of ``n`` training inputs that are not in ``fitted``."""
+    used = set(fitted)
+    rest = [e for e in examples if e not in used]
+    return [rest[i] for i in sorted(random.Random(1).sample(range(len(rest)), min(n, len(rest))))]
+
+
+def identify(extractor: FeatureExtractor, data: list, on: str, per_task: int, train: int = 0, pca: int = 0,
+             eval_train: int = 0) -> tuple[float, torch.Tensor, float | None]:
     """Fit a task-target router on validation (and ``train`` training) features, projected onto ``pca``
-    principal components first if asked (the shape passes through); return its dev accuracy and
-    confusion matrix."""
+    principal components first if asked (the shape passes through); return its dev accuracy, its dev
+    confusion matrix and (with ``eval_train``) its accuracy on that many held-out training inputs per task."""
     # A seeded sample of train, not its first rows: the files are grouped by source.
     fit = [list(d.validation[:per_task]) + capped_subset(d.train, train, 0) for d in data]
     x = torch.cat([extractor.features(d.task, examples, on) for d, examples in zip(data, fit, strict=True)])
     y = torch.cat([torch.full((len(examples),), i) for i, examples in enumerate(fit)])
-    router = LearnedRouter.fit(x, y, len(data), target="task", pca=pca, pca_keep=SHAPE_DIM if extractor.shape else 0)
-    truth = torch.cat([torch.full((len(d.test),), i) for i, d in enumerate(data)])
-    chosen = router.probs(torch.cat([extractor.features(d.task, d.test, on) for d in data])).argmax(dim=1)
+    router = LearnedRouter.fit(x, y, len(data), target="task", pca=pca, pca_keep=extractor.shape_dim)
+
+    def chosen(sets: list) -> tuple[torch.Tensor, torch.Tensor]:
+        truth = torch.cat([torch.full((len(examples),), i) for i, examples in enumerate(sets)])
+        feats = torch.cat([extractor.features(d.task, examples, on) for d, examples in zip(data, sets, strict=True)])
+        return truth, router.probs(feats).argmax(dim=1)
+
+    truth, picked = chosen([d.test for d in data])
     confusion = torch.zeros(len(data), len(data), dtype=torch.long)
-    confusion.index_put_((truth, chosen), torch.ones_like(truth), accumulate=True)
-    return float((chosen == truth).float().mean()), confusion
+    confusion.index_put_((truth, picked), torch.ones_like(truth), accumulate=True)
+    on_train = None
+    if eval_train:
+        t_truth, t_picked = chosen([held_out_train(d.train, f, eval_train) for d, f in zip(data, fit, strict=True)])
+        on_train = float((t_picked == t_truth).float().mean())
+    return float((picked == truth).float().mean()), confusion, on_train
 
 
 def main() -> int:
@@ -57,23 +77,28 @@ def main() -> int:
     parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"), help="whose validation carve")
     parser.add_argument("--train-per-task", type=int, default=0, help="training inputs added to the fit per task")
     parser.add_argument("--pca", type=int, default=0, help="principal components the router sees (0: all features)")
+    parser.add_argument("--shape-version", type=int, default=SHAPE_VERSION, choices=(1, 2),
+                        help="1: the four counts; 2: with the length asymmetry")
+    parser.add_argument("--eval-train", type=int, default=0, help="also read on this many held-out train inputs")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     harness = load_recipe(args.recipe).harness
     tasks = args.tasks.split(",")
     data = [load_task(t, harness.validation_size, 0) for t in tasks]
     base = load_base(args.base)
+    extra = " | held-out train" if args.eval_train else ""
     print(f"| routing text | readout | shape | dev task identification (layer {args.layer}) "
-          "| misrouted (task -> chosen: n) |")
-    print("|---|---|---|---|---|")
+          f"| misrouted (task -> chosen: n){extra} |")
+    print("|---|---|---|---|---|" + ("---|" if args.eval_train else ""))
     for on, readout, shape in SETTINGS:
-        extractor = FeatureExtractor(base, args.layer, shape=shape, readout=readout)
-        accuracy, confusion = identify(extractor, data, on, harness.validation_per_task, args.train_per_task,
-                                       args.pca)
+        extractor = FeatureExtractor(base, args.layer, shape=args.shape_version if shape else 0, readout=readout)
+        accuracy, confusion, on_train = identify(extractor, data, on, harness.validation_per_task,
+                                                 args.train_per_task, args.pca, args.eval_train)
         worst = sorted(((int(confusion[i, j]), tasks[i], tasks[j]) for i in range(len(tasks))
                         for j in range(len(tasks)) if i != j and confusion[i, j] > 0), reverse=True)[:3]
         print(f"| {on} | {readout} | {'yes' if shape else 'no'} | {accuracy:.4f} | "
-              + ", ".join(f"{a} -> {b}: {n}" for n, a, b in worst) + " |", flush=True)
+              + ", ".join(f"{a} -> {b}: {n}" for n, a, b in worst)
+              + ("" if on_train is None else f" | {on_train:.4f}") + " |", flush=True)
     return 0
 
 

@@ -23,7 +23,7 @@ from adapterfuse.route import (
     routing_accuracy,
     routing_texts,
 )
-from adapterfuse.route.features import SHAPE_DIM, resolve_layer, text_shape
+from adapterfuse.route.features import SHAPE_DIM, SHAPE_VERSION, resolve_layer, shape_version, text_shape
 from adapterfuse.route.learned import LearnedRouter, routing_loss, target_labels
 from adapterfuse.route.subset import subset_score
 from adapterfuse.tasks.glue import load_task
@@ -78,9 +78,15 @@ def test_routing_on_fields_drops_the_template(data):
 
 
 def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
-    assert text_shape("one two three\nfour\nfive six\nseven") == pytest.approx(
-        [math.log1p(4), math.log1p(3), math.log1p(1), math.log1p(3)])
-    assert text_shape("just one line") == pytest.approx([math.log1p(1), math.log1p(3), 0.0, 0.0])
+    counts = [math.log1p(4), math.log1p(3), math.log1p(1), math.log1p(3)]
+    assert text_shape("one two three\nfour\nfive six\nseven", version=1) == pytest.approx(counts)
+    # Version 2 adds the length asymmetry of the first two fields: |log1p(3) - log1p(1)|.
+    assert text_shape("one two three\nfour\nfive six\nseven") == pytest.approx([*counts, math.log1p(3) - math.log1p(1)])
+    assert text_shape("a b c\nd e f")[-1] == 0.0 and text_shape("d\na b c")[-1] == pytest.approx(math.log(2))
+    assert text_shape("just one line") == pytest.approx([math.log1p(1), math.log1p(3), 0.0, 0.0, 0.0])
+    assert (shape_version(True), shape_version(False), shape_version(1)) == (SHAPE_VERSION, 0, 1)
+    with pytest.raises(ConfigError, match=r"shape: 3 is not a shape version; expected True, False or one of 0 .. 2"):
+        shape_version(3)
     texts = ["a b c\nd e", "a single longer line of words"]
     plain = FeatureExtractor(tiny_base, 1, autocast=False).encode(texts)
     shaped = FeatureExtractor(tiny_base, 1, autocast=False, shape=True)
@@ -92,7 +98,7 @@ def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
     assert RoutingData(tiny_base, data, "fields", autocast=False).features.shape[1] == plain.shape[1] + SHAPE_DIM
     prompt = RoutingData(tiny_base, data, "prompt", autocast=False)
     assert prompt.features.shape[1] == plain.shape[1]
-    with pytest.raises(ConfigError, match=r"'shape': False.*'shape': True"):
+    with pytest.raises(ConfigError, match=r"'shape': 0.*'shape': 2"):
         route(experts, tiny_base, "learned", validation=data, shape=True, data=prompt, autocast=False)
 
 

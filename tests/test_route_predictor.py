@@ -14,6 +14,7 @@ from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, Out
 from adapterfuse.harness import evaluate, results_table
 from adapterfuse.merge import merge_deltas
 from adapterfuse.route import FixedRouter, RoutePredictor, keep_top_k, route
+from adapterfuse.route.features import SHAPE_VERSION
 from adapterfuse.scoring import predict_proba
 from adapterfuse.tasks.glue import load_task
 from tests.conftest import write_glue_dir
@@ -95,19 +96,23 @@ def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, 
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
     manifest = json.loads((tmp_path / "r" / "route.json").read_text())
-    assert manifest["on"] == "fields" and manifest["top_k"] == 2 and manifest["features"]["shape"] is True
+    assert manifest["on"] == "fields" and manifest["top_k"] == 2 and manifest["features"]["shape"] == SHAPE_VERSION
     assert manifest["features"]["readout"] == "mean_last"
     loaded = RoutePredictor.load(tmp_path / "r", tiny_base)
-    assert loaded.extractor.shape is True and loaded.extractor.readout == "mean_last"
+    assert loaded.extractor.shape == SHAPE_VERSION and loaded.extractor.readout == "mean_last"
     assert type(loaded.router) is type(predictor.router) and loaded.names == predictor.names
     for td in data:
         assert torch.equal(loaded.predict_proba(td.task, td.test), predictor.predict_proba(td.task, td.test))
     with pytest.raises(OutputExistsError, match="already exists"):
         predictor.save(tmp_path / "r")
+    manifest["features"]["shape"] = True  # saved before shape versions: the four counts of version 1
+    (tmp_path / "r" / "route.json").write_text(json.dumps(manifest))
+    old = RoutePredictor.load(tmp_path / "r", tiny_base).extractor
+    assert old.shape == 1 and old.shape_dim == 4 and old.dim == loaded.extractor.dim - 1
     del manifest["features"]["shape"], manifest["features"]["readout"]  # saved before either existed
     (tmp_path / "r" / "route.json").write_text(json.dumps(manifest))
     old = RoutePredictor.load(tmp_path / "r", tiny_base).extractor
-    assert old.shape is False and old.readout == "mean"
+    assert old.shape == 0 and old.readout == "mean"
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         RoutePredictor.load(tmp_path / "r", tiny_base.__class__(**{**tiny_base.__dict__, "fingerprint": "f" * 64}))
     (tmp_path / "r" / "route.json").write_text("{}")

@@ -24,7 +24,6 @@ from adapterfuse.route.crossval import choose_prior_weight
 from adapterfuse.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score
 from adapterfuse.route.features import (
     DEFAULT_LAYER,
-    SHAPE_DIM,
     check_on,
     check_readout,
     default_shape,
@@ -73,7 +72,7 @@ def check_arguments(router: str, top_k: int, then: str, on: str, target: str, po
 
 def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1, then: str = "ensemble",
           validation: Sequence[TaskData] | None = None, on: str = "prompt", *, layer: int = DEFAULT_LAYER,
-          shape: bool | None = None, readout: str = "mean", target: str = "best_expert", hidden: int = 0,
+          shape: bool | int | None = None, readout: str = "mean", target: str = "best_expert", hidden: int = 0,
           epochs: int = 300, lr: float = 1e-2, prior_weight: float | None = None, cv_folds: int = 5,
           pca: int | None = None,
           clusters: int | None = None, cluster_temperature: float = 1.0, mbc_clusters: int | None = None,
@@ -164,7 +163,7 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     if kind == "arrow":
         return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
     fit = {"hidden": hidden, "epochs": epochs, "lr": lr, "seed": seed, "pca": pca or 0,
-           "pca_keep": SHAPE_DIM if data.extractor.spec["shape"] else 0}
+           "pca_keep": data.extractor.shape_dim}
     if kind == "learned" and target == "task_prior" and prior_weight is None:
         prior_weight, info["prior_cv"] = choose_prior_weight(data.features, scores, [t.name for t in data.row_tasks],
                                                              cv_folds, **fit)

@@ -179,7 +179,7 @@ class RoutingData:
     def __init__(self, base: BaseModel, validation: Sequence[TaskData], on: str = "prompt",
                  layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
                  max_length: int = DEFAULT_MAX_LENGTH, max_examples: int | None = None,
-                 shape: bool | None = None, readout: str = "mean") -> None:
+                 shape: bool | int | None = None, readout: str = "mean") -> None:
         if not validation:
             raise ConfigError("validation: expected at least one task's data, got none; the learned and clustered "
                               "routers fit on the validation split (pass validation=[TaskData, ...])")

@@ -103,8 +103,9 @@ class RoutePredictor(_Saved):
         name: shown in tables.
         info: fit reports (routing accuracy, clusters, subsets …), saved with it.
         batch_size, autocast, max_length: scoring and feature settings.
-        shape: whether the router's features carry the text's shape (default: only ``on="fields"``);
-            it must be what the router was fitted with.
+        shape: whether (``True``/``False``) or which version of (an int) the text's shape the router's
+            features carry (default: the current version only ``on="fields"``); it must be what the
+            router was fitted with.
         readout: ``"mean"`` or ``"mean_last"``, as the router was fitted.
 
     Raises:
@@ -114,7 +115,7 @@ class RoutePredictor(_Saved):
     def __init__(self, base: BaseModel, pool: Sequence[Expert], router: Router, top_k: int = 1,
                  then: str = "ensemble", on: str = "prompt", layer: int = DEFAULT_LAYER, pooling: str = "linear",
                  name: str | None = None, info: dict[str, Any] | None = None, batch_size: int = 32,
-                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, shape: bool | None = None,
+                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, shape: bool | int | None = None,
                  readout: str = "mean") -> None:
         if not pool:
             raise ConfigError("experts: expected at least one expert to route to, got none")
@@ -249,8 +250,10 @@ class RoutePredictor(_Saved):
             return ArrowPredictor(base, experts, cfg["top_k"], cfg["temperature"], prototypes=protos,
                                   seed=cfg.get("seed", 0), name=manifest.get("name"), info=manifest.get("info"),
                                   **settings)
-        # Folders saved before features had a shape or a readout were fitted on the plain mean.
+        # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
+        # before shape versions (``"shape": true``) on the four counts of version 1.
         features = {"shape": False, "readout": "mean", **manifest["features"]}
+        features["shape"] = 1 if features["shape"] is True else features["shape"]
         return cls(base, experts, load_router(router["kind"], router["config"], tensors), manifest["top_k"],
                    manifest["then"], manifest["on"], pooling=manifest["pooling"], name=manifest.get("name"),
                    info=manifest.get("info"), **features, **settings)
