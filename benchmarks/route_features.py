@@ -3,7 +3,7 @@
 Usage (GLUE_DIR set)::
 
     python benchmarks/route_features.py [--tasks cola,sst2,stsb,mrpc,rte] [--layer 1] [--recipe recipes/glue.yaml]
-        [--train-per-task N] [--pca K] [--shape-version V] [--eval-train M]
+        [--train-per-task N] [--pca K] [--shape-version V] [--eval-train M] [--on fields] [--readout mean_last]
 
 For the prompt and the raw fields, with the ``mean`` and ``mean_last`` readouts and with and without the
 text's shape, a linear :class:`~adapterfuse.route.learned.LearnedRouter` (target ``task``) is fitted on
@@ -15,7 +15,7 @@ the text's shape (1: the four counts; 2, the default: with the length asymmetry)
 of dev inputs sent to their own task's expert (the routing accuracy of a task-target router, before
 any expert runs) and where the rest went. ``--eval-train M`` also reads the router on M seeded training
 inputs per task that it was not fitted on: the same question on inputs from the fit's distribution,
-so a feature chosen by it is not chosen on dev.
+so a feature chosen by it is not chosen on dev. ``--on`` and ``--readout`` keep only those settings.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--shape-version", type=int, default=SHAPE_VERSION, choices=(1, 2),
                         help="1: the four counts; 2: with the length asymmetry")
     parser.add_argument("--eval-train", type=int, default=0, help="also read on this many held-out train inputs")
+    parser.add_argument("--on", choices=("prompt", "fields"), default=None, help="only this routing text")
+    parser.add_argument("--readout", choices=("mean", "mean_last"), default=None, help="only this readout")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     harness = load_recipe(args.recipe).harness
@@ -91,6 +93,8 @@ def main() -> int:
           f"| misrouted (task -> chosen: n){extra} |")
     print("|---|---|---|---|---|" + ("---|" if args.eval_train else ""))
     for on, readout, shape in SETTINGS:
+        if args.on not in (None, on) or args.readout not in (None, readout):
+            continue
         extractor = FeatureExtractor(base, args.layer, shape=args.shape_version if shape else 0, readout=readout)
         accuracy, confusion, on_train = identify(extractor, data, on, harness.validation_per_task,
                                                  args.train_per_task, args.pca, args.eval_train)
