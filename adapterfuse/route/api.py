@@ -21,7 +21,7 @@ from adapterfuse.library import ExpertLibrary
 from adapterfuse.merge.sources import count_experts, load_library
 from adapterfuse.route.cluster import ClusterRouter
 from adapterfuse.route.crossval import choose_prior_weight
-from adapterfuse.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score
+from adapterfuse.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score, top1_score
 from adapterfuse.route.features import (
     DEFAULT_LAYER,
     check_on,
@@ -234,7 +234,7 @@ def validation_report(router: Router, data: RoutingData, scores: PoolScores, top
     oracle = oracle_score(scores)
     if oracle is not None:
         report["oracle_score"] = oracle
-    report["best_score"] = routed_score(scores, scores.best[:, None], torch.ones(len(scores.best), 1))
+    report["best_score"] = top1_score(scores, scores.best)
     report["score"] = routed_score(scores, indices, weights, pooling)
     return report
 

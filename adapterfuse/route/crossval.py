@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.route.data import PoolScores, oracle_score, routed_score
+from adapterfuse.route.data import PoolScores, oracle_score, top1_score
 from adapterfuse.route.learned import LearnedRouter, check_fit_options
 
 PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -96,11 +96,10 @@ def choose_prior_weight(features: torch.Tensor, scores: PoolScores, tasks: Seque
     if not grid or any(not w >= 0 for w in grid):
         raise ConfigError(f"prior grid: expected non-negative weights, got {list(grid)}")
     fold = stratified_folds(tasks, k, seed)
-    ones = torch.ones(len(fold), 1)
     rows = []
     for weight in grid:
         chosen = out_of_fold_top1(features, scores, fold, float(weight), seed=seed, **fit)
-        rows.append({"prior_weight": float(weight), "score": routed_score(scores, chosen[:, None], ones),
+        rows.append({"prior_weight": float(weight), "score": top1_score(scores, chosen),
                      "oracle_accuracy": float((chosen == scores.own).float().mean())})
     best = max(rows, key=lambda r: (round(r["score"], 12), r["prior_weight"]))
     report = {"folds": k, "grid": rows, "chosen": best["prior_weight"]}

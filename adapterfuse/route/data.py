@@ -147,12 +147,17 @@ def routed_score(scores: PoolScores, indices: torch.Tensor, weights: torch.Tenso
     return sum(out) / len(out)
 
 
+def top1_score(scores: PoolScores, chosen: torch.Tensor) -> float:
+    """The validation score when each row goes to the one expert ``chosen[i]`` (``[N]`` indices)."""
+    return routed_score(scores, chosen[:, None], torch.ones(len(chosen), 1))
+
+
 def oracle_score(scores: PoolScores) -> float | None:
     """The validation score of the oracle routing (each row to its own task's expert), or ``None`` where
     some row's task has no expert in the pool."""
     if not bool((scores.own >= 0).all()):
         return None
-    return routed_score(scores, scores.own[:, None], torch.ones(len(scores.own), 1))
+    return top1_score(scores, scores.own)
 
 
 class RoutingData:

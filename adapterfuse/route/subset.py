@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.route.data import PoolScores, routed_score
+from adapterfuse.route.data import PoolScores, top1_score
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ def subset_score(scores: PoolScores, keep: list[int], probs: torch.Tensor | None
         The mean over tasks of each task's score.
     """
     ranking = (probs if probs is not None else scores.quality)[:, keep]
-    chosen = torch.tensor(keep)[ranking.argmax(dim=1)].unsqueeze(1)
-    return routed_score(scores, chosen, torch.ones_like(chosen, dtype=torch.float32))
+    return top1_score(scores, torch.tensor(keep)[ranking.argmax(dim=1)])
 
 
 def greedy_subset(scores: PoolScores, budget: int, probs: torch.Tensor | None = None) -> Subset:
