@@ -48,6 +48,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cv-folds", type=int, default=5, help="folds of that cross-validation")
     p.add_argument("--pca", type=int, default=None, help="learned router: project features onto this many principal "
                    "components first (the text's shape passes through)")
+    p.add_argument("--decision", default="probability", choices=["probability", "utility"],
+                   help="keep the most probable experts, or (learned, --target task) those of highest expected "
+                   "validation score under the task posterior")
     p.add_argument("--hidden", type=int, default=0, help="hidden size of the learned router (0: linear)")
     p.add_argument("--clusters", type=positive_int, default=None, help="k-means clusters (default: experts)")
     p.add_argument("--mbc-clusters", type=positive_int, default=None, help="expert groups for --router mbc")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.route.api import check_arguments, route, routing_accuracy
     from adapterfuse.route.learned import check_fit_options
     from adapterfuse.route.predictor import RoutePredictor
+    from adapterfuse.route.utility import check_decision
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)
@@ -100,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args.router, args.top_k, args.then, args.on, args.target, args.pooling, len(args.experts),
            args.mbc_clusters, across, kind != "arrow" or args.budget is not None, True, None)
     check_fit_options(args.prior_weight, args.cv_folds, args.pca)
+    check_decision(args.decision, args.router, args.target)
     check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
     for note in library.notes:
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = route(library, base, args.router, args.top_k, args.then, validation=data, on=args.on,
                       layer=args.layer, readout=args.readout, target=args.target, hidden=args.hidden,
                       prior_weight=args.prior_weight, cv_folds=args.cv_folds, pca=args.pca,
+                      decision=args.decision,
                       clusters=args.clusters, mbc_clusters=args.mbc_clusters, mbc_router=across, sketch=args.sketch,
                       temperature=args.temperature, budget=args.budget, pooling=args.pooling, seed=args.seed,
                       batch_size=args.batch_size, autocast=not args.no_autocast)

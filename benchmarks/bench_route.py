@@ -37,7 +37,6 @@ from adapterfuse.route.arrow import ArrowModel
 from adapterfuse.route.cluster import ClusterRouter
 from adapterfuse.route.features import FeatureExtractor, n_layers, routing_texts
 from adapterfuse.route.learned import LearnedRouter
-from adapterfuse.route.routers import keep_top_k
 from adapterfuse.scoring import autocast_context, iter_batches, label_logits, label_token_ids
 from adapterfuse.tasks.glue import Example, get_task, read_split
 
@@ -98,7 +97,7 @@ def make_methods(base, batches, labels, args, device) -> tuple[dict[str, Callabl
                                       min(args.clusters, len(feats)), n_init=1)
 
         def route_with(router, ext=extractor):
-            return [keep_top_k(router.probs(ext.pooled(ids, mask).cpu()), 1) for ids, mask in batches]
+            return [router.choose(ext.pooled(ids, mask).cpu(), 1) for ids, mask in batches]
 
         methods[f"learned (layer {layer})"] = lambda r=learned, f=route_with: f(r)
         methods[f"clustered (layer {layer})"] = lambda r=clustered, f=route_with: f(r)

@@ -32,13 +32,13 @@ from adapterfuse.harness import ModelPredictor, OraclePredictor, ZeroShotPredict
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.route import RoutingData, greedy_subset, route, routing_accuracy
-from adapterfuse.route.features import default_shape
+from adapterfuse.route.features import DEFAULT_LAYER, default_shape
 from adapterfuse.route.predictor import RoutePredictor
 from adapterfuse.tasks.glue import TaskData, load_held_out, load_task
 
-# label -> route() arguments; "on", "shape" and "readout" pick the routing data (features of the prompt or of
-# the raw fields; on the fields the text's shape is appended unless "shape" is False; "mean_last" adds the last
-# token's state to the mean).
+# label -> route() arguments; "on", "shape", "readout" and "layer" pick the routing data (features of the prompt
+# or of the raw fields; on the fields the text's shape is appended unless "shape" is False; "mean_last" adds the
+# last token's state to the mean; "layer" is the feature layer, default 1).
 ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 (best_expert)": {"router": "learned", "target": "best_expert"},
     "learned top-1": {"router": "learned", "target": "likelihood"},
@@ -77,6 +77,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 task target (fields mean+last pca 8 hidden 64)": {"router": "learned", "target": "task",
                                                                       "on": "fields", "readout": "mean_last",
                                                                       "pca": 8, "hidden": 64},
+    "learned top-1 task utility (mean+last shape pca 8)": {"router": "learned", "target": "task",
+                                                           "decision": "utility", "readout": "mean_last",
+                                                           "shape": True, "pca": 8},
+    "learned top-1 task utility (fields mean+last pca 8)": {"router": "learned", "target": "task", "on": "fields",
+                                                            "decision": "utility", "readout": "mean_last", "pca": 8},
+    # Layer 6: the best held-out-train task identification of layers 1-12 (route_features.py --eval-train).
+    **{f"learned top-1 task {how} (fields mean+last pca 8 layer 6)": {
+        "router": "learned", "target": "task", "on": "fields", "decision": decision, "readout": "mean_last",
+        "pca": 8, "layer": 6} for how, decision in (("target", "probability"), ("utility", "utility"))},
     **{f"clustered {c}": {"router": "clustered", "clusters": c} for c in (2, 3, 4, 5)},
     "clustered 5 (fields)": {"router": "clustered", "clusters": 5, "on": "fields"},
     **{f"mbc {g} groups": {"router": "mbc", "mbc_clusters": g, "target": "likelihood"} for g in (2, 3, 4)},
@@ -126,12 +135,14 @@ def main() -> int:
     data = [load_task(t, harness.validation_size, 0) for t in tasks]  # the carve ignores training caps
     validation = [TaskData(d.task, [], d.validation[:harness.validation_per_task], []) for d in data]
     extra = [load_held_out(t, args.max_heldout) for t in args.heldout.split(",")] if args.heldout else []
-    routing: dict[tuple[str, bool, str], RoutingData] = {}
+    routing: dict[tuple[str, int, str, int], RoutingData] = {}
 
-    def routing_data(on: str, shape: bool | None = None, readout: str = "mean") -> RoutingData:  # Arrow needs none
-        key = (on, default_shape(on, shape), readout)  # shape None and its default share one feature pass
+    def routing_data(on: str, shape: bool | None = None, readout: str = "mean",
+                     layer: int = DEFAULT_LAYER) -> RoutingData:  # Arrow needs none
+        key = (on, default_shape(on, shape), readout, layer)  # shape None and its default share one feature pass
         if key not in routing:
-            routing[key] = RoutingData(base, validation, on, batch_size=32, shape=key[1], readout=readout)
+            routing[key] = RoutingData(base, validation, on, layer=layer, batch_size=32, shape=key[1],
+                                       readout=readout)
         return routing[key]
 
     if not (args.out / "subset_curve.json").exists():
@@ -163,7 +174,7 @@ def main() -> int:
     for label in args.rows.split(","):
         kwargs = dict(ROWS[label])
         features = {"on": kwargs.pop("on", "prompt"), "shape": kwargs.pop("shape", None),
-                    "readout": kwargs.pop("readout", "mean")}
+                    "readout": kwargs.pop("readout", "mean"), "layer": kwargs.pop("layer", DEFAULT_LAYER)}
         record(label, lambda kw=kwargs, f=features, label=label: route(
             experts, base, validation=validation, name=label,
             data=None if kw["router"] == "arrow" else routing_data(**f), **f, **kw))

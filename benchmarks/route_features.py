@@ -2,8 +2,9 @@
 
 Usage (GLUE_DIR set)::
 
-    python benchmarks/route_features.py [--tasks cola,sst2,stsb,mrpc,rte] [--layer 1] [--recipe recipes/glue.yaml]
-        [--train-per-task N] [--pca K] [--shape-version V] [--eval-train M] [--on fields] [--readout mean_last]
+    python benchmarks/route_features.py [--tasks cola,sst2,stsb,mrpc,rte] [--layer 1[,2,...]]
+        [--recipe recipes/glue.yaml] [--train-per-task N] [--pca K] [--shape-version V] [--eval-train M]
+        [--on fields] [--readout mean_last]
 
 For the prompt and the raw fields, with the ``mean`` and ``mean_last`` readouts and with and without the
 text's shape, a linear :class:`~adapterfuse.route.learned.LearnedRouter` (target ``task``) is fitted on
@@ -15,7 +16,9 @@ the text's shape (1: the four counts; 2, the default: with the length asymmetry)
 of dev inputs sent to their own task's expert (the routing accuracy of a task-target router, before
 any expert runs) and where the rest went. ``--eval-train M`` also reads the router on M seeded training
 inputs per task that it was not fitted on: the same question on inputs from the fit's distribution,
-so a feature chosen by it is not chosen on dev. ``--on`` and ``--readout`` keep only those settings.
+so a feature chosen by it is not chosen on dev. ``--on``, ``--readout`` and ``--shape`` keep only those settings.
+``--layer`` takes a comma-separated list: one row per layer and setting, in one process (the base
+loaded once), which is how the raw-field router's layer is chosen on held-out training inputs.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def identify(extractor: FeatureExtractor, data: list, on: str, per_task: int, tr
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="cola,sst2,stsb,mrpc,rte")
-    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--layer", default="1", help="feature layer(s), comma-separated")
     parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"), help="whose validation carve")
     parser.add_argument("--train-per-task", type=int, default=0, help="training inputs added to the fit per task")
     parser.add_argument("--pca", type=int, default=0, help="principal components the router sees (0: all features)")
@@ -82,6 +85,7 @@ def main() -> int:
     parser.add_argument("--eval-train", type=int, default=0, help="also read on this many held-out train inputs")
     parser.add_argument("--on", choices=("prompt", "fields"), default=None, help="only this routing text")
     parser.add_argument("--readout", choices=("mean", "mean_last"), default=None, help="only this readout")
+    parser.add_argument("--shape", choices=("yes", "no"), default=None, help="only with (or without) the shape")
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     harness = load_recipe(args.recipe).harness
@@ -89,18 +93,19 @@ def main() -> int:
     data = [load_task(t, harness.validation_size, 0) for t in tasks]
     base = load_base(args.base)
     extra = " | held-out train" if args.eval_train else ""
-    print(f"| routing text | readout | shape | dev task identification (layer {args.layer}) "
+    print(f"| layer | routing text | readout | shape | dev task identification "
           f"| misrouted (task -> chosen: n){extra} |")
-    print("|---|---|---|---|---|" + ("---|" if args.eval_train else ""))
-    for on, readout, shape in SETTINGS:
-        if args.on not in (None, on) or args.readout not in (None, readout):
+    print("|---|---|---|---|---|---|" + ("---|" if args.eval_train else ""))
+    for layer, (on, readout, shape) in ((int(x), s) for x in args.layer.split(",") for s in SETTINGS):
+        wanted = (args.on, on), (args.readout, readout), (args.shape, "yes" if shape else "no")
+        if any(asked not in (None, value) for asked, value in wanted):
             continue
-        extractor = FeatureExtractor(base, args.layer, shape=args.shape_version if shape else 0, readout=readout)
+        extractor = FeatureExtractor(base, layer, shape=args.shape_version if shape else 0, readout=readout)
         accuracy, confusion, on_train = identify(extractor, data, on, harness.validation_per_task,
                                                  args.train_per_task, args.pca, args.eval_train)
         worst = sorted(((int(confusion[i, j]), tasks[i], tasks[j]) for i in range(len(tasks))
                         for j in range(len(tasks)) if i != j and confusion[i, j] > 0), reverse=True)[:3]
-        print(f"| {on} | {readout} | {'yes' if shape else 'no'} | {accuracy:.4f} | "
+        print(f"| {layer} | {on} | {readout} | {'yes' if shape else 'no'} | {accuracy:.4f} | "
               + ", ".join(f"{a} -> {b}: {n}" for n, a, b in worst)
               + ("" if on_train is None else f" | {on_train:.4f}") + " |", flush=True)
     return 0

@@ -82,6 +82,7 @@ def test_bad_recipe_keys_fail_on_load(tmp_path, no_loading, changes, message):
     ({"backend": "route", "options": {"router": "arow"}}, "router 'arow'"),
     ({"backend": "route", "options": {"top_k": 3}}, "top_k"),
     ({"backend": "route", "options": {"target": "task_prior", "cv_folds": 1}}, "cv_folds: expected an integer >= 2"),
+    ({"backend": "route", "options": {"decision": "utility"}}, "decision 'utility': needs router='learned' with"),
     ({"backend": "ensemble", "members": ["cola-lora-r4-s0"]}, "members ['cola-lora-r4-s0'] are not experts"),
     ({"backend": "pe_ensemble", "options": {"kind": "mimo", "be_jitter": 0.1}}, "another kind"),
 ])

@@ -4,7 +4,8 @@
 - :class:`RoutePredictor` / :class:`ArrowPredictor` answer, cost, save, and load again
   (``RoutePredictor.load(folder, base)`` loads either);
 - :class:`RoutingData` caches the validation features and the experts' answers across many calls;
-- :func:`routing_accuracy`, :func:`greedy_subset` and :func:`quality_curve` give the reports.
+- :func:`routing_accuracy`, :func:`greedy_subset` and :func:`quality_curve` give the reports;
+- :class:`UtilityRouter` turns a task posterior into the expert of highest expected score.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from adapterfuse.route.mbc import cluster_experts, cosine_matrix, mbc_pool
 from adapterfuse.route.predictor import ArrowPredictor, RoutePredictor
 from adapterfuse.route.routers import FixedRouter, Router, keep_top_k
 from adapterfuse.route.subset import Subset, greedy_subset
+from adapterfuse.route.utility import UtilityRouter, expected_scores, utility_matrix
 
 __all__ = [
     "ROUTERS",
@@ -35,10 +37,12 @@ __all__ = [
     "Router",
     "RoutingData",
     "Subset",
+    "UtilityRouter",
     "accuracy_report",
     "arrow_prototypes",
     "cluster_experts",
     "cosine_matrix",
+    "expected_scores",
     "greedy_subset",
     "keep_top_k",
     "mbc_pool",
@@ -49,6 +53,7 @@ __all__ = [
     "routing_accuracy",
     "routing_texts",
     "routing_weights",
+    "utility_matrix",
 ]
 
 from adapterfuse._callable import make_callable

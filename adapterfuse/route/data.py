@@ -114,6 +114,17 @@ class PoolScores:
         """``[N]`` the best expert of each row (ties: the lower index)."""
         return self.quality.argmax(dim=1)
 
+    def rows(self, keep: torch.Tensor) -> PoolScores:
+        """The same experts on some rows only (``keep``: ``[N]`` bool); a task keeps its cache even if empty."""
+        caches, start = [], 0
+        for cache in self.caches:
+            n = cache.log_probs.shape[1]
+            mask = keep[start:start + n]
+            labels = [y for y, k in zip(cache.labels, mask.tolist(), strict=True) if k]
+            caches.append(MemberCache(cache.task, cache.log_probs[:, mask], labels))
+            start += n
+        return PoolScores(self.names, caches, self.quality[keep], self.own[keep])
+
     def subset(self, keep: Sequence[int]) -> PoolScores:
         """The same scores for some experts only (by index, in the given order)."""
         keep = list(keep)
@@ -141,10 +152,14 @@ def routed_score(scores: PoolScores, indices: torch.Tensor, weights: torch.Tenso
         n = cache.log_probs.shape[1]
         idx, w = indices[start:start + n], weights[start:start + n]
         chosen = cache.log_probs[idx.T, torch.arange(n).unsqueeze(0)]  # [k, n, L]
-        probs = pool_rows(pooling, chosen, w)
-        out.append(compute_metrics(cache.task.metrics, predictions(cache.task, probs), cache.labels)["score"])
+        out.append(task_score(cache, pool_rows(pooling, chosen, w)))
         start += n
     return sum(out) / len(out)
+
+
+def task_score(cache: MemberCache, probs: torch.Tensor) -> float:
+    """The task's official score (as the harness reports it) of ``[n, L]`` answers to ``cache``'s inputs."""
+    return compute_metrics(cache.task.metrics, predictions(cache.task, probs), cache.labels)["score"]
 
 
 def top1_score(scores: PoolScores, chosen: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ from adapterfuse.harness import adapter_params
 from adapterfuse.route.arrow import ArrowModel
 from adapterfuse.route.data import pool_rows
 from adapterfuse.route.features import DEFAULT_LAYER, FeatureExtractor, check_on, default_shape, routing_texts
-from adapterfuse.route.routers import Router, check_top_k, keep_top_k, load_router
+from adapterfuse.route.routers import Router, check_top_k, load_router
 from adapterfuse.route.rowmerge import RowMergeModel
 from adapterfuse.scoring import DEFAULT_MAX_LENGTH, predict_proba
 from adapterfuse.tasks.glue import Example, TaskSpec
@@ -133,7 +133,7 @@ class RoutePredictor(_Saved):
 
     def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [n, k], weights [n, k])`` for ``[n, d]`` features."""
-        return keep_top_k(self.router.probs(features), self.top_k)
+        return self.router.choose(features, self.top_k)
 
     def choose(self, task: TaskSpec, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k experts and weights of each input (see :meth:`route`)."""

@@ -45,8 +45,22 @@ def keep_top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         ConfigError: for a ``k`` out of range.
     """
     check_top_k(k, int(probs.shape[1]))
-    values, order = torch.sort(probs.float(), dim=1, descending=True, stable=True)
-    values, order = values[:, :k], order[:, :k]
+    return keep_weights(probs, torch.sort(probs.float(), dim=1, descending=True, stable=True)[1], k)
+
+
+def keep_weights(probs: torch.Tensor, order: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` experts of each row's ``order`` and their ``probs``, renormalised to sum to 1.
+
+    Args:
+        probs: ``[n, E]`` router probabilities.
+        order: ``[n, E]`` each row's experts, best first.
+        k: how many to keep.
+
+    Returns:
+        ``(indices [n, k] long, weights [n, k] fp32)``.
+    """
+    order = order[:, :k]
+    values = probs.float().gather(1, order)
     total = values.sum(dim=1, keepdim=True)
     # A row whose kept mass is zero (a router certain of some other expert) falls back to equal weights.
     weights = torch.where(total > 0, values / total.clamp(min=1e-30), torch.full_like(values, 1.0 / k))
@@ -148,6 +162,11 @@ class Router:
     def probs(self, features: torch.Tensor) -> torch.Tensor:
         """``[n, E]`` probabilities over the experts for ``[n, d]`` features."""
         raise NotImplementedError
+
+    def choose(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``k`` chosen experts and their weights (:func:`keep_top_k` of :meth:`probs`; a router
+        with another decision rule overrides this)."""
+        return keep_top_k(self.probs(features), k)
 
     def config(self) -> dict[str, Any]:
         """JSON-ready settings (what :meth:`from_saved` needs besides the tensors)."""
