@@ -3,7 +3,7 @@
 A task-target router gives, for each input, a posterior ``p(j | x)`` over which expert's task the input
 came from. Keeping its most probable expert treats every mistake as equally bad, and they are not. On
 the raw GLUE fields the router's main doubt is STS-B against RTE. STS-B's expert on an RTE input scores
-0.54 against RTE's own 0.77, but RTE's expert on an STS-B input scores -0.04 against 0.81: for an input
+0.56 against RTE's own 0.75, but RTE's expert on an STS-B input scores -0.06 against 0.81: for an input
 that is one or the other with even odds, STS-B's expert is by far the safer answer.
 
 The decision-theoretic choice is the expert of highest expected score under the posterior,
