@@ -38,6 +38,11 @@ class MemberCache:
         """The same cache restricted to some members (by index, in the given order)."""
         return MemberCache(self.task, self.log_probs[list(members)], self.labels)
 
+    def score(self, probs: torch.Tensor) -> float:
+        """The task's official score (its metrics' mean, as the harness reports it) of ``[n, L]`` answers to
+        these inputs."""
+        return compute_metrics(self.task.metrics, predictions(self.task, probs), self.labels)["score"]
+
 
 def cache_members(batched: BatchedEnsemble, tokenizer: PreTrainedTokenizerBase, validation: Sequence[TaskData],
                   batch_size: int = 32, autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH,
@@ -103,6 +108,5 @@ def pooled_score(pooling: str, caches: Sequence[MemberCache], weights: torch.Ten
         raise ConfigError(f"metric {metric!r}: unknown; expected 'score' or 'nll'")
     scores = []
     for c in caches:
-        probs = pooled_log_probs(pooling, c.log_probs, weights, temperature).exp()
-        scores.append(compute_metrics(c.task.metrics, predictions(c.task, probs), c.labels)["score"])
+        scores.append(c.score(pooled_log_probs(pooling, c.log_probs, weights, temperature).exp()))
     return sum(scores) / len(scores)

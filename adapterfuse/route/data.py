@@ -25,9 +25,8 @@ from adapterfuse.ensemble.cache import MemberCache, cache_members
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.route.features import DEFAULT_LAYER, FeatureExtractor, check_on, default_shape, routing_texts
-from adapterfuse.scoring import DEFAULT_MAX_LENGTH, predictions
+from adapterfuse.scoring import DEFAULT_MAX_LENGTH
 from adapterfuse.tasks.glue import TaskData, TaskSpec
-from adapterfuse.tasks.metrics import compute_metrics
 
 
 def serves(expert: Expert) -> set[str]:
@@ -152,14 +151,9 @@ def routed_score(scores: PoolScores, indices: torch.Tensor, weights: torch.Tenso
         n = cache.log_probs.shape[1]
         idx, w = indices[start:start + n], weights[start:start + n]
         chosen = cache.log_probs[idx.T, torch.arange(n).unsqueeze(0)]  # [k, n, L]
-        out.append(task_score(cache, pool_rows(pooling, chosen, w)))
+        out.append(cache.score(pool_rows(pooling, chosen, w)))
         start += n
     return sum(out) / len(out)
-
-
-def task_score(cache: MemberCache, probs: torch.Tensor) -> float:
-    """The task's official score (as the harness reports it) of ``[n, L]`` answers to ``cache``'s inputs."""
-    return compute_metrics(cache.task.metrics, predictions(cache.task, probs), cache.labels)["score"]
 
 
 def top1_score(scores: PoolScores, chosen: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.route.data import PoolScores, task_score
+from adapterfuse.route.data import PoolScores
 from adapterfuse.route.routers import Router, check_top_k, keep_weights, load_router, register
 
 DECISIONS = ("probability", "utility")
@@ -69,7 +69,7 @@ def utility_matrix(scores: PoolScores) -> torch.Tensor:
         if own < 0:
             continue
         for e in range(n_experts):
-            total[e, own] += task_score(cache, cache.log_probs[e].float().exp())
+            total[e, own] += cache.score(cache.log_probs[e].float().exp())
         count[own] += 1
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
