@@ -95,16 +95,14 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.route.api import check_arguments, route, routing_accuracy
     from adapterfuse.route.learned import check_fit_options
     from adapterfuse.route.predictor import RoutePredictor
-    from adapterfuse.route.utility import check_decision
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)
     across = args.mbc_router or "learned"
     kind = across if args.router == "mbc" else args.router
     check_arguments(args.router, args.top_k, args.then, args.on, args.target, args.pooling, len(args.experts),
-           args.mbc_clusters, across, kind != "arrow" or args.budget is not None, True, None)
+           args.mbc_clusters, across, kind != "arrow" or args.budget is not None, True, None, args.decision)
     check_fit_options(args.prior_weight, args.cv_folds, args.pca)
-    check_decision(args.decision, args.router, args.target)
     check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
     for note in library.notes:

@@ -48,7 +48,6 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
     from adapterfuse.pe_ensemble.options import parse_options
     from adapterfuse.route.api import check_arguments, route
     from adapterfuse.route.learned import check_fit_options
-    from adapterfuse.route.utility import check_decision
 
     names = expert_names(recipe)
     missing = sorted(set(entry.members or []) - set(names))
@@ -72,9 +71,8 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
         across = opts.get("mbc_router") or "learned"
         check_arguments(router, opts.get("top_k", 1), opts.get("then", "ensemble"), opts.get("on", "prompt"),
                         opts.get("target", "best_expert"), opts.get("pooling", "linear"), n, opts.get("mbc_clusters"),
-                        across, False, True, None)
+                        across, False, True, None, opts.get("decision", "probability"))
         check_fit_options(opts.get("prior_weight"), opts.get("cv_folds", 5), opts.get("pca"))
-        check_decision(opts.get("decision", "probability"), router, opts.get("target", "best_expert"))
     else:
         if recipe.experts.paths:
             raise ConfigError(f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "

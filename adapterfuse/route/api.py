@@ -7,6 +7,7 @@ then the experts are loaded and checked together against the base; only then doe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ ACROSS = ("learned", "clustered", "arrow")
 
 def check_arguments(router: str, top_k: int, then: str, on: str, target: str, pooling: str, n_experts: int,
                     mbc_clusters: int | None, across: str, needs_validation: bool, validation: Any,
-                    data: Any) -> None:
+                    data: Any, decision: str = "probability") -> None:
     """The checks that read no weight, in the order a user would fix them (the CLI runs them first too).
 
     Raises:
@@ -55,6 +56,7 @@ def check_arguments(router: str, top_k: int, then: str, on: str, target: str, po
     check_then(then)
     check_on(on)
     check_target(target)
+    check_decision(decision, router, target)
     if pooling not in ("linear", "log_linear"):
         raise ConfigError(f"pooling {pooling!r}: unknown; expected 'linear' or 'log_linear'")
     if across not in ACROSS:
@@ -146,9 +148,8 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
     across = mbc_router or ("arrow" if not validation and data is None else "learned")
     kind = across if router == "mbc" else router
     check_arguments(router, top_k, then, on, target, pooling, n, mbc_clusters, across,
-                    kind != "arrow" or budget is not None, validation, data)
+                    kind != "arrow" or budget is not None, validation, data, decision)
     check_fit_options(prior_weight, cv_folds, pca)
-    check_decision(decision, router, target)
     library = load_library(experts, base, allow_pickle)
     pool, info = list(library), {"router": router}
     if router == "mbc":
@@ -179,8 +180,8 @@ def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1
         info["prior_weight"] = prior_weight
     if decision == "utility":
         fitted = UtilityRouter(fitted, utility_matrix(scores))
-        info.update(decision=decision, utility=[[None if v != v else round(v, 4) for v in row]
-                                                for row in fitted.utility.tolist()])
+        info.update(decision=decision, utility=[[None if math.isnan(v) else round(v, 4) for v in row]
+                                                for row in fitted.utility.tolist()])  # JSON has no NaN
     info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
     return RoutePredictor(base, pool, fitted, top_k, then, on, pooling=pooling, name=name, info=info,
                           **data.extractor.spec, **settings)
