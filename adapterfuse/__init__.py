@@ -1,18 +1,29 @@
-"""adapterfuse: train one LoRA/AdaLoRA expert per task, then ensemble, merge or route them."""
+"""adapterfuse: train one LoRA/AdaLoRA expert per task, then ensemble, merge or route them.
+
+The public API, one name each::
+
+    import adapterfuse
+
+    base = adapterfuse.load_base()
+    merged = adapterfuse.merge(["experts/sst2", "experts/rte"], method="ties", density=0.2)
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from adapterfuse import ensemble, merge, route  # callable packages: adapterfuse.merge(experts, ...)
+from adapterfuse._version import __version__
+from adapterfuse.backends.ensemble.fit import ensemble
+from adapterfuse.backends.merge.api import merge
+from adapterfuse.backends.route.api import route
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import AdapterFuseError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.tasks.glue import TASKS, TaskSpec, get_task, load_task
-from adapterfuse.train import train_expert
-from adapterfuse.train_config import TrainConfig
+from adapterfuse.recipe.runner import run_recipe
+from adapterfuse.tasks.glue import TASKS, get_task, load_task
+from adapterfuse.tasks.spec import TaskSpec
+from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.expert import train_expert
 
 __all__ = [
     "TASKS",
@@ -32,5 +43,6 @@ __all__ = [
     "load_task",
     "merge",
     "route",
+    "run_recipe",
     "train_expert",
 ]

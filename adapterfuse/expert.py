@@ -21,9 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from adapterfuse._version import __version__
 from adapterfuse.delta import Deltas, deltas_from_peft, peft_from_deltas
 from adapterfuse.errors import ExpertError
-from adapterfuse.fsutil import atomic_dir, write_json
+from adapterfuse.io.atomic import atomic_dir, write_json
 
 WEIGHTS = "adapter_model.safetensors"
 PICKLED = "adapter_model.bin"
@@ -38,9 +39,7 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    import adapterfuse
-
-    return {"adapterfuse": adapterfuse.__version__, "torch": torch.__version__,
+    return {"adapterfuse": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version()}
 

@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapterfuse.backends import Cost, Predictor
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, attach_experts
-from adapterfuse.fsutil import atomic_dir, write_json
+from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba, predictions
+from adapterfuse.io.atomic import atomic_dir, write_json
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.scoring import DEFAULT_MAX_LENGTH, predict_proba, predictions
-from adapterfuse.tasks.glue import Example, TaskData, TaskSpec, get_task
+from adapterfuse.predictor import Cost, Predictor
+from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
+from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 
 
 def score_examples(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
@@ -42,7 +43,7 @@ def adapter_params(experts: Sequence[Expert]) -> int:
 
 
 class ModelPredictor:
-    """A predictor that is one (possibly adapted) model read through :mod:`adapterfuse.scoring`.
+    """A predictor that is one (possibly adapted) model read through :mod:`adapterfuse.head`.
 
     Args:
         name: shown in tables.

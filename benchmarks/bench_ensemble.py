@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable
 
 import torch
+from synthetic import random_expert
 
 from adapterfuse import load_base
-from adapterfuse.ensemble.batched import BatchedEnsemble
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.expert import attach_experts
-from adapterfuse.scoring import autocast_context, iter_batches, label_logits, label_token_ids
-from adapterfuse.tasks.glue import Example, get_task, read_split
+from adapterfuse.head import autocast_context, iter_batches, label_logits, label_token_ids
+from adapterfuse.tasks.glue import get_task, read_split
+from adapterfuse.tasks.spec import Example
 
 _WORDS = ("the movie film was a great bad dull wonderful plot story actors acting script long short funny "
           "boring moving slow fine awful").split()

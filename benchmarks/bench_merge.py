@@ -10,7 +10,7 @@ For K random rank-r LoRA experts on every linear layer of the base (seeded), it 
   against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD).
 Only the merge itself is timed (each output's dense ΔW is formed afterwards, for the error). Peak
 memory is the largest rise of the process's resident memory during the call (the kernel's high-water
-mark, see ``adapterfuse.memory``). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F
+mark, see ``benchmarks.memory``). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F
 over all modules is measured against a dense float64 reference of the same method computed in this
 script. Prints a Markdown table.
 """
@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from memory import PeakMemory
 
+from adapterfuse.backends.merge.registry import merge_deltas
 from adapterfuse.base import load_base
 from adapterfuse.delta import Deltas, deltas_from_peft
-from adapterfuse.memory import PeakMemory
-from adapterfuse.merge import merge_deltas
-from adapterfuse.train_config import ALL_LINEAR
+from adapterfuse.train.config import ALL_LINEAR
 
 
 def make_peft(base_model, k: int, rank: int, seed: int):

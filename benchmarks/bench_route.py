@@ -30,15 +30,16 @@ import time
 from collections.abc import Callable
 
 import torch
+from synthetic import random_expert
 
 from adapterfuse import load_base
-from adapterfuse.ensemble.synthetic import random_expert
-from adapterfuse.route.arrow import ArrowModel
-from adapterfuse.route.cluster import ClusterRouter
-from adapterfuse.route.features import FeatureExtractor, n_layers, routing_texts
-from adapterfuse.route.learned import LearnedRouter
-from adapterfuse.scoring import autocast_context, iter_batches, label_logits, label_token_ids
-from adapterfuse.tasks.glue import Example, get_task, read_split
+from adapterfuse.backends.route.features import FeatureExtractor, n_layers, routing_texts
+from adapterfuse.backends.route.routers.arrow import ArrowModel
+from adapterfuse.backends.route.routers.cluster import ClusterRouter
+from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.head import autocast_context, iter_batches, label_logits, label_token_ids
+from adapterfuse.tasks.glue import get_task, read_split
+from adapterfuse.tasks.spec import Example
 
 _WORDS = ("the movie film was a great bad dull wonderful plot story actors acting script long short funny "
           "boring moving slow fine awful").split()

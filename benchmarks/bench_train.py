@@ -24,8 +24,8 @@ import time
 import torch
 
 from adapterfuse import TrainConfig, load_base, load_task, train_expert
-from adapterfuse.scoring import autocast_context, encode, iter_batches, label_token_ids, predict_proba
-from adapterfuse.tasks.glue import TaskData
+from adapterfuse.head import autocast_context, encode, iter_batches, label_token_ids, predict_proba
+from adapterfuse.tasks.spec import TaskData
 
 
 def ours_train(base, data: TaskData, config: TrainConfig) -> float:

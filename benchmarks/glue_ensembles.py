@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse import load_base, train_expert
-from adapterfuse.ensemble import ensemble
-from adapterfuse.ensemble.distill import distill
-from adapterfuse.ensemble.pooling import pool
+from adapterfuse.backends.ensemble.fit import ensemble
+from adapterfuse.backends.ensemble.pooling import pool
 from adapterfuse.expert import Expert
+from adapterfuse.head import predictions
 from adapterfuse.recipe.schema import expert_name, load_recipe
-from adapterfuse.scoring import predictions
-from adapterfuse.tasks.glue import TaskData, load_task
+from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.metrics import compute_metrics
+from adapterfuse.tasks.spec import TaskData
+from adapterfuse.train.distill import distill
 
 POOLINGS = [(p, w) for p in ("linear", "log_linear") for w in ("uniform", "learned")]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import adapterfuse
 from adapterfuse import ExpertLibrary, OraclePredictor, ZeroShotPredictor, evaluate, load_base, load_task
 from adapterfuse.harness import results_table
-from adapterfuse.tasks.glue import TaskData
+from adapterfuse.tasks.spec import TaskData
 
 METHODS: dict[str, dict] = {  # the uniform-vs-learned comparison first: a cut-short run still has it
     "uniform": {"method": "uniform"},
@@ -73,7 +73,7 @@ def main() -> int:
         if label in done:
             continue
         t0 = time.perf_counter()
-        merged = adapterfuse.merge(library, base=base, validation=validation, **METHODS[label])
+        merged = adapterfuse.backends.merge(library, base=base, validation=validation, **METHODS[label])
         fit_s = time.perf_counter() - t0
         predictor = merged.predictor(base, name=label)
         result = evaluate(predictor, data)

@@ -11,7 +11,7 @@ LoRA, MIMO, CAMERO (K members each) and SWAG (K samples); ``batchensemble_split`
 dev score (GLUE dev, the harness's test split), the trained parameters, the stored parameters, the
 training wall time (for the independent LoRAs: the sum of their K runs) and its ratio to the single
 LoRA, the peak memory of training (its rise over the loaded base: allocated CUDA memory on a GPU,
-resident memory on a CPU, see ``adapterfuse.memory``) and its ratio to the single LoRA, and the
+resident memory on a CPU, see ``benchmarks.memory``) and its ratio to the single LoRA, and the
 inference examples/s of the harness. Every model folder goes under ``<out>/<task>/`` and is reused on
 a rerun; each row is appended to ``<out>/<task>/results.jsonl`` as soon as it is measured (a rerun
 skips rows already there) and the tables are printed at the end.
@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from memory import PeakMemory
 
 from adapterfuse import TrainConfig, load_base, load_task, train_expert
+from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.base import BaseModel
-from adapterfuse.ensemble import EnsemblePredictor
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, adapter_params, evaluate
-from adapterfuse.memory import PeakMemory
-from adapterfuse.pe_ensemble import PEEnsemble, train_pe_ensemble
-from adapterfuse.tasks.glue import TaskData
+from adapterfuse.tasks.spec import TaskData
+from adapterfuse.train.pe.predictor import PEEnsemble
+from adapterfuse.train.pe.train import train_pe_ensemble
 
 # The caps of benchmarks/glue_experts.py, so the single LoRA row is trained like the GLUE experts.
 PLAN: dict[str, dict[str, Any]] = {

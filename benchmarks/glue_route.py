@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse import load_base
+from adapterfuse.backends.route.api import route, routing_accuracy
+from adapterfuse.backends.route.data import RoutingData
+from adapterfuse.backends.route.features import DEFAULT_LAYER, default_shape
+from adapterfuse.backends.route.predictor import RoutePredictor
+from adapterfuse.backends.route.subset import greedy_subset
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, OraclePredictor, ZeroShotPredictor, adapter_params, evaluate
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.recipe.schema import load_recipe
-from adapterfuse.route import RoutingData, greedy_subset, route, routing_accuracy
-from adapterfuse.route.features import DEFAULT_LAYER, default_shape
-from adapterfuse.route.predictor import RoutePredictor
-from adapterfuse.tasks.glue import TaskData, load_held_out, load_task
+from adapterfuse.tasks.glue import load_held_out, load_task
+from adapterfuse.tasks.spec import TaskData
 
 # label -> route() arguments; "on", "shape", "readout" and "layer" pick the routing data (features of the prompt
 # or of the raw fields; on the fields the text's shape is appended unless "shape" is False; "mean_last" adds the

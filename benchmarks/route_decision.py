@@ -11,7 +11,7 @@ more than that: this script fits a linear ``task`` router (``mean_last`` feature
 ``pca`` components) on several samples of the carve (``validation_size`` per task): the first and the
 last ``validation_per_task``, five seeded random samples of that size, and all of it. For each fit it
 scores top-1 routing by the most probable expert and by the expected score
-(:mod:`adapterfuse.route.utility`, the utility matrix taken from the same fit inputs):
+(:mod:`adapterfuse.backends.route.routers.utility`, the utility matrix taken from the same fit inputs):
 
 - on the full GLUE dev sets (the experts' answers are computed once, in one batched pass of all
   experts per task, then every decision is scored on them: the harness's metric, no model run per fit);
@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from adapterfuse import load_base
+from adapterfuse.backends.route.data import PoolScores, RoutingData, top1_score
+from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.backends.route.routers.utility import UtilityRouter, utility_matrix
 from adapterfuse.expert import Expert
 from adapterfuse.recipe.schema import load_recipe
-from adapterfuse.route.data import PoolScores, RoutingData, top1_score
-from adapterfuse.route.learned import LearnedRouter
-from adapterfuse.route.utility import UtilityRouter, utility_matrix
-from adapterfuse.tasks.glue import TaskData, load_task
+from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.spec import TaskData
 
 
 def fit_samples(per_task: int, size: int, n_tasks: int) -> list[tuple[str, torch.Tensor]]:

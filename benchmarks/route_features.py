@@ -7,7 +7,7 @@ Usage (GLUE_DIR set)::
         [--on fields] [--readout mean_last]
 
 For the prompt and the raw fields, with the ``mean`` and ``mean_last`` readouts and with and without the
-text's shape, a linear :class:`~adapterfuse.route.learned.LearnedRouter` (target ``task``) is fitted on
+text's shape, a linear :class:`~adapterfuse.backends.route.routers.learned.LearnedRouter` (target ``task``) is fitted on
 the validation inputs the recipe carves (``validation_per_task`` per task, data seed 0) and read on the
 full GLUE dev sets. ``--pca K`` projects the features onto their top K principal components first
 (the shape passes through). ``--train-per-task N`` adds each task's first N training inputs to the fit: a task
@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from adapterfuse import load_base
+from adapterfuse.backends.route.features import SHAPE_VERSION, FeatureExtractor
+from adapterfuse.backends.route.routers.learned import LearnedRouter
 from adapterfuse.recipe.schema import load_recipe
-from adapterfuse.route.features import SHAPE_VERSION, FeatureExtractor
-from adapterfuse.route.learned import LearnedRouter
-from adapterfuse.tasks.glue import capped_subset, load_task
+from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.spec import capped_subset
 
 SETTINGS = [(on, readout, shape) for on in ("prompt", "fields") for readout in ("mean", "mean_last")
             for shape in (False, True)]

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from adapterfuse.tasks.glue import TaskData, load_task
-from adapterfuse.train_config import TrainConfig
+from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.spec import TaskData
+from adapterfuse.train.config import TrainConfig
+from benchmarks.synthetic import random_expert as random_expert  # re-exported for the tests
 from tests.conftest import write_glue_dir
 
 

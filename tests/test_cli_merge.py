@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adapterfuse import base as base_module
+from adapterfuse.backends.merge.api import merge
 from adapterfuse.base import load_base
-from adapterfuse.cli_merge import register, run
+from adapterfuse.cli.merge import register, run
 from adapterfuse.errors import ConfigError, OutputExistsError
-from adapterfuse.merge import merge
-from adapterfuse.scoring import predict_proba
+from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import get_task
-from adapterfuse.train import train_expert
+from adapterfuse.train.expert import train_expert
 from tests.conftest import make_tiny_model
 from tests.helpers import plain_peft_model, tiny_config, tiny_data
 

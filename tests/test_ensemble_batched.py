@@ -6,15 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from adapterfuse.ensemble.batched import BatchedEnsemble, StackedLoRALinear, stack_factors
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble, StackedLoRALinear, stack_factors
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.scoring import iter_batches, predict_proba
+from adapterfuse.head import iter_batches, predict_proba
 from adapterfuse.tasks.glue import load_task
-from adapterfuse.train import train_expert
+from adapterfuse.train.expert import train_expert
 from tests.conftest import write_glue_dir
-from tests.helpers import tiny_config
+from tests.helpers import random_expert, tiny_config
 
 ATTN = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj")
 MLP = ("model.layers.1.mlp.down_proj", "model.layers.0.mlp.gate_proj")

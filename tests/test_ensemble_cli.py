@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.base import load_base
-from adapterfuse.cli_ensemble import register, run
-from adapterfuse.ensemble import EnsemblePredictor
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.cli.ensemble import register, run
 from adapterfuse.errors import CompatibilityError, ConfigError, OutputExistsError
 from tests.conftest import make_tiny_model
+from tests.helpers import random_expert
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfuse.ensemble import EnsemblePredictor
-from adapterfuse.ensemble.distill import distill
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import ConfigError, OutputExistsError
 from adapterfuse.expert import Expert
-from adapterfuse.scoring import predict_proba
+from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import load_task
+from adapterfuse.train.distill import distill
 from tests.conftest import write_glue_dir
-from tests.helpers import plain_peft_model, tiny_config
+from tests.helpers import plain_peft_model, random_expert, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfuse.ensemble import EnsemblePredictor
-from adapterfuse.ensemble.pooling import linear, log_linear, pool, pooled_log_probs
-from adapterfuse.ensemble.synthetic import random_expert
-from adapterfuse.scoring import predict_proba
+from adapterfuse.backends.ensemble.pooling import linear, log_linear, pool, pooled_log_probs
+from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
+from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 def member_log_probs(k: int = 3, n: int = 5, labels: int = 4, seed: int = 0) -> torch.Tensor:

@@ -8,16 +8,17 @@ import math
 import pytest
 import torch
 
-from adapterfuse.backends import Predictor
-from adapterfuse.ensemble import EnsembleCombiner, EnsemblePredictor, ensemble
-from adapterfuse.ensemble import fit as fit_module
-from adapterfuse.ensemble import predictor as predictor_module
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble import fit as fit_module
+from adapterfuse.backends.ensemble import predictor as predictor_module
+from adapterfuse.backends.ensemble.fit import EnsembleCombiner, ensemble
+from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
 from adapterfuse.harness import evaluate, results_table
 from adapterfuse.library import ExpertLibrary
+from adapterfuse.predictor import Predictor
 from adapterfuse.tasks.glue import load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import itertools
 import pytest
 import torch
 
-from adapterfuse.ensemble import MemberCache, ensemble, greedy, pooled_score, top_k
-from adapterfuse.ensemble.select import parse_select, single_scores
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.cache import MemberCache, pooled_score
+from adapterfuse.backends.ensemble.fit import ensemble
+from adapterfuse.backends.ensemble.select import greedy, parse_select, single_scores, top_k
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import adapter_params
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 def caches(k: int = 6, n: int = 60, seed: int = 0) -> list[MemberCache]:

@@ -7,12 +7,15 @@ import random
 import pytest
 import torch
 
-from adapterfuse.ensemble import BatchedEnsemble, MemberCache, ensemble, learn_weights
-from adapterfuse.ensemble.weights import parse_weights, resolve_weights
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
+from adapterfuse.backends.ensemble.cache import MemberCache
+from adapterfuse.backends.ensemble.fit import ensemble
+from adapterfuse.backends.ensemble.weights import learn_weights, parse_weights, resolve_weights
 from adapterfuse.errors import ConfigError
-from adapterfuse.scoring import iter_batches, predict_proba
-from adapterfuse.tasks.glue import Example, TaskData, get_task
-from adapterfuse.train import train_expert
+from adapterfuse.head import iter_batches, predict_proba
+from adapterfuse.tasks.glue import get_task
+from adapterfuse.tasks.spec import Example, TaskData
+from adapterfuse.train.expert import train_expert
 from tests.helpers import tiny_config
 
 POS, NEG = "great good wonderful fine".split(), "bad terrible awful dull".split()

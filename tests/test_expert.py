@@ -9,10 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from adapterfuse.errors import CompatibilityError, ExpertError, OutputExistsError
 from adapterfuse.expert import Expert
+from adapterfuse.head import predict_proba
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.scoring import predict_proba
 from adapterfuse.tasks.glue import get_task
-from adapterfuse.train import train_expert
+from adapterfuse.train.expert import train_expert
 from tests.helpers import plain_peft_model, tiny_config, tiny_data
 
 

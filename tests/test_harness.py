@@ -5,9 +5,9 @@ import torch
 
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate, results_table
+from adapterfuse.head import predict_proba
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.scoring import predict_proba
-from adapterfuse.train import train_expert
+from adapterfuse.train.expert import train_expert
 from tests.helpers import tiny_config, tiny_data
 
 

@@ -1,4 +1,4 @@
-"""adapterfuse.hub against a fake Hub on 127.0.0.1, through the real huggingface_hub client (no internet)."""
+"""adapterfuse.io.hub against a fake Hub on 127.0.0.1, through the real huggingface_hub client (no internet)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapterfuse.errors import AdapterFuseError, OutputExistsError
-from adapterfuse.hub import HubError, PushResult, _LocalFile, _mismatch, pull_folder, push_folder
+from adapterfuse.io.hub import HubError, PushResult, _LocalFile, _mismatch, pull_folder, push_folder
 from tests.fake_hub_server import FakeHub, git_blob_sha1
 
 TOKEN = "hf_SECRETtoken123"

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from adapterfuse import memory
-from adapterfuse.memory import PeakMemory
+from benchmarks import memory
+from benchmarks.memory import PeakMemory
 
 
 def _spike(mib: int, hold_s: float = 0.0) -> None:

@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from adapterfuse.backends.merge.adapter import MergedAdapter
+from adapterfuse.backends.merge.api import merge
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
 from adapterfuse.expert import Expert
-from adapterfuse.merge import MergedAdapter, merge
-from adapterfuse.scoring import predict_proba
+from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import get_task
-from adapterfuse.train import train_expert
+from adapterfuse.train.expert import train_expert
 from tests.helpers import plain_peft_model, tiny_config, tiny_data
 
 TASK = get_task("sst2")
@@ -278,7 +279,7 @@ def test_hub_id_that_cannot_be_downloaded_is_a_clear_error(monkeypatch):
 
 
 def test_push_to_hub_saves_a_folder_and_hands_it_to_push_folder(lib, monkeypatch):
-    import adapterfuse.hub
+    import adapterfuse.io.hub
 
     experts, _, _ = lib
     seen = {}
@@ -287,7 +288,7 @@ def test_push_to_hub_saves_a_folder_and_hands_it_to_push_folder(lib, monkeypatch
         seen.update(files=sorted(p.name for p in folder.iterdir()), repo_id=repo_id, **kwargs)
         return "pushed"
 
-    monkeypatch.setattr(adapterfuse.hub, "push_folder", fake_push)
+    monkeypatch.setattr(adapterfuse.io.hub, "push_folder", fake_push)
     assert merge([experts["lora4"]], "uniform").push_to_hub("me/merged", token="t", private=True) == "pushed"
     assert seen == {"files": ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterfuse.json"],
                     "repo_id": "me/merged", "token": "t", "private": True}
@@ -304,8 +305,8 @@ def test_merged_adapter_round_trips_its_state(lib):
 
 
 def test_merge_combiner_fits_the_library_into_one_predictor(lib, tiny_base):
+    from adapterfuse.backends.merge.api import MergeCombiner
     from adapterfuse.library import ExpertLibrary
-    from adapterfuse.merge import MergeCombiner
 
     experts, data, _ = lib
     library = ExpertLibrary([experts[n] for n in NAMES])

@@ -1,4 +1,4 @@
-"""The pure tensor functions of adapterfuse.merge.functional, against float64 references."""
+"""The pure tensor functions of adapterfuse.backends.merge.functional, against float64 references."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from adapterfuse.delta import LowRank
-from adapterfuse.errors import CompatibilityError, ConfigError
-from adapterfuse.merge.functional import (
+from adapterfuse.backends.merge.functional import (
     dare_drop,
     disjoint_mean,
     elect_sign,
     kept_count,
     kth_smallest,
-    stack_factors,
     trim_by_magnitude,
 )
+from adapterfuse.delta import LowRank
+from adapterfuse.errors import CompatibilityError, ConfigError
+from adapterfuse.lowrank import stack_factors
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

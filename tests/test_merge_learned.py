@@ -8,14 +8,15 @@ import random
 import pytest
 import torch
 
+from adapterfuse.backends.merge.api import merge
+from adapterfuse.backends.merge.learned import LearnedParams, RankWeightedModel, final_merge, layer_key
+from adapterfuse.backends.merge.soup import greedy_select, greedy_soup
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import evaluate
-from adapterfuse.merge import greedy_soup, merge
-from adapterfuse.merge.learned import LearnedParams, RankWeightedModel, final_merge, layer_key
-from adapterfuse.merge.soup import greedy_select
-from adapterfuse.scoring import label_logits, label_token_ids, pad, predict_proba
-from adapterfuse.tasks.glue import Example, TaskData, get_task
-from adapterfuse.train import train_expert
+from adapterfuse.head import label_logits, label_token_ids, pad, predict_proba
+from adapterfuse.tasks.glue import get_task
+from adapterfuse.tasks.spec import Example, TaskData
+from adapterfuse.train.expert import train_expert
 from tests.helpers import tiny_config
 
 TASK = get_task("sst2")
@@ -97,7 +98,7 @@ def test_weighted_model_is_exactly_the_weighted_merge(pair, tiny_base):
     ids, mask = pad(tiny_base.tokenizer([TASK.prompt(e.fields) for e in data.validation[:4]])["input_ids"],
                     tiny_base.tokenizer.pad_token_id)
     labels = label_token_ids(TASK, tiny_base.tokenizer)
-    from adapterfuse.merge.adapter import MergedAdapter
+    from adapterfuse.backends.merge.adapter import MergedAdapter
 
     adapter = MergedAdapter.build(merged, [good, bad], tiny_base)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 
 from adapterfuse.delta import LowRank
 from adapterfuse.errors import ConfigError
-from adapterfuse.merge.functional import (
+from adapterfuse.lowrank import (
     _gram_triangles,
     dense_truncation,
     factor_truncation,

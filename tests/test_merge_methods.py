@@ -9,11 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from adapterfuse.backends.merge import registry
+from adapterfuse.backends.merge.dare_linear import mask_generator
+from adapterfuse.backends.merge.registry import METHODS, available_methods, merge_deltas
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import CompatibilityError, ConfigError
-from adapterfuse.merge import registry
-from adapterfuse.merge.dare_linear import mask_generator
-from adapterfuse.merge.registry import METHODS, available_methods, merge_deltas
 
 MODULES = ("k", "q", "v")
 

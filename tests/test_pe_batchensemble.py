@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.delta import LowRank, peft_from_deltas
-from adapterfuse.ensemble.batched import BatchedEnsemble
 from adapterfuse.expert import Expert
-from adapterfuse.pe_ensemble import PEEnsemble, member_deltas, members_loss, prepare_model
-from adapterfuse.pe_ensemble.batchensemble import init_rank1, split_rows
-from adapterfuse.pe_ensemble.layers import flat_tensors, load_flat, member_logits
-from adapterfuse.pe_ensemble.options import PEOptions
-from adapterfuse.scoring import encode, label_logits, label_token_ids, pad
+from adapterfuse.head import encode, label_logits, label_token_ids, pad
 from adapterfuse.tasks.glue import load_task
+from adapterfuse.train.pe.batchensemble import init_rank1, split_rows
+from adapterfuse.train.pe.layers import flat_tensors, load_flat, member_deltas, member_logits
+from adapterfuse.train.pe.options import PEOptions
+from adapterfuse.train.pe.predictor import PEEnsemble
+from adapterfuse.train.pe.train import members_loss, prepare_model
 from tests.conftest import write_glue_dir
 from tests.helpers import tiny_config
 

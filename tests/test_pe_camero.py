@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.pe_ensemble import members_loss, prepare_model
-from adapterfuse.pe_ensemble.camero import consistency_loss, perturbation
-from adapterfuse.pe_ensemble.layers import flat_tensors, load_flat, member_logits
-from adapterfuse.pe_ensemble.options import PEOptions
-from adapterfuse.scoring import encode, label_token_ids, pad
+from adapterfuse.head import encode, label_token_ids, pad
 from adapterfuse.tasks.glue import load_task
+from adapterfuse.train.pe.camero import consistency_loss, perturbation
+from adapterfuse.train.pe.layers import flat_tensors, load_flat, member_logits
+from adapterfuse.train.pe.options import PEOptions
+from adapterfuse.train.pe.train import members_loss, prepare_model
 from tests.conftest import write_glue_dir
 from tests.helpers import tiny_config
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfuse.pe_ensemble import PEEnsemble, prepare_model
-from adapterfuse.pe_ensemble.layers import flat_tensors, member_logits
-from adapterfuse.pe_ensemble.mimo import pack, slot_logits, slot_rows
-from adapterfuse.pe_ensemble.options import PEOptions
-from adapterfuse.scoring import encode, label_token_ids, pad, predict_proba
+from adapterfuse.head import encode, label_token_ids, pad, predict_proba
 from adapterfuse.tasks.glue import load_task
+from adapterfuse.train.pe.layers import flat_tensors, member_logits
+from adapterfuse.train.pe.mimo import pack, slot_logits, slot_rows
+from adapterfuse.train.pe.options import PEOptions
+from adapterfuse.train.pe.predictor import PEEnsemble
+from adapterfuse.train.pe.train import prepare_model
 from tests.conftest import write_glue_dir
 from tests.helpers import tiny_config
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.pe_ensemble import SwagPosterior, train_pe_ensemble
-from adapterfuse.pe_ensemble.layers import member_deltas
-from adapterfuse.pe_ensemble.swag import flatten, lr_factor, snapshot_steps, unflatten
+from adapterfuse.train.pe.layers import member_deltas
+from adapterfuse.train.pe.swag import SwagPosterior, flatten, lr_factor, snapshot_steps, unflatten
+from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.helpers import tiny_config, tiny_data
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfuse.backends import Predictor
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
 from adapterfuse.harness import evaluate
-from adapterfuse.pe_ensemble import KINDS, PEEnsemble, load_pe_ensemble, train_pe_ensemble
-from adapterfuse.scoring import predict_proba
+from adapterfuse.head import predict_proba
+from adapterfuse.predictor import Predictor
+from adapterfuse.train.pe.options import KINDS
+from adapterfuse.train.pe.predictor import PEEnsemble, load_pe_ensemble
+from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.helpers import tiny_config, tiny_data
 
 WEIGHTS = "weights.safetensors"

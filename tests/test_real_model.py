@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from adapterfuse.base import default_gguf_path, fingerprint_model, load_base
-from adapterfuse.scoring import encode, label_logits, label_token_ids, pad, predict_proba
+from adapterfuse.head import encode, label_logits, label_token_ids, pad, predict_proba
 from adapterfuse.tasks.glue import TASKS, get_task, load_task
-from adapterfuse.train import train_expert
-from adapterfuse.train_config import TrainConfig
+from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.expert import train_expert
 from tests.helpers import plain_peft_model
 
 pytestmark = [pytest.mark.real_model,

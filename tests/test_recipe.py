@@ -10,17 +10,18 @@ import pytest
 import yaml
 
 import adapterfuse.base
-import adapterfuse.train
+import adapterfuse.train.expert
 from adapterfuse import cli
+from adapterfuse.backends.merge.api import MergeCombiner
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.harness import evaluate
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.merge.api import MergeCombiner
-from adapterfuse.recipe import load_recipe, plan, run_recipe
 from adapterfuse.recipe.checks import check_expert_headers
 from adapterfuse.recipe.report import pareto_front
-from adapterfuse.recipe.runner import DATA_SEED
-from adapterfuse.tasks.glue import TaskData, load_task
+from adapterfuse.recipe.runner import DATA_SEED, plan, run_recipe
+from adapterfuse.recipe.schema import load_recipe
+from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.spec import TaskData
 
 TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
 
@@ -51,7 +52,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded during validation")
     monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
-    monkeypatch.setattr(adapterfuse.train, "train_expert", refuse)
+    monkeypatch.setattr(adapterfuse.train.expert, "train_expert", refuse)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -109,14 +110,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_loading, capsys
 def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_dir, tiny_base, monkeypatch):
     recipe = load_recipe(_recipe(tmp_path))
     out = tmp_path / "out"
-    real_train = adapterfuse.train.train_expert
+    real_train = adapterfuse.train.expert.train_expert
     trained: list[str] = []
 
     def counting_train(base, task, config, **kwargs):
         trained.append(task)
         return real_train(base, task, config, **kwargs)
 
-    monkeypatch.setattr(adapterfuse.train, "train_expert", counting_train)
+    monkeypatch.setattr(adapterfuse.train.expert, "train_expert", counting_train)
 
     def interrupt(line: str) -> None:  # stop the first run right after its first predictor is measured
         if line.startswith("predictor base zero-shot"):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
+from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor
+from adapterfuse.backends.route.routers.arrow import ArrowLinear, ArrowModel, power_prototypes, routing_weights
 from adapterfuse.delta import LowRank
-from adapterfuse.ensemble.batched import BatchedEnsemble
-from adapterfuse.ensemble.synthetic import random_expert
 from adapterfuse.errors import ConfigError
-from adapterfuse.route import ArrowModel, ArrowPredictor, RoutePredictor, power_prototypes, route, routing_weights
-from adapterfuse.route.arrow import ArrowLinear
-from adapterfuse.tasks.glue import Example, get_task
+from adapterfuse.tasks.glue import get_task
+from adapterfuse.tasks.spec import Example
+from tests.helpers import random_expert
 
 SST2 = get_task("sst2")
 BATCH = [Example((f"the film was {w} and the plot was {v} .",), 0, i)
@@ -71,7 +73,7 @@ def test_fused_layer_equals_the_per_expert_reference():
 
 def test_fused_model_equals_the_reference_with_eight_experts_of_different_ranks(tiny_base, experts):
     arrow = ArrowModel(tiny_base.model, [e.deltas for e in experts], top_k=3, temperature=0.2)
-    from adapterfuse.scoring import predict_proba
+    from adapterfuse.head import predict_proba
 
     fused = predict_proba(arrow.model, tiny_base.tokenizer, SST2, BATCH, autocast=False)
     arrow.set_fused(False)

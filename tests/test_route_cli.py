@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor
 from adapterfuse.base import load_base
-from adapterfuse.cli_route import register, run
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.cli.route import register, run
 from adapterfuse.errors import CompatibilityError, ConfigError, OutputExistsError
-from adapterfuse.route import ArrowPredictor, RoutePredictor
 from tests.conftest import make_tiny_model
+from tests.helpers import random_expert
 
 
 @pytest.fixture(scope="module")

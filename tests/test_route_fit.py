@@ -7,27 +7,27 @@ import math
 import pytest
 import torch
 
+from adapterfuse.backends.route.api import quality_curve, route, routing_accuracy
+from adapterfuse.backends.route.data import RoutingData
+from adapterfuse.backends.route.features import (
+    SHAPE_DIM,
+    SHAPE_VERSION,
+    FeatureExtractor,
+    resolve_layer,
+    routing_texts,
+    shape_version,
+    text_shape,
+)
+from adapterfuse.backends.route.routers.cluster import ClusterRouter
+from adapterfuse.backends.route.routers.learned import LearnedRouter, routing_loss, target_labels
+from adapterfuse.backends.route.routers.mbc import cluster_experts, cosine_matrix
+from adapterfuse.backends.route.subset import greedy_subset, subset_score
 from adapterfuse.delta import LowRank, peft_from_deltas
-from adapterfuse.ensemble.synthetic import random_expert
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.route import (
-    ClusterRouter,
-    FeatureExtractor,
-    RoutingData,
-    cluster_experts,
-    cosine_matrix,
-    greedy_subset,
-    quality_curve,
-    route,
-    routing_accuracy,
-    routing_texts,
-)
-from adapterfuse.route.features import SHAPE_DIM, SHAPE_VERSION, resolve_layer, shape_version, text_shape
-from adapterfuse.route.learned import LearnedRouter, routing_loss, target_labels
-from adapterfuse.route.subset import subset_score
 from adapterfuse.tasks.glue import load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,19 @@ import json
 import pytest
 import torch
 
-from adapterfuse.backends import Predictor
-from adapterfuse.ensemble.batched import BatchedEnsemble
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
+from adapterfuse.backends.merge.registry import merge_deltas
+from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.features import SHAPE_VERSION
+from adapterfuse.backends.route.predictor import RoutePredictor
+from adapterfuse.backends.route.routers.base import FixedRouter, keep_top_k
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
 from adapterfuse.harness import evaluate, results_table
-from adapterfuse.merge import merge_deltas
-from adapterfuse.route import FixedRouter, RoutePredictor, keep_top_k, route
-from adapterfuse.route.features import SHAPE_VERSION
-from adapterfuse.scoring import predict_proba
+from adapterfuse.head import predict_proba
+from adapterfuse.predictor import Predictor
 from adapterfuse.tasks.glue import load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 @pytest.fixture(scope="module")

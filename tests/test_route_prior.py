@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfuse.ensemble.cache import MemberCache
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.cache import MemberCache
+from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.crossval import PRIOR_GRID, choose_prior_weight, stratified_folds
+from adapterfuse.backends.route.data import PoolScores, example_quality
+from adapterfuse.backends.route.features import SHAPE_DIM
+from adapterfuse.backends.route.predictor import RoutePredictor
+from adapterfuse.backends.route.routers.base import Projection
+from adapterfuse.backends.route.routers.learned import LearnedRouter, check_fit_options, routing_loss
 from adapterfuse.errors import ConfigError
-from adapterfuse.route import RoutePredictor, route
-from adapterfuse.route.crossval import PRIOR_GRID, choose_prior_weight, stratified_folds
-from adapterfuse.route.data import PoolScores, example_quality
-from adapterfuse.route.features import SHAPE_DIM
-from adapterfuse.route.learned import LearnedRouter, check_fit_options, routing_loss
-from adapterfuse.route.routers import Projection
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 def _pool(good: int, n: int = 60) -> tuple[torch.Tensor, PoolScores]:

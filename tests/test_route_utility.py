@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
-from adapterfuse.ensemble.cache import MemberCache
-from adapterfuse.ensemble.synthetic import random_expert
+from adapterfuse.backends.ensemble.cache import MemberCache
+from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.data import PoolScores, example_quality
+from adapterfuse.backends.route.predictor import RoutePredictor
+from adapterfuse.backends.route.routers.base import keep_top_k
+from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.backends.route.routers.utility import UtilityRouter, check_decision, expected_scores, utility_matrix
 from adapterfuse.errors import ConfigError
-from adapterfuse.route import LearnedRouter, RoutePredictor, keep_top_k, route
-from adapterfuse.route.data import PoolScores, example_quality
-from adapterfuse.route.utility import UtilityRouter, check_decision, expected_scores, utility_matrix
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.conftest import write_glue_dir
+from tests.helpers import random_expert
 
 
 def _answers(labels: list[float], right: list[bool]) -> torch.Tensor:

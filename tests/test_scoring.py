@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from adapterfuse.scoring import encode, label_logits, label_token_ids, length_batches, pad, predict_proba, predictions
-from adapterfuse.tasks.glue import Example, get_task
+from adapterfuse.head import encode, label_logits, label_token_ids, length_batches, pad, predict_proba, predictions
+from adapterfuse.tasks.glue import get_task
+from adapterfuse.tasks.spec import Example
 
 EXAMPLES = [Example(("A great film .",), 1, 0), Example(("Bad and dull, the plot was terrible throughout .",), 0, 1),
             Example(("Fine .",), 1, 2)]

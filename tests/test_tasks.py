@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from adapterfuse.errors import ConfigError, DataError
-from adapterfuse.scoring import label_token_ids
+from adapterfuse.head import label_token_ids
 from adapterfuse.tasks.glue import TASKS, get_task, load_task, parse_tasks, read_split
 
 

@@ -43,11 +43,11 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
     Raises:
         ConfigError: an unknown member, option, method, router or kind, or a bad value.
     """
-    from adapterfuse.ensemble.fit import check_options, ensemble
-    from adapterfuse.merge.api import prepare
-    from adapterfuse.pe_ensemble.options import parse_options
-    from adapterfuse.route.api import check_arguments, route
-    from adapterfuse.route.learned import check_fit_options
+    from adapterfuse.backends.ensemble.fit import check_options, ensemble
+    from adapterfuse.backends.merge.api import prepare
+    from adapterfuse.backends.route.api import check_arguments, route
+    from adapterfuse.backends.route.routers.learned import check_fit_options
+    from adapterfuse.train.pe.options import parse_options
 
     names = expert_names(recipe)
     missing = sorted(set(entry.members or []) - set(names))

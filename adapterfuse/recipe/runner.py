@@ -23,18 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.backends import Cost, Predictor
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.fsutil import write_json
 from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
+from adapterfuse.io.atomic import write_json
 from adapterfuse.library import ExpertLibrary
+from adapterfuse.predictor import Cost, Predictor
 from adapterfuse.recipe.checks import check_expert_headers, check_recipe
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
-from adapterfuse.tasks.glue import Example, TaskData, TaskSpec, load_task
-from adapterfuse.train_config import TrainConfig
+from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
+from adapterfuse.train.config import TrainConfig
 
 # Fields recorded by training that are measurements, not settings.
 _MEASURED = {"eval_wall_s", "resumed_from_step", "steps", "train_examples", "train_tokens_per_s", "train_wall_s"}
@@ -99,7 +100,7 @@ def _check_reused(expert: Expert, config: TrainConfig) -> None:
 
 
 def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], log: Callable) -> list[Expert]:
-    from adapterfuse.train import train_expert
+    from adapterfuse.train.expert import train_expert
 
     if recipe.experts.paths:
         return list(ExpertLibrary.load(recipe.experts.paths, base.fingerprint))
@@ -143,8 +144,8 @@ class TaskwisePredictor:
 
 def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel,
                   data: dict[str, TaskData]) -> TaskwisePredictor:
-    from adapterfuse.pe_ensemble.predictor import MANIFEST, PEEnsemble
-    from adapterfuse.pe_ensemble.train import train_pe_ensemble
+    from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
+    from adapterfuse.train.pe.train import train_pe_ensemble
 
     opts = dict(entry.options)
     kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
@@ -163,9 +164,9 @@ def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseMod
 
 def _fit(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, library: ExpertLibrary,
          data: dict[str, TaskData], validation: dict[str, TaskData]) -> Predictor:
-    from adapterfuse.ensemble.fit import EnsembleCombiner
-    from adapterfuse.merge.api import MergeCombiner
-    from adapterfuse.route.api import RouteCombiner
+    from adapterfuse.backends.ensemble.fit import EnsembleCombiner
+    from adapterfuse.backends.merge.api import MergeCombiner
+    from adapterfuse.backends.route.api import RouteCombiner
 
     if entry.backend == "pe_ensemble":
         return _pe_ensembles(entry, recipe, out, base, data)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import TASKS
-from adapterfuse.train_config import TrainConfig
+from adapterfuse.train.config import TrainConfig
 
 BACKENDS = ("merge", "ensemble", "route", "pe_ensemble")
 BASELINES = ("zero_shot", "oracle")

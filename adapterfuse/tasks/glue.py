@@ -12,73 +12,13 @@ import csv
 import os
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterfuse.errors import ConfigError, DataError
+from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, capped_subset
 
 HUB_DATASET = "nyu-mll/glue"
 csv.field_size_limit(sys.maxsize)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One input: its text fields, its gold label (class id, or a float for regression), its row."""
-
-    fields: tuple[str, ...]
-    label: int | float
-    idx: int
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How one GLUE task is posed to the LM and scored.
-
-    Attributes:
-        name: our task name (``sst2``, ``mnli_mm`` …).
-        folder: its folder under ``GLUE_DIR``.
-        hub_config: its config name in ``nyu-mll/glue``.
-        hub_fields: the Hub's column names of the text fields, in template order.
-        tsv_fields: the same columns in the GLUE_DIR files (header names, or indices for CoLA).
-        tsv_label: the label column (name or index).
-        template: the prompt, with ``{0}``, ``{1}`` for the fields; it ends right before the answer.
-        label_words: one word per class, in class-id order; each must be one token of the tokenizer.
-        metrics: official metric names (see :mod:`adapterfuse.tasks.metrics`).
-        text_labels: GLUE_DIR label strings -> class id, for files that spell labels out.
-        regression: the label is a float read as the expectation over the label words' values.
-        test_file, hub_test_split: the dev file / split used as our test split.
-        family: the training task whose expert answers this task (``mnli`` for ``mnli_mm``).
-    """
-
-    name: str
-    folder: str
-    hub_config: str
-    hub_fields: tuple[str, ...]
-    tsv_fields: tuple[str | int, ...]
-    tsv_label: str | int
-    template: str
-    label_words: tuple[str, ...]
-    metrics: tuple[str, ...]
-    text_labels: dict[str, int] = field(default_factory=dict)
-    regression: bool = False
-    test_file: str = "dev.tsv"
-    hub_test_split: str = "validation"
-    family: str = ""
-    has_header: bool = True
-
-    @property
-    def n_labels(self) -> int:
-        """Number of label words (classes, or score levels for regression)."""
-        return len(self.label_words)
-
-    @property
-    def train_task(self) -> str:
-        """The task whose training data and expert serve this task."""
-        return self.family or self.name
-
-    def prompt(self, fields: tuple[str, ...]) -> str:
-        """The prompt for one example's fields."""
-        return self.template.format(*(" ".join(f.split()) for f in fields))
 
 
 _YES_NO = (" no", " yes")
@@ -228,24 +168,6 @@ def read_split(task: TaskSpec, split: str, glue_dir: str | os.PathLike | None = 
         raise DataError(f"task {task.name}: could not load {HUB_DATASET}/{task.hub_config} split {hub_split} "
                         f"from the Hub ({type(e).__name__}); set GLUE_DIR to a folder with "
                         f"{task.folder}/train.tsv and {task.folder}/{task.test_file}") from e
-
-
-@dataclass
-class TaskData:
-    """One task's three splits: ``train`` (fit experts), ``validation`` (fit combiners), ``test`` (dev)."""
-
-    task: TaskSpec
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
-
-
-def capped_subset(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
-    """A seeded subset of at most ``cap`` examples, kept in file order."""
-    if cap is None or cap >= len(examples):
-        return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), cap))
-    return [examples[i] for i in keep]
 
 
 def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,

@@ -1,0 +1,1 @@
+"""The three interchangeable backends (merge, ensemble, route) behind one Combiner interface."""

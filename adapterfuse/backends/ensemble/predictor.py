@@ -1,0 +1,182 @@
+"""EnsemblePredictor: K experts pooled over one batched pass, saved as a folder that loads again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
+from adapterfuse.backends.ensemble.pooling import check_pooling, check_temperature, check_weights, pool
+from adapterfuse.backends.ensemble.weights import uniform_weights
+from adapterfuse.base import BaseModel
+from adapterfuse.errors import ConfigError
+from adapterfuse.expert import Expert
+from adapterfuse.harness import adapter_params
+from adapterfuse.head import DEFAULT_MAX_LENGTH
+from adapterfuse.io import atomic as fsutil
+from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.library import ExpertLibrary
+from adapterfuse.predictor import Cost
+from adapterfuse.tasks.spec import Example, TaskSpec
+
+MANIFEST = "ensemble.json"
+FORMAT_VERSION = 1
+
+
+def check_member_list(experts: Sequence[Expert]) -> list[Expert]:
+    """The members must be a non-empty list of :class:`Expert` objects (cheap; reads no weights).
+
+    Raises:
+        ConfigError: no members, or something that is not an :class:`Expert`.
+    """
+    members = list(experts)
+    if not members:
+        raise ConfigError("experts: expected at least one expert to ensemble, got an empty list")
+    for i, e in enumerate(members):
+        if not isinstance(e, Expert):
+            raise ConfigError(f"experts: item {i} is a {type(e).__name__}; expected an Expert (Expert.load(path))")
+    return members
+
+
+def check_members(experts: Sequence[Expert], base: BaseModel | None = None) -> ExpertLibrary:
+    """The members must be experts over one base (and that base, if given): the library's one check.
+
+    Raises:
+        ConfigError: see :func:`check_member_list`.
+        CompatibilityError / ExpertError: see :meth:`ExpertLibrary.check`.
+    """
+    return ExpertLibrary(check_member_list(experts), base.fingerprint if base is not None else None)
+
+
+class EnsemblePredictor:
+    """K experts over one frozen base, pooled over their label-word distributions.
+
+    Implements the :class:`~adapterfuse.predictor.Predictor` protocol. Every batch of inputs runs once,
+    replicated for the K members inside one forward pass (see :class:`BatchedEnsemble`).
+
+    Args:
+        base: the frozen base (never modified; a private copy carries the adapters).
+        experts: the members.
+        pooling: ``"linear"`` or ``"log_linear"``.
+        weights: one weight per member, or ``None``/``"uniform"`` for equal weights.
+        temperature: the pooling temperature (see :mod:`adapterfuse.backends.ensemble.pooling`).
+        batch_size: inputs per batch (each runs as ``K * batch_size`` rows).
+        autocast: run under bf16 autocast (the low-rank parts too, as in PEFT; label logits stay fp32).
+        max_length: prompt length cap.
+        name: shown in tables (default: describes the pooling and K).
+        info: how the ensemble was fitted (selection, learned weights), kept in ``ensemble.json``.
+
+    Raises:
+        ConfigError: empty members, unknown pooling, bad weights or temperature.
+        CompatibilityError / ExpertError: members not over ``base`` or not combinable.
+    """
+
+    def __init__(self, base: BaseModel, experts: Sequence[Expert], pooling: str = "log_linear",
+                 weights: Sequence[float] | str | None = None, temperature: float = 1.0, batch_size: int = 32,
+                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, name: str | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.pooling = check_pooling(pooling)
+        self.experts = check_member_list(experts)
+        names = [e.name for e in self.experts]
+        if weights is None or weights == "uniform":
+            weights = uniform_weights(len(self.experts))
+        elif isinstance(weights, str):
+            raise ConfigError(f"weights {weights!r}: expected numbers or 'uniform' here; learn weights with "
+                              "adapterfuse.backends.ensemble.ensemble(..., weights='learned', validation=...)")
+        self.weights = check_weights(weights, names, self.pooling)
+        self.temperature = check_temperature(temperature)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        check_members(self.experts, base)  # before the (cheap, but not free) model copy
+        self.base = base
+        self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
+        self.name = name or f"ensemble {self.pooling} K={len(self.experts)}"
+        self.info = dict(info or {})
+        self.batched = BatchedEnsemble(base.model, self.experts)
+
+    @property
+    def names(self) -> list[str]:
+        """The members' names."""
+        return [e.name for e in self.experts]
+
+    def member_log_probs(self, task: TaskSpec, batch: Sequence[Example]) -> torch.Tensor:
+        """Every member's log-probabilities ``[K, n, n_labels]`` (one batched pass per length bucket)."""
+        return self.batched.member_log_probs(self.base.tokenizer, task, batch, self.batch_size, self.autocast,
+                                             self.max_length)
+
+    def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
+        """``[n, n_labels]`` pooled probabilities over the task's label words, in the input order."""
+        if not batch:
+            return torch.empty((0, task.n_labels))
+        return pool(self.pooling, self.member_log_probs(task, batch), self.weights, self.temperature)
+
+    def cost(self) -> Cost:
+        """K distinct members: K base forward passes of work per input, and their adapters stored (fp32)."""
+        params = adapter_params(self.experts)
+        return Cost(stored_params=params, forward_passes=float(len(self.experts)), memory_bytes=4 * params)
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``ensemble.json`` records (members and their folders, pooling, weights, temperature …)."""
+        folders = _member_folders(self.names)
+        return {"kind": "ensemble", "format_version": FORMAT_VERSION, "name": self.name,
+                "members": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
+                            for e, f in zip(self.experts, folders, strict=True)],
+                "pooling": self.pooling, "weights": self.weights, "temperature": self.temperature,
+                "base": {"spec": self.base.spec, "fingerprint": self.base.fingerprint},
+                "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+                "info": self.info}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write a folder with each member's expert folder and ``ensemble.json``, atomically.
+
+        Raises:
+            OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        """
+        manifest = self.manifest()
+        with atomic_dir(path, overwrite) as tmp:
+            for expert, entry in zip(self.experts, manifest["members"], strict=True):
+                (tmp / entry["folder"]).mkdir()
+                expert.write_into(tmp / entry["folder"])
+            write_json(tmp / MANIFEST, manifest)
+
+    @classmethod
+    def load(cls, path: str | Path, base: BaseModel, **overrides: Any) -> EnsemblePredictor:
+        """Load a folder written by :meth:`save` onto ``base``.
+
+        Args:
+            path: the folder.
+            base: the base the members were trained on (checked by fingerprint).
+            overrides: scoring settings to change (``batch_size``, ``autocast``, ``max_length``).
+
+        Returns:
+            The predictor, with the saved members, pooling, weights and temperature.
+
+        Raises:
+            ExpertError: a missing or invalid ``ensemble.json`` or member folder.
+            CompatibilityError: members trained on another base.
+        """
+        folder = Path(path)
+        manifest = _read_manifest(folder)
+        experts = [Expert.load(folder / m["folder"], name=m["name"]) for m in manifest["members"]]
+        settings = {**manifest.get("scoring", {}), **overrides}
+        return cls(base, experts, manifest["pooling"], manifest["weights"], manifest["temperature"],
+                   name=manifest.get("name"), info=manifest.get("info"), **settings)
+
+
+def _member_folders(names: Sequence[str]) -> list[str]:
+    """A folder name per member: its own name when that is a safe single path part, else ``member-i``."""
+    out = []
+    for i, name in enumerate(names):
+        folder = name if fsutil.SAFE_FOLDER.fullmatch(name) and name != MANIFEST else f"member-{i}"
+        out.append(folder if folder not in out else f"member-{i}")
+    return out
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """Read and check ``ensemble.json``."""
+    return fsutil.read_manifest(folder, MANIFEST, "ensemble", FORMAT_VERSION,
+                                ("members", "pooling", "weights", "temperature"), "EnsemblePredictor.save",
+                                members="members")

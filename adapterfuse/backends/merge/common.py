@@ -1,0 +1,247 @@
+"""Shared types of the merge methods: parameter models, per-module jobs, method records and results.
+
+Every method is a :class:`MergeMethod`: a name, a paper, a frozen pydantic parameter model that rejects
+unknown keys, and a function that merges *one module* (:class:`ModuleJob` -> :class:`Truncation`).
+The loop over modules, the input validation and the error pooling live in :mod:`.registry`, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adapterfuse.delta import Deltas, LowRank
+from adapterfuse.errors import ConfigError
+from adapterfuse.lowrank import Truncation, dense_truncation, factor_truncation, stack_factors
+
+
+class MergeParams(BaseModel):
+    """Parameters every method takes.
+
+    Attributes:
+        weights: one finite weight per expert; ``None`` means 1 for every expert.
+        rank: the output rank per module; ``None`` means the method's default (see each method).
+        seed: seed of every random choice (DARE masks, randomized SVD).
+    """
+
+    # Frozen so a result's recorded parameters cannot drift; extra="forbid" so a typo such as
+    # "densty" is an error instead of a silently ignored key; no NaN/inf in any float field.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    weights: tuple[float, ...] | None = None
+    rank: int | None = Field(default=None, ge=1, strict=True)
+    seed: int = Field(default=0, strict=True)
+
+
+class UniformParams(MergeParams):
+    """Parameters of ``uniform``: weights, if given, must be >= 0 with a positive sum."""
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        """A soup is a (weighted) average: negative or all-zero weights make no average."""
+        if weights is not None:
+            bad = [i for i, w in enumerate(weights) if w < 0]
+            if bad:
+                raise ValueError(f"uniform averages, so weights must be >= 0; weights{bad} are negative "
+                                 "(use task_arithmetic for negative weights)")
+            if weights and sum(weights) <= 0:
+                raise ValueError("uniform weights must have a positive sum, got all zeros")
+        return weights
+
+
+class LinearParams(MergeParams):
+    """Parameters of ``task_arithmetic``: adds ``lambda``, the scale of the summed task vectors."""
+
+    lam: float = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"),
+                       serialization_alias="lambda")
+
+
+class TiesParams(LinearParams):
+    """Parameters of ``ties``.
+
+    Attributes:
+        density: fraction of each expert's entries kept by magnitude, in ``(0, 1]``; 0.2 is the TIES
+            paper's top-20% default.
+        exact_svd: truncate the merged ΔW with a full SVD (true) or, by default, a seeded randomized SVD
+            (4 power iterations, 8 extra vectors). On the default base that made TIES 3.8x faster than with
+            the full SVD for 2 experts, with the error equal to 7 digits; for 4 and 8 experts the error was
+            0.1-0.2% above the exact one (``benchmarks/bench_merge.py``, docs/results.md).
+    """
+
+    density: float = Field(default=0.2, gt=0.0, le=1.0)
+    exact_svd: bool = Field(default=False, strict=True)
+
+
+class DareParams(LinearParams):
+    """Parameters of ``dare_linear`` and ``dare_ties``.
+
+    Attributes:
+        density: keep probability of each entry, in ``(0, 1]`` (1 - the paper's drop rate). The
+            default 0.5 is conservative: LoRA updates are far smaller than full fine-tuning deltas,
+            so the paper's 0.1 can erase them.
+        exact_svd: as in :class:`TiesParams`.
+    """
+
+    density: float = Field(default=0.5, gt=0.0, le=1.0)
+    exact_svd: bool = Field(default=False, strict=True)
+
+
+def param_names(model: type[MergeParams]) -> list[str]:
+    """The keys a parameter model accepts, as a user writes them (``lambda``, not ``lam``)."""
+    return sorted(f.serialization_alias or name for name, f in model.model_fields.items())
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """``("weights", 1)`` -> ``weights[1]``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+def parse_params(method: str, model: type[MergeParams], raw: dict[str, Any]) -> MergeParams:
+    """Validate raw parameters against a method's model, turning pydantic errors into :class:`ConfigError`.
+
+    Args:
+        method: the method's name, for the message.
+        model: its parameter model.
+        raw: the parameters as given.
+
+    Returns:
+        The validated, frozen parameters.
+
+    Raises:
+        ConfigError: naming each bad key, why, the value given, and the keys the method accepts.
+    """
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_where(e['loc']) or 'parameters'}: {e['msg']} (got {e['input']!r})"
+                             for e in exc.errors())
+        raise ConfigError(f"merge method {method!r}: invalid parameters: {problems}. "
+                          f"Accepted parameters: {', '.join(param_names(model))}") from None
+
+
+@dataclass(frozen=True)
+class ModuleJob:
+    """Everything a method needs to merge one module.
+
+    Attributes:
+        module: the module's name.
+        experts: indices of the experts that have this module, ascending.
+        deltas: their updates (fp32), in the order of ``experts``.
+        weights: their weights, in the order of ``experts``.
+        all_weights: every expert's weight, present here or not (``uniform`` divides by their sum,
+            because an expert lacking the module counts as a zero update, not as absent).
+    """
+
+    module: str
+    experts: tuple[int, ...]
+    deltas: tuple[LowRank, ...]
+    weights: tuple[float, ...]
+    all_weights: tuple[float, ...]
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank among the experts that have this module."""
+        return max(d.rank for d in self.deltas)
+
+    def weight_tensor(self, device: torch.device) -> torch.Tensor:
+        """The weights of the experts present, as an fp32 ``[K]`` tensor on ``device``."""
+        return torch.tensor(self.weights, dtype=torch.float32, device=device)
+
+
+ModuleFn = Callable[[ModuleJob, Any], Truncation]
+"""Merges one module: ``(job, validated params) -> Truncation`` (merged update, its error and norm)."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: the key users pass as ``method``.
+        paper: URL of the paper that defines it.
+        summary: one line on what it computes.
+        params: its frozen parameter model.
+        merge_module: its per-module function.
+    """
+
+    name: str
+    paper: str
+    summary: str
+    params: type[MergeParams]
+    merge_module: ModuleFn
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """The outcome of a merge.
+
+    Attributes:
+        method: the method's name.
+        params: the validated parameters (weights resolved to one per expert).
+        deltas: module -> merged update, in fp32.
+        per_module_error: module -> ``||ΔW - ΔW_r||_F / ||ΔW||_F`` of the rank truncation (0 if none).
+        overall_error: the same over all modules together: ``sqrt(sum_m e_m^2 n_m^2 / sum_m n_m^2)``
+            where ``n_m`` is the untruncated merged ``||ΔW_m||_F``; 0 when every ``n_m`` is 0.
+        coverage: module -> indices of the experts that have it.
+    """
+
+    method: str
+    params: MergeParams
+    deltas: Deltas
+    per_module_error: dict[str, float]
+    overall_error: float
+    coverage: dict[str, list[int]]
+
+    def scaled(self, lam: float) -> MergeResult:
+        """The same merge with λ multiplied by ``lam``, without merging again.
+
+        Every λ method applies λ as one scalar on the merged ΔW before the rank truncation, and the
+        truncation of λ·M is λ times the truncation of M with the same relative error. So scaling the
+        B factors is the merge at λ·``self.lam``, exactly in exact arithmetic.
+        """
+        params = self.params.model_copy(update={"lam": self.params.lam * lam})
+        deltas = {m: LowRank(d.A, d.B * lam) for m, d in self.deltas.items()}
+        return MergeResult(self.method, params, deltas, self.per_module_error, self.overall_error, self.coverage)
+
+
+def pooled_error(parts: list[Truncation]) -> float:
+    """The relative Frobenius error of several modules taken as one long vector.
+
+    Args:
+        parts: each module's truncation (relative error and untruncated norm).
+
+    Returns:
+        ``sqrt(sum (error * norm)^2 / sum norm^2)``, 0 when every norm is 0.
+    """
+    total = sum(t.norm ** 2 for t in parts)
+    if total <= 0.0:
+        return 0.0
+    return math.sqrt(sum((t.error * t.norm) ** 2 for t in parts) / total)
+
+
+def linear_output(items: list[tuple[float, LowRank]], rank: int | None) -> Truncation:
+    """The exact weighted sum of updates in factored form, truncated to ``rank`` if one is asked.
+
+    Args:
+        items: ``(weight, update)`` pairs of one module.
+        rank: the output rank, or ``None`` to keep the exact stacked rank ``sum(r_i)``.
+
+    Returns:
+        The (possibly truncated) sum with its error and untruncated norm.
+    """
+    stacked = stack_factors(items)
+    # Truncating to the stacked rank itself returns the factors untouched but still measures the norm,
+    # which the pooled error over all modules needs.
+    return factor_truncation(stacked, stacked.rank if rank is None else rank)
+
+
+def truncate_output(merged: torch.Tensor, job: ModuleJob, params: TiesParams | DareParams) -> Truncation:
+    """Truncate a dense merged ΔW to the output rank (default: the largest rank among the module's experts)."""
+    rank = job.max_rank if params.rank is None else params.rank
+    return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)

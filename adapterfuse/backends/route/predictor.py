@@ -1,0 +1,326 @@
+"""Routed predictors: each input to its top-k experts, then a pooled ensemble or a merge; and Arrow.
+
+:class:`RoutePredictor` routes whole inputs: features of the routing text -> router -> top ``k``. Inputs
+that chose the same experts form a group, and each group runs once:
+
+- ``then="ensemble"``: the chosen experts in one batched pass (:class:`~adapterfuse.backends.ensemble.BatchedEnsemble`),
+  each input's answers pooled with its own routing weights;
+- ``then="merge"``: the linear merge of the chosen experts' ΔW at *that input's* routing weights (a
+  weighted average, as the ``uniform`` merge), computed in its exact factored form with the weights
+  applied in rank space (:mod:`adapterfuse.backends.route.rowmerge`), so each input gets its own merge in one
+  pass and a batch answers as its inputs one at a time.
+
+An input routed to one expert gets exactly that expert's answer either way. Models are cached per
+group, so a routing costs one model copy per distinct choice (the base weights are shared).
+:class:`ArrowPredictor` (see :mod:`adapterfuse.backends.route.routers.arrow`) routes per token inside the model instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
+from adapterfuse.backends.ensemble.predictor import check_members
+from adapterfuse.backends.route.data import pool_rows
+from adapterfuse.backends.route.features import DEFAULT_LAYER, FeatureExtractor, check_on, default_shape, routing_texts
+from adapterfuse.backends.route.routers.arrow import ArrowModel
+from adapterfuse.backends.route.routers.base import Router, check_top_k, load_router
+from adapterfuse.backends.route.rowmerge import RowMergeModel
+from adapterfuse.base import BaseModel
+from adapterfuse.errors import ConfigError
+from adapterfuse.expert import Expert
+from adapterfuse.harness import adapter_params
+from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba
+from adapterfuse.io import atomic as fsutil
+from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.predictor import Cost
+from adapterfuse.tasks.spec import Example, TaskSpec
+
+MANIFEST, TENSORS, EXPERTS = "route.json", "router.safetensors", "experts"
+FORMAT_VERSION = 1
+THEN = ("ensemble", "merge")
+_MAX_CACHED = 64
+
+
+def check_then(then: str) -> str:
+    """Return ``then`` if it is ``"ensemble"`` or ``"merge"``.
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    if then not in THEN:
+        raise ConfigError(f"then {then!r}: unknown; expected one of {', '.join(THEN)}")
+    return then
+
+
+class _Saved:
+    """What both routed predictors share: the pool, the scoring settings, the manifest and the folder."""
+
+    def _setup(self, base: BaseModel, pool: Sequence[Expert], name: str, info: dict[str, Any] | None,
+               batch_size: int, autocast: bool, max_length: int) -> None:
+        self.base, self.experts, self.name = base, list(pool), name
+        self.names = [e.name for e in self.experts]
+        self.info = dict(info or {})
+        self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
+
+    def _manifest(self, router: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        folders = _folders(self.names)
+        return {"kind": "route", "format_version": FORMAT_VERSION, "name": self.name, "router": router,
+                "experts": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
+                            for e, f in zip(self.experts, folders, strict=True)],
+                "base": {"spec": self.base.spec, "fingerprint": self.base.fingerprint},
+                "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+                "info": self.info, **extra}
+
+    def _write(self, path: str | Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+               overwrite: bool) -> None:
+        with atomic_dir(path, overwrite) as tmp:
+            (tmp / EXPERTS).mkdir()
+            for expert, entry in zip(self.experts, manifest["experts"], strict=True):
+                (tmp / EXPERTS / entry["folder"]).mkdir()
+                expert.write_into(tmp / EXPERTS / entry["folder"])
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+            write_json(tmp / MANIFEST, manifest)
+
+
+class RoutePredictor(_Saved):
+    """Sequence-level routing over a pool of experts (a :class:`~adapterfuse.predictor.Predictor`).
+
+    Args:
+        base: the frozen base (never modified).
+        pool: the experts the router distributes over, in its column order.
+        router: the router (its ``n_experts`` must equal ``len(pool)``).
+        top_k: experts kept per input.
+        then: ``"ensemble"`` or ``"merge"``.
+        on: route on the ``"prompt"`` or the raw ``"fields"``.
+        layer: the feature layer the router was fitted on.
+        pooling: ``"linear"`` or ``"log_linear"`` (``then="ensemble"`` with ``top_k > 1``).
+        name: shown in tables.
+        info: fit reports (routing accuracy, clusters, subsets …), saved with it.
+        batch_size, autocast, max_length: scoring and feature settings.
+        shape: whether (``True``/``False``) or which version of (an int) the text's shape the router's
+            features carry (default: the current version only ``on="fields"``); it must be what the
+            router was fitted with.
+        readout: ``"mean"`` or ``"mean_last"``, as the router was fitted.
+
+    Raises:
+        ConfigError: an empty pool, a router of another size, a bad top_k, then, on or pooling.
+    """
+
+    def __init__(self, base: BaseModel, pool: Sequence[Expert], router: Router, top_k: int = 1,
+                 then: str = "ensemble", on: str = "prompt", layer: int = DEFAULT_LAYER, pooling: str = "linear",
+                 name: str | None = None, info: dict[str, Any] | None = None, batch_size: int = 32,
+                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, shape: bool | int | None = None,
+                 readout: str = "mean") -> None:
+        if not pool:
+            raise ConfigError("experts: expected at least one expert to route to, got none")
+        if router.n_experts != len(pool):
+            raise ConfigError(f"router: distributes over {router.n_experts} experts, but the pool has {len(pool)}")
+        if pooling not in ("linear", "log_linear"):
+            raise ConfigError(f"pooling {pooling!r}: unknown; expected 'linear' or 'log_linear'")
+        self.router, self.top_k = router, check_top_k(top_k, len(pool))
+        self.then, self.on, self.pooling = check_then(then), check_on(on), pooling
+        shown = name or f"route {router.kind} top{top_k} {then} ({on})"
+        self._setup(base, pool, shown, info, batch_size, autocast, max_length)
+        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape),
+                                          readout)
+        self._models: dict[tuple[str, tuple[int, ...]], BatchedEnsemble | RowMergeModel] = {}
+
+    def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [n, k], weights [n, k])`` for ``[n, d]`` features."""
+        return self.router.choose(features, self.top_k)
+
+    def choose(self, task: TaskSpec, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k experts and weights of each input (see :meth:`route`)."""
+        return self.route(self.extractor.encode(routing_texts(task, batch, self.on)))
+
+    def _model(self, key: tuple[str, tuple[int, ...]]) -> BatchedEnsemble | RowMergeModel:
+        """The cached model of a group: the chosen experts batched, or their per-input merge."""
+        if key not in self._models:
+            how, members = key
+            if how == "merge":
+                model: BatchedEnsemble | RowMergeModel = RowMergeModel(self.base.model,
+                                                                       [self.experts[m].deltas for m in members])
+            else:
+                model = BatchedEnsemble(self.base.model, [self.experts[m] for m in members])
+            if len(self._models) >= _MAX_CACHED:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = model
+        return self._models[key]
+
+    def _run(self, task: TaskSpec, batch: Sequence[Example], indices: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+        """Answer each input with its chosen experts, one pass per group of equal choices."""
+        out = torch.empty((len(batch), task.n_labels), dtype=torch.float32)
+        order = torch.argsort(indices, dim=1, stable=True)  # a group is a *set* of experts
+        members = torch.gather(indices, 1, order)
+        w = torch.gather(weights, 1, order)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(members.tolist()):
+            groups.setdefault(tuple(row), []).append(i)
+        for group, rows in groups.items():
+            examples = [batch[i] for i in rows]
+            settings = (self.batch_size, self.autocast, self.max_length)
+            if self.then == "merge" and len(group) > 1:
+                model = self._model(("merge", group))
+                out[rows] = model.log_probs(self.base.tokenizer, task, examples, w[rows], *settings).exp()
+            else:  # one expert is the same either way; its answer is exactly that expert's
+                lp = self._model(("ensemble", group)).member_log_probs(self.base.tokenizer, task, examples,
+                                                                       *settings)
+                out[rows] = pool_rows(self.pooling, lp, w[rows])
+        return out
+
+    def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
+        """``[n, n_labels]`` probabilities over the task's label words, in the input order."""
+        if not batch:
+            return torch.empty((0, task.n_labels))
+        indices, weights = self.choose(task, batch)
+        return self._run(task, batch, indices, weights)
+
+    def predict_mixed(self, items: Sequence[tuple[TaskSpec, Example]]) -> list[torch.Tensor]:
+        """Route inputs of several tasks together (one feature batch), then answer each task's inputs.
+
+        Args:
+            items: ``(task, example)`` pairs, tasks mixed in any order.
+
+        Returns:
+            One ``[n_labels]`` probability vector per item, in the input order.
+        """
+        texts = [routing_texts(t, [e], self.on)[0] for t, e in items]
+        indices, weights = self.route(self.extractor.encode(texts))
+        out: list[torch.Tensor | None] = [None] * len(items)
+        by_task: dict[str, list[int]] = {}
+        for i, (task, _) in enumerate(items):
+            by_task.setdefault(task.name, []).append(i)
+        for rows in by_task.values():
+            task = items[rows[0]][0]
+            probs = self._run(task, [items[i][1] for i in rows], indices[rows], weights[rows])
+            for j, i in enumerate(rows):
+                out[i] = probs[j]
+        return out  # type: ignore[return-value]
+
+    def cost(self) -> Cost:
+        """Adapters and router stored; passes: ``k`` members (ensemble) or 1 (merge), plus the feature pass."""
+        params = adapter_params(self.experts) + self.router.n_params()
+        passes = (self.top_k if self.then == "ensemble" else 1) + self.extractor.fraction
+        return Cost(stored_params=params, forward_passes=float(passes), memory_bytes=4 * params)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the pool's expert folders, ``router.safetensors`` and ``route.json``, atomically.
+
+        Raises:
+            OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        """
+        router = {"kind": self.router.kind, "config": self.router.config()}
+        extra = {"top_k": self.top_k, "then": self.then, "on": self.on, "pooling": self.pooling,
+                 "features": self.extractor.spec}
+        self._write(path, self._manifest(router, extra), self.router.tensors(), overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, base: BaseModel, **overrides: Any) -> RoutePredictor | ArrowPredictor:
+        """Load a folder written by :meth:`save` (or by :meth:`ArrowPredictor.save`) onto ``base``.
+
+        Args:
+            path: the folder.
+            base: the base the experts were trained on (checked by fingerprint).
+            overrides: scoring settings to change (``batch_size``, ``autocast``, ``max_length``).
+
+        Returns:
+            The predictor, routing exactly as when it was saved.
+
+        Raises:
+            ExpertError: a missing or invalid manifest or expert folder.
+            CompatibilityError: experts trained on another base.
+        """
+        folder = Path(path)
+        manifest = read_manifest(folder)
+        experts = [Expert.load(folder / EXPERTS / m["folder"], name=m["name"]) for m in manifest["experts"]]
+        check_members(experts, base)
+        tensors = load_file(str(folder / TENSORS))
+        settings = {**manifest.get("scoring", {}), **overrides}
+        router = manifest["router"]
+        if router["kind"] == "arrow":
+            protos = {k[len("proto."):]: v for k, v in tensors.items() if k.startswith("proto.")}
+            cfg = router["config"]
+            return ArrowPredictor(base, experts, cfg["top_k"], cfg["temperature"], prototypes=protos,
+                                  seed=cfg.get("seed", 0), name=manifest.get("name"), info=manifest.get("info"),
+                                  **settings)
+        # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
+        # before shape versions (``"shape": true``) on the four counts of version 1.
+        features = {"shape": False, "readout": "mean", **manifest["features"]}
+        features["shape"] = 1 if features["shape"] is True else features["shape"]
+        return cls(base, experts, load_router(router["kind"], router["config"], tensors), manifest["top_k"],
+                   manifest["then"], manifest["on"], pooling=manifest["pooling"], name=manifest.get("name"),
+                   info=manifest.get("info"), **features, **settings)
+
+
+class ArrowPredictor(_Saved):
+    """Arrow routing (per token, per layer; zero-shot) as a :class:`~adapterfuse.predictor.Predictor`.
+
+    Args:
+        base: the frozen base (never modified).
+        pool: the experts.
+        top_k: experts per token.
+        temperature: softmax temperature (one number, or per module name with an optional ``"default"``).
+        prototypes: precomputed prototypes (module -> ``[E, in]``); computed by power iteration if ``None``.
+        seed: seed of the power iteration.
+        name, info, batch_size, autocast, max_length: as for :class:`RoutePredictor`.
+
+    Raises:
+        ConfigError: an empty pool, a bad top_k or temperature.
+    """
+
+    def __init__(self, base: BaseModel, pool: Sequence[Expert], top_k: int = 1,
+                 temperature: float | Mapping[str, float] = 1.0, prototypes: Mapping[str, torch.Tensor] | None = None,
+                 seed: int = 0, name: str | None = None, info: dict[str, Any] | None = None, batch_size: int = 32,
+                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        if not pool:
+            raise ConfigError("experts: expected at least one expert to route to, got none")
+        self.top_k, self.temperature, self.seed = check_top_k(top_k, len(pool)), temperature, seed
+        self._setup(base, pool, name or f"route arrow top{top_k}", info, batch_size, autocast, max_length)
+        self.arrow = ArrowModel(base.model, [e.deltas for e in pool], top_k, temperature, prototypes, seed)
+
+    def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
+        """``[n, n_labels]`` probabilities over the task's label words, in the input order."""
+        if not batch:
+            return torch.empty((0, task.n_labels))
+        return predict_proba(self.arrow.model, self.base.tokenizer, task, batch, self.batch_size, self.autocast,
+                             self.max_length)
+
+    def cost(self) -> Cost:
+        """Every expert's adapter and the prototypes stored; one (fused) forward pass per input."""
+        params = adapter_params(self.experts) + sum(p.numel() for p in self.arrow.prototypes.values())
+        return Cost(stored_params=params, forward_passes=1.0, memory_bytes=4 * params)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the expert folders, the prototypes and ``route.json`` (see :meth:`RoutePredictor.load`)."""
+        temperature = dict(self.temperature) if isinstance(self.temperature, Mapping) else self.temperature
+        router = {"kind": "arrow", "config": {"top_k": self.top_k, "temperature": temperature, "seed": self.seed}}
+        tensors = {f"proto.{m}": p for m, p in self.arrow.prototypes.items()}
+        self._write(path, self._manifest(router, {"top_k": self.top_k}), tensors, overwrite)
+
+    load = RoutePredictor.load
+
+
+def _folders(names: Sequence[str]) -> list[str]:
+    """A folder per expert: its name when that is a safe single path part, else ``expert-i``."""
+    out: list[str] = []
+    for i, name in enumerate(names):
+        folder = name if fsutil.SAFE_FOLDER.fullmatch(name) else f"expert-{i}"
+        out.append(folder if folder not in out else f"expert-{i}")
+    return out
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Read and check ``route.json``.
+
+    Raises:
+        ExpertError: missing, not JSON, not a route manifest, another format version, or incomplete.
+    """
+    return fsutil.read_manifest(folder, MANIFEST, "route", FORMAT_VERSION, ("experts", "router"),
+                                "RoutePredictor.save", members="experts")

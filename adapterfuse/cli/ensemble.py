@@ -1,0 +1,114 @@
+"""``adapterfuse ensemble``: fit an ensemble of experts, evaluate it on the tasks' test split, save it.
+
+Wired into ``adapterfuse.cli`` by ``register(subparsers)``; :func:`run` raises adapterfuse errors for
+``cli.main`` to print as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapterfuse.backends.ensemble.pooling import POOLINGS
+from adapterfuse.cli.common import positive_int
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``ensemble`` command to an ``argparse`` sub-parsers object.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The new sub-parser (its ``handler`` default is :func:`run`).
+    """
+    p = subparsers.add_parser(
+        "ensemble", help="pool several experts in one batched pass",
+        description="Ensemble experts (linear or log-linear pooling; uniform, given or learned weights; optional "
+                    "greedy/top-K selection on the validation split), evaluate on the test split, save it.")
+    p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders (the candidate members)")
+    p.add_argument("--pooling", default="log_linear", choices=list(POOLINGS))
+    p.add_argument("--weights", default="uniform", help="uniform | learned | w1,w2,... (one per expert)")
+    p.add_argument("--select", default=None, help="greedy | topK (e.g. top3); chosen on the validation split")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (fit on validation, score on test)")
+    p.add_argument("--out", required=True, type=Path, help="ensemble folder to write")
+    p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
+    p.add_argument("--validation-size", type=int, default=200,
+                   help="examples carved from train for validation; keep the experts' value so they never trained "
+                        "on it")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
+    p.add_argument("--max-eval-examples", type=positive_int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="pooling temperature (uniform or given weights)")
+    p.add_argument("--metric", default="score", choices=["score", "nll"], help="what selection maximises")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per batch (x K rows)")
+    p.add_argument("--no-autocast", action="store_true", help="score in fp32 instead of bf16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weight fit")
+    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(handler=run)
+    return p
+
+
+def _carve_notes(experts: Any, validation_size: int, seed: int) -> list[str]:
+    """Warn when an expert was trained with another validation carve (it may have seen our validation data)."""
+    notes = []
+    for e in experts:
+        training = e.meta.get("training", {})
+        theirs = (training.get("validation_size"), training.get("seed"))
+        if None not in theirs and theirs != (validation_size, seed):
+            notes.append(f"note: expert {e.name!r} was trained with validation_size={theirs[0]}, seed={theirs[1]}; "
+                         f"this run carves validation_size={validation_size}, seed={seed}, so its validation "
+                         "examples may overlap that expert's training data")
+    return notes
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit, evaluate (printing ``harness.results_table``) and save an ensemble.
+
+    Returns:
+        0 on success.
+
+    Raises:
+        AdapterFuseError: bad arguments (checked before the base is loaded), incompatible experts,
+            missing data, or an existing ``--out`` without ``--overwrite``.
+    """
+    from adapterfuse.backends.ensemble.fit import ensemble
+    from adapterfuse.backends.ensemble.pooling import check_pooling, check_temperature, check_weights
+    from adapterfuse.backends.ensemble.select import parse_select
+    from adapterfuse.backends.ensemble.weights import parse_weights
+    from adapterfuse.base import load_base
+    from adapterfuse.harness import evaluate, results_table
+    from adapterfuse.io.atomic import check_output, write_json
+    from adapterfuse.library import ExpertLibrary
+    from adapterfuse.tasks.glue import load_task, parse_tasks
+
+    tasks = parse_tasks(args.tasks)
+    check_pooling(args.pooling)
+    weights = parse_weights(args.weights)
+    selecting = parse_select(args.select) is not None
+    check_temperature(args.temperature)
+    check_output(args.out, args.overwrite)
+    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
+    if isinstance(weights, list):
+        check_weights(weights, [e.name for e in library], args.pooling)  # before the base is loaded
+    for note in [*library.notes, *_carve_notes(library, args.validation_size, args.data_seed)]:
+        print(note, file=sys.stderr)
+    base = load_base(args.base)
+    library.check(base.fingerprint)
+    data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
+    fitting = weights == "learned" or selecting
+    predictor = ensemble(library, base, args.pooling, weights, args.select, validation=data if fitting else None,
+                         temperature=args.temperature, metric=args.metric, seed=args.seed,
+                         batch_size=args.batch_size, autocast=not args.no_autocast)
+    result = evaluate(predictor, data, split="test", max_examples=args.max_eval_examples)
+    result["ensemble"] = {"members": predictor.names, "pooling": predictor.pooling, "weights": predictor.weights,
+                          "temperature": predictor.temperature, "info": predictor.info}
+    print(results_table([result]))
+    print(f"members: {', '.join(f'{n} {w:+.3f}' for n, w in zip(predictor.names, predictor.weights, strict=True))}"
+          f"; temperature {predictor.temperature:.3g}")
+    predictor.save(args.out, overwrite=args.overwrite)
+    write_json(args.out / "results.json", result)
+    print(f"saved {args.out}")
+    return 0

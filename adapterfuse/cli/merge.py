@@ -1,0 +1,194 @@
+"""``adapterfuse merge``: merge expert folders into one adapter folder (or a full model).
+
+``register(subparsers)`` adds the subcommand; ``run(args)`` executes it. Every check that needs no
+weight (method, parameters, weight count, output folder) runs before the experts or the base are
+read; the base is loaded only when something needs it (``--full``, or validation data for a λ search,
+a greedy soup or learned weights). Errors are :mod:`adapterfuse.errors` exceptions, which the main
+CLI prints as one line with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapterfuse.errors import ConfigError
+
+HELP = "merge experts into one adapter (uniform, task_arithmetic, ties, dare_*, greedy_soup, learned)"
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``merge`` subcommand to an ``add_subparsers()`` object.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``merge`` parser (its default ``handler`` is :func:`run`).
+    """
+    p = subparsers.add_parser("merge", help=HELP, description=(
+        "Merge experts' ΔW into one plain PEFT LoRA adapter (or, with --full, a full model). Without "
+        "--lambda, λ methods choose λ on the validation split of --tasks when given, else use λ = 1; "
+        "--tasks is ignored by methods that fit nothing."))
+    p.add_argument("--experts", nargs="+", required=True, help="expert folders or Hub ids (owner/name)")
+    p.add_argument("--method", default="ties", help="uniform, task_arithmetic, ties, dare_linear, dare_ties, "
+                   "greedy_soup or learned (default ties)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.add_argument("--weights", default=None, help="comma-separated weights, one per expert")
+    p.add_argument("--density", type=float, default=None, help="kept fraction for TIES/DARE, in (0, 1]")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="scale λ of the summed update")
+    p.add_argument("--rank", type=int, default=None, help="output rank per module")
+    p.add_argument("--full", action="store_true", help="write the merged full model instead of an adapter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks whose validation split fits λ/soup/weights")
+    p.add_argument("--validation-size", type=int, default=200, help="validation examples per task")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve; keep the experts' "
+                   "training seed (default 0) so that no validation example was trained on")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false")
+    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    p.add_argument("--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
+    p.add_argument("--eval", action="store_true", help="score the merge on the test split of --tasks (GLUE dev) "
+                   "and put the harness table in adapterfuse.json and the card")
+    p.add_argument("--max-eval-examples", type=int, default=None, help="cap on test examples per task with --eval")
+    p.set_defaults(handler=run)
+    return p
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``"0.5,1,-0.2"`` -> floats (NaN/inf are refused later, by the method's parameter model).
+
+    Raises:
+        ConfigError: an empty list or a value that is not a number.
+    """
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [float(t) for t in items]
+    except ValueError:
+        raise ConfigError(f"--weights: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError("--weights: expected at least one number")
+    return values
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["mode=gradient_free", "per_layer=true"]`` -> ``{"mode": "gradient_free", "per_layer": True}``.
+
+    Values are read as YAML scalars (numbers, true/false, strings).
+
+    Raises:
+        ConfigError: an item without ``=`` or a key given twice.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--param: expected KEY=VALUE, got {item!r}")
+        if key in out:
+            raise ConfigError(f"--param: {key!r} given twice")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[float] | None, dict[str, Any], bool]:
+    """Everything that needs no file: numbers, method, parameters, weight count, the output folder.
+
+    Returns:
+        ``(weights, params, uses_validation)``; the last says whether ``--tasks`` will be used.
+    """
+    from adapterfuse.backends.merge.api import prepare
+    from adapterfuse.io.atomic import check_output
+
+    weights = parse_weights(args.weights)
+    params = parse_params(args.param)
+    if args.validation_size < 1:
+        raise ConfigError(f"--validation-size: expected >= 1, got {args.validation_size}")
+    for name in ("density", "lam"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{'lambda' if name == 'lam' else name}: expected a finite number, got {value}")
+    request = prepare(len(args.experts), args.method, weights, args.density, args.rank, args.lam, args.seed,
+                      **params)
+    if request.search is not None and not args.tasks:
+        raise ConfigError(f"--method {args.method} fits on validation data: give --tasks (and --base)")
+    check_output(args.out, args.overwrite)
+    return weights, params, bool(args.tasks) and (request.search is not None or request.lambda_search)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``adapterfuse merge``.
+
+    Args:
+        args: the parsed arguments of the ``merge`` subcommand.
+
+    Returns:
+        0 on success.
+
+    Raises:
+        AdapterFuseError: bad arguments, experts or base (nothing is written then).
+    """
+    from adapterfuse.backends.merge.api import merge
+
+    weights, params, uses_validation = _check_args(args)
+    base = validation = None
+    if args.eval and not args.tasks:
+        raise ConfigError("--eval: scores the merge on the test split of --tasks; give --tasks T1,T2,...")
+    if args.full or uses_validation or args.eval:
+        from adapterfuse.base import load_base
+
+        if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
+            validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
+        base = load_base(args.base)
+    adapter = merge(args.experts, args.method, weights=weights, density=args.density, rank=args.rank,
+                    lam=args.lam, seed=args.seed, base=base, validation=validation if uses_validation else None,
+                    allow_pickle=args.allow_pickle, **params)
+    if args.eval:
+        adapter.evaluate_on(base, validation)
+    path = adapter.save_pretrained(args.out, overwrite=args.overwrite, full=args.full, base=base)
+    pushed = None
+    if args.push:
+        pushed = adapter.push_to_hub(args.push, full=args.full, base=base)
+    print(json.dumps(summary(adapter, path, args.push if pushed is not None else None), indent=2, default=str))
+    return 0
+
+
+def _load_validation(tasks: str, size: int, seed: int, max_test: int | None = None):
+    from adapterfuse.tasks.glue import load_task, parse_tasks
+
+    return [load_task(t, validation_size=size, seed=seed, max_test=max_test) for t in parse_tasks(tasks)]
+
+
+def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str, Any]:
+    """What the command prints: method, parameters, truncation error, output (and what validation chose)."""
+    out: dict[str, Any] = {"method": adapter.method, "params": adapter.params,
+                           "experts": [s["name"] for s in adapter.sources],
+                           "truncation_error": adapter.overall_error, "adapter_params": adapter.num_params,
+                           "out": str(path)}
+    lam = adapter.search.get("lambda_search")
+    if lam:
+        out["lambda"] = {"chosen": lam["chosen"], "grid": lam["grid"], "scores": lam["scores"]}
+    if adapter.search.get("soup"):
+        out["soup_kept"] = adapter.search["soup"]["kept"]
+    if adapter.search.get("learned"):
+        learned = adapter.search["learned"]
+        out["learned"] = {"weights": learned["weights"], "loss_uniform": learned["loss_uniform"],
+                          "loss": learned["loss"]}
+    if adapter.evaluation:
+        out["evaluation"] = {t: m["score"] for t, m in adapter.evaluation[-1]["tasks"].items()}
+        out["average"] = adapter.evaluation[-1]["average"]
+    if pushed_to:
+        out["pushed_to"] = pushed_to
+    return out

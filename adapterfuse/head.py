@@ -1,0 +1,161 @@
+"""Texts + task -> class probabilities, read off the label words at the last position.
+
+This is the one place that knows how a prediction is read. Every predictor (an expert, a merge, an
+ensemble, a router's choice) answers with the LM's next-token distribution restricted to the task's
+label words: the final hidden state at the last real token times those words' output embeddings. The
+full-vocabulary head (49k words here) is never computed, for scoring or for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapterfuse.errors import ConfigError
+from adapterfuse.tasks.spec import Example, TaskSpec
+
+DEFAULT_MAX_LENGTH = 256
+
+
+def label_token_ids(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token id of each of the task's label words.
+
+    Raises:
+        ConfigError: if a label word is not exactly one token of this tokenizer.
+    """
+    ids = []
+    for word in task.label_words:
+        toks = tokenizer.encode(word, add_special_tokens=False)
+        if len(toks) != 1:
+            raise ConfigError(f"task {task.name}: label word {word!r} is {len(toks)} tokens {toks} in this "
+                              "tokenizer; expected exactly 1; choose label words that are single tokens")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"task {task.name}: label words {task.label_words} map to repeated token ids {ids}")
+    return ids
+
+
+def encode(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
+           max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
+    """Tokenize the prompts of ``examples``.
+
+    A prompt longer than ``max_length`` keeps its first and last ``max_length // 2`` tokens: the
+    instruction and the answer cue at the end both survive, only the middle of a long passage goes.
+    """
+    ids = tokenizer([task.prompt(e.fields) for e in examples], add_special_tokens=True)["input_ids"]
+    half = max_length // 2
+    return [x if len(x) <= max_length else x[:half] + x[-(max_length - half):] for x in ids]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted), so little compute goes to padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(input_ids, attention_mask)``.
+
+    Right padding keeps every real token at its true position, so no position ids are needed and a
+    row's result does not depend on what else is in the batch.
+    """
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, x in enumerate(batch):
+        ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return ids, mask
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The underlying ``*ForCausalLM`` of a plain or PEFT-wrapped model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def autocast_context(enabled: bool, device: torch.device | str = "cpu"):
+    """bf16 autocast for the frozen base on CPU (or GPU); fp32 when disabled."""
+    dev = torch.device(device).type
+    return torch.autocast(dev, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden state at each row's last real token, ``[n, d]``."""
+    decoder = causal_lm(model).get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def label_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 label_ids: Sequence[int]) -> torch.Tensor:
+    """Next-token logits over the label words only, in fp32, ``[n, n_labels]``.
+
+    Args:
+        model: a causal LM, plain or with PEFT adapters.
+        input_ids: ``[n, T]`` right-padded tokens.
+        attention_mask: ``[n, T]``.
+        label_ids: the label words' token ids.
+
+    Returns:
+        The same numbers the full LM head would give at those positions and words.
+    """
+    head = causal_lm(model).get_output_embeddings()
+    h = last_hidden(model, input_ids, attention_mask).float()
+    idx = torch.as_tensor(label_ids, device=h.device)
+    logits = h @ head.weight[idx].float().T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[idx].float()
+    return logits
+
+
+def iter_batches(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
+                 batch_size: int, max_length: int = DEFAULT_MAX_LENGTH,
+                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, input_ids, attention_mask)`` over length-sorted batches of ``examples``."""
+    encoded = encode(task, examples, tokenizer, max_length)
+    for idx in length_batches([len(x) for x in encoded], batch_size):
+        ids, mask = pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+        yield idx, ids, mask
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
+                  examples: Sequence[Example], batch_size: int = 32, autocast: bool = True,
+                  max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
+    """Class probabilities of ``examples`` under ``model``, in the input order.
+
+    Args:
+        model: a causal LM, plain or with PEFT adapters.
+        tokenizer: its tokenizer.
+        task: the task whose prompt and label words to use.
+        examples: the inputs.
+        batch_size: rows per forward pass (batches are formed by similar length).
+        autocast: run the base under bf16 autocast (label logits are always fp32).
+        max_length: prompt length cap (see :func:`encode`).
+
+    Returns:
+        ``[n, n_labels]`` fp32 probabilities, softmax over the label words.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+    labels = label_token_ids(task, tokenizer)
+    out = torch.empty((len(examples), len(labels)), dtype=torch.float32)
+    device = next(model.parameters()).device
+    for idx, ids, mask in iter_batches(task, examples, tokenizer, batch_size, max_length):
+        with autocast_context(autocast, device):
+            logits = label_logits(model, ids.to(device), mask.to(device), labels)
+        out[idx] = torch.softmax(logits.float(), dim=-1).cpu()
+    return out
+
+
+def predictions(task: TaskSpec, probs: torch.Tensor) -> list[float]:
+    """Read predictions off probabilities: the argmax class, or the expected score for regression."""
+    if task.regression:
+        values = torch.arange(probs.shape[1], dtype=probs.dtype)
+        return (probs @ values).tolist()
+    return probs.argmax(dim=1).tolist()

@@ -1,0 +1,1 @@
+"""Input and output: atomic folders, manifests and the Hugging Face Hub."""

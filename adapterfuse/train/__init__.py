@@ -1,0 +1,1 @@
+"""Training: one expert per task, distillation, and parameter-efficient ensembles."""

@@ -1,0 +1,249 @@
+"""train_pe_ensemble(base, task, kind, members, config) -> PEEnsemble: K members that share most weights.
+
+The loop is :func:`adapterfuse.train.expert.train_expert`'s (same seeded batch schedule, label-word loss,
+AdamW, linear warm-up and decay, gradient clipping, bf16 autocast for the frozen base with the adapter
+in fp32); what differs per kind is how a step's rows reach the members:
+
+- ``batchensemble``: the batch is replicated once per member (``be_data='all'``) or cut into K
+  member blocks (``'split'``), and run as one batched pass of ``K*n`` member-contiguous rows;
+- ``camero``: replicated like BatchEnsemble, with per-member perturbations and a consistency loss;
+- ``mimo``: K independent examples packed per row, one shared adapter (see :mod:`.mimo`);
+- ``swag``: one shared LoRA, snapshotted along the end of training (see :mod:`.swag`).
+
+The loss is the mean of the members' losses, so a member's own parameters get ``1/K`` of the
+gradient its separate training would give, and shared parameters the mean of the members' gradients.
+There is no mid-run checkpoint: a killed run starts again (the output is only written at the end,
+atomically).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterfuse.base import BaseModel
+from adapterfuse.errors import ConfigError
+from adapterfuse.expert import versions
+from adapterfuse.head import autocast_context, encode, label_token_ids, pad, predictions
+from adapterfuse.io.atomic import check_output
+from adapterfuse.tasks.glue import get_task, load_task
+from adapterfuse.tasks.metrics import compute_metrics
+from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
+from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.expert import batch_schedule, class_weights, linear_schedule, task_loss
+from adapterfuse.train.pe import batchensemble, camero, mimo
+from adapterfuse.train.pe.layers import (
+    MemberLoRALinear,
+    flat_tensors,
+    install,
+    member_logits,
+    private_copy,
+    target_modules,
+    trained_params,
+)
+from adapterfuse.train.pe.options import PEOptions, parse_options
+from adapterfuse.train.pe.predictor import FORMAT_VERSION, PEEnsemble
+from adapterfuse.train.pe.swag import SwagPosterior, flatten, lr_factor, snapshot_steps
+
+Callback = Callable[[int, float], None]
+
+
+def members_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[Sequence[float]],
+                 class_weights: torch.Tensor | None = None, consistency: float = 0.0) -> torch.Tensor:
+    """The mean of the members' label-word losses, plus ``consistency`` × CAMERO's consistency term.
+
+    Args:
+        task: the task (classification or regression loss, as :func:`adapterfuse.train.expert.task_loss`).
+        logits: ``[K, n, L]`` member logits.
+        labels: one label list per member (``K`` lists of ``n``).
+        class_weights: optional per-class loss weights.
+        consistency: the weight of :func:`adapterfuse.train.pe.camero.consistency_loss`.
+
+    Returns:
+        A scalar loss.
+    """
+    loss = torch.stack([task_loss(task, logits[i], labels[i], class_weights) for i in range(logits.shape[0])]).mean()
+    if consistency:
+        loss = loss + consistency * camero.consistency_loss(logits)
+    return loss
+
+
+def build_layout(kind: str, model: nn.Module, modules: Sequence[str], opts: PEOptions) -> dict[str, str]:
+    """Module -> mode for a kind (BatchEnsemble: all rank-1; CAMERO: shared bottom; MIMO/SWAG: shared)."""
+    if kind == "batchensemble":
+        return batchensemble.layout(modules)
+    if kind == "camero":
+        return camero.layout(modules, camero.shared_layer_count(model, opts.camero_shared_layers))
+    return dict.fromkeys(modules, "shared")
+
+
+class _Steps:
+    """One training step's forward and loss for a kind (holds the encoded data and settings)."""
+
+    def __init__(self, kind: str, k: int, opts: PEOptions, spec: TaskSpec, train: Sequence[Example],
+                 encoded: list[list[int]], label_ids: list[int], base: BaseModel, config: TrainConfig,
+                 shared_layers: int = 0) -> None:
+        self.kind, self.k, self.opts, self.spec, self.train = kind, k, opts, spec, train
+        self.shared_layers = shared_layers
+        self.encoded, self.label_ids, self.config = encoded, label_ids, config
+        self.pad_id = base.tokenizer.pad_token_id
+        self.sep = base.tokenizer.encode(opts.mimo_separator, add_special_tokens=False)
+        self.weights = class_weights(spec, train, config.balance_classes)
+
+    def loss(self, model: nn.Module, rows: list[int], step: int) -> torch.Tensor:
+        """The loss of one step (forward under the config's autocast; the loss in fp32)."""
+        device = next(model.parameters()).device
+        with autocast_context(self.config.autocast, device):
+            if self.kind == "mimo":
+                slots = mimo.slot_rows(rows, self.k, self.config.seed, step)
+                ids, mask, pos = mimo.pack([[self.encoded[i] for i in s] for s in slots], self.sep, self.pad_id)
+                logits = mimo.slot_logits(model, ids.to(device), mask.to(device), pos, self.label_ids)
+                labels = [[self.train[i].label for i in s] for s in slots]
+            elif self.kind == "batchensemble" and self.opts.be_data == "split":
+                member_rows = batchensemble.split_rows(rows, self.k)
+                ids, mask = pad([self.encoded[i] for i in member_rows], self.pad_id)
+                logits = member_logits(model, ids.to(device), mask.to(device), self.label_ids, self.k, replicate=False)
+                size = len(member_rows) // self.k
+                labels = [[self.train[i].label for i in member_rows[j * size:(j + 1) * size]] for j in range(self.k)]
+            else:
+                k = self.k if self.kind in ("batchensemble", "camero") else 1
+                ids, mask = pad([self.encoded[i] for i in rows], self.pad_id)
+                noise = (self.opts.camero_perturbation, self.opts.camero_perturbation_scale) \
+                    if self.kind == "camero" else ("none", 0.0)
+                with camero.perturbation(model, self.shared_layers, *noise):
+                    logits = member_logits(model, ids.to(device), mask.to(device), self.label_ids, k)
+                labels = [[self.train[i].label for i in rows]] * k
+        weight = self.opts.camero_consistency if self.kind == "camero" else 0.0
+        return members_loss(self.spec, logits.float().cpu(), labels, self.weights, weight)
+
+
+def _scheduler(kind: str, opts: PEOptions, optimizer: torch.optim.Optimizer, total: int, warmup: int):
+    """Linear warm-up then linear decay to 0 (as train_expert); SWAG holds its rate while it collects."""
+    if kind == "swag":
+        start = int(total * opts.swag_start)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total, warmup, start, opts.swag_lr_ratio))
+    return linear_schedule(optimizer, total, warmup)
+
+
+def prepare_model(base: BaseModel, kind: str, members: int, config: TrainConfig,
+                  opts: PEOptions) -> tuple[nn.Module, dict[str, MemberLoRALinear], dict[str, str]]:
+    """A private copy of the base with the kind's trainable layers installed and initialised (seeded).
+
+    Returns:
+        ``(model, layers, layout)``; the caller's base is never modified.
+    """
+    model = private_copy(base.model)
+    layout = build_layout(kind, model, target_modules(model, config.target_modules), opts)
+    k_rows = members if kind in ("batchensemble", "camero") else 1
+    layers = install(model, layout, k_rows, config.rank, config.lora_alpha / config.rank, config.dropout,
+                     config.seed)
+    if kind == "batchensemble":
+        batchensemble.init_rank1(layers, opts.be_jitter, config.seed)
+    return model, layers, layout
+
+
+def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batchensemble", members: int = 4,
+                      config: TrainConfig | None = None, out: str | Path | None = None, overwrite: bool = False,
+                      data: TaskData | None = None, callback: Callback | None = None, progress: bool = True,
+                      **options: Any) -> PEEnsemble:
+    """Train a parameter-efficient ensemble of ``members`` members for one task and save it as a folder.
+
+    Args:
+        base: the frozen base (never modified).
+        task: the task (spec or name).
+        kind: ``batchensemble``, ``mimo``, ``camero`` or ``swag``.
+        members: K (members, MIMO slots, or SWAG samples).
+        config: training settings (seed, lr, epochs, batch size, rank, autocast …); ``method`` must be lora.
+        out: the folder to write; required.
+        overwrite: replace an existing ``out``.
+        data: the task's splits (loaded with the config's sizes when omitted).
+        callback: ``callback(step, loss)`` after every step.
+        progress: show a progress bar.
+        options: see :class:`~adapterfuse.train.pe.options.PEOptions`.
+
+    Returns:
+        The saved :class:`PEEnsemble` (``.predictor(base)`` for the harness, ``.merged()`` for one adapter).
+
+    Raises:
+        ConfigError: unknown kind or option, members < 1, AdaLoRA, no ``out`` (all before any work).
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or TrainConfig()
+    opts = parse_options(kind, members, config, options)
+    spec = get_task(task) if isinstance(task, str) else task
+    if out is None:
+        raise ConfigError("out: expected the folder to write, got None")
+    out = check_output(out, overwrite)
+    data = data or load_task(spec, config.validation_size, config.seed, config.max_train_examples)
+    train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
+    label_ids = label_token_ids(spec, base.tokenizer)
+    encoded = encode(spec, train, base.tokenizer, config.max_length)
+    schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
+
+    torch.manual_seed(config.seed)
+    model, layers, layout = prepare_model(base, kind, members, config, opts)
+    model.train()
+    params = [p for layer in layers.values() for p in layer.tensors().values()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = len(schedule)
+    scheduler = _scheduler(kind, opts, optimizer, total, int(total * config.warmup_ratio))
+    shared = camero.shared_layer_count(model, opts.camero_shared_layers) if kind == "camero" else 0
+    steps = _Steps(kind, members, opts, spec, train, encoded, label_ids, base, config, shared)
+    snaps = snapshot_steps(total, opts.swag_start, opts.swag_every) if kind == "swag" else set()
+    swag = SwagPosterior.empty(trained_params(layers), opts.swag_rank) if kind == "swag" else None
+
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(range(total), desc=f"train {kind} {spec.name}", disable=not progress)
+    for step in bar:
+        rows = schedule[step]
+        tokens += sum(len(encoded[i]) for i in rows)
+        loss = steps.loss(model, rows, step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if swag is not None and step + 1 in snaps:
+            swag.collect(flatten(flat_tensors(layers)))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if callback is not None:
+            callback(step + 1, loss.item())
+    wall = time.perf_counter() - t0
+
+    tensors = flat_tensors(layers)
+    manifest = {"kind": "pe_ensemble", "format_version": FORMAT_VERSION, "method": kind, "members": members,
+                "task": spec.name, "layout": layout, "rank": config.rank, "scale": config.lora_alpha / config.rank,
+                "options": opts.model_dump(mode="json"), "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+                "training": {**config.model_dump(mode="json"), "train_examples": len(train), "steps": total,
+                             "trained_params": trained_params(layers), "train_wall_s": round(wall, 2),
+                             "train_tokens_per_s": round(tokens / max(wall, 1e-9), 1)},
+                "versions": versions()}
+    if swag is not None:
+        manifest["shapes"] = {n: list(t.shape) for n, t in tensors.items()}
+        seed = opts.sample_seed if opts.sample_seed is not None else config.seed
+        manifest["swag"] = {"count": swag.count, "rank": swag.rank, "sample_seed": seed}
+        tensors = swag.state()
+    ensemble = PEEnsemble(manifest, tensors)
+    ensemble.manifest["scores"] = _scores(ensemble, base, data, config)
+    ensemble.save(out, overwrite)
+    return ensemble
+
+
+def _scores(ensemble: PEEnsemble, base: BaseModel, data: TaskData, config: TrainConfig) -> dict[str, Any]:
+    """Validation and test metrics of the pooled members (as train_expert records for an expert)."""
+    predictor = ensemble.predictor(base, batch_size=config.eval_batch_size, autocast=config.autocast,
+                                   max_length=config.max_length)
+    out: dict[str, Any] = {}
+    for split, examples in (("validation", data.validation), ("test", data.test[: config.max_eval_examples or None])):
+        if examples:
+            probs = predictor.predict_proba(data.task, list(examples))
+            out[split] = compute_metrics(data.task.metrics, predictions(data.task, probs), [e.label for e in examples])
+    return out
