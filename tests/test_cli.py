@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,23 @@ def test_train_a_parameter_efficient_ensemble(tiny_folder, tmp_path, capsys, glu
     assert code == 0 and (out / "pe_ensemble.json").is_file()
     printed = json.loads(capsys.readouterr().out)
     assert printed["kind"] == "batchensemble" and printed["members"] == 3 and "test" in printed["scores"]
+
+
+@pytest.mark.parametrize("command, hint", [
+    (["train", "--task", "sst2", "--out", "x"], "resume from it"),
+    (["run", "recipes/glue_quick.yaml", "--out", "x"], "resume where it stopped"),
+    (["eval", "--tasks", "sst2"], "no output was written"),
+])
+def test_ctrl_c_exits_130_with_one_line(command, hint, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    command = [c if c != "x" else str(tmp_path / "out") for c in command]
+    monkeypatch.setattr("adapterfuse.base.load_base", interrupted)
+    monkeypatch.setattr("adapterfuse.recipe.runner.load_base", interrupted)
+    assert main(command) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and hint in err
+    if command[0] != "run":  # a run keeps its recipe.json; nothing else writes before the base loads
+        assert not (tmp_path / "out").exists()

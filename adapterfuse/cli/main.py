@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adapterfuse`` console script.
 
     Returns:
-        The exit status: 0 ok, 1 an adapterfuse error, 2 bad arguments.
+        The exit status: 0 ok, 1 an adapterfuse error, 2 bad arguments, 130 interrupted (Ctrl-C).
     """
     args = _build_parser().parse_args(argv)
     for noise in _LIBRARY_NOISE:
@@ -51,6 +51,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).splitlines()[0] if isinstance(e, AdapterFuseError) else _pydantic_line(e)
         print(f"adapterfuse {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("ADAPTERFUSE_DEBUG"):
+            raise
+        print(f"adapterfuse {args.command}: interrupted; {_AFTER_INTERRUPT.get(args.command, _NOTHING_KEPT)}",
+              file=sys.stderr)
+        return 130
+
+
+# Outputs are written to a temporary folder and renamed into place, so an interrupted command leaves no
+# half-written output; training keeps its last checkpoint, and a recipe run its finished steps.
+_NOTHING_KEPT = "no output was written (outputs appear only when complete); run the command again"
+_AFTER_INTERRUPT = {
+    "train": "the last checkpoint is kept; run the same command again to resume from it",
+    "run": "finished experts and results are kept; run the same command again to resume where it stopped",
+}
 
 
 def _pydantic_line(e: ValidationError) -> str:
