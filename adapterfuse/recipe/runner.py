@@ -113,7 +113,7 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
             log(f"expert {name}: reused")
         else:
             t0 = time.perf_counter()
-            expert = train_expert(base, task, cfg, out=folder, data=data[task], progress=False)
+            expert = train_expert(base, task, cfg, out=folder, data=data[task])
             log(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
         experts.append(expert)
     return experts
@@ -156,7 +156,7 @@ def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseMod
         if (folder / MANIFEST).is_file():
             ens = PEEnsemble.load(folder)
         else:
-            ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], progress=False,
+            ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task],
                                     **opts)
         by_task[task] = ens.predictor(base)
     return TaskwisePredictor(entry.label, by_task)
