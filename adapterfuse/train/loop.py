@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,26 +117,28 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-class Objective:
-    """The loss plug-in of :func:`run_loop`: override :meth:`loss`; the other hooks are optional."""
+class Objective(ABC):
+    """The loss plug-in of :func:`run_loop`: :meth:`loss` is required; the other hooks are optional."""
 
+    @abstractmethod
     def loss(self, step: int, batch: Any) -> torch.Tensor:
         """The scalar loss of one batch (``step`` is the 0-based step index)."""
-        raise NotImplementedError(f"{type(self).__name__}.loss: expected an override returning the batch's loss")
 
     def tokens(self, batch: Any) -> int:
         """Tokens this batch trains on (for the throughput reported); 0 when not counted."""
         return 0
 
     def after_update(self, step: int) -> None:
-        """Work after the optimizer and scheduler step, while the gradients are still there."""
+        """Work after the optimizer and scheduler step, while the gradients are still there (none by default)."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """Extra state to checkpoint (merged into the checkpoint payload; keys must not clash)."""
         return {}
 
     def load_state(self, payload: dict[str, Any]) -> None:
-        """Restore :meth:`state` from a checkpoint payload."""
+        """Restore :meth:`state` from a checkpoint payload (nothing by default)."""
+        return None
 
 
 class LossObjective(Objective):
