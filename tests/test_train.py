@@ -6,7 +6,8 @@ import torch
 from adapterfuse.errors import ResumeError
 from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import get_task
-from adapterfuse.train.expert import batch_schedule, task_loss, train_expert
+from adapterfuse.train.expert import task_loss, train_expert
+from adapterfuse.train.loop import batch_schedule
 from tests.helpers import plain_peft_model, state_equal, tiny_config, tiny_data
 
 
@@ -119,7 +120,7 @@ def test_snapshots_are_taken_at_each_cycle_end_and_survive_a_resume(tiny_base, t
 
 
 def test_cyclic_schedule_restarts_at_each_cycle():
-    from adapterfuse.train.expert import cyclic_schedule
+    from adapterfuse.train.loop import cyclic_schedule
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = cyclic_schedule(opt, [4, 8])
     rates = []
@@ -146,7 +147,7 @@ def test_snapshots_need_lora_and_enough_steps(tiny_base, tmp_path):
 
 @pytest.mark.parametrize("total, cycles", [(10, 6), (12, 5), (7, 7), (100, 3), (5, 1)])
 def test_cycle_ends_give_exactly_the_snapshots_asked_for(total, cycles):
-    from adapterfuse.train.expert import cycle_ends
+    from adapterfuse.train.loop import cycle_ends
     ends = cycle_ends(total, cycles)
     assert len(ends) == len(set(ends)) == cycles and ends[-1] == total and ends == sorted(ends) and ends[0] >= 1
 

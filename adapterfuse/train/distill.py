@@ -2,23 +2,26 @@
 
 The student is trained to match the pooled ensemble's distribution over the label words on the tasks'
 training inputs: the loss is ``KL(ensemble || student)``, with the ensemble's probabilities computed
-once, up front, by its batched forward pass. ``train.train_expert`` only takes hard labels (a soft
-target only for STS-B's score), so this is a compact loop of its own, built from the same pieces: the
-seeded length-bucketed :func:`~adapterfuse.train.expert.batch_schedule`, label-word logits, bf16 autocast for
-the frozen base, fp32 adapter, AdamW with linear warm-up and decay, gradient clipping.
+once, up front, by its batched forward pass. The loss is the student's plug-in to the loop every trainer
+runs (:func:`adapterfuse.train.loop.run_loop`): the seeded length-bucketed batches of each task shuffled
+together, label-word logits, bf16 autocast for the frozen base, fp32 adapter, AdamW with linear warm-up
+and decay, gradient clipping, and a checkpoint every ``checkpoint_every`` steps in ``.<out>.partial/``
+that a rerun with the same config, base, data and teacher resumes from, ending with the same bytes.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import ConfigError
@@ -27,13 +30,23 @@ from adapterfuse.head import autocast_context, encode, label_logits, label_token
 from adapterfuse.io.atomic import atomic_dir, check_output
 from adapterfuse.tasks.spec import TaskData
 from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.loop import (
+    Callback,
+    Checkpoint,
+    Objective,
+    Trainable,
+    batch_schedule,
+    fingerprint_examples,
+    linear_schedule,
+    run_loop,
+)
 
 
 def _targets(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], config: TrainConfig):
     """Per task: the training examples, their encoded prompts, label ids and the ensemble's probabilities."""
     out = []
     for td in tasks_data:
-        train = list(td.train[: config.max_train_examples] if config.max_train_examples else td.train)
+        train = _train_examples(td, config)
         if not train:
             raise ConfigError(f"distill: task {td.task.name} has no training inputs; expected a train split")
         probs = ensemble.predict_proba(td.task, train)  # once, batched over the K members
@@ -44,8 +57,6 @@ def _targets(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], config
 
 def _schedule(prepared: list, config: TrainConfig) -> list[tuple[int, list[int]]]:
     """Every step's (task index, rows): each task's seeded length-bucketed batches, shuffled together."""
-    from adapterfuse.train.expert import batch_schedule
-
     steps = [(t, rows) for t, (_, encoded, _, _) in enumerate(prepared)
              for rows in batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed + t)]
     random.Random(config.seed).shuffle(steps)
@@ -63,30 +74,43 @@ def _student(ensemble: EnsemblePredictor, config: TrainConfig):
     return model
 
 
-def _train(model, prepared: list, steps: list, config: TrainConfig, pad_id: int,
-           callback: Callable[[int, float], None] | None) -> float:
-    """The training loop; returns its wall time in seconds."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total, warmup = len(steps), int(len(steps) * config.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0 (as train.py)
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    for step, (t, rows) in enumerate(steps):
-        _, encoded, labels, probs = prepared[t]
-        ids, mask = pad([encoded[i] for i in rows], pad_id)
-        with autocast_context(config.autocast, device):
-            logits = label_logits(model, ids.to(device), mask.to(device), labels)
-        loss = F.kl_div(torch.log_softmax(logits.float(), -1), probs[rows].to(device), reduction="batchmean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if callback is not None:
-            callback(step + 1, loss.item())
-    return time.perf_counter() - t0
+@dataclass
+class _DistillObjective(Objective):
+    """The student's loss plug-in: ``KL(ensemble || student)`` over the label words of a step's rows."""
+
+    model: nn.Module
+    prepared: list
+    config: TrainConfig
+    pad_id: int
+
+    def tokens(self, batch: tuple[int, list[int]]) -> int:
+        """The real (unpadded) tokens of the step's rows."""
+        t, rows = batch
+        return sum(len(self.prepared[t][1][i]) for i in rows)
+
+    def loss(self, step: int, batch: tuple[int, list[int]]) -> torch.Tensor:
+        """The KL of the student's label-word distribution from the ensemble's (fp32)."""
+        t, rows = batch
+        _, encoded, labels, probs = self.prepared[t]
+        device = next(self.model.parameters()).device
+        ids, mask = pad([encoded[i] for i in rows], self.pad_id)
+        with autocast_context(self.config.autocast, device):
+            logits = label_logits(self.model, ids.to(device), mask.to(device), labels)
+        return F.kl_div(torch.log_softmax(logits.float(), -1), probs[rows].to(device), reduction="batchmean")
+
+
+def _identity(ensemble: EnsemblePredictor, prepared: list, config: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share: tasks, base, training inputs, the teacher's targets, config."""
+    targets = hashlib.sha256()
+    for _, _, _, probs in prepared:
+        targets.update(probs.float().contiguous().numpy().tobytes())
+    return {"tasks": [td.task.name for td, *_ in prepared], "base": ensemble.base.fingerprint,
+            "data": fingerprint_examples([e for td, *_ in prepared for e in _train_examples(td, config)]),
+            "teacher": targets.hexdigest()[:16], "config": config.model_dump(mode="json")}
+
+
+def _train_examples(td: TaskData, config: TrainConfig) -> list:
+    return list(td.train[: config.max_train_examples] if config.max_train_examples else td.train)
 
 
 def _compare(student, ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], config: TrainConfig):
@@ -105,8 +129,8 @@ def _compare(student, ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData
 
 
 def distill(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], out: str | Path,
-            config: TrainConfig | None = None, overwrite: bool = False,
-            callback: Callable[[int, float], None] | None = None) -> Expert:
+            config: TrainConfig | None = None, overwrite: bool = False, callback: Callback | None = None,
+            progress: bool = False) -> Expert:
     """Train one LoRA adapter to match the pooled ensemble on the tasks' training inputs.
 
     Args:
@@ -116,8 +140,9 @@ def distill(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], out: st
         out: the expert folder to write.
         config: the student's training settings (``method`` must be ``lora``; rank, lr, epochs, batch
             size, caps, seed, autocast are used).
-        overwrite: replace an existing ``out``.
-        callback: called as ``callback(step, loss)`` after every step.
+        overwrite: replace an existing ``out`` (and discard a stale partial checkpoint).
+        callback: called as ``callback(step, loss)`` after every step (progress, tests, early stop).
+        progress: show a progress bar with the loss.
 
     Returns:
         The student :class:`Expert`. ``meta["distillation"]`` holds the teacher, the test averages of
@@ -127,6 +152,7 @@ def distill(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], out: st
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
         ConfigError: no tasks, a task without training inputs, or a non-LoRA method.
+        ResumeError: a partial checkpoint exists that was made with another config, base, data or teacher.
     """
     config = config or TrainConfig()
     if config.method != "lora":
@@ -136,13 +162,22 @@ def distill(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], out: st
     out = check_output(out, overwrite)
     prepared = _targets(ensemble, tasks_data, config)
     steps = _schedule(prepared, config)
+    ckpt = Checkpoint(out, _identity(ensemble, prepared, config))
+    if overwrite:
+        ckpt.clear()
     student = _student(ensemble, config)
-    wall = _train(student, prepared, steps, config, ensemble.base.tokenizer.pad_token_id, callback)
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = linear_schedule(optimizer, len(steps), int(len(steps) * config.warmup_ratio))
+    objective = _DistillObjective(student, prepared, config, ensemble.base.tokenizer.pad_token_id)
+    result = run_loop(steps, Trainable(params, optimizer, scheduler), objective, config, ckpt, callback,
+                      "distill" if progress else None)
     student.eval()
     results, report = _compare(student, ensemble, tasks_data, config)
-    return _save(student, ensemble, tasks_data, config, out, overwrite, results, report,
-                 {"steps": len(steps), "train_examples": sum(len(p[1]) for p in prepared),
-                  "train_wall_s": round(wall, 2)})
+    expert = _save(student, ensemble, tasks_data, config, out, overwrite, results, report,
+                   {"train_examples": sum(len(p[1]) for p in prepared), **result.summary()})
+    ckpt.clear()
+    return expert
 
 
 def _save(student, ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], config: TrainConfig, out: Path,

@@ -1,8 +1,9 @@
 """train_pe_ensemble(base, task, kind, members, config) -> PEEnsemble: K members that share most weights.
 
-The loop is :func:`adapterfuse.train.expert.train_expert`'s (same seeded batch schedule, label-word loss,
-AdamW, linear warm-up and decay, gradient clipping, bf16 autocast for the frozen base with the adapter
-in fp32); what differs per kind is how a step's rows reach the members:
+The loop is :func:`adapterfuse.train.loop.run_loop`, as for an expert (same seeded batch schedule,
+label-word loss, AdamW, linear warm-up and decay, gradient clipping, bf16 autocast for the frozen base
+with the adapter in fp32); the members' loss is its plug-in, and what differs per kind is how a step's
+rows reach the members:
 
 - ``batchensemble``: the batch is replicated once per member (``be_data='all'``) or cut into K
   member blocks (``'split'``), and run as one batched pass of ``K*n`` member-contiguous rows;
@@ -12,14 +13,16 @@ in fp32); what differs per kind is how a step's rows reach the members:
 
 The loss is the mean of the members' losses, so a member's own parameters get ``1/K`` of the
 gradient its separate training would give, and shared parameters the mean of the members' gradients.
-There is no mid-run checkpoint: a killed run starts again (the output is only written at the end,
-atomically).
+Every ``checkpoint_every`` steps the trained tensors, optimizer, scheduler, RNG and SWAG statistics go to
+``.<out>.partial/``; a rerun with the same config, kind, options, base and data resumes from there and
+ends with the same bytes as an uninterrupted run. The output is written at the end, atomically. The
+test split is scored on the same seeded subset as an expert's (:func:`~adapterfuse.train.loop.scored_test`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,19 @@ from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
-from adapterfuse.train.expert import batch_schedule, class_weights, linear_schedule, task_loss
+from adapterfuse.train.expert import class_weights, task_loss
+from adapterfuse.train.loop import (
+    Callback,
+    Checkpoint,
+    LoopResult,
+    Objective,
+    Trainable,
+    batch_schedule,
+    fingerprint_examples,
+    linear_schedule,
+    run_loop,
+    scored_test,
+)
 from adapterfuse.train.pe import batchensemble, camero, mimo
 from adapterfuse.train.pe.layers import (
     MemberLoRALinear,
@@ -49,8 +64,6 @@ from adapterfuse.train.pe.layers import (
 from adapterfuse.train.pe.options import PEOptions, parse_options
 from adapterfuse.train.pe.predictor import FORMAT_VERSION, PEEnsemble
 from adapterfuse.train.pe.swag import SwagPosterior, flatten, lr_factor, snapshot_steps
-
-Callback = Callable[[int, float], None]
 
 
 def members_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[Sequence[float]],
@@ -82,32 +95,51 @@ def build_layout(kind: str, model: nn.Module, modules: Sequence[str], opts: PEOp
     return dict.fromkeys(modules, "shared")
 
 
-class _Steps:
-    """One training step's forward and loss for a kind (holds the encoded data and settings)."""
+@dataclass
+class _PEObjective(Objective):
+    """The members' loss plug-in for a kind (forward of a step's rows, mean member loss), and SWAG's
+    collection of the adapter after the updates it snapshots."""
 
-    def __init__(self, kind: str, k: int, opts: PEOptions, spec: TaskSpec, train: Sequence[Example],
-                 encoded: list[list[int]], label_ids: list[int], base: BaseModel, config: TrainConfig,
-                 shared_layers: int = 0) -> None:
-        self.kind, self.k, self.opts, self.spec, self.train = kind, k, opts, spec, train
-        self.shared_layers = shared_layers
-        self.encoded, self.label_ids, self.config = encoded, label_ids, config
-        self.pad_id = base.tokenizer.pad_token_id
-        self.sep = base.tokenizer.encode(opts.mimo_separator, add_special_tokens=False)
-        self.weights = class_weights(spec, train, config.balance_classes)
+    kind: str
+    k: int
+    opts: PEOptions
+    spec: TaskSpec
+    train: Sequence[Example]
+    encoded: list[list[int]]
+    label_ids: list[int]
+    base: BaseModel
+    config: TrainConfig
+    model: nn.Module
+    layers: dict[str, MemberLoRALinear]
+    total: int
+    shared_layers: int = 0
 
-    def loss(self, model: nn.Module, rows: list[int], step: int) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        self.pad_id = self.base.tokenizer.pad_token_id
+        self.sep = self.base.tokenizer.encode(self.opts.mimo_separator, add_special_tokens=False)
+        self.weights = class_weights(self.spec, self.train, self.config.balance_classes)
+        swag = self.kind == "swag"
+        self.snaps = snapshot_steps(self.total, self.opts.swag_start, self.opts.swag_every) if swag else set()
+        self.swag = SwagPosterior.empty(trained_params(self.layers), self.opts.swag_rank) if swag else None
+
+    def tokens(self, rows: list[int]) -> int:
+        """The real (unpadded) tokens of the step's rows."""
+        return sum(len(self.encoded[i]) for i in rows)
+
+    def loss(self, step: int, rows: list[int]) -> torch.Tensor:
         """The loss of one step (forward under the config's autocast; the loss in fp32)."""
-        device = next(model.parameters()).device
+        device = next(self.model.parameters()).device
         with autocast_context(self.config.autocast, device):
             if self.kind == "mimo":
                 slots = mimo.slot_rows(rows, self.k, self.config.seed, step)
                 ids, mask, pos = mimo.pack([[self.encoded[i] for i in s] for s in slots], self.sep, self.pad_id)
-                logits = mimo.slot_logits(model, ids.to(device), mask.to(device), pos, self.label_ids)
+                logits = mimo.slot_logits(self.model, ids.to(device), mask.to(device), pos, self.label_ids)
                 labels = [[self.train[i].label for i in s] for s in slots]
             elif self.kind == "batchensemble" and self.opts.be_data == "split":
                 member_rows = batchensemble.split_rows(rows, self.k)
                 ids, mask = pad([self.encoded[i] for i in member_rows], self.pad_id)
-                logits = member_logits(model, ids.to(device), mask.to(device), self.label_ids, self.k, replicate=False)
+                logits = member_logits(self.model, ids.to(device), mask.to(device), self.label_ids, self.k,
+                                       replicate=False)
                 size = len(member_rows) // self.k
                 labels = [[self.train[i].label for i in member_rows[j * size:(j + 1) * size]] for j in range(self.k)]
             else:
@@ -115,11 +147,28 @@ class _Steps:
                 ids, mask = pad([self.encoded[i] for i in rows], self.pad_id)
                 noise = (self.opts.camero_perturbation, self.opts.camero_perturbation_scale) \
                     if self.kind == "camero" else ("none", 0.0)
-                with camero.perturbation(model, self.shared_layers, *noise):
-                    logits = member_logits(model, ids.to(device), mask.to(device), self.label_ids, k)
+                with camero.perturbation(self.model, self.shared_layers, *noise):
+                    logits = member_logits(self.model, ids.to(device), mask.to(device), self.label_ids, k)
                 labels = [[self.train[i].label for i in rows]] * k
         weight = self.opts.camero_consistency if self.kind == "camero" else 0.0
         return members_loss(self.spec, logits.float().cpu(), labels, self.weights, weight)
+
+    def after_update(self, step: int) -> None:
+        """SWAG: take a snapshot of the adapter after the updates it collects at."""
+        if self.swag is not None and step + 1 in self.snaps:
+            self.swag.collect(flatten(flat_tensors(self.layers)))
+
+    def state(self) -> dict[str, Any]:
+        """SWAG's running statistics so far (nothing for the other kinds)."""
+        if self.swag is None:
+            return {}
+        return {"swag": {**self.swag.state(), "count": self.swag.count}}
+
+    def load_state(self, payload: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+        if self.swag is not None and "swag" in payload:
+            saved = payload["swag"]
+            self.swag = SwagPosterior.from_state(saved, saved["count"], self.opts.swag_rank)
 
 
 def _scheduler(kind: str, opts: PEOptions, optimizer: torch.optim.Optimizer, total: int, warmup: int):
@@ -161,9 +210,9 @@ def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batche
         members: K (members, MIMO slots, or SWAG samples).
         config: training settings (seed, lr, epochs, batch size, rank, autocast …); ``method`` must be lora.
         out: the folder to write; required.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` (and discard a stale partial checkpoint).
         data: the task's splits (loaded with the config's sizes when omitted).
-        callback: ``callback(step, loss)`` after every step.
+        callback: ``callback(step, loss)`` after every step (progress, tests, early stop).
         progress: show a progress bar.
         options: see :class:`~adapterfuse.train.pe.options.PEOptions`.
 
@@ -173,9 +222,8 @@ def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batche
     Raises:
         ConfigError: unknown kind or option, members < 1, AdaLoRA, no ``out`` (all before any work).
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        ResumeError: a partial checkpoint exists that was made with another config, kind, options, base or data.
     """
-    from tqdm.auto import tqdm
-
     config = config or TrainConfig()
     opts = parse_options(kind, members, config, options)
     spec = get_task(task) if isinstance(task, str) else task
@@ -184,65 +232,63 @@ def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batche
     out = check_output(out, overwrite)
     data = data or load_task(spec, config.validation_size, config.seed, config.max_train_examples)
     train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
-    label_ids = label_token_ids(spec, base.tokenizer)
     encoded = encode(spec, train, base.tokenizer, config.max_length)
     schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
+    ckpt = Checkpoint(out, {"kind": kind, "members": members, "options": opts.model_dump(mode="json"),
+                            "task": spec.name, "base": base.fingerprint, "data": fingerprint_examples(train),
+                            "config": config.model_dump(mode="json")})
+    if overwrite:
+        ckpt.clear()
 
     torch.manual_seed(config.seed)
     model, layers, layout = prepare_model(base, kind, members, config, opts)
     model.train()
-    params = [p for layer in layers.values() for p in layer.tensors().values()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    params = {f"{m}.{n}": p for m, layer in layers.items() for n, p in layer.tensors().items()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     total = len(schedule)
     scheduler = _scheduler(kind, opts, optimizer, total, int(total * config.warmup_ratio))
     shared = camero.shared_layer_count(model, opts.camero_shared_layers) if kind == "camero" else 0
-    steps = _Steps(kind, members, opts, spec, train, encoded, label_ids, base, config, shared)
-    snaps = snapshot_steps(total, opts.swag_start, opts.swag_every) if kind == "swag" else set()
-    swag = SwagPosterior.empty(trained_params(layers), opts.swag_rank) if kind == "swag" else None
+    objective = _PEObjective(kind, members, opts, spec, train, encoded, label_token_ids(spec, base.tokenizer), base,
+                             config, model, layers, total, shared)
+    result = run_loop(schedule, Trainable(params, optimizer, scheduler), objective, config, ckpt, callback,
+                      f"train {kind} {spec.name}" if progress else None)
+    ensemble = _ensemble(objective, layout, base, len(train), result, opts)
+    ensemble.manifest["scores"] = _scores(ensemble, base, data, config)
+    ensemble.save(out, overwrite)
+    ckpt.clear()
+    return ensemble
 
-    t0, tokens = time.perf_counter(), 0
-    bar = tqdm(range(total), desc=f"train {kind} {spec.name}", disable=not progress)
-    for step in bar:
-        rows = schedule[step]
-        tokens += sum(len(encoded[i]) for i in rows)
-        loss = steps.loss(model, rows, step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if swag is not None and step + 1 in snaps:
-            swag.collect(flatten(flat_tensors(layers)))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if callback is not None:
-            callback(step + 1, loss.item())
-    wall = time.perf_counter() - t0
 
+def _ensemble(objective: _PEObjective, layout: dict[str, str], base: BaseModel, train_examples: int,
+              result: LoopResult, opts: PEOptions) -> PEEnsemble:
+    """The trained ensemble with its manifest (SWAG: the posterior's statistics in place of the adapter)."""
+    config, layers = objective.config, objective.layers
     tensors = flat_tensors(layers)
-    manifest = {"kind": "pe_ensemble", "format_version": FORMAT_VERSION, "method": kind, "members": members,
-                "task": spec.name, "layout": layout, "rank": config.rank, "scale": config.lora_alpha / config.rank,
-                "options": opts.model_dump(mode="json"), "base": {"spec": base.spec, "fingerprint": base.fingerprint},
-                "training": {**config.model_dump(mode="json"), "train_examples": len(train), "steps": total,
-                             "trained_params": trained_params(layers), "train_wall_s": round(wall, 2),
-                             "train_tokens_per_s": round(tokens / max(wall, 1e-9), 1)},
+    run = result.summary()
+    manifest = {"kind": "pe_ensemble", "format_version": FORMAT_VERSION, "method": objective.kind,
+                "members": objective.k, "task": objective.spec.name, "layout": layout, "rank": config.rank,
+                "scale": config.lora_alpha / config.rank, "options": opts.model_dump(mode="json"),
+                "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+                "training": {**config.model_dump(mode="json"), "train_examples": train_examples,
+                             "steps": run["steps"], "resumed_from_step": run["resumed_from_step"],
+                             "trained_params": trained_params(layers), "train_wall_s": run["train_wall_s"],
+                             "train_tokens_per_s": run["train_tokens_per_s"]},
                 "versions": versions()}
+    swag = objective.swag
     if swag is not None:
         manifest["shapes"] = {n: list(t.shape) for n, t in tensors.items()}
         seed = opts.sample_seed if opts.sample_seed is not None else config.seed
         manifest["swag"] = {"count": swag.count, "rank": swag.rank, "sample_seed": seed}
         tensors = swag.state()
-    ensemble = PEEnsemble(manifest, tensors)
-    ensemble.manifest["scores"] = _scores(ensemble, base, data, config)
-    ensemble.save(out, overwrite)
-    return ensemble
+    return PEEnsemble(manifest, tensors)
 
 
 def _scores(ensemble: PEEnsemble, base: BaseModel, data: TaskData, config: TrainConfig) -> dict[str, Any]:
-    """Validation and test metrics of the pooled members (as train_expert records for an expert)."""
+    """Validation and test metrics of the pooled members, on the examples train_expert scores for an expert."""
     predictor = ensemble.predictor(base, batch_size=config.eval_batch_size, autocast=config.autocast,
                                    max_length=config.max_length)
     out: dict[str, Any] = {}
-    for split, examples in (("validation", data.validation), ("test", data.test[: config.max_eval_examples or None])):
+    for split, examples in (("validation", data.validation), ("test", scored_test(data.test, config))):
         if examples:
             probs = predictor.predict_proba(data.task, list(examples))
             out[split] = compute_metrics(data.task.metrics, predictions(data.task, probs), [e.label for e in examples])
