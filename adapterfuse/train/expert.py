@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError, ResumeError
 from adapterfuse.expert import Expert, versions
-from adapterfuse.head import autocast_context, encode, label_logits, label_token_ids, pad
+from adapterfuse.head import autocast_context, class_weights, encode, label_logits, label_token_ids, pad, task_loss
 from adapterfuse.io.atomic import atomic_dir, check_output, write_json
 from adapterfuse.tasks.glue import dev_subset_seed, get_task, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, capped_subset
@@ -75,22 +74,6 @@ def batch_schedule(lengths: Sequence[int], batch_size: int, epochs: float, seed:
     return steps[:total]
 
 
-def task_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[float],
-              class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over the label words; for regression a soft target between the two nearest digits."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if not task.regression:
-        return F.nll_loss(logp, torch.tensor(labels, dtype=torch.long), weight=class_weights)
-    y = torch.tensor(labels, dtype=torch.float32).clamp(0, task.n_labels - 1)
-    lo = y.floor().long()
-    hi = (lo + 1).clamp(max=task.n_labels - 1)
-    frac = y - lo
-    target = torch.zeros_like(logp)
-    target.scatter_add_(1, lo[:, None], (1 - frac)[:, None])
-    target.scatter_add_(1, hi[:, None], frac[:, None])
-    return -(target * logp).sum(dim=1).mean()
-
-
 def orth_regularizer(model: nn.Module) -> torch.Tensor:
     """AdaLoRA's orthogonality penalty: mean ||PᵀP - I||_F over the trainable A and B factors."""
     total, count = torch.zeros(()), 0
@@ -121,14 +104,6 @@ def _fingerprint_data(examples: Sequence[Example]) -> str:
     for e in examples:
         h.update(json.dumps([e.idx, e.fields, e.label]).encode())
     return h.hexdigest()[:16]
-
-
-def class_weights(task: TaskSpec, examples: Sequence[Example], balance: bool) -> torch.Tensor | None:
-    """Inverse class frequencies for the loss when ``balance`` (classification only), else ``None``."""
-    if not balance or task.regression:
-        return None
-    counts = torch.bincount(torch.tensor([int(e.label) for e in examples]), minlength=task.n_labels).float()
-    return counts.sum() / (task.n_labels * counts.clamp(min=1))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
