@@ -1,9 +1,12 @@
-"""Texts + task -> class probabilities, read off the label words at the last position.
+"""Texts + task -> class probabilities, read off the label words at the last position; and the loss on them.
 
-This is the one place that knows how a prediction is read. Every predictor (an expert, a merge, an
-ensemble, a router's choice) answers with the LM's next-token distribution restricted to the task's
-label words: the final hidden state at the last real token times those words' output embeddings. The
-full-vocabulary head (49k words here) is never computed, for scoring or for training.
+This is the one place that knows how a prediction is read and scored. Every predictor (an expert, a
+merge, an ensemble, a router's choice) answers with the LM's next-token distribution restricted to the
+task's label words: the final hidden state at the last real token times those words' output embeddings
+(:func:`read_labels`). The full-vocabulary head (49k words here) is never computed, for scoring or for
+training. The same label words define the loss (:func:`task_loss`: cross-entropy, and for regression a
+soft target between the two nearest score levels) and each example's log-likelihood of its gold label
+(:func:`label_log_likelihood`), with the same soft target.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -83,12 +87,36 @@ def autocast_context(enabled: bool, device: torch.device | str = "cpu"):
     return torch.autocast(dev, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's hidden state at its last real token: ``[n, T, d]`` -> ``[n, d]`` (right-padded rows)."""
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The final (normed) hidden state at each row's last real token, ``[n, d]``."""
     decoder = causal_lm(model).get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    last = attention_mask.sum(dim=1) - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return last_token(hidden, attention_mask)
+
+
+def read_labels(model: nn.Module, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """Label-word logits of final hidden states: ``hidden`` times the label words' output embeddings, in fp32.
+
+    Args:
+        model: a causal LM, plain or with PEFT adapters (its output embeddings are read).
+        hidden: ``[..., d]`` fp32 final hidden states (the answer positions only).
+        label_ids: the label words' token ids.
+
+    Returns:
+        ``[..., n_labels]``: the same numbers the full LM head would give for those words.
+    """
+    head = causal_lm(model).get_output_embeddings()
+    idx = torch.as_tensor(label_ids, device=hidden.device)
+    logits = hidden @ head.weight[idx].float().T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[idx].float()
+    return logits
 
 
 def label_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -104,13 +132,35 @@ def label_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     Returns:
         The same numbers the full LM head would give at those positions and words.
     """
-    head = causal_lm(model).get_output_embeddings()
-    h = last_hidden(model, input_ids, attention_mask).float()
-    idx = torch.as_tensor(label_ids, device=h.device)
-    logits = h @ head.weight[idx].float().T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[idx].float()
-    return logits
+    return read_labels(model, last_hidden(model, input_ids, attention_mask).float(), label_ids)
+
+
+def member_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  label_ids: Sequence[int], k: int, replicate: bool = True) -> torch.Tensor:
+    """Label-word logits of a model whose batch rows are ``k`` member-contiguous blocks, fp32 ``[k, n, n_labels]``.
+
+    The token embeddings are looked up once for the given rows; with ``replicate`` they (and the mask)
+    are repeated once per member, so every member answers every input in one forward pass (rows
+    ``j*n .. (j+1)*n - 1`` belong to member ``j``). Gradients flow when the caller allows them.
+
+    Args:
+        model: a plain causal LM whose adapted layers split the rows by member.
+        input_ids: ``[n, T]`` right-padded tokens, or ``[k*n, T]`` member blocks when not ``replicate``.
+        attention_mask: the same shape as ``input_ids``.
+        label_ids: the label words' token ids.
+        k: the number of members.
+        replicate: repeat the rows once per member; with ``False`` the rows already are ``k`` member blocks.
+
+    Returns:
+        Member ``j``'s logits in ``[j]``.
+    """
+    embeds = model.get_input_embeddings()(input_ids)  # looked up once, then shared by the members
+    if replicate and k > 1:
+        embeds, attention_mask = embeds.repeat(k, 1, 1), attention_mask.repeat(k, 1)
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state
+    logits = read_labels(model, last_token(hidden, attention_mask).float(), label_ids)
+    return logits.view(k, -1, logits.shape[-1])
 
 
 def iter_batches(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
@@ -159,3 +209,74 @@ def predictions(task: TaskSpec, probs: torch.Tensor) -> list[float]:
         values = torch.arange(probs.shape[1], dtype=probs.dtype)
         return (probs @ values).tolist()
     return probs.argmax(dim=1).tolist()
+
+
+def _soft_levels(task: TaskSpec, labels: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A regression label as weights on its two nearest score levels: ``(lo, hi, frac)``.
+
+    The target puts ``1 - frac`` on level ``lo`` and ``frac`` on ``hi = lo + 1`` (labels clamped to the
+    levels' range; at the top level ``hi == lo`` and ``frac == 0``).
+    """
+    y = torch.tensor(labels, dtype=torch.float32).clamp(0, task.n_labels - 1)
+    lo = y.floor().long()
+    hi = (lo + 1).clamp(max=task.n_labels - 1)
+    return lo, hi, y - lo
+
+
+def task_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[float],
+              class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The label-word loss: mean cross-entropy, for regression against the soft target of two levels.
+
+    Args:
+        task: the task (its ``regression`` flag and number of labels).
+        logits: ``[n, n_labels]`` label-word logits (or log-probabilities: only their softmax matters).
+        labels: the ``n`` gold labels (class indices, or scores for regression).
+        class_weights: per-class weights of the classification loss (see :func:`class_weights`).
+
+    Returns:
+        A scalar fp32 loss, differentiable in ``logits``.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if not task.regression:
+        return F.nll_loss(logp, torch.tensor(labels, dtype=torch.long), weight=class_weights)
+    lo, hi, frac = _soft_levels(task, labels)
+    target = torch.zeros_like(logp)
+    target.scatter_add_(1, lo[:, None], (1 - frac)[:, None])
+    target.scatter_add_(1, hi[:, None], frac[:, None])
+    return -(target * logp).sum(dim=1).mean()
+
+
+def label_log_likelihood(task: TaskSpec, log_probs: torch.Tensor, labels: Sequence[float]) -> torch.Tensor:
+    """Each example's log-likelihood of its gold label, with the soft target of :func:`task_loss` for regression.
+
+    Args:
+        task: the task.
+        log_probs: ``[..., n, n_labels]`` log-probabilities over the label words (e.g. ``[K, n, L]`` members).
+        labels: the ``n`` gold labels.
+
+    Returns:
+        ``[..., n]``; higher is better.
+    """
+    lp = log_probs.float()
+    rows = torch.arange(len(labels))
+    if not task.regression:
+        return lp[..., rows, torch.tensor([int(v) for v in labels], dtype=torch.long)]
+    lo, hi, frac = _soft_levels(task, labels)
+    return (1 - frac) * lp[..., rows, lo] + frac * lp[..., rows, hi]
+
+
+def class_weights(task: TaskSpec, examples: Sequence[Example], balance: bool) -> torch.Tensor | None:
+    """Inverse class frequencies for the loss when ``balance`` (classification only), else ``None``.
+
+    Args:
+        task: the task.
+        examples: the training examples whose labels are counted.
+        balance: whether to weight classes at all.
+
+    Returns:
+        ``[n_labels]`` weights ``n / (n_labels * count)`` (a class never seen counts as 1), or ``None``.
+    """
+    if not balance or task.regression:
+        return None
+    counts = torch.bincount(torch.tensor([int(e.label) for e in examples]), minlength=task.n_labels).float()
+    return counts.sum() / (task.n_labels * counts.clamp(min=1))

@@ -1,14 +1,19 @@
 """Low-rank updates as stacked factors: exact sums, and truncation back to a rank with its error.
 
 A weighted sum of K rank-r updates is exactly one update of rank K·r with its factors stacked
-(:func:`stack_factors`). Truncating it to rank r needs no full-size SVD: a QR of each stacked
-factor and an SVD of the small (K·r)-sized core give the exact truncation (:func:`truncate_factors`);
-dense updates (after a sign election or a drop) go through :func:`truncate_dense`. All in fp32.
+(:func:`stack_factors`; :func:`slot_factors` also records which update each rank slot came from, so
+the weights can be applied later, per input). K updates kept apart but run together are stacked along
+a new leading axis instead, zero-padded to one rank (:func:`stack_members`).
+
+Truncating a stacked update to rank r needs no full-size SVD: a QR of each stacked factor and an SVD
+of the small (K·r)-sized core give the exact truncation (:func:`truncate_factors`); dense updates
+(after a sign election or a drop) go through :func:`truncate_dense`. All in fp32.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +47,64 @@ def stack_factors(items: list[tuple[float, LowRank]]) -> LowRank:
     B = torch.cat([lr.B.to(torch.float32) * float(w) for w, lr in items], dim=1)
     A = torch.cat([lr.A.to(torch.float32) for _, lr in items], dim=0)
     return LowRank(A, B)
+
+
+def slot_factors(factors: Sequence[LowRank | None]) -> tuple[LowRank, torch.Tensor]:
+    """The members' factors of one module concatenated along the rank axis, and each rank slot's member.
+
+    Args:
+        factors: one update per member (``None`` or rank 0 where a member lacks the module; at least one
+            must have rank > 0).
+
+    Returns:
+        ``(stacked, slots)``: :func:`stack_factors` of the present updates at weight 1 (``[R, in]`` and
+        ``[out, R]``, ``R`` the sum of their ranks, fp32), and ``slots`` ``[R]``, the index in ``factors``
+        of each rank slot's member. Scaling slot ``j`` by member ``slots[j]``'s weight gives their
+        weighted sum.
+    """
+    present = [(i, f) for i, f in enumerate(factors) if f is not None and f.rank > 0]
+    stacked = stack_factors([(1.0, f) for _, f in present])  # weight 1: the weights are applied per input
+    slots = torch.cat([torch.full((f.rank,), i, dtype=torch.long) for i, f in present])
+    return stacked, slots
+
+
+Stacked = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Module name -> ``(A [K, r_max, in], B [K, out, r_max])``, fp32."""
+
+
+def stack_members(members: Sequence[Mapping[str, LowRank]], names: Sequence[str]) -> Stacked:
+    """Stack the members' low-rank factors module by module, zero-padding ranks and missing modules.
+
+    Args:
+        members: one ``module -> LowRank`` mapping per member (AdaLoRA already folded, see ``Expert.deltas``).
+        names: the members' names, for error messages.
+
+    Returns:
+        Module -> ``(A, B)`` with ``B[k] @ A[k]`` equal to member ``k``'s ΔW (zero where it lacks the
+        module). Modules of rank 0 in every member are left out.
+
+    Raises:
+        CompatibilityError: if two members disagree on a module's ΔW shape.
+    """
+    stacked: Stacked = {}
+    k = len(members)
+    for module in sorted(set().union(*(m.keys() for m in members))):
+        present = [(i, m[module]) for i, m in enumerate(members) if module in m]
+        out_dim, in_dim = present[0][1].shape
+        for i, d in present:
+            if d.shape != (out_dim, in_dim):
+                raise CompatibilityError(f"module {module!r}: member {names[i]!r} has ΔW shape {d.shape}, member "
+                                         f"{names[present[0][0]]!r} has {(out_dim, in_dim)}; expected one shape")
+        r_max = max(d.rank for _, d in present)
+        if r_max == 0:
+            continue
+        A = torch.zeros(k, r_max, in_dim, dtype=torch.float32)
+        B = torch.zeros(k, out_dim, r_max, dtype=torch.float32)
+        for i, d in present:
+            A[i, : d.rank] = d.A.float()
+            B[i, :, : d.rank] = d.B.float()
+        stacked[module] = (A, B)
+    return stacked
 
 
 @dataclass(frozen=True)

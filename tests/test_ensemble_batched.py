@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from adapterfuse.backends.ensemble.batched import BatchedEnsemble, StackedLoRALinear, stack_factors
+from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.head import iter_batches, predict_proba
+from adapterfuse.lowrank import stack_members
+from adapterfuse.surgery import StackedLoRALinear
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.expert import train_expert
 from tests.conftest import write_glue_dir
@@ -62,7 +64,7 @@ def test_members_of_different_ranks_and_modules_match_each_member_alone(tiny_bas
     experts = [random_expert(tiny_base, "r2", rank=2, modules=ATTN, seed=1, scale=2.0),
                random_expert(tiny_base, "r8", rank=8, seed=2, scale=2.0),
                random_expert(tiny_base, "r5", rank=5, modules=MLP + ATTN[:1], seed=3, scale=2.0)]
-    stacked = stack_factors([e.deltas for e in experts], [e.name for e in experts])
+    stacked = stack_members([e.deltas for e in experts], [e.name for e in experts])
     A, B = stacked["model.layers.1.mlp.down_proj"]
     assert A.shape[:2] == (3, 8) and B.shape[2] == 8
     assert not A[0].any() and not B[0].any()  # r2 lacks that module: zeros

@@ -8,10 +8,10 @@ import torch
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.delta import LowRank, peft_from_deltas
 from adapterfuse.expert import Expert
-from adapterfuse.head import encode, label_logits, label_token_ids, pad
+from adapterfuse.head import encode, label_logits, label_token_ids, member_logits, pad
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.pe.batchensemble import init_rank1, split_rows
-from adapterfuse.train.pe.layers import flat_tensors, load_flat, member_deltas, member_logits
+from adapterfuse.train.pe.layers import flat_tensors, load_flat, member_deltas
 from adapterfuse.train.pe.options import PEOptions
 from adapterfuse.train.pe.predictor import PEEnsemble
 from adapterfuse.train.pe.train import members_loss, prepare_model

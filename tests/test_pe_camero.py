@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from adapterfuse.errors import ConfigError
-from adapterfuse.head import encode, label_token_ids, pad
+from adapterfuse.head import encode, label_token_ids, member_logits, pad
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.pe.camero import consistency_loss, perturbation
-from adapterfuse.train.pe.layers import flat_tensors, load_flat, member_logits
+from adapterfuse.train.pe.layers import flat_tensors, load_flat
 from adapterfuse.train.pe.options import PEOptions
 from adapterfuse.train.pe.train import members_loss, prepare_model
 from tests.conftest import write_glue_dir

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfuse.head import encode, label_token_ids, pad, predict_proba
+from adapterfuse.head import encode, label_token_ids, member_logits, pad, predict_proba
 from adapterfuse.tasks.glue import load_task
-from adapterfuse.train.pe.layers import flat_tensors, member_logits
+from adapterfuse.train.pe.layers import flat_tensors
 from adapterfuse.train.pe.mimo import pack, slot_logits, slot_rows
 from adapterfuse.train.pe.options import PEOptions
 from adapterfuse.train.pe.predictor import PEEnsemble

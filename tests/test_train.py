@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from adapterfuse.errors import ResumeError
-from adapterfuse.head import predict_proba
+from adapterfuse.head import predict_proba, task_loss
 from adapterfuse.tasks.glue import get_task
-from adapterfuse.train.expert import task_loss, train_expert
+from adapterfuse.train.expert import train_expert
 from adapterfuse.train.loop import batch_schedule
 from tests.helpers import plain_peft_model, state_equal, tiny_config, tiny_data
 

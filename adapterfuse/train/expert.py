@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, versions
-from adapterfuse.head import autocast_context, encode, label_logits, label_token_ids, pad
+from adapterfuse.head import autocast_context, class_weights, encode, label_logits, label_token_ids, pad, task_loss
 from adapterfuse.io.atomic import atomic_dir, check_output
 from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
@@ -57,20 +56,6 @@ class LabelScorer(nn.Module):
         return label_logits(self.model, input_ids, attention_mask, self.label_ids)
 
 
-def task_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[float],
-              class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over the label words; for regression a soft target between the two nearest digits."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if not task.regression:
-        return F.nll_loss(logp, torch.tensor(labels, dtype=torch.long), weight=class_weights)
-    y = torch.tensor(labels, dtype=torch.float32).clamp(0, task.n_labels - 1)
-    lo = y.floor().long()
-    hi = (lo + 1).clamp(max=task.n_labels - 1)
-    frac = y - lo
-    target = torch.zeros_like(logp)
-    target.scatter_add_(1, lo[:, None], (1 - frac)[:, None])
-    target.scatter_add_(1, hi[:, None], frac[:, None])
-    return -(target * logp).sum(dim=1).mean()
 
 
 def orth_regularizer(model: nn.Module) -> torch.Tensor:
@@ -98,12 +83,6 @@ def _peft_config(config: TrainConfig, total_steps: int):
                          orth_reg_weight=config.adalora_orth_reg, **common)
 
 
-def class_weights(task: TaskSpec, examples: Sequence[Example], balance: bool) -> torch.Tensor | None:
-    """Inverse class frequencies for the loss when ``balance`` (classification only), else ``None``."""
-    if not balance or task.regression:
-        return None
-    counts = torch.bincount(torch.tensor([int(e.label) for e in examples]), minlength=task.n_labels).float()
-    return counts.sum() / (task.n_labels * counts.clamp(min=1))
 
 
 def _allocator_state(peft_model: nn.Module) -> dict[str, Any]:

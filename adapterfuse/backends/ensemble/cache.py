@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.pooling import pooled_log_probs
 from adapterfuse.errors import ConfigError
-from adapterfuse.head import DEFAULT_MAX_LENGTH, predictions
+from adapterfuse.head import DEFAULT_MAX_LENGTH, predictions, task_loss
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import TaskData, TaskSpec
 
@@ -77,13 +77,11 @@ def cache_members(batched: BatchedEnsemble, tokenizer: PreTrainedTokenizerBase, 
 
 def pooled_nll(pooling: str, caches: Sequence[MemberCache], weights: torch.Tensor | Sequence[float],
                temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """The pooled distribution's loss on the cached tasks: the mean over tasks of ``train.task_loss``.
+    """The pooled distribution's loss on the cached tasks: the mean over tasks of :func:`adapterfuse.head.task_loss`.
 
     That is the label words' cross-entropy, and for regression (STS-B) the soft-target cross-entropy
     between the two nearest score levels, exactly as experts are trained. Differentiable.
     """
-    from adapterfuse.train.expert import task_loss
-
     losses = [task_loss(c.task, pooled_log_probs(pooling, c.log_probs, weights, temperature), c.labels)
               for c in caches]
     return torch.stack(losses).mean()

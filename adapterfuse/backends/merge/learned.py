@@ -8,7 +8,7 @@ The weighted merge ``ΔW(w) = Σ_i w_i B_i A_i`` is made differentiable in ``w``
 ``A_cat x`` by ``w`` repeated over each expert's rank block. So the model computes
 ``B_cat diag(w) A_cat x = ΔW(w) x`` exactly, and only the K (or K × layers) weights train.
 
-- ``mode="gradient"``: Adam on the validation loss (``train.task_loss`` on the label logits), seeded.
+- ``mode="gradient"``: Adam on the validation loss (``head.task_loss`` on the label logits), seeded.
 - ``mode="gradient_free"``: a seeded (1+λ) evolution strategy in the box ``[-bound, bound]`` on the
   loss plus LoraHub's L1 penalty ``l1 · mean_layers Σ_i |w_i|``; a candidate whose plain loss is above
   the uniform start's is never accepted, so the result is never worse than uniform on validation.
@@ -36,11 +36,10 @@ from adapterfuse.backends.merge.registry import merge_deltas
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, LowRank, peft_from_deltas
 from adapterfuse.expert import Expert
-from adapterfuse.head import autocast_context, iter_batches, label_logits, label_token_ids
+from adapterfuse.head import autocast_context, iter_batches, label_logits, label_token_ids, task_loss
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.lowrank import stack_factors
 from adapterfuse.tasks.spec import TaskData, TaskSpec
-from adapterfuse.train.expert import task_loss
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 NO_LAYER = "other"

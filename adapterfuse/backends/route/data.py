@@ -25,7 +25,7 @@ from adapterfuse.backends.route.features import DEFAULT_LAYER, FeatureExtractor,
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.head import DEFAULT_MAX_LENGTH
+from adapterfuse.head import DEFAULT_MAX_LENGTH, label_log_likelihood
 from adapterfuse.tasks.spec import TaskData, TaskSpec
 
 
@@ -46,7 +46,7 @@ def own_expert(task: TaskSpec, pool: Sequence[Expert]) -> int:
 
 
 def example_quality(task: TaskSpec, log_probs: torch.Tensor, labels: Sequence[float]) -> torch.Tensor:
-    """Each member's log-likelihood of each gold label.
+    """Each member's log-likelihood of each gold label (:func:`adapterfuse.head.label_log_likelihood`).
 
     Args:
         task: the task (regression labels use a soft target between the two nearest levels).
@@ -56,16 +56,7 @@ def example_quality(task: TaskSpec, log_probs: torch.Tensor, labels: Sequence[fl
     Returns:
         ``[n, K]``; higher is better.
     """
-    lp = log_probs.float()
-    if not task.regression:
-        y = torch.tensor([int(v) for v in labels], dtype=torch.long)
-        return lp[:, torch.arange(len(y)), y].T
-    y = torch.tensor(labels, dtype=torch.float32).clamp(0, task.n_labels - 1)
-    lo = y.floor().long()
-    hi = (lo + 1).clamp(max=task.n_labels - 1)
-    frac = y - lo
-    rows = torch.arange(len(y))
-    return ((1 - frac) * lp[:, rows, lo] + frac * lp[:, rows, hi]).T
+    return label_log_likelihood(task, log_probs, labels).T
 
 
 def pool_rows(pooling: str, log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

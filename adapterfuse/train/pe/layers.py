@@ -17,8 +17,6 @@ without autocast everything is fp32 and matches PEFT exactly.
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -29,7 +27,7 @@ from torch import nn
 
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import CompatibilityError, ConfigError
-from adapterfuse.surgery import linear_modules
+from adapterfuse.surgery import blockwise_lowrank, linear_modules, replace_linear
 
 MODES = ("shared", "batchensemble", "independent")
 Tensors = dict[str, torch.Tensor]
@@ -40,12 +38,6 @@ def layer_index(module: str) -> int | None:
     """The decoder layer a module belongs to (``model.layers.3.mlp.up_proj`` -> 3), or ``None``."""
     m = _LAYER.search(module)
     return int(m.group(1)) if m else None
-
-
-def private_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree sharing every (frozen) weight with ``model``, so modules can be swapped."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def target_modules(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
@@ -100,14 +92,14 @@ class MemberLoRALinear(nn.Module):
         if self.mode == "shared":
             low = (h @ self.A.T) @ self.B.T
         else:
-            if x.shape[0] % self.k:
-                raise ConfigError(f"member forward: {x.shape[0]} rows is not a multiple of K={self.k}; "
-                                  "expected member-contiguous rows")
-            h = h.reshape(self.k, -1, h.shape[-1])
-            if self.mode == "batchensemble":
-                low = ((h * self.r[:, None, :]) @ self.A.T) @ self.B.T * self.s[:, None, :]
+            if self.mode == "independent":
+                low = blockwise_lowrank(h, self.A, self.B)
             else:
-                low = torch.bmm(torch.bmm(h, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+                if x.shape[0] % self.k:
+                    raise ConfigError(f"member forward: {x.shape[0]} rows is not a multiple of K={self.k}; "
+                                      "expected member-contiguous rows")
+                h = h.reshape(self.k, -1, h.shape[-1])
+                low = ((h * self.r[:, None, :]) @ self.A.T) @ self.B.T * self.s[:, None, :]
         return y + (low * self.scale).reshape(y.shape).to(y.dtype)
 
     def tensors(self) -> Tensors:
@@ -176,16 +168,8 @@ def install(model: nn.Module, layout: Mapping[str, str], k: int, rank: int, scal
     device = next(model.parameters()).device
     layers: dict[str, MemberLoRALinear] = {}
     for module in sorted(layout):
-        try:
-            target = model.get_submodule(module)
-        except AttributeError:
-            raise CompatibilityError(f"module {module!r}: not found in the base model") from None
-        if not isinstance(target, nn.Linear):
-            raise CompatibilityError(f"module {module!r}: is a {type(target).__name__}, expected nn.Linear")
-        layer = MemberLoRALinear(target, layout[module], k, rank, scale, dropout, gen).to(device)
-        parent_name, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        layers[module] = layer
+        layers[module] = replace_linear(model, module, lambda target, mode=layout[module]: MemberLoRALinear(
+            target, mode, k, rank, scale, dropout, gen).to(device))
     return layers
 
 
@@ -206,31 +190,3 @@ def load_flat(layers: Mapping[str, MemberLoRALinear], tensors: Mapping[str, torc
 def trained_params(layers: Mapping[str, MemberLoRALinear]) -> int:
     """The number of trained parameters."""
     return sum(p.numel() for layer in layers.values() for p in layer.tensors().values())
-
-
-def member_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  label_ids: Sequence[int], k: int, replicate: bool = True) -> torch.Tensor:
-    """Every member's label-word logits at the last real token, fp32 ``[k, n, n_labels]`` (with grad).
-
-    Args:
-        model: the adapted causal LM (a private copy with :class:`MemberLoRALinear` layers).
-        input_ids: ``[n, T]`` right-padded tokens, or ``[k*n, T]`` member-contiguous rows.
-        attention_mask: the same shape as ``input_ids``.
-        label_ids: the label words' token ids.
-        k: the number of members.
-        replicate: repeat the ``n`` rows once per member (each member sees every example); with
-            ``False`` the rows are already ``k`` member blocks (each member sees its own examples).
-    """
-    embeds = model.get_input_embeddings()(input_ids)  # looked up once, then shared by the members
-    if replicate and k > 1:
-        embeds, attention_mask = embeds.repeat(k, 1, 1), attention_mask.repeat(k, 1)
-    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state
-    last = attention_mask.sum(dim=1) - 1
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-    head = model.get_output_embeddings()
-    idx = torch.as_tensor(list(label_ids), device=h.device)
-    logits = h @ head.weight[idx].float().T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[idx].float()
-    return logits.view(k, -1, len(idx))

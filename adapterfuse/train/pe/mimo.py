@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from adapterfuse.head import causal_lm
+from adapterfuse.head import causal_lm, read_labels
 
 
 def pack(slots: Sequence[Sequence[Sequence[int]]], separator: Sequence[int],
@@ -69,12 +69,7 @@ def slot_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     h = torch.stack([hidden[rows, p.to(hidden.device)] for p in positions]).float()  # [K, n, d]
-    head = lm.get_output_embeddings()
-    idx = torch.as_tensor(list(label_ids), device=h.device)
-    logits = h @ head.weight[idx].float().T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[idx].float()
-    return logits
+    return read_labels(lm, h, label_ids)
 
 
 def slot_rows(rows: Sequence[int], k: int, seed: int, step: int) -> list[list[int]]:

@@ -27,9 +27,10 @@ from adapterfuse.head import DEFAULT_MAX_LENGTH, autocast_context, encode, label
 from adapterfuse.io import atomic as fsutil
 from adapterfuse.io.atomic import atomic_dir, write_json
 from adapterfuse.predictor import Cost
+from adapterfuse.surgery import shared_copy
 from adapterfuse.tasks.spec import Example, TaskSpec
 from adapterfuse.train.pe import mimo
-from adapterfuse.train.pe.layers import install, load_flat, member_deltas, private_copy
+from adapterfuse.train.pe.layers import install, load_flat, member_deltas
 from adapterfuse.train.pe.swag import SwagPosterior, unflatten
 
 MANIFEST = "pe_ensemble.json"
@@ -194,7 +195,7 @@ class PEEnsemblePredictor:
         self.name = name or f"{ensemble.kind} K={ensemble.k}"
         if ensemble.kind == "mimo":
             self.inner = None
-            self.model = private_copy(base.model)
+            self.model = shared_copy(base.model)
             layers = install(self.model, ensemble.manifest["layout"], 1, ensemble.manifest["rank"],
                              ensemble.manifest["scale"], 0.0, 0)
             load_flat(layers, ensemble.tensors)

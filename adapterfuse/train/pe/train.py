@@ -32,13 +32,22 @@ from torch import nn
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import versions
-from adapterfuse.head import autocast_context, encode, label_token_ids, pad, predictions
+from adapterfuse.head import (
+    autocast_context,
+    class_weights,
+    encode,
+    label_token_ids,
+    member_logits,
+    pad,
+    predictions,
+    task_loss,
+)
 from adapterfuse.io.atomic import check_output
+from adapterfuse.surgery import shared_copy
 from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
-from adapterfuse.train.expert import class_weights, task_loss
 from adapterfuse.train.loop import (
     Callback,
     Checkpoint,
@@ -56,8 +65,6 @@ from adapterfuse.train.pe.layers import (
     MemberLoRALinear,
     flat_tensors,
     install,
-    member_logits,
-    private_copy,
     target_modules,
     trained_params,
 )
@@ -71,7 +78,7 @@ def members_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[Sequence
     """The mean of the members' label-word losses, plus ``consistency`` × CAMERO's consistency term.
 
     Args:
-        task: the task (classification or regression loss, as :func:`adapterfuse.train.expert.task_loss`).
+        task: the task (classification or regression loss, as :func:`adapterfuse.head.task_loss`).
         logits: ``[K, n, L]`` member logits.
         labels: one label list per member (``K`` lists of ``n``).
         class_weights: optional per-class loss weights.
@@ -187,7 +194,7 @@ def prepare_model(base: BaseModel, kind: str, members: int, config: TrainConfig,
     Returns:
         ``(model, layers, layout)``; the caller's base is never modified.
     """
-    model = private_copy(base.model)
+    model = shared_copy(base.model)
     layout = build_layout(kind, model, target_modules(model, config.target_modules), opts)
     k_rows = members if kind in ("batchensemble", "camero") else 1
     layers = install(model, layout, k_rows, config.rank, config.lora_alpha / config.rank, config.dropout,

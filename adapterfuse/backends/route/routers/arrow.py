@@ -16,15 +16,15 @@ exactly ``Σ_e w_e(x) ΔW_e x``, in two matmuls for all experts, and works for e
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from adapterfuse.delta import Deltas, LowRank
-from adapterfuse.errors import CompatibilityError, ConfigError
+from adapterfuse.errors import ConfigError
+from adapterfuse.lowrank import slot_factors
+from adapterfuse.surgery import StackedLoRALinear, replace_linear, shared_copy
 
 
 def power_prototypes(factors: Sequence[LowRank], iters: int = 2000, tol: float = 1e-12,
@@ -106,8 +106,9 @@ def routing_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, tempe
     return weights.scatter_(1, index[:, :k], torch.softmax(values[:, :k], dim=1))
 
 
-class ArrowLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the Arrow-routed fused update of all experts.
+class ArrowLinear(StackedLoRALinear):
+    """A frozen ``nn.Linear`` plus the Arrow-routed fused update of all experts (a per-token
+    :class:`~adapterfuse.surgery.StackedLoRALinear`).
 
     Args:
         base: the base linear layer (shared, never changed).
@@ -122,35 +123,25 @@ class ArrowLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, factors: Sequence[LowRank | None], prototypes: torch.Tensor, top_k: int,
                  temperature: float) -> None:
-        super().__init__()
-        self.base, self.top_k, self.temperature, self.fused = base, top_k, float(temperature), True
-        present = [(e, f) for e, f in enumerate(factors) if f is not None and f.rank > 0]
+        stacked, slots = slot_factors(factors)
         device = base.weight.device
-        # Buffers, not parameters: they follow .to() but are neither trained nor saved with the model.
-        self.register_buffer("A", torch.cat([f.A.float() for _, f in present]).to(device), persistent=False)
-        self.register_buffer("B", torch.cat([f.B.float() for _, f in present], dim=1).to(device), persistent=False)
-        slots = torch.cat([torch.full((f.rank,), e, dtype=torch.long) for e, f in present])
-        self.register_buffer("slot_expert", slots.to(device), persistent=False)
+        super().__init__(base, stacked.A.to(device), stacked.B.to(device), slots.to(device), weighting="token")
+        self.top_k, self.temperature, self.fused = top_k, float(temperature), True
         self.register_buffer("prototypes", prototypes.float().to(device), persistent=False)
-        self.ranks = [(e, f.rank) for e, f in present]
+        self.ranks = [(e, f.rank) for e, f in enumerate(factors) if f is not None and f.rank > 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) + Σ_e w_e(x) ΔW_e x`` per token."""
-        y = self.base(x)
-        flat = x.reshape(-1, x.shape[-1])
-        # The routing decision is fp32 (a top-k on bf16 cosines would tie often). The low-rank part runs
-        # in the autocast dtype under autocast, as PEFT's LoRA layers do, and in fp32 otherwise.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            w = routing_weights(flat.float(), self.prototypes, self.top_k, self.temperature)
-        if not torch.is_autocast_enabled(x.device.type):
-            flat = flat.to(self.A.dtype)
-        low = self._fused(flat, w) if self.fused else self._reference(flat, w)
-        return y + low.view(y.shape).to(y.dtype)
+    def mix_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """Each token's routing weights, ``[tokens, E]``, from its input (``h``: ``[tokens, in]``).
 
-    def _fused(self, flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """One rank-``R`` update, the routing weights applied slot by slot in rank space."""
-        h = flat @ self.A.T
-        return (h * w[:, self.slot_expert].to(h.dtype)) @ self.B.T
+        The routing decision is fp32 (a top-k on bf16 cosines would tie often); the low-rank part runs in
+        the autocast dtype under autocast, as PEFT's LoRA layers do, and in fp32 otherwise.
+        """
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return routing_weights(h.float(), self.prototypes, self.top_k, self.temperature)
+
+    def mix(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The fused rank-``R`` update, or with ``fused`` off the same sum expert by expert."""
+        return super().mix(h, w) if self.fused else self._reference(h, w)
 
     def _reference(self, flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The same sum computed expert by expert (for tests and the benchmark)."""
@@ -162,12 +153,6 @@ class ArrowLinear(nn.Module):
             out = out + w[:, e:e + 1].to(part.dtype) * part
             start += r
         return out
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every parameter and buffer (modules can then be swapped)."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def layer_temperature(temperature: float | Mapping[str, float], module: str) -> float:
@@ -216,21 +201,10 @@ class ArrowModel:
             self.layers[module] = self._install(module, factors, top_k, layer_temperature(temperature, module))
 
     def _install(self, module: str, factors: list[LowRank | None], top_k: int, temperature: float) -> ArrowLinear:
-        try:
-            target = self.model.get_submodule(module)
-        except AttributeError:
-            raise CompatibilityError(f"module {module!r}: not found in the base model; expected experts trained "
-                                     "on this base") from None
-        if not isinstance(target, nn.Linear):
-            raise CompatibilityError(f"module {module!r}: is a {type(target).__name__}, expected nn.Linear")
         shape = next(f.shape for f in factors if f is not None)
-        if tuple(target.weight.shape) != shape:
-            raise CompatibilityError(f"module {module!r}: base weight is {tuple(target.weight.shape)}, the experts' "
-                                     f"ΔW is {shape}; expected the same base")
-        layer = ArrowLinear(target, factors, self.prototypes[module], top_k, temperature)
-        parent, _, child = module.rpartition(".")
-        setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
-        return layer
+        return replace_linear(self.model, module,
+                              lambda target: ArrowLinear(target, factors, self.prototypes[module], top_k, temperature),
+                              shape)
 
     def set_fused(self, fused: bool) -> None:
         """Switch every layer between the fused form and the per-expert reference."""

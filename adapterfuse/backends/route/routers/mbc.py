@@ -15,20 +15,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from adapterfuse.backends.ensemble.batched import stack_factors
 from adapterfuse.backends.merge.registry import merge_deltas
 from adapterfuse.backends.route.data import serves
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
+from adapterfuse.lowrank import stack_members
 
 LINEAR_MERGES = ("uniform", "task_arithmetic")
 
 
 def gram_exact(pool: Sequence[Deltas]) -> torch.Tensor:
     """``[E, E]`` Frobenius inner products of the experts' flattened ΔW (fp64), from the factors."""
-    stacked = stack_factors(list(pool), [f"expert-{i}" for i in range(len(pool))])
+    stacked = stack_members(list(pool), [f"expert-{i}" for i in range(len(pool))])
     gram = torch.zeros(len(pool), len(pool), dtype=torch.float64)
     for A, B in stacked.values():
         a, b = A.double(), B.double()
@@ -56,7 +56,7 @@ def sketch(pool: Sequence[Deltas], size: int = 16, seed: int = 0) -> torch.Tenso
         raise ConfigError(f"sketch size: expected >= 1, got {size}")
     gen = torch.Generator().manual_seed(seed)
     parts = []
-    for A, B in stack_factors(list(pool), [f"expert-{i}" for i in range(len(pool))]).values():
+    for A, B in stack_members(list(pool), [f"expert-{i}" for i in range(len(pool))]).values():
         P = torch.randn(size, B.shape[1], generator=gen, dtype=torch.float64)
         Q = torch.randn(size, A.shape[2], generator=gen, dtype=torch.float64)
         parts.append(((P @ B.double()) @ (A.double() @ Q.T)).reshape(len(pool), -1) / size)
