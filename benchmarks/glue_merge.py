@@ -73,7 +73,7 @@ def main() -> int:
         if label in done:
             continue
         t0 = time.perf_counter()
-        merged = adapterfuse.backends.merge(library, base=base, validation=validation, **METHODS[label])
+        merged = adapterfuse.merge(library, base=base, validation=validation, **METHODS[label])
         fit_s = time.perf_counter() - t0
         predictor = merged.predictor(base, name=label)
         result = evaluate(predictor, data)
