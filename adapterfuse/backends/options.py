@@ -26,11 +26,11 @@ _BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "les
            "less_than": ("<", "lt")}
 
 
-def _choices(annotation: Any) -> list[str]:
+def choices(annotation: Any) -> list[str]:
     """The strings of every ``Literal`` inside an annotation (``Literal[...] | None`` included)."""
     if typing.get_origin(annotation) is typing.Literal:
         return [str(a) for a in typing.get_args(annotation)]
-    return [c for arg in typing.get_args(annotation) for c in _choices(arg)]
+    return [c for arg in typing.get_args(annotation) for c in choices(arg)]
 
 
 def _describe(model: type[BaseModel], backend: str, err: Mapping[str, Any]) -> str:
@@ -42,8 +42,8 @@ def _describe(model: type[BaseModel], backend: str, err: Mapping[str, Any]) -> s
         return (f"{name}: unknown {backend} option; expected one of {', '.join(sorted(model.model_fields))} "
                 "(check the spelling)")
     if kind == "literal_error" and name in model.model_fields:
-        choices = _choices(model.model_fields[name].annotation)
-        return f"{name} {err['input']!r}: unknown; expected one of {', '.join(choices)}"
+        known = choices(model.model_fields[name].annotation)
+        return f"{name} {err['input']!r}: unknown; expected one of {', '.join(known)}"
     if kind in _BOUNDS:
         sign, key = _BOUNDS[kind]
         bound = err["ctx"][key]

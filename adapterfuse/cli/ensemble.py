@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.ensemble.config import EnsembleConfig
-from adapterfuse.cli.common import positive_int
+from adapterfuse.cli.common import add_config_options, positive_int
 
 OPTIONS: dict[str, tuple[Any, str]] = {
-    "pooling": (str, "linear or log_linear"),
+    "pooling": (str, "how the members' distributions are pooled"),
     "weights": (str, "uniform | learned | w1,w2,... (one per expert)"),
     "select": (str, "greedy | topK (e.g. top3); chosen on the validation split"),
     "temperature": (float, "pooling temperature (uniform or given weights)"),
-    "metric": (str, "what selection maximises: score or nll"),
+    "metric": (str, "what selection maximises"),
     "batch_size": (int, "inputs per batch (x K rows)"),
     "max_length": (int, "tokens per input"),
     "seed": (int, "seed of the weight fit"),
@@ -53,10 +53,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
     group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")
-    for field, (kind, text) in OPTIONS.items():
-        default = EnsembleConfig.model_fields[field].default
-        group.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=argparse.SUPPRESS,
-                           help=f"{text} (default {default})")
+    add_config_options(group, EnsembleConfig, OPTIONS)
     group.add_argument("--no-autocast", dest="autocast", action="store_false", default=argparse.SUPPRESS,
                        help="score in fp32 instead of bf16 autocast")
     p.set_defaults(handler=run)

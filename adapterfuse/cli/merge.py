@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from adapterfuse.backends.merge.config import MergeConfig
+from adapterfuse.backends.merge.config import MergeConfig, all_methods
 from adapterfuse.errors import ConfigError
 
 HELP = "merge experts into one adapter (uniform, task_arithmetic, ties, dare_*, greedy_soup, learned)"
@@ -36,8 +36,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--lambda, λ methods choose λ on the validation split of --tasks when given, else use λ = 1; "
         "--tasks is ignored by methods that fit nothing."))
     p.add_argument("--experts", nargs="+", required=True, help="expert folders or Hub ids (owner/name)")
-    p.add_argument("--method", default=argparse.SUPPRESS, help="uniform, task_arithmetic, ties, dare_linear, "
-                   f"dare_ties, greedy_soup or learned (default {MergeConfig.model_fields['method'].default})")
+    p.add_argument("--method", default=argparse.SUPPRESS, help=f"one of {', '.join(all_methods())} "
+                   f"(default {MergeConfig.model_fields['method'].default})")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     # Method parameters: only those given reach the namespace; each method's parameter model holds the
     # defaults and the checks.

@@ -12,32 +12,32 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.route.config import RouteConfig
-from adapterfuse.cli.common import optional_int, positive_int
+from adapterfuse.cli.common import add_config_options, optional_int, positive_int
 
 OPTIONS: dict[str, tuple[Any, str]] = {
-    "router": (str, "learned, clustered, mbc or arrow"),
+    "router": (str, "how inputs are routed"),
     "top_k": (int, "experts kept per input (per token for arrow)"),
-    "then": (str, "ensemble or merge: pool or merge the chosen experts"),
-    "on": (str, "route on the prompt or the raw input fields"),
+    "then": (str, "pool or merge the chosen experts"),
+    "on": (str, "route on the prompt or on the raw input fields"),
     "layer": (int, "feature layer (0 embeddings, -1 last)"),
-    "readout": (str, "features: mean over tokens, or mean_last (the mean and the last token's state)"),
-    "target": (str, "what the learned router learns: task, best_expert (the older choice), likelihood, task_prior"),
+    "readout": (str, "features: the mean over tokens, or the mean and the last token's state"),
+    "target": (str, "what the learned router learns (best_expert is the older choice)"),
     "prior_weight": (float, "target task_prior: weight of the prior towards the task's expert (None: cross-validated)"),
     "cv_folds": (int, "folds of that cross-validation"),
     "pca": (optional_int, "learned router: project features onto this many principal components first"),
-    "decision": (str, "probability, or utility (learned, target task): highest expected validation score"),
+    "decision": (str, "most probable experts, or (learned, target task) highest expected validation score"),
     "hidden": (int, "hidden size of the learned router (0: linear)"),
     "epochs": (int, "full-batch training steps of the learned router"),
     "lr": (float, "learning rate of the learned router"),
     "clusters": (optional_int, "k-means clusters (None: the number of experts)"),
     "cluster_temperature": (float, "softmax temperature of each cluster's expert distribution"),
     "mbc_clusters": (optional_int, "expert groups for --router mbc"),
-    "mbc_router": (str, "learned, clustered or arrow across MBC groups (None: learned with data)"),
-    "mbc_merge": (str, "uniform or task_arithmetic within an MBC group"),
+    "mbc_router": (str, "the router across MBC groups (None: learned)"),
+    "mbc_merge": (str, "how an MBC group is merged"),
     "sketch": (optional_int, "MBC similarity from a sketch of this side (None: exact)"),
     "temperature": (float, "Arrow's softmax temperature"),
     "budget": (optional_int, "keep at most this many experts (greedy by validation gain)"),
-    "pooling": (str, "linear or log_linear pooling of the chosen experts"),
+    "pooling": (str, "pooling of the chosen experts"),
     "batch_size": (int, "inputs per batch"),
     "max_length": (int, "tokens per input"),
     "seed": (int, "seed of k-means, the router fit, sketches"),
@@ -71,10 +71,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
-    for field, (kind, text) in OPTIONS.items():
-        flag = "--" + field.replace("_", "-")
-        default = RouteConfig.model_fields[field].default
-        group.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=f"{text} (default {default})")
+    add_config_options(group, RouteConfig, OPTIONS)
     group.add_argument("--no-autocast", dest="autocast", action="store_false", default=argparse.SUPPRESS,
                        help="score in fp32 instead of bf16 autocast")
     p.set_defaults(handler=run)

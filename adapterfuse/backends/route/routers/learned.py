@@ -15,15 +15,16 @@ a seeded initialisation, so a fit is deterministic.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from adapterfuse.backends.route.config import Target
 from adapterfuse.backends.route.routers.base import Projection, Router, Standardizer, register
 from adapterfuse.errors import ConfigError
 
-TARGETS = ("task", "best_expert", "likelihood", "task_prior")
+TARGETS: tuple[str, ...] = get_args(Target)  # declared once, with the option (RouteConfig.target)
 
 
 def make_net(dim: int, n_experts: int, hidden: int) -> nn.Sequential:
