@@ -96,7 +96,7 @@ def cross_distill_row(base, recipe, experts_dir: Path, out: Path, per_task: int)
     data = [load_task(t, recipe.harness.validation_size, 0, recipe.tasks[t].max_train) for t in tasks]
     experts = [Expert.load(experts_dir / expert_name(t, recipe.train_config(t, 0))) for t in tasks]
     validation = [TaskData(d.task, [], d.validation[:recipe.harness.validation_per_task], []) for d in data]
-    teacher = ensemble(experts, base, "log_linear", "learned", validation=validation)
+    teacher = ensemble(experts, base, pooling="log_linear", weights="learned", validation=validation)
     config = recipe.train_config(tasks[0], 0).model_copy(update={"max_train_examples": per_task, "epochs": 1.0})
     folder = out / "cross-task-distilled"
     student = distill(teacher, data, folder, config=config, overwrite=folder.exists())
@@ -156,7 +156,7 @@ def main() -> int:
         distill_due = task in args.distill.split(",") and not any(
             r["task"] == task and r["label"].startswith("distilled") for r in done)
         # Fitted once: the four poolings' rows and the distillation's teacher share them.
-        fitted = {(p, w): ensemble(experts, base, p, w, validation=[data]) for p, w in POOLINGS} \
+        fitted = {(p, w): ensemble(experts, base, pooling=p, weights=w, validation=[data]) for p, w in POOLINGS} \
             if rows_due or distill_due else {}
         new = task_rows(task, experts, data, fitted) if rows_due else []
         if distill_due:

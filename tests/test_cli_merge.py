@@ -57,7 +57,7 @@ def test_end_to_end_merge_with_lambda_search(setup, glue_dir, tmp_path, capsys):
     assert printed["lambda"]["chosen"] in printed["lambda"]["grid"] and "truncation_error" in printed
     lam = printed["params"]["lambda"]
     assert lam == printed["lambda"]["chosen"]
-    expected = merge(experts, "task_arithmetic", lam=lam).predictor(base, autocast=False)
+    expected = merge(experts, method="task_arithmetic", lam=lam).predictor(base, autocast=False)
     p_saved = predict_proba(plain_peft_model(base.model, out), base.tokenizer, TASK, data.test, autocast=False)
     assert float((p_saved - expected.predict_proba(TASK, data.test)).abs().max()) <= 1e-5
     meta = json.loads((out / "adapterfuse.json").read_text())
@@ -90,7 +90,8 @@ def test_full_model_with_weights_and_rank(setup, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["params"]["rank"] == 3 and printed["truncation_error"] > 0
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    expected = merge(experts, "ties", weights=[1, 0.5], density=0.5, lam=1.2, rank=3).predictor(base, autocast=False)
+    merged = merge(experts, method="ties", weights=[1, 0.5], density=0.5, lam=1.2, rank=3)
+    expected = merged.predictor(base, autocast=False)
     p_full = predict_proba(model, base.tokenizer, TASK, data.test, autocast=False)
     assert float((p_full - expected.predict_proba(TASK, data.test)).abs().max()) <= 1e-5
 

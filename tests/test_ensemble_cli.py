@@ -86,6 +86,7 @@ def test_experts_of_another_base_are_refused(setup, tmp_path, glue_dir, other_ba
         run(args)
 
 
-def test_argument_errors_from_argparse(setup, tmp_path):
-    with pytest.raises(SystemExit):
-        parser().parse_args(argv(setup, tmp_path / "x", "--pooling", "mean"))
+def test_a_bad_option_is_refused_by_the_config_model(setup, tmp_path):
+    with pytest.raises(ConfigError, match="pooling 'mean': unknown; expected one of linear, log_linear"):
+        run(parser().parse_args(argv(setup, tmp_path / "x", "--pooling", "mean")))
+    assert not (tmp_path / "x").exists()

@@ -10,6 +10,7 @@ import torch
 
 from adapterfuse.backends.ensemble import fit as fit_module
 from adapterfuse.backends.ensemble import predictor as predictor_module
+from adapterfuse.backends.ensemble.config import EnsembleConfig
 from adapterfuse.backends.ensemble.fit import EnsembleCombiner, ensemble
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
@@ -33,7 +34,7 @@ def experts(tiny_base):
 
 
 def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, data, tmp_path):
-    fitted = ensemble(experts, tiny_base, "log_linear", "learned", validation=data, autocast=False)
+    fitted = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=data, autocast=False)
     fitted.save(tmp_path / "ens")
     manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert [m["name"] for m in manifest["members"]] == ["m0", "m1", "m2"]
@@ -62,7 +63,7 @@ def test_load_refuses_another_base_and_a_broken_folder(tiny_base, other_base, ex
 
 
 def test_the_harness_measures_it(tiny_base, experts, data):
-    predictor = ensemble(experts, tiny_base, "linear", [0.2, 0.3, 0.5], autocast=False, batch_size=5)
+    predictor = ensemble(experts, tiny_base, pooling="linear", weights=[0.2, 0.3, 0.5], autocast=False, batch_size=5)
     assert isinstance(predictor, Predictor)
     result = evaluate(predictor, data)
     assert set(result["tasks"]) == {"sst2", "stsb"}
@@ -74,8 +75,8 @@ def test_the_harness_measures_it(tiny_base, experts, data):
 
 
 def test_the_combiner_fits_on_a_library(tiny_base, experts, data):
-    combiner = EnsembleCombiner(tiny_base, members=["m2", "m0"], pooling="linear", weights="learned",
-                                autocast=False)
+    config = EnsembleConfig(pooling="linear", weights="learned", autocast=False)
+    combiner = EnsembleCombiner(tiny_base, config, members=["m2", "m0"])
     predictor = combiner.fit(ExpertLibrary(experts), {td.task.name: td for td in data})
     assert predictor.names == ["m2", "m0"] and predictor.info["weights"] == "learned"
 

@@ -59,8 +59,8 @@ def accuracy(probs: torch.Tensor, labels) -> float:
 def test_learned_weights_lower_the_validation_nll_below_uniform(tiny_base, trained, pooling):
     experts, data = trained
     labels = [e.label for e in data.validation]
-    learned = ensemble(experts, tiny_base, pooling, "learned", validation=[data], autocast=False)
-    uniform = ensemble(experts, tiny_base, pooling, "uniform", autocast=False)
+    learned = ensemble(experts, tiny_base, pooling=pooling, weights="learned", validation=[data], autocast=False)
+    uniform = ensemble(experts, tiny_base, pooling=pooling, weights="uniform", autocast=False)
     ours, flat = (nll(p.predict_proba(data.task, data.validation), labels) for p in (learned, uniform))
     assert ours < flat - 0.01
     report = learned.info["learned"]
@@ -74,7 +74,7 @@ def test_log_linear_learns_a_negative_weight_for_the_anti_correlated_expert(tiny
     flipped_alone = predict_proba(experts[1].attach(tiny_base.model), tiny_base.tokenizer, data.task,
                                   data.validation, autocast=False)
     assert accuracy(flipped_alone, labels) < 0.4  # it really is anti-correlated with the truth
-    predictor = ensemble(experts, tiny_base, "log_linear", "learned", validation=[data], autocast=False)
+    predictor = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data], autocast=False)
     good, flipped = predictor.weights
     assert good > 0 and flipped < 0
     assert sum(abs(w) for w in predictor.weights) == pytest.approx(1.0) and predictor.temperature > 0
@@ -83,7 +83,7 @@ def test_log_linear_learns_a_negative_weight_for_the_anti_correlated_expert(tiny
 
 def test_linear_weights_stay_on_the_simplex_and_favour_the_good_expert(tiny_base, trained):
     experts, data = trained
-    predictor = ensemble(experts, tiny_base, "linear", "learned", validation=[data], autocast=False)
+    predictor = ensemble(experts, tiny_base, pooling="linear", weights="learned", validation=[data], autocast=False)
     good, flipped = predictor.weights
     assert min(good, flipped) >= 0 and good + flipped == pytest.approx(1.0) and good > 0.7
     assert predictor.temperature == 1.0
@@ -94,10 +94,12 @@ def test_fit_runs_the_model_once_per_validation_batch_and_is_seeded(tiny_base, t
     calls = []
     original = BatchedEnsemble.member_logits
     monkeypatch.setattr(BatchedEnsemble, "member_logits", lambda self, *a: calls.append(1) or original(self, *a))
-    first = ensemble(experts, tiny_base, "log_linear", "learned", validation=[data], autocast=False, batch_size=8)
+    first = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data],
+                     autocast=False, batch_size=8)
     batches = len(list(iter_batches(data.task, data.validation, tiny_base.tokenizer, 8)))
     assert len(calls) == batches  # cached once; the optimiser never runs the model
-    second = ensemble(experts, tiny_base, "log_linear", "learned", validation=[data], autocast=False, batch_size=8)
+    second = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data],
+                      autocast=False, batch_size=8)
     assert first.weights == second.weights and first.temperature == second.temperature
 
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from adapterfuse.backends.merge.adapter import MergedAdapter
 from adapterfuse.backends.merge.api import merge
+from adapterfuse.backends.merge.config import MergeConfig
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
 from adapterfuse.expert import Expert
 from adapterfuse.head import predict_proba
@@ -93,7 +94,7 @@ CASES = [("uniform", dict(weights=[1.0, 2.0, 3.0])),
 @pytest.mark.parametrize(("method", "kwargs"), CASES, ids=[c[0] for c in CASES])
 def test_each_method_matches_a_dense_float64_reference(lib, dense, method, kwargs):
     experts, _, _ = lib
-    merged = merge([experts[n] for n in NAMES], method, **kwargs)
+    merged = merge([experts[n] for n in NAMES], method=method, **kwargs)
     assert merged.method == method and merged.params["weights"] == kwargs["weights"]
     assert set(merged.deltas) == set(dense["lora4"])  # the union of modules
     for module, got in merged.deltas.items():
@@ -105,7 +106,7 @@ def test_each_method_matches_a_dense_float64_reference(lib, dense, method, kwarg
 
 def test_dare_drops_and_rescales_entries(lib, dense):
     experts, _, _ = lib
-    merged = merge([experts["lora4"]], "dare_linear", density=0.5, lam=1.0, rank=64, seed=3)
+    merged = merge([experts["lora4"]], method="dare_linear", density=0.5, lam=1.0, rank=64, seed=3)
     kept = total = 0
     for module, got in merged.deltas.items():
         ref, out = dense["lora4"][module], got.dense(torch.float64)
@@ -117,7 +118,7 @@ def test_dare_drops_and_rescales_entries(lib, dense):
 
 def test_ranks_add_up_for_lora_of_different_ranks_and_adalora(lib):
     experts, _, _ = lib
-    merged = merge([experts[n] for n in NAMES], "task_arithmetic", lam=1.0)
+    merged = merge([experts[n] for n in NAMES], method="task_arithmetic", lam=1.0)
     ada_rank = {m.removeprefix("base_model.model.").removesuffix(".lora_E"): int((t != 0).sum())
                 for m, t in experts["ada"].state_dict.items() if m.endswith("lora_E")}
     q = "model.layers.0.self_attn.q_proj"
@@ -135,7 +136,7 @@ def _probs(model, base, data):
 @pytest.mark.parametrize(("method", "kwargs"), [("uniform", {}), ("task_arithmetic", {"lam": 1.0})])
 def test_one_expert_with_weight_one_is_that_expert(lib, tiny_base, name, method, kwargs):
     experts, data, _ = lib
-    merged = merge([experts[name]], method, **kwargs)
+    merged = merge([experts[name]], method=method, **kwargs)
     p_merged = merged.predictor(tiny_base, autocast=False).predict_proba(TASK, data.test)
     p_expert = _probs(experts[name].attach(tiny_base.model), tiny_base, data)
     assert float((p_merged - p_expert).abs().max()) <= 1e-5
@@ -145,15 +146,15 @@ def test_one_expert_with_weight_one_is_that_expert(lib, tiny_base, name, method,
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
 def test_expert_order_does_not_change_the_result(lib, method):
     experts, _, _ = lib
-    a = merge([experts[n] for n in NAMES], method, weights=[1.0, 0.5, 2.0], seed=1)
-    b = merge([experts[n] for n in ("ada", "lora4", "lora2")], method, weights=[2.0, 1.0, 0.5], seed=1)
+    a = merge([experts[n] for n in NAMES], method=method, weights=[1.0, 0.5, 2.0], seed=1)
+    b = merge([experts[n] for n in ("ada", "lora4", "lora2")], method=method, weights=[2.0, 1.0, 0.5], seed=1)
     for module in a.deltas:
         torch.testing.assert_close(a.deltas[module].dense(), b.deltas[module].dense(), rtol=1e-5, atol=1e-7)
 
 
 def test_saved_folder_loads_in_plain_peft_with_the_same_probabilities(lib, tiny_base, tmp_path):
     experts, data, _ = lib
-    merged = merge([experts[n] for n in NAMES], "ties", density=0.5)
+    merged = merge([experts[n] for n in NAMES], method="ties", density=0.5)
     folder = merged.save_pretrained(tmp_path / "merged")
     p_ours = merged.predictor(tiny_base, autocast=False).predict_proba(TASK, data.test)
     p_plain = _probs(plain_peft_model(tiny_base.model, folder), tiny_base, data)
@@ -171,7 +172,7 @@ def test_saved_folder_loads_in_plain_peft_with_the_same_probabilities(lib, tiny_
 
 def test_full_model_has_the_same_probabilities(lib, tiny_base, tmp_path):
     experts, data, _ = lib
-    merged = merge([experts["lora4"], experts["lora2"]], "task_arithmetic", lam=0.5)
+    merged = merge([experts["lora4"], experts["lora2"]], method="task_arithmetic", lam=0.5)
     folder = merged.save_pretrained(tmp_path / "full", full=True, base=tiny_base)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     p_full = _probs(model, tiny_base, data)
@@ -183,13 +184,13 @@ def test_full_model_has_the_same_probabilities(lib, tiny_base, tmp_path):
 def test_lambda_is_searched_on_validation_or_one_without_it(lib, tiny_base):
     experts, data, _ = lib
     pair = [experts["lora4"], experts["lora2"]]
-    searched = merge(pair, "task_arithmetic", base=tiny_base, validation=[data], autocast=False)
+    searched = merge(pair, method="task_arithmetic", base=tiny_base, validation=[data], autocast=False)
     record = searched.search["lambda_search"]
     assert record["grid"] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5] and len(record["scores"]) == 6
     best = max(record["scores"])  # the choice itself is checked where scores differ (test_merge_learned)
     assert record["scores"][record["grid"].index(record["chosen"])] == best
     assert searched.params["lambda"] == record["chosen"]
-    plain = merge(pair, "task_arithmetic")
+    plain = merge(pair, method="task_arithmetic")
     assert plain.params["lambda"] == 1.0 and plain.search["lambda_search"] is None
 
 
@@ -198,7 +199,7 @@ def test_plain_peft_folder_is_accepted_with_a_note(lib, tmp_path):
     folder = tmp_path / "plain"
     shutil.copytree(experts["lora4"].path, folder)
     (folder / "adapterfuse.json").unlink()
-    merged = merge([folder, experts["lora2"].path], "uniform")
+    merged = merge([folder, experts["lora2"].path], method="uniform")
     assert any("no base fingerprint" in n for n in merged.notes)
     assert [s["name"] for s in merged.sources] == ["plain", "lora2"]
 
@@ -248,21 +249,21 @@ def test_bad_inputs_are_clear_errors_and_leave_no_output(lib, foreign, tmp_path)
 def test_a_base_other_than_the_experts_is_refused(lib, other_base):
     experts, _, _ = lib
     with pytest.raises(CompatibilityError, match="fingerprint"):
-        merge([experts["lora4"]], "uniform", base=other_base)
+        merge([experts["lora4"]], method="uniform", base=other_base)
 
 
 def test_existing_output_and_full_without_base(lib, tmp_path):
     experts, _, _ = lib
-    merged = merge([experts["lora4"]], "uniform")
+    merged = merge([experts["lora4"]], method="uniform")
     with pytest.raises(ConfigError, match="needs the base"):
         merged.save_pretrained(tmp_path / "full", full=True)
     assert not (tmp_path / "full").exists()
     target = merged.save_pretrained(tmp_path / "m")
     before = (target / "adapter_model.safetensors").read_bytes()
     with pytest.raises(OutputExistsError, match="overwrite"):
-        merge([experts["lora2"]], "uniform").save_pretrained(target)
+        merge([experts["lora2"]], method="uniform").save_pretrained(target)
     assert (target / "adapter_model.safetensors").read_bytes() == before
-    merge([experts["lora2"]], "uniform").save_pretrained(target, overwrite=True)
+    merge([experts["lora2"]], method="uniform").save_pretrained(target, overwrite=True)
     assert (target / "adapter_model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -275,7 +276,7 @@ def test_hub_id_that_cannot_be_downloaded_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ExpertError, match=r"'someone/some-adapter'.*could not download"):
-        merge(["someone/some-adapter"], "uniform")
+        merge(["someone/some-adapter"], method="uniform")
 
 
 def test_push_to_hub_saves_a_folder_and_hands_it_to_push_folder(lib, monkeypatch):
@@ -289,14 +290,14 @@ def test_push_to_hub_saves_a_folder_and_hands_it_to_push_folder(lib, monkeypatch
         return "pushed"
 
     monkeypatch.setattr(adapterfuse.io.hub, "push_folder", fake_push)
-    assert merge([experts["lora4"]], "uniform").push_to_hub("me/merged", token="t", private=True) == "pushed"
+    assert merge([experts["lora4"]], method="uniform").push_to_hub("me/merged", token="t", private=True) == "pushed"
     assert seen == {"files": ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterfuse.json"],
                     "repo_id": "me/merged", "token": "t", "private": True}
 
 
 def test_merged_adapter_round_trips_its_state(lib):
     experts, _, _ = lib
-    merged = merge([experts["lora4"], experts["ada"]], "uniform")
+    merged = merge([experts["lora4"], experts["ada"]], method="uniform")
     assert isinstance(merged, MergedAdapter)
     state, config = merged.peft_files()
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-llama-0"
@@ -310,7 +311,7 @@ def test_merge_combiner_fits_the_library_into_one_predictor(lib, tiny_base):
 
     experts, data, _ = lib
     library = ExpertLibrary([experts[n] for n in NAMES])
-    predictor = MergeCombiner(tiny_base, "task_arithmetic", lam=0.5).fit(library, None)
-    expected = merge([experts[n] for n in NAMES], "task_arithmetic", lam=0.5).predictor(tiny_base)
+    predictor = MergeCombiner(tiny_base, MergeConfig(method="task_arithmetic", lam=0.5)).fit(library, None)
+    expected = merge([experts[n] for n in NAMES], method="task_arithmetic", lam=0.5).predictor(tiny_base)
     assert predictor.name == "merge:task_arithmetic"
     assert torch.equal(predictor.predict_proba(TASK, data.test), expected.predict_proba(TASK, data.test))

@@ -76,7 +76,7 @@ def test_greedy_soup_leaves_out_the_flipped_expert(pair, tiny_base):
 
 def test_lambda_search_picks_the_best_grid_point(pair, tiny_base):
     good, bad, data = pair
-    merged = merge([good, bad], "task_arithmetic", weights=[1.0, 0.6], base=tiny_base, validation=[data],
+    merged = merge([good, bad], method="task_arithmetic", weights=[1.0, 0.6], base=tiny_base, validation=[data],
                    autocast=False)
     record = merged.search["lambda_search"]
     assert len(set(record["scores"])) > 1  # otherwise the test could not tell a good choice from a bad one
@@ -111,10 +111,10 @@ def test_weighted_model_is_exactly_the_weighted_merge(pair, tiny_base):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_gradient_learned_weights_reduce_the_validation_loss(pair, tiny_base, per_layer):
     good, bad, data = pair
-    learned = merge([good, bad], "learned", base=tiny_base, validation=[data], autocast=False,
+    learned = merge([good, bad], method="learned", base=tiny_base, validation=[data], autocast=False,
                     per_layer=per_layer, epochs=4, lr=0.1)
     record = learned.search["learned"]
-    uniform = merge([good, bad], "uniform")
+    uniform = merge([good, bad], method="uniform")
     loss_uniform = _loss(uniform.predictor(tiny_base, autocast=False), data)
     loss_learned = _loss(learned.predictor(tiny_base, autocast=False), data)
     assert record["loss_uniform"] == pytest.approx(loss_uniform, rel=1e-4)
@@ -129,24 +129,24 @@ def test_gradient_learned_weights_reduce_the_validation_loss(pair, tiny_base, pe
 def test_gradient_free_search_is_finite_bounded_seeded_and_no_worse(pair, tiny_base):
     good, bad, data = pair
     kwargs = dict(base=tiny_base, validation=[data], autocast=False, mode="gradient_free", steps=13, seed=4)
-    first = merge([good, bad], "learned", **kwargs)
-    again = merge([good, bad], "learned", **kwargs)
+    first = merge([good, bad], method="learned", **kwargs)
+    again = merge([good, bad], method="learned", **kwargs)
     record = first.search["learned"]
     weights = list(record["weights"].values())
     assert all(math.isfinite(w) and abs(w) <= 1.5 for w in weights)
     assert record["evaluations"] == 13 and record["loss"] <= record["loss_uniform"]
     assert weights == list(again.search["learned"]["weights"].values())
-    loss_uniform = _loss(merge([good, bad], "uniform").predictor(tiny_base, autocast=False), data)
+    loss_uniform = _loss(merge([good, bad], method="uniform").predictor(tiny_base, autocast=False), data)
     assert _loss(first.predictor(tiny_base, autocast=False), data) <= loss_uniform + 1e-6
 
 
 def test_learned_and_soup_need_validation_data(pair, tiny_base):
     good, bad, data = pair
     with pytest.raises(ConfigError, match=r"learned.*validation"):
-        merge([good, bad], "learned", base=tiny_base)
+        merge([good, bad], method="learned", base=tiny_base)
     with pytest.raises(ConfigError, match="base"):
-        merge([good, bad], "learned", validation=[data])
+        merge([good, bad], method="learned", validation=[data])
     with pytest.raises(ConfigError, match="mode"):
-        merge([good, bad], "learned", base=tiny_base, validation=[data], mode="newton")
+        merge([good, bad], method="learned", base=tiny_base, validation=[data], mode="newton")
     with pytest.raises(ConfigError, match="combine"):
         greedy_soup([good, bad], tiny_base, [data], method="average")

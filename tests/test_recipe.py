@@ -13,6 +13,7 @@ import adapterfuse.base
 import adapterfuse.train.expert
 from adapterfuse import cli
 from adapterfuse.backends.merge.api import MergeCombiner
+from adapterfuse.backends.merge.config import MergeConfig
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.harness import evaluate
 from adapterfuse.library import ExpertLibrary
@@ -78,12 +79,13 @@ def test_bad_recipe_keys_fail_on_load(tmp_path, no_loading, changes, message):
     ({"backend": "merge", "options": {"method": "tie"}}, "unknown merge method 'tie'"),
     ({"backend": "merge", "options": {"method": "ties", "density": 0}}, "density"),
     ({"backend": "merge", "options": {"method": "uniform", "weights": [1, 2, 3]}}, "got 3 weights for 2 experts"),
-    ({"backend": "ensemble", "options": {"poolin": "linear"}}, "unknown option(s) ['poolin']"),
+    ({"backend": "ensemble", "options": {"poolin": "linear"}}, "poolin: unknown ensemble option"),
     ({"backend": "ensemble", "options": {"pooling": "geometric"}}, "pooling 'geometric'"),
     ({"backend": "route", "options": {"router": "arow"}}, "router 'arow'"),
     ({"backend": "route", "options": {"top_k": 3}}, "top_k"),
     ({"backend": "route", "options": {"target": "task_prior", "cv_folds": 1}}, "cv_folds: expected an integer >= 2"),
-    ({"backend": "route", "options": {"decision": "utility"}}, "decision 'utility': needs router='learned' with"),
+    ({"backend": "route", "options": {"decision": "utility", "target": "best_expert"}},
+     "decision 'utility': needs router='learned' with"),
     ({"backend": "ensemble", "members": ["cola-lora-r4-s0"]}, "members ['cola-lora-r4-s0'] are not experts"),
     ({"backend": "pe_ensemble", "options": {"kind": "mimo", "be_jitter": 0.1}}, "another kind"),
 ])
@@ -141,7 +143,7 @@ def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_di
     library = ExpertLibrary.load(sorted((out / "experts").iterdir()), tiny_base.fingerprint)
     data = [load_task(t, 8, DATA_SEED, cap, 12) for t, cap in (("sst2", 24), ("rte", 16))]
     validation = {d.task.name: TaskData(d.task, [], d.validation[:8], []) for d in data}
-    again = evaluate(MergeCombiner(tiny_base, method="uniform").fit(library, validation), data)
+    again = evaluate(MergeCombiner(tiny_base, MergeConfig(method="uniform")).fit(library, validation), data)
     mine = next(r for r in written if r["predictor"] == "merge uniform")
     for task in ("sst2", "rte"):
         assert mine["tasks"][task]["score"] == pytest.approx(again["tasks"][task]["score"], abs=1e-9)

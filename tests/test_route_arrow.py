@@ -86,7 +86,7 @@ def test_fused_model_equals_the_reference_with_eight_experts_of_different_ranks(
 
 
 def test_one_expert_with_top_1_is_that_expert(tiny_base, experts):
-    predictor = route(experts[1:2], tiny_base, "arrow", autocast=False)
+    predictor = route(experts[1:2], tiny_base, router="arrow", autocast=False)
     alone = BatchedEnsemble(tiny_base.model, experts[1:2]).member_log_probs(tiny_base.tokenizer, SST2, BATCH,
                                                                             autocast=False)[0].exp()
     torch.testing.assert_close(predictor.predict_proba(SST2, BATCH), alone, rtol=0, atol=1e-6)
@@ -94,13 +94,13 @@ def test_one_expert_with_top_1_is_that_expert(tiny_base, experts):
 
 
 def test_save_load_round_trip_and_errors(tiny_base, other_base, experts, tmp_path):
-    predictor = route(experts[:4], tiny_base, "arrow", top_k=2, temperature={"default": 0.5}, autocast=False)
+    predictor = route(experts[:4], tiny_base, router="arrow", top_k=2, temperature={"default": 0.5}, autocast=False)
     assert isinstance(predictor, ArrowPredictor)
     predictor.save(tmp_path / "arrow")
     loaded = RoutePredictor.load(tmp_path / "arrow", tiny_base)
     assert isinstance(loaded, ArrowPredictor) and loaded.top_k == 2 and loaded.names == predictor.names
     assert torch.equal(loaded.predict_proba(SST2, BATCH), predictor.predict_proba(SST2, BATCH))
     with pytest.raises(ConfigError, match="top_k: 5 is larger than the number of experts"):
-        route(experts[:4], tiny_base, "arrow", top_k=5)
+        route(experts[:4], tiny_base, router="arrow", top_k=5)
     with pytest.raises(ConfigError, match=r"at least one expert|non-empty list"):
-        route([], tiny_base, "arrow")
+        route([], tiny_base, router="arrow")

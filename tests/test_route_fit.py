@@ -99,16 +99,17 @@ def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
     prompt = RoutingData(tiny_base, data, "prompt", autocast=False)
     assert prompt.features.shape[1] == plain.shape[1]
     with pytest.raises(ConfigError, match=r"'shape': 0.*'shape': 2"):
-        route(experts, tiny_base, "learned", validation=data, shape=True, data=prompt, autocast=False)
+        route(experts, tiny_base, router="learned", validation=data, shape=True, data=prompt, autocast=False)
 
 
 def test_learned_router_routes_tasks_apart(tiny_base, experts, data):
-    predictor = route(experts, tiny_base, "learned", validation=data, target="task", autocast=False)
+    predictor = route(experts, tiny_base, router="learned", validation=data, target="task", autocast=False)
     assert predictor.info["validation"]["oracle"] == 1.0
     accuracy = routing_accuracy(predictor, data, "test", against_best=True)
     assert accuracy["oracle"] >= 0.9 and accuracy["tasks"]["stsb"]["oracle"] >= 0.9
     assert 0.0 <= accuracy["best"] <= 1.0
-    best = route(experts, tiny_base, "learned", validation=data, hidden=16, autocast=False)
+    best = route(experts, tiny_base, router="learned", validation=data, target="best_expert", hidden=16,
+                 autocast=False)
     report = best.info["validation"]
     assert report["best"] >= 0.8 and report["best_score"] >= report["oracle_score"] - 1e-9
 
@@ -120,11 +121,11 @@ def test_clustering_is_deterministic_for_a_seed(tiny_base, experts, data):
     b = ClusterRouter.fit(rd.features, scores.quality, clusters=4, seed=3)
     assert torch.equal(a.centroids, b.centroids) and torch.equal(a.table, b.table)
     assert torch.equal(a.assign(rd.features), b.assign(rd.features))
-    one = route(experts, tiny_base, "clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
-    two = route(experts, tiny_base, "clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
+    one = route(experts, tiny_base, router="clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
+    two = route(experts, tiny_base, router="clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
     assert torch.equal(one.router.centroids, two.router.centroids)
     assert rd.scores(experts) is scores  # the experts' answers were computed once
-    curve = quality_curve([1, 2], lambda c: route(experts, tiny_base, "clustered", clusters=c, data=rd,
+    curve = quality_curve([1, 2], lambda c: route(experts, tiny_base, router="clustered", clusters=c, data=rd,
                                                   autocast=False), data, max_examples=4)
     assert [p["value"] for p in curve] == [1, 2] and all(-1 <= p["average"] <= 1 for p in curve)
 
@@ -151,12 +152,12 @@ def test_mbc_groups_experts_by_delta_similarity(tiny_base, experts):
 
 def test_mbc_merges_within_groups_and_routes_across_them(tiny_base, experts, data):
     near = _scaled(experts[0], 1.0, "near", tiny_base)
-    predictor = route([*experts, near], tiny_base, "mbc", mbc_clusters=2, validation=data, target="task",
+    predictor = route([*experts, near], tiny_base, router="mbc", mbc_clusters=2, validation=data, target="task",
                       autocast=False)
     assert predictor.names == ["cluster-0", "cluster-1"]
     assert predictor.info["mbc"]["groups"] == {"cluster-0": ["t0", "near"], "cluster-1": ["t1"]}
     assert predictor.info["validation"]["oracle"] == 1.0
-    zero_shot = route([*experts, near], tiny_base, "mbc", mbc_clusters=2)
+    zero_shot = route([*experts, near], tiny_base, router="mbc", mbc_clusters=2)
     assert type(zero_shot).__name__ == "ArrowPredictor" and len(zero_shot.experts) == 2
 
 
@@ -171,7 +172,7 @@ def test_greedy_subset_curve_under_a_budget(tiny_base, experts, data):
                                            if i != subset.members[0])
     assert [p["budget"] for p in subset.curve] == [1, 2, 3]
     assert sorted(subset.members) == [0, 1, 2] and subset.curve[-1]["members"] == subset.names
-    predictor = route([*experts, extra], tiny_base, "learned", budget=2, data=rd, autocast=False)
+    predictor = route([*experts, extra], tiny_base, router="learned", budget=2, data=rd, autocast=False)
     assert len(predictor.experts) == 2 and predictor.info["subset"]["members"] == predictor.names
 
 

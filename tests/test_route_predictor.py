@@ -62,7 +62,7 @@ def test_top_k_keeps_the_largest_and_renormalises():
 
 @pytest.mark.parametrize("then", ["ensemble", "merge"])
 def test_a_batch_of_mixed_tasks_is_routed_as_one_input_at_a_time(tiny_base, experts, data, then):
-    predictor = route(experts, tiny_base, "learned", top_k=2, then=then, validation=data, autocast=False,
+    predictor = route(experts, tiny_base, router="learned", top_k=2, then=then, validation=data, autocast=False,
                       batch_size=5)
     items = [(td.task, e) for pair in zip(*(td.test[:4] for td in data), strict=True)
              for td, e in zip(data, pair, strict=True)]
@@ -79,7 +79,7 @@ def test_a_batch_of_mixed_tasks_is_routed_as_one_input_at_a_time(tiny_base, expe
 
 
 def test_merge_is_the_linear_merge_of_the_chosen_experts_at_each_inputs_weights(tiny_base, experts, data):
-    predictor = route(experts, tiny_base, "learned", top_k=2, then="merge", validation=data, autocast=False)
+    predictor = route(experts, tiny_base, router="learned", top_k=2, then="merge", validation=data, autocast=False)
     td = data[0]
     indices, weights = predictor.choose(td.task, td.test)
     got = predictor.predict_proba(td.task, td.test)
@@ -93,7 +93,7 @@ def test_merge_is_the_linear_merge_of_the_chosen_experts_at_each_inputs_weights(
 
 @pytest.mark.parametrize("router", ["learned", "clustered", "mbc"])
 def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, data, tmp_path, router):
-    predictor = route(experts, tiny_base, router, top_k=2, validation=data, on="fields", autocast=False,
+    predictor = route(experts, tiny_base, router=router, top_k=2, validation=data, on="fields", autocast=False,
                       clusters=3, mbc_clusters=2, hidden=8, readout="mean_last")
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
@@ -123,7 +123,7 @@ def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, 
 
 
 def test_the_harness_measures_it(tiny_base, experts, data):
-    predictor = route(experts, tiny_base, "clustered", top_k=2, validation=data, clusters=2, autocast=False,
+    predictor = route(experts, tiny_base, router="clustered", top_k=2, validation=data, clusters=2, autocast=False,
                       layer=1)
     result = evaluate(predictor, data)
     assert set(result["tasks"]) == {"sst2", "rte", "stsb"}
@@ -135,23 +135,23 @@ def test_the_harness_measures_it(tiny_base, experts, data):
 
 def test_clear_errors_before_any_work(tiny_base, other_base, experts, data):
     with pytest.raises(ConfigError, match="non-empty list"):
-        route([], tiny_base, "learned", validation=data)
+        route([], tiny_base, router="learned", validation=data)
     with pytest.raises(ConfigError, match=r"top_k: 4 is larger than the number of experts to route to \(3\)"):
-        route(experts, tiny_base, "learned", top_k=4, validation=data)
+        route(experts, tiny_base, router="learned", top_k=4, validation=data)
     with pytest.raises(ConfigError, match=r"top_k: 3 is larger .* \(2\)"):
-        route(experts, tiny_base, "mbc", top_k=3, mbc_clusters=2, validation=data)
+        route(experts, tiny_base, router="mbc", top_k=3, mbc_clusters=2, validation=data)
     with pytest.raises(ConfigError, match="top_k: expected an integer >= 1"):
-        route(experts, tiny_base, "learned", top_k=0, validation=data)
+        route(experts, tiny_base, router="learned", top_k=0, validation=data)
     with pytest.raises(ConfigError, match="fits on the validation split"):
-        route(experts, tiny_base, "clustered")
+        route(experts, tiny_base, router="clustered")
     with pytest.raises(ConfigError, match="router 'random'"):
-        route(experts, tiny_base, "random")
+        route(experts, tiny_base, router="random")
     with pytest.raises(ConfigError, match="then 'sum'"):
         route(experts, tiny_base, then="sum", validation=data)
     with pytest.raises(ConfigError, match="on 'label'"):
         route(experts, tiny_base, on="label", validation=data)
     stranger = random_expert(other_base, "stranger", rank=2, task="sst2")
     with pytest.raises(CompatibilityError, match="base fingerprint"):
-        route([*experts, stranger], tiny_base, "arrow")
+        route([*experts, stranger], tiny_base, router="arrow")
     with pytest.raises(CompatibilityError, match="base fingerprint"):
-        route([stranger], tiny_base, "learned", validation=data)
+        route([stranger], tiny_base, router="learned", validation=data)

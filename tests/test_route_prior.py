@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from adapterfuse.backends.ensemble.cache import MemberCache
+from adapterfuse.backends.options import validate_options
 from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.config import RouteConfig
 from adapterfuse.backends.route.crossval import PRIOR_GRID, choose_prior_weight, stratified_folds
 from adapterfuse.backends.route.data import PoolScores, example_quality
 from adapterfuse.backends.route.features import SHAPE_DIM
 from adapterfuse.backends.route.predictor import RoutePredictor
 from adapterfuse.backends.route.routers.base import Projection
-from adapterfuse.backends.route.routers.learned import LearnedRouter, check_fit_options, routing_loss
+from adapterfuse.backends.route.routers.learned import LearnedRouter, routing_loss
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.conftest import write_glue_dir
@@ -78,12 +80,12 @@ def test_cross_validation_leaves_the_own_expert_only_when_that_scores_better_out
 
 
 @pytest.mark.parametrize(("prior_weight", "cv_folds", "pca", "match"), [
-    (-0.5, 5, None, "prior_weight: expected a finite number >= 0"), (float("inf"), 5, None, "prior_weight"),
+    (-0.5, 5, None, "prior_weight: expected a number >= 0"), (float("inf"), 5, None, "prior_weight: expected a finite"),
     (None, 1, None, "cv_folds: expected an integer >= 2, got 1"), (None, 2.0, None, "cv_folds"),
     (None, 5, 0, "pca: expected an integer >= 1"), (None, 5, True, "pca")])
 def test_bad_fit_options_are_refused(prior_weight, cv_folds, pca, match):
     with pytest.raises(ConfigError, match=match):
-        check_fit_options(prior_weight, cv_folds, pca)
+        validate_options(RouteConfig, {"prior_weight": prior_weight, "cv_folds": cv_folds, "pca": pca}, "route")
 
 
 def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base, tmp_path):
@@ -91,18 +93,21 @@ def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]
     experts = [random_expert(tiny_base, f"p{i}", rank=2, seed=i, scale=2.0, task=t)
                for i, t in enumerate(("sst2", "rte"))]
-    first = route(experts, tiny_base, "learned", validation=data, target="task_prior", cv_folds=4, autocast=False)
-    again = route(experts, tiny_base, "learned", validation=data, target="task_prior", cv_folds=4, autocast=False)
+    first = route(experts, tiny_base, router="learned", validation=data, target="task_prior", cv_folds=4,
+                  autocast=False)
+    again = route(experts, tiny_base, router="learned", validation=data, target="task_prior", cv_folds=4,
+                  autocast=False)
     cv = first.info["prior_cv"]
     assert cv["folds"] == 4 and first.info["prior_weight"] == cv["chosen"] in PRIOR_GRID
     assert cv == again.info["prior_cv"]
     assert all(torch.equal(a, b) for a, b in zip(first.router.tensors().values(), again.router.tensors().values(),
                                                  strict=True))
-    fixed = route(experts, tiny_base, "learned", validation=data, target="task_prior", prior_weight=1.0,
+    fixed = route(experts, tiny_base, router="learned", validation=data, target="task_prior", prior_weight=1.0,
                   autocast=False)
     assert "prior_cv" not in fixed.info and fixed.info["prior_weight"] == 1.0
     with pytest.raises(ConfigError, match="prior_weight"):  # refused before any expert folder is read
-        route([tmp_path / "missing"], tiny_base, "learned", validation=data, target="task_prior", prior_weight=-1.0)
+        route([tmp_path / "missing"], tiny_base, router="learned", validation=data, target="task_prior",
+              prior_weight=-1.0)
 
 
 def test_projection_keeps_top_components_and_passes_the_shape_through():
@@ -140,7 +145,7 @@ def test_route_on_fields_with_pca_projects_the_content_and_keeps_the_shape(tiny_
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]
     experts = [random_expert(tiny_base, f"q{i}", rank=2, seed=i, scale=2.0, task=t)
                for i, t in enumerate(("sst2", "rte"))]
-    predictor = route(experts, tiny_base, "learned", validation=data, on="fields", pca=3, target="task",
+    predictor = route(experts, tiny_base, router="learned", validation=data, on="fields", pca=3, target="task",
                       autocast=False)
     assert predictor.router.projection.keep == SHAPE_DIM and predictor.router.config()["dim"] == 3 + SHAPE_DIM
     predictor.save(tmp_path / "routed")

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from adapterfuse.backends.ensemble.cache import MemberCache
+from adapterfuse.backends.options import validate_options
 from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.config import RouteConfig
 from adapterfuse.backends.route.data import PoolScores, example_quality
 from adapterfuse.backends.route.predictor import RoutePredictor
 from adapterfuse.backends.route.routers.base import keep_top_k
 from adapterfuse.backends.route.routers.learned import LearnedRouter
-from adapterfuse.backends.route.routers.utility import UtilityRouter, check_decision, expected_scores, utility_matrix
+from adapterfuse.backends.route.routers.utility import UtilityRouter, expected_scores, utility_matrix
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.conftest import write_glue_dir
@@ -98,7 +100,7 @@ def test_the_choice_is_the_best_expected_score_not_the_likeliest_task():
     ("utility", "clustered", "task", "got router='clustered'")])
 def test_bad_decisions_are_refused(decision, router, target, match):
     with pytest.raises(ConfigError, match=match):
-        check_decision(decision, router, target)
+        validate_options(RouteConfig, {"decision": decision, "router": router, "target": target}, "route")
 
 
 def test_route_with_the_utility_decision_chooses_by_expected_score_and_saves(tiny_base, tmp_path):
@@ -106,7 +108,7 @@ def test_route_with_the_utility_decision_chooses_by_expected_score_and_saves(tin
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte", "stsb")]
     experts = [random_expert(tiny_base, f"u{i}", rank=2, seed=i, scale=2.0, task=t)
                for i, t in enumerate(("sst2", "rte", "stsb"))]
-    predictor = route(experts, tiny_base, "learned", top_k=2, validation=data, on="fields", target="task",
+    predictor = route(experts, tiny_base, router="learned", top_k=2, validation=data, on="fields", target="task",
                       decision="utility", autocast=False)
     router = predictor.router
     assert isinstance(router, UtilityRouter) and isinstance(router.inner, LearnedRouter)
@@ -123,5 +125,5 @@ def test_route_with_the_utility_decision_chooses_by_expected_score_and_saves(tin
     for td in data:
         assert torch.equal(loaded.predict_proba(td.task, td.test), predictor.predict_proba(td.task, td.test))
     with pytest.raises(ConfigError, match="decision 'utility': needs"):  # refused before any folder is read
-        route([tmp_path / "missing"], tiny_base, "learned", validation=data, target="best_expert",
+        route([tmp_path / "missing"], tiny_base, router="learned", validation=data, target="best_expert",
               decision="utility")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from pydantic import BaseModel
+
+from adapterfuse.backends.options import choices
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,3 +26,34 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def optional_int(text: str) -> int | None:
+    """argparse type: an integer, or ``None`` for the words ``none``/``null`` (the option's unset value)."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
+
+
+def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel],
+                       options: dict[str, tuple[Any, str]]) -> None:
+    """Add one flag per config field (``top_k`` -> ``--top-k``) whose value reaches the namespace only when given.
+
+    The model, not argparse, holds the defaults and the checks: a flag left out is left to the model's
+    default, and a bad value fails in the model with the message the API gives. The help shows the
+    model's choices and default.
+
+    Args:
+        parser: the (sub)parser or argument group.
+        model: the backend's config model.
+        options: field -> (argparse type, help text).
+    """
+    for field, (kind, text) in options.items():
+        info = model.model_fields[field]
+        known = choices(info.annotation)
+        shown = f"one of {', '.join(known)}; " if known else ""
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=argparse.SUPPRESS,
+                            help=f"{text} ({shown}default {info.default})")

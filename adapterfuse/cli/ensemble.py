@@ -11,8 +11,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.backends.ensemble.pooling import POOLINGS
-from adapterfuse.cli.common import positive_int
+from adapterfuse.backends.ensemble.config import EnsembleConfig
+from adapterfuse.cli.common import add_config_options, positive_int
+
+OPTIONS: dict[str, tuple[Any, str]] = {
+    "pooling": (str, "how the members' distributions are pooled"),
+    "weights": (str, "uniform | learned | w1,w2,... (one per expert)"),
+    "select": (str, "greedy | topK (e.g. top3); chosen on the validation split"),
+    "temperature": (float, "pooling temperature (uniform or given weights)"),
+    "metric": (str, "what selection maximises"),
+    "batch_size": (int, "inputs per batch (x K rows)"),
+    "max_length": (int, "tokens per input"),
+    "seed": (int, "seed of the weight fit"),
+}
+"""Ensemble options the command takes: field of EnsembleConfig -> (argparse type, help)."""
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,9 +41,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Ensemble experts (linear or log-linear pooling; uniform, given or learned weights; optional "
                     "greedy/top-K selection on the validation split), evaluate on the test split, save it.")
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders (the candidate members)")
-    p.add_argument("--pooling", default="log_linear", choices=list(POOLINGS))
-    p.add_argument("--weights", default="uniform", help="uniform | learned | w1,w2,... (one per expert)")
-    p.add_argument("--select", default=None, help="greedy | topK (e.g. top3); chosen on the validation split")
     p.add_argument("--tasks", required=True, help="comma-separated task names (fit on validation, score on test)")
     p.add_argument("--out", required=True, type=Path, help="ensemble folder to write")
     p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
@@ -40,13 +49,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "on it")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
     p.add_argument("--max-eval-examples", type=positive_int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0, help="pooling temperature (uniform or given weights)")
-    p.add_argument("--metric", default="score", choices=["score", "nll"], help="what selection maximises")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per batch (x K rows)")
-    p.add_argument("--no-autocast", action="store_true", help="score in fp32 instead of bf16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weight fit")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
+    group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")
+    add_config_options(group, EnsembleConfig, OPTIONS)
+    group.add_argument("--no-autocast", dest="autocast", action="store_false", default=argparse.SUPPRESS,
+                       help="score in fp32 instead of bf16 autocast")
     p.set_defaults(handler=run)
     return p
 
@@ -74,10 +83,9 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: bad arguments (checked before the base is loaded), incompatible experts,
             missing data, or an existing ``--out`` without ``--overwrite``.
     """
+    from adapterfuse.backends.ensemble.config import check_ensemble
     from adapterfuse.backends.ensemble.fit import ensemble
-    from adapterfuse.backends.ensemble.pooling import check_pooling, check_temperature, check_weights
-    from adapterfuse.backends.ensemble.select import parse_select
-    from adapterfuse.backends.ensemble.weights import parse_weights
+    from adapterfuse.backends.options import validate_options
     from adapterfuse.base import load_base
     from adapterfuse.harness import evaluate, results_table
     from adapterfuse.io.atomic import check_output, write_json
@@ -85,23 +93,17 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)
-    check_pooling(args.pooling)
-    weights = parse_weights(args.weights)
-    selecting = parse_select(args.select) is not None
-    check_temperature(args.temperature)
+    config = validate_options(EnsembleConfig, {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields},
+                              "ensemble")
     check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
-    if isinstance(weights, list):
-        check_weights(weights, [e.name for e in library], args.pooling)  # before the base is loaded
+    check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
     for note in [*library.notes, *_carve_notes(library, args.validation_size, args.data_seed)]:
         print(note, file=sys.stderr)
     base = load_base(args.base)
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
-    fitting = weights == "learned" or selecting
-    predictor = ensemble(library, base, args.pooling, weights, args.select, validation=data if fitting else None,
-                         temperature=args.temperature, metric=args.metric, seed=args.seed,
-                         batch_size=args.batch_size, autocast=not args.no_autocast)
+    predictor = ensemble(library, base, config, validation=data if config.fits else None)
     result = evaluate(predictor, data, split="test", max_examples=args.max_eval_examples)
     result["ensemble"] = {"members": predictor.names, "pooling": predictor.pooling, "weights": predictor.weights,
                           "temperature": predictor.temperature, "info": predictor.info}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from adapterfuse.backends.merge.config import MergeConfig, all_methods
 from adapterfuse.errors import ConfigError
 
 HELP = "merge experts into one adapter (uniform, task_arithmetic, ties, dare_*, greedy_soup, learned)"
@@ -36,15 +36,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--lambda, λ methods choose λ on the validation split of --tasks when given, else use λ = 1; "
         "--tasks is ignored by methods that fit nothing."))
     p.add_argument("--experts", nargs="+", required=True, help="expert folders or Hub ids (owner/name)")
-    p.add_argument("--method", default="ties", help="uniform, task_arithmetic, ties, dare_linear, dare_ties, "
-                   "greedy_soup or learned (default ties)")
+    p.add_argument("--method", default=argparse.SUPPRESS, help=f"one of {', '.join(all_methods())} "
+                   f"(default {MergeConfig.model_fields['method'].default})")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
-    p.add_argument("--weights", default=None, help="comma-separated weights, one per expert")
-    p.add_argument("--density", type=float, default=None, help="kept fraction for TIES/DARE, in (0, 1]")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="scale λ of the summed update")
-    p.add_argument("--rank", type=int, default=None, help="output rank per module")
+    # Method parameters: only those given reach the namespace; each method's parameter model holds the
+    # defaults and the checks.
+    p.add_argument("--weights", default=argparse.SUPPRESS, help="comma-separated weights, one per expert")
+    p.add_argument("--density", type=float, default=argparse.SUPPRESS, help="kept fraction for TIES/DARE, in (0, 1]")
+    p.add_argument("--lambda", dest="lam", type=float, default=argparse.SUPPRESS, help="scale λ of the summed update")
+    p.add_argument("--rank", type=int, default=argparse.SUPPRESS, help="output rank per module")
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of every random choice (default 0)")
     p.add_argument("--full", action="store_true", help="write the merged full model instead of an adapter")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks whose validation split fits λ/soup/weights")
@@ -103,29 +105,31 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_args(args: argparse.Namespace) -> tuple[list[float] | None, dict[str, Any], bool]:
-    """Everything that needs no file: numbers, method, parameters, weight count, the output folder.
+def _check_args(args: argparse.Namespace) -> tuple[MergeConfig, bool]:
+    """Everything that needs no file: the options (by :class:`MergeConfig`), weight count, the output folder.
 
     Returns:
-        ``(weights, params, uses_validation)``; the last says whether ``--tasks`` will be used.
+        ``(config, uses_validation)``; the last says whether ``--tasks`` will be used.
     """
-    from adapterfuse.backends.merge.api import prepare
+    from adapterfuse.backends.merge.config import check_merge
+    from adapterfuse.backends.options import validate_options
     from adapterfuse.io.atomic import check_output
 
-    weights = parse_weights(args.weights)
+    options = {k: getattr(args, k) for k in ("method", "density", "lam", "rank", "seed") if hasattr(args, k)}
+    if hasattr(args, "weights"):
+        options["weights"] = parse_weights(args.weights)
     params = parse_params(args.param)
+    twice = sorted(set(options) & set(params))
+    if twice:
+        raise ConfigError(f"--param: {twice} also given as flags; give each parameter once")
     if args.validation_size < 1:
         raise ConfigError(f"--validation-size: expected >= 1, got {args.validation_size}")
-    for name in ("density", "lam"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"--{'lambda' if name == 'lam' else name}: expected a finite number, got {value}")
-    request = prepare(len(args.experts), args.method, weights, args.density, args.rank, args.lam, args.seed,
-                      **params)
-    if request.search is not None and not args.tasks:
-        raise ConfigError(f"--method {args.method} fits on validation data: give --tasks (and --base)")
+    config = validate_options(MergeConfig, {**options, **params}, "merge")
+    check_merge(config, len(args.experts))
+    if config.search is not None and not args.tasks:
+        raise ConfigError(f"--method {config.method} fits on validation data: give --tasks (and --base)")
     check_output(args.out, args.overwrite)
-    return weights, params, bool(args.tasks) and (request.search is not None or request.lambda_search)
+    return config, bool(args.tasks) and (config.search is not None or config.lambda_search)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from adapterfuse.backends.merge.api import merge
 
-    weights, params, uses_validation = _check_args(args)
+    config, uses_validation = _check_args(args)
     base = validation = None
     if args.eval and not args.tasks:
         raise ConfigError("--eval: scores the merge on the test split of --tasks; give --tasks T1,T2,...")
@@ -152,9 +156,8 @@ def run(args: argparse.Namespace) -> int:
         if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
             validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
         base = load_base(args.base)
-    adapter = merge(args.experts, args.method, weights=weights, density=args.density, rank=args.rank,
-                    lam=args.lam, seed=args.seed, base=base, validation=validation if uses_validation else None,
-                    allow_pickle=args.allow_pickle, **params)
+    adapter = merge(args.experts, config, base=base, validation=validation if uses_validation else None,
+                    allow_pickle=args.allow_pickle)
     if args.eval:
         adapter.evaluate_on(base, validation)
     path = adapter.save_pretrained(args.out, overwrite=args.overwrite, full=args.full, base=base)

@@ -11,9 +11,38 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.backends.route.features import DEFAULT_LAYER, ON, READOUTS
-from adapterfuse.backends.route.routers.learned import TARGETS
-from adapterfuse.cli.common import positive_int
+from adapterfuse.backends.route.config import RouteConfig
+from adapterfuse.cli.common import add_config_options, optional_int, positive_int
+
+OPTIONS: dict[str, tuple[Any, str]] = {
+    "router": (str, "how inputs are routed"),
+    "top_k": (int, "experts kept per input (per token for arrow)"),
+    "then": (str, "pool or merge the chosen experts"),
+    "on": (str, "route on the prompt or on the raw input fields"),
+    "layer": (int, "feature layer (0 embeddings, -1 last)"),
+    "readout": (str, "features: the mean over tokens, or the mean and the last token's state"),
+    "target": (str, "what the learned router learns (best_expert is the older choice)"),
+    "prior_weight": (float, "target task_prior: weight of the prior towards the task's expert (None: cross-validated)"),
+    "cv_folds": (int, "folds of that cross-validation"),
+    "pca": (optional_int, "learned router: project features onto this many principal components first"),
+    "decision": (str, "most probable experts, or (learned, target task) highest expected validation score"),
+    "hidden": (int, "hidden size of the learned router (0: linear)"),
+    "epochs": (int, "full-batch training steps of the learned router"),
+    "lr": (float, "learning rate of the learned router"),
+    "clusters": (optional_int, "k-means clusters (None: the number of experts)"),
+    "cluster_temperature": (float, "softmax temperature of each cluster's expert distribution"),
+    "mbc_clusters": (optional_int, "expert groups for --router mbc"),
+    "mbc_router": (str, "the router across MBC groups (None: learned)"),
+    "mbc_merge": (str, "how an MBC group is merged"),
+    "sketch": (optional_int, "MBC similarity from a sketch of this side (None: exact)"),
+    "temperature": (float, "Arrow's softmax temperature"),
+    "budget": (optional_int, "keep at most this many experts (greedy by validation gain)"),
+    "pooling": (str, "pooling of the chosen experts"),
+    "batch_size": (int, "inputs per batch"),
+    "max_length": (int, "tokens per input"),
+    "seed": (int, "seed of k-means, the router fit, sketches"),
+}
+"""Routing options the command takes: field of RouteConfig -> (argparse type, help)."""
 
 HELP = "route each input to its top-k experts (learned, clustered, mbc, arrow), then pool or merge them"
 
@@ -31,42 +60,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "Fit a router on the validation split of --tasks (no task id at test time), evaluate it on their test "
         "split (and on --eval-tasks, test only), print the table with routing accuracy, and save it."))
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders")
-    p.add_argument("--router", default="learned", choices=["learned", "clustered", "mbc", "arrow"])
-    p.add_argument("--top-k", type=positive_int, default=1, help="experts kept per input (per token for arrow)")
-    p.add_argument("--then", default="ensemble", choices=["ensemble", "merge"], help="pool or merge the chosen")
-    p.add_argument("--on", default="prompt", choices=list(ON), help="route on the prompt or the raw input fields")
     p.add_argument("--tasks", required=True, help="comma-separated tasks (fit on validation, score on test)")
     p.add_argument("--eval-tasks", default=None, help="extra tasks scored on their dev split only (held out)")
     p.add_argument("--out", required=True, type=Path, help="route folder to write")
     p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
-    p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="feature layer (0 embeddings, -1 last)")
-    p.add_argument("--readout", default="mean", choices=list(READOUTS),
-                   help="features: the mean over tokens, or the mean and the last token's state")
-    p.add_argument("--target", default="best_expert", choices=list(TARGETS), help="what the learned router learns")
-    p.add_argument("--prior-weight", type=float, default=None,
-                   help="--target task_prior: weight of the prior towards the task's expert (default: cross-validated)")
-    p.add_argument("--cv-folds", type=int, default=5, help="folds of that cross-validation")
-    p.add_argument("--pca", type=int, default=None, help="learned router: project features onto this many principal "
-                   "components first (the text's shape passes through)")
-    p.add_argument("--decision", default="probability", choices=["probability", "utility"],
-                   help="keep the most probable experts, or (learned, --target task) those of highest expected "
-                   "validation score under the task posterior")
-    p.add_argument("--hidden", type=int, default=0, help="hidden size of the learned router (0: linear)")
-    p.add_argument("--clusters", type=positive_int, default=None, help="k-means clusters (default: experts)")
-    p.add_argument("--mbc-clusters", type=positive_int, default=None, help="expert groups for --router mbc")
-    p.add_argument("--mbc-router", default=None, choices=["learned", "clustered", "arrow"])
-    p.add_argument("--sketch", type=positive_int, default=None, help="MBC similarity from a sketch of this side")
-    p.add_argument("--temperature", type=float, default=1.0, help="Arrow's softmax temperature")
-    p.add_argument("--budget", type=positive_int, default=None, help="keep at most this many experts (greedy)")
-    p.add_argument("--pooling", default="linear", choices=["linear", "log_linear"])
     p.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
     p.add_argument("--max-eval-examples", type=positive_int, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--no-autocast", action="store_true", help="score in fp32 instead of bf16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="seed of k-means, the router fit, sketches")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
+    group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
+    add_config_options(group, RouteConfig, OPTIONS)
+    group.add_argument("--no-autocast", dest="autocast", action="store_false", default=argparse.SUPPRESS,
+                       help="score in fp32 instead of bf16 autocast")
     p.set_defaults(handler=run)
     return p
 
@@ -88,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: bad arguments (checked before the base is loaded), incompatible experts,
             missing data, or an existing ``--out`` without ``--overwrite``.
     """
-    from adapterfuse.backends.route.api import check_arguments, route, routing_accuracy
+    from adapterfuse.backends.options import validate_options
+    from adapterfuse.backends.route.api import route, routing_accuracy
+    from adapterfuse.backends.route.config import check_route
     from adapterfuse.backends.route.predictor import RoutePredictor
-    from adapterfuse.backends.route.routers.learned import check_fit_options
     from adapterfuse.base import load_base
     from adapterfuse.harness import evaluate, results_table
     from adapterfuse.io.atomic import check_output, write_json
@@ -98,11 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)
-    across = args.mbc_router or "learned"
-    kind = across if args.router == "mbc" else args.router
-    check_arguments(args.router, args.top_k, args.then, args.on, args.target, args.pooling, len(args.experts),
-           args.mbc_clusters, across, kind != "arrow" or args.budget is not None, True, None, args.decision)
-    check_fit_options(args.prior_weight, args.cv_folds, args.pca)
+    given = {k: v for k, v in vars(args).items() if k in RouteConfig.model_fields}
+    config = validate_options(RouteConfig, given, "route")
+    check_route(config, len(args.experts), has_data=True)
     check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
     for note in library.notes:
@@ -110,13 +116,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_base(args.base)
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
-    predictor = route(library, base, args.router, args.top_k, args.then, validation=data, on=args.on,
-                      layer=args.layer, readout=args.readout, target=args.target, hidden=args.hidden,
-                      prior_weight=args.prior_weight, cv_folds=args.cv_folds, pca=args.pca,
-                      decision=args.decision,
-                      clusters=args.clusters, mbc_clusters=args.mbc_clusters, mbc_router=across, sketch=args.sketch,
-                      temperature=args.temperature, budget=args.budget, pooling=args.pooling, seed=args.seed,
-                      batch_size=args.batch_size, autocast=not args.no_autocast)
+    predictor = route(library, base, config, validation=data)
     scored = data + _held_out(args.eval_tasks, args.max_eval_examples, args.data_seed)
     result = evaluate(predictor, scored, split="test", max_examples=args.max_eval_examples)
     result["route"] = {"experts": predictor.names, "info": predictor.info}

@@ -1,25 +1,24 @@
 """The checks ``adapterfuse run --dry-run`` makes without loading a model or reading a weight.
 
-Each combiner's options go through the same validators its backend runs first (unknown option,
-unknown method or router, weight count, density range …); experts already on disk are compared by
-their config files and safetensors headers (base fingerprint, module shapes).
+Each combiner's options go through its backend's config model and then the checks that need the
+member count (unknown option, unknown method or router, weight count, density range …), as in the API;
+experts already on disk are compared by their config files and safetensors headers (base fingerprint, module shapes).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
+from adapterfuse.backends.base import backend_config
+from adapterfuse.backends.ensemble.config import check_ensemble
+from adapterfuse.backends.merge.config import check_merge
+from adapterfuse.backends.route.config import check_route
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
-
-# Arguments a recipe supplies itself; a combiner's options may not set them.
-_SUPPLIED = {"experts", "base", "validation", "data", "name", "allow_pickle", "task", "config", "out", "overwrite",
-             "callback", "progress"}
 
 
 def expert_names(recipe: Recipe) -> list[str]:
@@ -29,58 +28,44 @@ def expert_names(recipe: Recipe) -> list[str]:
     return [name for _, name, _ in recipe.trained_experts()]
 
 
-def _check_keys(entry: CombinerEntry, fn: Any) -> None:
-    allowed = set(inspect.signature(fn).parameters) - _SUPPLIED
-    unknown = sorted(set(entry.options) - allowed)
-    if unknown:
-        raise ConfigError(f"combiner {entry.label!r}: unknown option(s) {unknown} for backend {entry.backend!r}; "
-                          f"expected some of {sorted(allowed)}")
-
-
 def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
     """Validate one combiner's options the way its backend will, before anything is loaded.
 
     Raises:
         ConfigError: an unknown member, option, method, router or kind, or a bad value.
     """
-    from adapterfuse.backends.ensemble.fit import check_options, ensemble
-    from adapterfuse.backends.merge.api import prepare
-    from adapterfuse.backends.route.api import check_arguments, route
-    from adapterfuse.backends.route.routers.learned import check_fit_options
-    from adapterfuse.train.pe.options import parse_options
-
     names = expert_names(recipe)
     missing = sorted(set(entry.members or []) - set(names))
     if missing:
         raise ConfigError(f"combiner {entry.label!r}: members {missing} are not experts of this recipe; "
                           f"expected some of {names}")
-    n, opts = len(entry.members or names), dict(entry.options)
-    if entry.backend == "merge":
-        supplied = sorted(set(opts) & _SUPPLIED)
-        if supplied:
-            raise ConfigError(f"combiner {entry.label!r}: options {supplied} are supplied by the recipe; remove them")
-        request = {k: v for k, v in opts.items() if k not in ("lambda_grid", "autocast", "batch_size")}
-        prepare(n, **{"method": "ties", **request})
-    elif entry.backend == "ensemble":
-        _check_keys(entry, ensemble)
-        check_options(entry.members or names, opts.get("pooling", "log_linear"), opts.get("weights", "uniform"),
-                      opts.get("select"), True, opts.get("temperature", 1.0), opts.get("metric", "score"))
-    elif entry.backend == "route":
-        _check_keys(entry, route)
-        router = opts.get("router", "learned")
-        across = opts.get("mbc_router") or "learned"
-        check_arguments(router, opts.get("top_k", 1), opts.get("then", "ensemble"), opts.get("on", "prompt"),
-                        opts.get("target", "best_expert"), opts.get("pooling", "linear"), n, opts.get("mbc_clusters"),
-                        across, False, True, None, opts.get("decision", "probability"))
-        check_fit_options(opts.get("prior_weight"), opts.get("cv_folds", 5), opts.get("pca"))
-    else:
-        if recipe.experts.paths:
-            raise ConfigError(f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "
-                              "needs the recipe to train experts; remove experts.paths or this combiner")
-        rest = {k: v for k, v in opts.items() if k not in ("kind", "members")}
-        task = next(iter(recipe.tasks))
-        parse_options(opts.get("kind", "batchensemble"), opts.get("members", 4),
-                      recipe.train_config(task, recipe.experts.seeds[0]), rest)
+    members, opts = entry.members or names, dict(entry.options)
+    if entry.backend == "pe_ensemble":
+        _check_pe(entry, recipe, opts)
+        return
+    try:
+        config = backend_config(entry.backend, opts)
+        if entry.backend == "merge":
+            check_merge(config, len(members))  # type: ignore[arg-type]
+        elif entry.backend == "ensemble":
+            check_ensemble(config, members, has_validation=True)  # type: ignore[arg-type]
+        else:
+            check_route(config, len(members), has_data=True)  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise ConfigError(f"combiner {entry.label!r}: {e}") from None
+
+
+def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> None:
+    """A pe_ensemble combiner: it trains its own members, so the recipe must train experts."""
+    from adapterfuse.train.pe.options import parse_options
+
+    if recipe.experts.paths:
+        raise ConfigError(f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "
+                          "needs the recipe to train experts; remove experts.paths or this combiner")
+    rest = {k: v for k, v in opts.items() if k not in ("kind", "members")}
+    task = next(iter(recipe.tasks))
+    parse_options(opts.get("kind", "batchensemble"), opts.get("members", 4),
+                  recipe.train_config(task, recipe.experts.seeds[0]), rest)
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
@@ -162,21 +163,27 @@ def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseMod
     return TaskwisePredictor(entry.label, by_task)
 
 
+def _options(entry: CombinerEntry) -> dict[str, Any]:
+    """A merge/ensemble/route combiner's options; the predictor's name is the entry's label."""
+    model = BACKENDS[entry.backend][0]
+    return {**entry.options, "name": entry.label} if "name" in model.model_fields else dict(entry.options)
+
+
 def _fit(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, library: ExpertLibrary,
          data: dict[str, TaskData], validation: dict[str, TaskData]) -> Predictor:
-    from adapterfuse.backends.ensemble.fit import EnsembleCombiner
-    from adapterfuse.backends.merge.api import MergeCombiner
-    from adapterfuse.backends.route.api import RouteCombiner
-
     if entry.backend == "pe_ensemble":
         return _pe_ensembles(entry, recipe, out, base, data)
-    members = ExpertLibrary([library[n] for n in entry.members]) if entry.members else library
-    if entry.backend == "merge":  # MergeCombiner names its predictor itself
-        predictor = MergeCombiner(base, **entry.options).fit(members, validation)
-        predictor.name = entry.label
-        return predictor
-    combiner = EnsembleCombiner if entry.backend == "ensemble" else RouteCombiner
-    return combiner(base, **entry.options, name=entry.label).fit(members, validation)
+    predictor = make_combiner(entry.backend, base, _options(entry), entry.members).fit(library, validation)
+    predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
+    return predictor
+
+
+def _setting(entry: CombinerEntry) -> dict[str, Any]:
+    """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
+    changed default does not reuse a result fitted with the old one)."""
+    if entry.backend not in BACKENDS:
+        return entry.model_dump()
+    return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
 
 
 def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
@@ -243,7 +250,7 @@ def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
     if "oracle" in h.baselines:
         measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library))
     for entry in recipe.combiners:
-        measure(entry.label, entry.model_dump(), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
+        measure(entry.label, _setting(entry), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
     write_json(out / "results.json", summary)

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from adapterfuse.backends.base import BACKENDS as CONFIGURED
+from adapterfuse.backends.base import backend_config
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import TASKS
 from adapterfuse.train.config import TrainConfig
@@ -73,7 +75,18 @@ class CombinerEntry(_Strict):
     backend: Literal["merge", "ensemble", "route", "pe_ensemble"]
     name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
     members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="validated by the backend's config model")
+
+    @field_validator("options")
+    @classmethod
+    def _backend_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The options the backend's own config model accepts, checked by it (as the API and the CLI do)."""
+        backend = info.data.get("backend")
+        if backend in CONFIGURED:
+            if "name" in value:
+                raise ValueError("name: a combiner's row label is its entry's 'name', not an option; move it there")
+            backend_config(backend, value)
+        return value
 
     @property
     def label(self) -> str:

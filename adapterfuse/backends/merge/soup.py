@@ -140,7 +140,7 @@ def greedy_soup(experts: Any, base: BaseModel, validation: Sequence[TaskData], m
     """
     from adapterfuse.backends.merge.api import merge  # api registers this module, so import it lazily
 
-    return merge(experts, "greedy_soup", base=base, validation=validation, combine=method, **kwargs)
+    return merge(experts, method="greedy_soup", base=base, validation=validation, combine=method, **kwargs)
 
 
 METHOD = SearchMethod(

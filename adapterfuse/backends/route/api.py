@@ -1,191 +1,122 @@
 """``route()``: experts in, a routed :class:`~adapterfuse.predictor.Predictor` out; and its reports.
 
-Every argument that can be checked without a weight is checked first (router, then, on, target,
-pooling, top_k against the number of experts or clusters, validation data where a router fits on it);
+Every option is checked first, by :class:`~adapterfuse.backends.route.config.RouteConfig` and then
+against the number of experts and the validation data (:func:`~adapterfuse.backends.route.config.check_route`);
 then the experts are loaded and checked together against the base; only then does anything run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from adapterfuse.backends.options import validate_options
+from adapterfuse.backends.route.config import RouteConfig, check_route
 from adapterfuse.backends.route.crossval import choose_prior_weight
 from adapterfuse.backends.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score, top1_score
-from adapterfuse.backends.route.features import DEFAULT_LAYER, check_on, check_readout, default_shape, resolve_layer
-from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor, check_then
+from adapterfuse.backends.route.features import default_shape, resolve_layer
+from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor
 from adapterfuse.backends.route.routers.base import Router, check_top_k
 from adapterfuse.backends.route.routers.cluster import ClusterRouter
-from adapterfuse.backends.route.routers.learned import LearnedRouter, check_fit_options, check_target, target_labels
+from adapterfuse.backends.route.routers.learned import LearnedRouter, target_labels
 from adapterfuse.backends.route.routers.mbc import mbc_pool
-from adapterfuse.backends.route.routers.utility import UtilityRouter, check_decision, utility_matrix
+from adapterfuse.backends.route.routers.utility import UtilityRouter, utility_matrix
 from adapterfuse.backends.route.subset import greedy_subset
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import evaluate
-from adapterfuse.head import DEFAULT_MAX_LENGTH
 from adapterfuse.library import ExpertLibrary, count_experts, load_library
 from adapterfuse.predictor import MultiTaskData, Predictor
 from adapterfuse.tasks.spec import TaskData
 
-ROUTERS = ("learned", "clustered", "mbc", "arrow")
-ACROSS = ("learned", "clustered", "arrow")
 
-
-def check_arguments(router: str, top_k: int, then: str, on: str, target: str, pooling: str, n_experts: int,
-                    mbc_clusters: int | None, across: str, needs_validation: bool, validation: Any,
-                    data: Any, decision: str = "probability") -> None:
-    """The checks that read no weight, in the order a user would fix them (the CLI runs them first too).
-
-    Raises:
-        ConfigError: naming the argument at fault.
-    """
-    if router not in ROUTERS:
-        raise ConfigError(f"router {router!r}: unknown; expected one of {', '.join(ROUTERS)}")
-    check_then(then)
-    check_on(on)
-    check_target(target)
-    check_decision(decision, router, target)
-    if pooling not in ("linear", "log_linear"):
-        raise ConfigError(f"pooling {pooling!r}: unknown; expected 'linear' or 'log_linear'")
-    if across not in ACROSS:
-        raise ConfigError(f"mbc_router {across!r}: unknown; expected one of {', '.join(ACROSS)}")
-    routed_to = n_experts
-    if router == "mbc":
-        if mbc_clusters is None or isinstance(mbc_clusters, bool) or not 1 <= mbc_clusters <= n_experts:
-            raise ConfigError(f"mbc_clusters: expected an integer in 1 .. {n_experts} (the number of experts), "
-                              f"got {mbc_clusters!r}")
-        routed_to = mbc_clusters
-    check_top_k(top_k, routed_to)
-    if needs_validation and not validation and data is None:
-        raise ConfigError(f"validation: router {router!r} fits on the validation split, got none; pass "
-                          "validation=[TaskData, ...] (or router='arrow', which needs no data)")
-
-
-def route(experts: Any, base: BaseModel, router: str = "learned", top_k: int = 1, then: str = "ensemble",
-          validation: Sequence[TaskData] | None = None, on: str = "prompt", *, layer: int = DEFAULT_LAYER,
-          shape: bool | int | None = None, readout: str = "mean", target: str = "best_expert", hidden: int = 0,
-          epochs: int = 300, lr: float = 1e-2, prior_weight: float | None = None, cv_folds: int = 5,
-          pca: int | None = None, decision: str = "probability",
-          clusters: int | None = None, cluster_temperature: float = 1.0, mbc_clusters: int | None = None,
-          mbc_router: str | None = None, sketch: int | None = None, mbc_merge: str = "uniform",
-          temperature: float | Mapping[str, float] = 1.0, budget: int | None = None, pooling: str = "linear",
-          seed: int = 0, batch_size: int = 32, autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH,
-          max_validation_examples: int | None = None, data: RoutingData | None = None, name: str | None = None,
-          allow_pickle: bool = False) -> RoutePredictor | ArrowPredictor:
+def route(experts: Any, base: BaseModel, config: RouteConfig | None = None,
+          validation: Sequence[TaskData] | None = None, *, data: RoutingData | None = None,
+          allow_pickle: bool = False, **options: Any) -> RoutePredictor | ArrowPredictor:
     """Route each input to its top-k experts; answer with a pooled ensemble or a merge of them.
 
     Args:
         experts: :class:`Expert` objects, expert folders or Hub ids, or an :class:`ExpertLibrary`.
         base: the frozen base they were trained on.
-        router: ``"learned"`` (classifier on base features), ``"clustered"`` (k-means on them), ``"mbc"``
-            (experts clustered by ΔW similarity and merged, then routed by ``mbc_router``) or ``"arrow"``
-            (per token, zero-shot).
-        top_k: experts kept per input (per token for Arrow).
-        then: ``"ensemble"`` (one batched pass over the chosen experts) or ``"merge"`` (linear merge).
+        config: the options as a :class:`~adapterfuse.backends.route.config.RouteConfig` (see there for
+            each option); or give them as keywords instead (``router="learned", top_k=1, ...``).
         validation: tasks whose validation split the learned/clustered routers (and ``budget``) fit on.
-        on: route on the ``"prompt"`` or the raw input ``"fields"`` (no template).
-        layer: base layer whose mean-pooled hidden state is the feature (0: embeddings; -1: last).
-        shape: append the routing text's shape (field count and lengths) to the features; default:
-            only when routing on the raw fields (see :func:`~adapterfuse.backends.route.features.text_shape`).
-        readout: ``"mean"`` over the tokens, or ``"mean_last"``: the mean and the last token's state.
-        target: what the learned router learns: ``"best_expert"``, the input's ``"task"``,
-            ``"likelihood"`` (maximise the routed mixture's validation likelihood; see
-            :mod:`~adapterfuse.backends.route.routers.learned`), or ``"task_prior"`` (that likelihood plus a
-            prior towards the input's own task's expert).
-        hidden: hidden size of the learned router (0: linear).
-        epochs, lr: its full-batch training.
-        prior_weight: the weight of ``"task_prior"``'s prior; ``None`` chooses it from
-            :data:`~adapterfuse.backends.route.crossval.PRIOR_GRID` by ``cv_folds``-fold cross-validation on the
-            validation split (``info["prior_cv"]`` holds each weight's out-of-fold score).
-        cv_folds: the folds of that cross-validation.
-        pca: the learned router first projects the features onto this many principal components of the
-            validation features (the text's shape, when appended, passes through); ``None``: no projection.
-            On raw GLUE fields, 8 components took task identification from 0.85 to 0.95.
-        decision: ``"probability"`` keeps each input's most probable experts; ``"utility"`` (learned router,
-            target ``"task"``) keeps those of highest expected validation score under the router's task
-            posterior (see :mod:`adapterfuse.backends.route.routers.utility`), weighted by their posterior.
-        clusters: k-means clusters (default: the number of experts).
-        cluster_temperature: softmax temperature of each cluster's expert distribution.
-        mbc_clusters: the number of expert groups for ``"mbc"``.
-        mbc_router: how MBC routes across groups: ``"learned"``/``"clustered"`` (default with validation
-            data) or ``"arrow"`` (default without).
-        sketch: MBC similarity from a random-projection sketch of this side (``None``: exact).
-        mbc_merge: ``"uniform"`` (average) or ``"task_arithmetic"`` (sum) within a group.
-        temperature: Arrow's softmax temperature (one number or per module name).
-        budget: keep at most this many experts, chosen greedily by validation gain (needs validation).
-        pooling: pooling of ``then="ensemble"`` with ``top_k > 1``.
-        seed: seed of k-means, the router's initialisation, sketches and power iteration.
-        batch_size, autocast, max_length: scoring and feature settings.
-        max_validation_examples: fit on at most this many validation examples per task.
         data: a :class:`RoutingData` to reuse across calls (its ``on`` and feature settings must match).
-        name: the predictor's name in tables.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``weights_only``).
+        **options: the fields of :class:`~adapterfuse.backends.route.config.RouteConfig` (when no
+            ``config`` is given).
 
     Returns:
         A :class:`RoutePredictor` (``info["validation"]`` holds routing accuracy and score) or an
         :class:`ArrowPredictor`.
 
     Raises:
-        ConfigError: an empty expert list, unknown router/then/on/target/pooling/decision (or ``"utility"``
-            with another router or target), ``top_k`` larger than
-            the experts (or MBC groups), a fitted router without validation data.
+        ConfigError: an empty expert list, an unknown or invalid option (naming it), both ``config`` and
+            options, ``top_k`` larger than the experts (or MBC groups), a fitted router without
+            validation data.
         CompatibilityError / ExpertError: experts from different bases, or not from ``base``.
     """
+    config = route_config(config, options)
     n = count_experts(experts)
-    check_readout(readout)
-    across = mbc_router or ("arrow" if not validation and data is None else "learned")
-    kind = across if router == "mbc" else router
-    check_arguments(router, top_k, then, on, target, pooling, n, mbc_clusters, across,
-                    kind != "arrow" or budget is not None, validation, data, decision)
-    check_fit_options(prior_weight, cv_folds, pca)
+    has_data = bool(validation) or data is not None
+    check_route(config, n, has_data)
     library = load_library(experts, base, allow_pickle)
-    pool, info = list(library), {"router": router}
-    if router == "mbc":
-        pool, labels = mbc_pool(pool, base, int(mbc_clusters or 1), sketch, seed, mbc_merge)
-        info["mbc"] = {"clusters": mbc_clusters, "groups": {e.name: e.meta["members"] for e in pool},
-                       "labels": labels, "sketch": sketch, "merge": mbc_merge, "router": across}
-    settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
-    if kind == "arrow" and budget is None:
-        return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
-    features = {"layer": layer, "readout": readout, "shape": default_shape(on, shape)}
-    data = _routing_data(data, base, validation, on, features, max_validation_examples, settings)
+    across, kind = config.across(has_data), config.kind(has_data)
+    pool, info = list(library), {"router": config.router}
+    if config.router == "mbc":
+        pool, labels = mbc_pool(pool, base, int(config.mbc_clusters or 1), config.sketch, config.seed,
+                                config.mbc_merge)
+        info["mbc"] = {"clusters": config.mbc_clusters, "groups": {e.name: e.meta["members"] for e in pool},
+                       "labels": labels, "sketch": config.sketch, "merge": config.mbc_merge, "router": across}
+    settings = dict(batch_size=config.batch_size, autocast=config.autocast, max_length=config.max_length)
+    if kind == "arrow" and config.budget is None:
+        return ArrowPredictor(base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name,
+                              info=info, **settings)
+    data = _routing_data(data, base, validation, config, settings)
     scores = data.scores(pool)
-    if budget is not None:
-        subset = greedy_subset(scores, budget)
-        check_top_k(top_k, len(subset.members))
+    if config.budget is not None:
+        subset = greedy_subset(scores, config.budget)
+        check_top_k(config.top_k, len(subset.members))
         info["subset"] = subset.report()
         pool, scores = [pool[i] for i in subset.members], scores.subset(subset.members)
     if kind == "arrow":
-        return ArrowPredictor(base, pool, top_k, temperature, seed=seed, name=name, info=info, **settings)
-    fit = {"hidden": hidden, "epochs": epochs, "lr": lr, "seed": seed, "pca": pca or 0,
-           "pca_keep": data.extractor.shape_dim}
-    if kind == "learned" and target == "task_prior" and prior_weight is None:
-        prior_weight, info["prior_cv"] = choose_prior_weight(data.features, scores, [t.name for t in data.row_tasks],
-                                                             cv_folds, **fit)
-    fitted = _fit(kind, data, scores, target, fit, prior_weight or 0.0, clusters, cluster_temperature)
-    info.update(fitted.config())
-    if kind == "learned" and target == "task_prior":
-        info["prior_weight"] = prior_weight
-    if decision == "utility":
-        fitted = UtilityRouter(fitted, utility_matrix(scores))
-        info.update(decision=decision, utility=[[None if math.isnan(v) else round(v, 4) for v in row]
-                                                for row in fitted.utility.tolist()])  # JSON has no NaN
-    info["validation"] = validation_report(fitted, data, scores, top_k, pooling)
-    return RoutePredictor(base, pool, fitted, top_k, then, on, pooling=pooling, name=name, info=info,
-                          **data.extractor.spec, **settings)
+        return ArrowPredictor(base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name,
+                              info=info, **settings)
+    fitted = _fit(kind, data, scores, config, info)
+    info["validation"] = validation_report(fitted, data, scores, config.top_k, config.pooling)
+    return RoutePredictor(base, pool, fitted, config.top_k, config.then, config.on, pooling=config.pooling,
+                          name=config.name, info=info, **data.extractor.spec, **settings)
 
 
-def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None, on: str,
-                  features: dict[str, Any], max_examples: int | None, settings: dict[str, Any]) -> RoutingData:
-    """The given routing data if it matches ``on`` and the ``features`` settings, else new routing data."""
+def route_config(config: RouteConfig | None, options: dict[str, Any]) -> RouteConfig:
+    """The config given, or one built from keyword options (not both).
+
+    Raises:
+        ConfigError: both given, or a bad option.
+    """
+    if config is None:
+        return validate_options(RouteConfig, options, "route")
+    if not isinstance(config, RouteConfig):
+        raise ConfigError(f"config: expected a RouteConfig or None, got {config!r}; give the options as keywords "
+                          "instead (e.g. router=...)")
+    if options:
+        raise ConfigError(f"route: got a config and the options {sorted(options)}; give one or the other "
+                          "(config.model_copy(update=...) changes a config)")
+    return config
+
+
+def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None,
+                  config: RouteConfig, settings: dict[str, Any]) -> RoutingData:
+    """The given routing data if it matches the config's ``on`` and feature settings, else new routing data."""
+    features = {"layer": config.layer, "readout": config.readout, "shape": default_shape(config.on, config.shape)}
     if data is None:
-        return RoutingData(base, list(validation or []), on, max_examples=max_examples, **features, **settings)
-    asked = {"on": on, **features, "layer": resolve_layer(base.model, features["layer"])}
+        return RoutingData(base, list(validation or []), config.on, max_examples=config.max_validation_examples,
+                           **features, **settings)
+    asked = {"on": config.on, **features, "layer": resolve_layer(base.model, features["layer"])}
     built = {"on": data.on, **data.extractor.spec}
     if built != asked or data.base is not base:
         raise ConfigError(f"data: routing data was built with {built} on another or the same base; this call asks "
@@ -193,15 +124,30 @@ def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequenc
     return data
 
 
-def _fit(kind: str, data: RoutingData, scores: PoolScores, target: str, fit: dict[str, Any], prior_weight: float,
-         clusters: int | None, temperature: float) -> Router:
-    """Fit the learned router (``fit``: hidden, epochs, lr, seed) or the clustered one on the cached features."""
+def _fit(kind: str, data: RoutingData, scores: PoolScores, config: RouteConfig, info: dict[str, Any]) -> Router:
+    """Fit the learned router or the clustered one on the cached features; record its settings in ``info``."""
     n_experts = len(scores.names)
-    if kind == "learned":
-        labels = target_labels(target, scores.quality, scores.own)
-        return LearnedRouter.fit(data.features, labels, n_experts, target=target, own=scores.own,
-                                 prior_weight=prior_weight, **fit)
-    return ClusterRouter.fit(data.features, scores.quality, clusters or n_experts, fit["seed"], temperature)
+    if kind != "learned":
+        fitted: Router = ClusterRouter.fit(data.features, scores.quality, config.clusters or n_experts, config.seed,
+                                           config.cluster_temperature)
+        info.update(fitted.config())
+        return fitted
+    fit = {**config.fit_options(), "pca_keep": data.extractor.shape_dim}
+    prior_weight = config.prior_weight
+    if config.target == "task_prior" and prior_weight is None:
+        prior_weight, info["prior_cv"] = choose_prior_weight(data.features, scores, [t.name for t in data.row_tasks],
+                                                             config.cv_folds, **fit)
+    labels = target_labels(config.target, scores.quality, scores.own)
+    fitted = LearnedRouter.fit(data.features, labels, n_experts, target=config.target, own=scores.own,
+                               prior_weight=prior_weight or 0.0, **fit)
+    info.update(fitted.config())
+    if config.target == "task_prior":
+        info["prior_weight"] = prior_weight
+    if config.decision == "utility":
+        fitted = UtilityRouter(fitted, utility_matrix(scores))
+        info.update(decision=config.decision, utility=[[None if math.isnan(v) else round(v, 4) for v in row]
+                                                       for row in fitted.utility.tolist()])  # JSON has no NaN
+    return fitted
 
 
 def accuracy_report(top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | None,
@@ -280,7 +226,7 @@ def quality_curve(values: Sequence[Any], build: Callable[[Any], Predictor], data
 
     Args:
         values: the sizes, e.g. ``range(2, N + 1)``.
-        build: size -> predictor, e.g. ``lambda c: route(experts, base, "clustered", clusters=c, ...)``.
+        build: size -> predictor, e.g. ``lambda c: route(experts, base, router="clustered", clusters=c, ...)``.
         data: the tasks to evaluate on.
         split, max_examples: as in :func:`~adapterfuse.harness.evaluate`.
 
@@ -296,23 +242,21 @@ def quality_curve(values: Sequence[Any], build: Callable[[Any], Predictor], data
 
 
 class RouteCombiner:
-    """The routing backend as a :class:`~adapterfuse.predictor.Combiner`.
+    """The routing backend as a :class:`~adapterfuse.backends.base.Combiner`.
 
     Args:
         base: the frozen base.
-        router: see :func:`route`.
+        config: the validated options (see :class:`~adapterfuse.backends.route.config.RouteConfig`).
         members: names of the library's experts to use (default: all).
-        **options: passed to :func:`route`.
     """
 
     name = "route"
 
-    def __init__(self, base: BaseModel, router: str = "learned", members: Sequence[str] | None = None,
-                 **options: Any) -> None:
-        self.base, self.router, self.members, self.options = base, router, list(members or []), options
+    def __init__(self, base: BaseModel, config: RouteConfig, members: Sequence[str] | None = None) -> None:
+        self.base, self.config, self.members = base, config, list(members or [])
 
     def fit(self, library: ExpertLibrary, validation: MultiTaskData | None) -> RoutePredictor | ArrowPredictor:
         """Fit on the validation split only (see :func:`route`)."""
         experts: list[Expert] = [library[n] for n in self.members] if self.members else list(library)
         data = list(validation.values()) if validation else None
-        return route(experts, self.base, self.router, validation=data, **self.options)
+        return route(experts, self.base, self.config, validation=data)

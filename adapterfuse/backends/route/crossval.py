@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adapterfuse.backends.route.data import PoolScores, oracle_score, top1_score
-from adapterfuse.backends.route.routers.learned import LearnedRouter, check_fit_options
+from adapterfuse.backends.route.routers.learned import LearnedRouter
 from adapterfuse.errors import ConfigError
 
 PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -38,7 +38,8 @@ def stratified_folds(tasks: Sequence[str], k: int, seed: int) -> torch.Tensor:
     Raises:
         ConfigError: ``k < 2`` or a task with fewer than ``k`` rows.
     """
-    check_fit_options(None, k)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ConfigError(f"cv_folds: expected an integer >= 2, got {k!r}")
     fold = torch.empty(len(tasks), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     for name in dict.fromkeys(tasks):

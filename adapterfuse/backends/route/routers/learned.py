@@ -15,42 +15,16 @@ a seeded initialisation, so a fit is deterministic.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from adapterfuse.backends.route.config import Target
 from adapterfuse.backends.route.routers.base import Projection, Router, Standardizer, register
 from adapterfuse.errors import ConfigError
 
-TARGETS = ("best_expert", "task", "likelihood", "task_prior")
-
-
-def check_target(target: str) -> str:
-    """Return ``target`` if known.
-
-    Raises:
-        ConfigError: otherwise.
-    """
-    if target not in TARGETS:
-        raise ConfigError(f"target {target!r}: unknown; expected one of {', '.join(TARGETS)}")
-    return target
-
-
-def check_fit_options(prior_weight: float | None, cv_folds: int, pca: int | None = None) -> None:
-    """Check the learned router's fit options before anything is read.
-
-    Raises:
-        ConfigError: a negative or non-finite ``prior_weight``, ``cv_folds`` not an integer >= 2, or ``pca``
-            neither ``None`` nor an integer >= 1.
-    """
-    if prior_weight is not None and (isinstance(prior_weight, bool) or not 0 <= prior_weight < float("inf")):
-        raise ConfigError(f"prior_weight: expected a finite number >= 0 (or None: chosen by cross-validation), "
-                          f"got {prior_weight!r}")
-    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2:
-        raise ConfigError(f"cv_folds: expected an integer >= 2, got {cv_folds!r}")
-    if pca is not None and (isinstance(pca, bool) or not isinstance(pca, int) or pca < 1):
-        raise ConfigError(f"pca: expected an integer >= 1 (principal components kept) or None, got {pca!r}")
+TARGETS: tuple[str, ...] = get_args(Target)  # declared once, with the option (RouteConfig.target)
 
 
 def make_net(dim: int, n_experts: int, hidden: int) -> nn.Sequential:
@@ -198,7 +172,8 @@ def target_labels(target: str, quality: torch.Tensor, own: torch.Tensor) -> torc
     Returns:
         ``[N]`` expert indices (``-1`` rows are ignored in training), or ``[N, E]`` for the likelihood targets.
     """
-    target = check_target(target)
+    if target not in TARGETS:
+        raise ConfigError(f"target {target!r}: unknown; expected one of {', '.join(TARGETS)}")
     if target in ("likelihood", "task_prior"):
         return quality.clone()
     return quality.argmax(dim=1) if target == "best_expert" else own.clone()

@@ -29,23 +29,6 @@ from adapterfuse.backends.route.data import PoolScores
 from adapterfuse.backends.route.routers.base import Router, check_top_k, keep_weights, load_router, register
 from adapterfuse.errors import ConfigError
 
-DECISIONS = ("probability", "utility")
-
-
-def check_decision(decision: str, router: str, target: str) -> str:
-    """Return ``decision`` if known and meaningful for the router and target.
-
-    Raises:
-        ConfigError: an unknown decision, or ``"utility"`` with anything but a learned ``"task"`` router (the
-            only one whose probabilities are a posterior over the input's task).
-    """
-    if decision not in DECISIONS:
-        raise ConfigError(f"decision {decision!r}: unknown; expected one of {', '.join(DECISIONS)}")
-    if decision == "utility" and (router != "learned" or target != "task"):
-        raise ConfigError(f"decision 'utility': needs router='learned' with target='task' (a posterior over the "
-                          f"input's task), got router={router!r}, target={target!r}; use decision='probability'")
-    return decision
-
 
 def utility_matrix(scores: PoolScores) -> torch.Tensor:
     """``U[e, j]``: expert ``e``'s validation score on the task(s) whose own expert is ``j`` (their mean).

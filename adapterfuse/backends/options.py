@@ -1,0 +1,78 @@
+"""Validating a backend's options with its pydantic config model, with one-line errors.
+
+Every backend (merge, ensemble, route) declares its options once, as a frozen pydantic model that
+refuses unknown keys. :func:`validate_options` builds that model from keyword options (the API, the
+CLI and a recipe all call it), and turns pydantic's error list into one :class:`ConfigError` line that
+names the option, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from adapterfuse.errors import ConfigError
+
+Config = TypeVar("Config", bound=BaseModel)
+
+_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+             "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "too_short": "a non-empty list"}
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
+
+
+def choices(annotation: Any) -> list[str]:
+    """The strings of every ``Literal`` inside an annotation (``Literal[...] | None`` included)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return [c for arg in typing.get_args(annotation) for c in choices(arg)]
+
+
+def _describe(model: type[BaseModel], backend: str, err: Mapping[str, Any]) -> str:
+    """One pydantic error as ``option: expected …, got …`` (a validator's own message is kept as written)."""
+    kind, name = err["type"], str(err["loc"][0]) if err["loc"] else ""
+    if kind == "value_error":  # our validators write whole messages that name the option themselves
+        return str(err["msg"]).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return (f"{name}: unknown {backend} option; expected one of {', '.join(sorted(model.model_fields))} "
+                "(check the spelling)")
+    if kind == "literal_error" and name in model.model_fields:
+        known = choices(model.model_fields[name].annotation)
+        return f"{name} {err['input']!r}: unknown; expected one of {', '.join(known)}"
+    if kind in _BOUNDS:
+        sign, key = _BOUNDS[kind]
+        bound = err["ctx"][key]
+        what = f"{'an integer' if isinstance(bound, int) else 'a number'} {sign} {bound}"
+    else:
+        what = _EXPECTED.get(kind, str(err["msg"]).removeprefix("Input should be ").lower())
+    return f"{name}: expected {what}, got {err['input']!r}"
+
+
+def validate_options(model: type[Config], options: Mapping[str, Any], backend: str) -> Config:
+    """Build a backend's config model from keyword options.
+
+    Args:
+        model: the backend's config model.
+        options: the options as given (``route(..., top_k=2)``, a recipe's ``options``, parsed CLI flags).
+        backend: the backend's name, for messages.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: one line naming each bad option (the first error per option), the expected and the
+            given value.
+    """
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        seen: dict[str, str] = {}
+        for err in exc.errors():
+            key = str(err["loc"][0]) if err["loc"] else ""
+            seen.setdefault(key, _describe(model, backend, err))
+        raise ConfigError("; ".join(seen.values())) from None
