@@ -5,7 +5,7 @@ import json
 import pytest
 
 from adapterfuse.cli import main
-from tests.conftest import make_tiny_model
+from tests.helpers import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ from adapterfuse.delta import LowRank, peft_from_deltas
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.tasks.glue import load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from adapterfuse.backends.route.routers.base import Projection
 from adapterfuse.backends.route.routers.learned import LearnedRouter, check_fit_options, routing_loss
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task, load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 def _pool(good: int, n: int = 60) -> tuple[torch.Tensor, PoolScores]:
