@@ -107,6 +107,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_loading, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_dir, tiny_base, monkeypatch):
     recipe = load_recipe(_recipe(tmp_path))
     out = tmp_path / "out"

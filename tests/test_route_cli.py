@@ -39,6 +39,7 @@ def argv(setup, out, *extra: str) -> list[str]:
             str(folder), "--validation-size", "10", "--max-eval-examples", "6", "--no-autocast", *extra]
 
 
+@pytest.mark.slow
 def test_fits_evaluates_prints_and_saves(setup, tmp_path, glue_dir, capsys):
     out = tmp_path / "r"
     args = parser().parse_args(argv(setup, out, "--router", "learned", "--top-k", "2", "--on", "fields",

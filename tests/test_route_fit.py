@@ -101,6 +101,7 @@ def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
         route(experts, tiny_base, "learned", validation=data, shape=True, data=prompt, autocast=False)
 
 
+@pytest.mark.slow
 def test_learned_router_routes_tasks_apart(tiny_base, experts, data):
     predictor = route(experts, tiny_base, "learned", validation=data, target="task", autocast=False)
     assert predictor.info["validation"]["oracle"] == 1.0
