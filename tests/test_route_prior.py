@@ -41,6 +41,7 @@ def test_prior_adds_weighted_cross_entropy_towards_the_own_expert():
     torch.testing.assert_close(routing_loss(logits, quality, own, 2.5), plain + 2.5 * ce)
 
 
+@pytest.mark.slow
 def test_a_strong_prior_keeps_the_own_expert_where_the_likelihood_prefers_another():
     features, scores = _pool(good=1)
     free = LearnedRouter.fit(features, scores.quality, 2, target="task_prior", own=scores.own, prior_weight=0.0)
@@ -85,6 +86,7 @@ def test_bad_fit_options_are_refused(prior_weight, cv_folds, pca, match):
         check_fit_options(prior_weight, cv_folds, pca)
 
 
+@pytest.mark.slow
 def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base, tmp_path):
     root = write_glue_dir(tmp_path / "glue", n_train=60, n_dev=8)
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]
