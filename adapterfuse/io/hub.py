@@ -237,7 +237,7 @@ def _check_online(action: str, repo_id: str) -> None:
     # In offline mode the client refuses every request; that cannot heal by retrying, so say so before the first.
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:  # what the client's own offline check reads (set from the environment at import)
         raise HubError(f"{action} of repo '{repo_id}': the Hugging Face client is in offline mode (HF_HUB_OFFLINE or "
                        f"TRANSFORMERS_OFFLINE is set) and refuses every request; expected online mode; unset "
                        f"HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to {action}")
