@@ -1,17 +1,59 @@
-"""Small helpers shared by tests (tiny training configs and data)."""
+"""Small helpers shared by tests: the tiny model, GLUE-layout files, tiny training configs and data."""
 
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.spec import TaskData
 from adapterfuse.train.config import TrainConfig
 from benchmarks.synthetic import random_expert as random_expert  # re-exported for the tests
-from tests.conftest import write_glue_dir
+
+
+def make_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32, built from a config (random weights, seeded)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+_WORDS = "the a movie film was great bad terrible fine dull plot actors story good awful wonderful boring".split()
+
+
+def _sentence(rng: random.Random, n: int = 6) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + " ."
+
+
+def write_glue_dir(root: Path, n_train: int = 60, n_dev: int = 20, seed: int = 0) -> Path:
+    """Write small files in the GLUE download-script layout (headers, CoLA without one, text labels)."""
+    rng = random.Random(seed)
+
+    def rows(n, make):
+        return [make(i) for i in range(n)]
+
+    specs = {
+        "SST-2": ("sentence\tlabel", lambda i: f"{_sentence(rng)}\t{i % 2}"),
+        "CoLA": (None, lambda i: f"src\t{i % 2}\t\t{_sentence(rng)}"),
+        "MRPC": ("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+                 lambda i: f"{i % 2}\t{i}\t{i + 1}\t{_sentence(rng)}\t{_sentence(rng)}"),
+        "RTE": ("index\tsentence1\tsentence2\tlabel",
+                lambda i: f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{['entailment', 'not_entailment'][i % 2]}"),
+        "STS-B": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+                  lambda i: f"{i}\tg\tf\ty\t{i}\tn\tn\t{_sentence(rng)}\t{_sentence(rng)}\t{(i * 0.37) % 5:.3f}"),
+    }
+    for folder, (header, make) in specs.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("dev", n_dev)):
+            lines = ([header] if header else []) + rows(n, make)
+            (root / folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from adapterfuse.cli import main
-from tests.conftest import make_tiny_model
+from tests.helpers import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from adapterfuse.errors import ConfigError, OutputExistsError
 from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.train.expert import train_expert
-from tests.conftest import make_tiny_model
-from tests.helpers import plain_peft_model, tiny_config, tiny_data
+from tests.helpers import make_tiny_model, plain_peft_model, tiny_config, tiny_data
 
 TASK = get_task("sst2")
 

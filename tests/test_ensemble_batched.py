@@ -14,8 +14,7 @@ from adapterfuse.lowrank import stack_members
 from adapterfuse.surgery import StackedLoRALinear
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.expert import train_expert
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert, tiny_config
+from tests.helpers import random_expert, tiny_config, write_glue_dir
 
 ATTN = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj")
 MLP = ("model.layers.1.mlp.down_proj", "model.layers.0.mlp.gate_proj")

@@ -11,8 +11,7 @@ from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.base import load_base
 from adapterfuse.cli.ensemble import register, run
 from adapterfuse.errors import CompatibilityError, ConfigError, OutputExistsError
-from tests.conftest import make_tiny_model
-from tests.helpers import random_expert
+from tests.helpers import make_tiny_model, random_expert
 
 
 @pytest.fixture(scope="module")

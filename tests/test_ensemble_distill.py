@@ -11,8 +11,7 @@ from adapterfuse.expert import Expert
 from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.distill import distill
-from tests.conftest import write_glue_dir
-from tests.helpers import plain_peft_model, random_expert, tiny_config
+from tests.helpers import plain_peft_model, random_expert, tiny_config, write_glue_dir
 
 
 @pytest.fixture(scope="module")

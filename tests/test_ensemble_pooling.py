@@ -9,8 +9,7 @@ from adapterfuse.backends.ensemble.pooling import linear, log_linear, pool, pool
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.head import predict_proba
 from adapterfuse.tasks.glue import load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 def member_log_probs(k: int = 3, n: int = 5, labels: int = 4, seed: int = 0) -> torch.Tensor:

@@ -13,8 +13,7 @@ from adapterfuse.backends.ensemble.select import greedy, parse_select, single_sc
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import adapter_params
 from adapterfuse.tasks.glue import get_task, load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 def caches(k: int = 6, n: int = 60, seed: int = 0) -> list[MemberCache]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapterfuse.errors import AdapterFuseError, OutputExistsError
-from adapterfuse.io.hub import HubError, PushResult, _LocalFile, _mismatch, pull_folder, push_folder
+from adapterfuse.io.hub import HubError, PushResult, Retry, _LocalFile, _mismatch, pull_folder, push_folder
 from tests.fake_hub_server import FakeHub, git_blob_sha1
 
 TOKEN = "hf_SECRETtoken123"
@@ -43,7 +43,7 @@ def _only_localhost():
 
 
 @pytest.fixture(autouse=True)
-def _hub_env(monkeypatch, tmp_path):
+def _hub_env(monkeypatch, tmp_path, hub_online):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -83,8 +83,10 @@ def _contents(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _push(folder: Path, hub: FakeHub, sleeps: list[float], **kwargs) -> PushResult:
-    return push_folder(folder, REPO, token=TOKEN, endpoint=hub.endpoint, sleep=sleeps.append, **kwargs)
+def _push(folder: Path, hub: FakeHub, sleeps: list[float], max_retries: int = 4, backoff: float = 1.0,
+          **kwargs) -> PushResult:
+    retry = Retry(max_retries=max_retries, backoff=backoff, sleep=sleeps.append)
+    return push_folder(folder, REPO, token=TOKEN, endpoint=hub.endpoint, retry=retry, **kwargs)
 
 
 # ----------------------------------------------------------------------------- push
@@ -111,7 +113,7 @@ def test_push_twice_to_an_existing_repo_with_hf_endpoint_from_env(hub, expert_di
     _push(expert_dir, hub, sleeps)
     (expert_dir / "adapterfuse.json").write_text(json.dumps({"task": "sst2", "version": 2}))
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    result = push_folder(expert_dir, REPO, token=TOKEN, sleep=sleeps.append)
+    result = push_folder(expert_dir, REPO, token=TOKEN, retry=Retry(sleep=sleeps.append))
     assert hub.files(REPO) == _contents(expert_dir)
     assert result.commit_sha == hub.repos[REPO].head.oid
 
@@ -233,18 +235,30 @@ def test_pull_rejects_a_corrupt_download_and_leaves_no_target(hub, expert_dir, s
 
 def test_pull_of_a_missing_repo_fails_at_once(hub, tmp_path, sleeps):
     with pytest.raises(HubError, match=r"alice/nope.*404") as info:
-        pull_folder("alice/nope", tmp_path / "x", token=TOKEN, endpoint=hub.endpoint, sleep=sleeps.append)
+        pull_folder("alice/nope", tmp_path / "x", token=TOKEN, endpoint=hub.endpoint, retry=Retry(sleep=sleeps.append))
     assert sleeps == [] and not (tmp_path / "x").exists()
     assert TOKEN not in str(info.value)
 
 
 def test_no_request_leaves_localhost(expert_dir, sleeps):
     with pytest.raises(HubError, match=r"left 127\.0\.0\.1"):
-        push_folder(expert_dir, REPO, token=TOKEN, endpoint="http://hub.example.invalid", sleep=sleeps.append)
+        push_folder(expert_dir, REPO, token=TOKEN, endpoint="http://hub.example.invalid",
+                    retry=Retry(sleep=sleeps.append))
     assert sleeps == []
 
 
 # ----------------------------------------------------------------------------- validation
+def test_offline_mode_is_refused_before_any_request(hub, expert_dir, tmp_path, sleeps, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match=r"push of repo 'alice/sst2-lora': .*offline mode.*unset HF_HUB_OFFLINE"):
+        _push(expert_dir, hub, sleeps)
+    with pytest.raises(HubError, match=r"pull of repo 'alice/sst2-lora': .*offline mode.*unset HF_HUB_OFFLINE"):
+        pull_folder(REPO, tmp_path / "out", token=TOKEN, endpoint=hub.endpoint, retry=Retry(sleep=sleeps.append))
+    assert hub.requests == [] and sleeps == [] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("bad", ["sst2-lora", "a/b/c", "", "alice/", "/name", "-alice/x", "alice/bad name",
                                  "alice/x--y", "alice/.hidden", "alice/" + "n" * 97])
 def test_bad_repo_id_is_refused_before_any_request(hub, expert_dir, tmp_path, bad):
@@ -268,5 +282,9 @@ def test_bad_folder_or_settings_are_refused_before_any_request(hub, tmp_path):
     with pytest.raises(HubError, match="is not a folder"):
         push_folder(tmp_path / "file.txt", REPO, token=TOKEN, endpoint=hub.endpoint)
     with pytest.raises(HubError, match="max_retries"):
-        push_folder(tmp_path, REPO, token=TOKEN, endpoint=hub.endpoint, max_retries=-1)
+        push_folder(tmp_path, REPO, token=TOKEN, endpoint=hub.endpoint, retry=Retry(max_retries=-1))
+    with pytest.raises(HubError, match="backoff"):
+        pull_folder(REPO, tmp_path / "out", token=TOKEN, endpoint=hub.endpoint, retry=Retry(backoff=-1.0))
+    with pytest.raises(HubError, match=r"retry 4: expected an adapterfuse\.io\.hub\.Retry"):
+        push_folder(tmp_path, REPO, token=TOKEN, endpoint=hub.endpoint, retry=4)
     assert hub.requests == []

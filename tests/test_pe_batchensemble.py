@@ -15,8 +15,7 @@ from adapterfuse.train.pe.layers import flat_tensors, load_flat, member_deltas
 from adapterfuse.train.pe.options import PEOptions
 from adapterfuse.train.pe.predictor import PEEnsemble
 from adapterfuse.train.pe.train import members_loss, prepare_model
-from tests.conftest import write_glue_dir
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_glue_dir
 
 K = 3
 

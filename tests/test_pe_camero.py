@@ -12,8 +12,7 @@ from adapterfuse.train.pe.camero import consistency_loss, perturbation
 from adapterfuse.train.pe.layers import flat_tensors, load_flat
 from adapterfuse.train.pe.options import PEOptions
 from adapterfuse.train.pe.train import members_loss, prepare_model
-from tests.conftest import write_glue_dir
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_glue_dir
 
 K = 3
 OPTS = PEOptions(camero_shared_layers=1, camero_perturbation="none", camero_consistency=0.0)

@@ -12,8 +12,7 @@ from adapterfuse.train.pe.mimo import pack, slot_logits, slot_rows
 from adapterfuse.train.pe.options import PEOptions
 from adapterfuse.train.pe.predictor import PEEnsemble
 from adapterfuse.train.pe.train import prepare_model
-from tests.conftest import write_glue_dir
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_glue_dir
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ def test_save_load_roundtrip_gives_identical_probabilities(tiny_base, tmp_path, 
     assert set(ens.manifest["scores"]) == {"validation", "test"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_bytes(tiny_base, tmp_path, data):
     a = train(tiny_base, tmp_path, data, "batchensemble", "a", config=tiny_config(dropout=0.1))
     train(tiny_base, tmp_path, data, "batchensemble", "b", config=tiny_config(dropout=0.1))
@@ -64,6 +65,7 @@ def test_batchensemble_stores_little_more_than_one_lora(tiny_base, tmp_path, dat
     assert len(members) == 4 and not torch.equal(members[0][next(iter(layout))].A, members[1][next(iter(layout))].A)
 
 
+@pytest.mark.slow
 def test_split_data_and_camero_perturbation_change_training(tiny_base, tmp_path, data):
     every = train(tiny_base, tmp_path, data, "batchensemble", "all")
     split = train(tiny_base, tmp_path, data, "batchensemble", "split", be_data="split")

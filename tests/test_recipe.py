@@ -109,6 +109,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_loading, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_dir, tiny_base, monkeypatch):
     recipe = load_recipe(_recipe(tmp_path))
     out = tmp_path / "out"
@@ -194,7 +195,7 @@ def test_pareto_front_keeps_points_nothing_beats():
     assert pareto_front(points) == [5, 0, 2, 4]
 
 
-def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_base, monkeypatch):
+def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_base, monkeypatch, hub_online):
     from tests.fake_hub_server import FakeHub
 
     run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), tmp_path / "train", base=tiny_base,
@@ -219,7 +220,7 @@ def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_bas
     assert not (tmp_path / "push" / "experts").exists()  # given experts are used in place, none trained
 
 
-def test_push_command_uploads_a_folder_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
+def test_push_command_uploads_a_folder_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys, hub_online):
     from tests.fake_hub_server import FakeHub
 
     folder = tmp_path / "adapter"

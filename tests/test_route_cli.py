@@ -11,8 +11,7 @@ from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor
 from adapterfuse.base import load_base
 from adapterfuse.cli.route import register, run
 from adapterfuse.errors import CompatibilityError, ConfigError, OutputExistsError
-from tests.conftest import make_tiny_model
-from tests.helpers import random_expert
+from tests.helpers import make_tiny_model, random_expert
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +39,7 @@ def argv(setup, out, *extra: str) -> list[str]:
             str(folder), "--validation-size", "10", "--max-eval-examples", "6", "--no-autocast", *extra]
 
 
+@pytest.mark.slow
 def test_fits_evaluates_prints_and_saves(setup, tmp_path, glue_dir, capsys):
     out = tmp_path / "r"
     args = parser().parse_args(argv(setup, out, "--router", "learned", "--top-k", "2", "--on", "fields",

@@ -26,8 +26,7 @@ from adapterfuse.delta import LowRank, peft_from_deltas
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.tasks.glue import load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +101,7 @@ def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
         route(experts, tiny_base, router="learned", validation=data, shape=True, data=prompt, autocast=False)
 
 
+@pytest.mark.slow
 def test_learned_router_routes_tasks_apart(tiny_base, experts, data):
     predictor = route(experts, tiny_base, router="learned", validation=data, target="task", autocast=False)
     assert predictor.info["validation"]["oracle"] == 1.0

@@ -18,8 +18,7 @@ from adapterfuse.harness import evaluate, results_table
 from adapterfuse.head import predict_proba
 from adapterfuse.predictor import Predictor
 from adapterfuse.tasks.glue import load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 @pytest.fixture(scope="module")

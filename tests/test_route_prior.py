@@ -17,8 +17,7 @@ from adapterfuse.backends.route.routers.base import Projection
 from adapterfuse.backends.route.routers.learned import LearnedRouter, routing_loss
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task, load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 def _pool(good: int, n: int = 60) -> tuple[torch.Tensor, PoolScores]:
@@ -44,6 +43,7 @@ def test_prior_adds_weighted_cross_entropy_towards_the_own_expert():
     torch.testing.assert_close(routing_loss(logits, quality, own, 2.5), plain + 2.5 * ce)
 
 
+@pytest.mark.slow
 def test_a_strong_prior_keeps_the_own_expert_where_the_likelihood_prefers_another():
     features, scores = _pool(good=1)
     free = LearnedRouter.fit(features, scores.quality, 2, target="task_prior", own=scores.own, prior_weight=0.0)
@@ -88,6 +88,7 @@ def test_bad_fit_options_are_refused(prior_weight, cv_folds, pca, match):
         validate_options(RouteConfig, {"prior_weight": prior_weight, "cv_folds": cv_folds, "pca": pca}, "route")
 
 
+@pytest.mark.slow
 def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base, tmp_path):
     root = write_glue_dir(tmp_path / "glue", n_train=60, n_dev=8)
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]

@@ -18,8 +18,7 @@ from adapterfuse.backends.route.routers.learned import LearnedRouter
 from adapterfuse.backends.route.routers.utility import UtilityRouter, expected_scores, utility_matrix
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task, load_task
-from tests.conftest import write_glue_dir
-from tests.helpers import random_expert
+from tests.helpers import random_expert, write_glue_dir
 
 
 def _answers(labels: list[float], right: list[bool]) -> torch.Tensor:

@@ -69,6 +69,21 @@ class PushResult:
 
 
 @dataclass(frozen=True)
+class Retry:
+    """How :func:`push_folder` and :func:`pull_folder` retry a network step on HTTP 5xx/429 or a connection error.
+
+    Attributes:
+        max_retries: retries per network step (0 disables them).
+        backoff: the first retry waits ``backoff`` seconds, then ``backoff * 2**attempt``.
+        sleep: the function used to wait between retries (injectable for tests).
+    """
+
+    max_retries: int = 4
+    backoff: float = 1.0
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
 class _LocalFile:
     path: Path
     size: int
@@ -81,15 +96,12 @@ class _Policy:  # everything a network step needs to retry and to explain a fail
     action: str  # "push" or "pull"
     repo_id: str
     endpoint: str
-    max_retries: int
-    backoff: float
-    sleep: Callable[[float], None]
+    retry: Retry
     secrets: tuple[str, ...]
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
-                commit_message: str | None = None, max_retries: int = 4, backoff: float = 1.0,
-                endpoint: str | None = None, sleep: Callable[[float], None] = time.sleep) -> PushResult:
+                commit_message: str | None = None, endpoint: str | None = None, retry: Retry = Retry()) -> PushResult:
     """Upload every file of ``folder`` to the model repo ``repo_id`` in one commit, then verify it remotely.
 
     Args:
@@ -98,28 +110,27 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
         token: a Hub token with write access; ``None`` uses ``HF_TOKEN`` or the stored login.
         private: create the repo private (ignored if it exists already).
         commit_message: the commit summary; a default naming the file count is used if ``None``.
-        max_retries: retries per network step on HTTP 5xx/429 and connection errors (0 disables them).
-        backoff: the first retry waits ``backoff`` seconds, then ``backoff * 2**attempt``.
         endpoint: Hub URL; defaults to ``HF_ENDPOINT``, then the public Hub.
-        sleep: the function used to wait between retries (injectable for tests).
+        retry: how network steps are retried on HTTP 5xx/429 and connection errors (:class:`Retry`).
 
     Returns:
         A :class:`PushResult` with the commit URL and sha and the sha256 of every pushed file.
 
     Raises:
         HubError: on a bad ``repo_id``, a missing or empty ``folder`` or bad retry settings (before any request);
-            on HTTP 401/403/404 (at once) or other 4xx; after ``max_retries`` retries on 5xx/429/connection
+            on HTTP 401/403/404 (at once) or other 4xx; after ``retry.max_retries`` retries on 5xx/429/connection
             errors; and when a remote file is missing or its hash differs from the local one.
     """
     _check_repo_id(repo_id)
-    _check_retry_args(max_retries, backoff)
+    _check_retry(retry)
     local = _scan_folder(folder)
 
     # Imported here: the client is heavy and most adapterfuse commands never talk to the Hub.
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    _check_online("push", repo_id)
     api = HfApi(endpoint=_resolve_endpoint(endpoint), token=token)
-    policy = _Policy("push", repo_id, api.endpoint, max_retries, backoff, sleep, _secrets(token))
+    policy = _Policy("push", repo_id, api.endpoint, retry, _secrets(token))
 
     _with_retries("create repo", policy,
                   lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
@@ -141,8 +152,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
 
 
 def pull_folder(repo_id: str, target: str | os.PathLike, *, token: str | None = None, revision: str | None = None,
-                endpoint: str | None = None, overwrite: bool = False, max_retries: int = 4, backoff: float = 1.0,
-                sleep: Callable[[float], None] = time.sleep) -> Path:
+                endpoint: str | None = None, overwrite: bool = False, retry: Retry = Retry()) -> Path:
     """Download the files of model repo ``repo_id`` into ``target``, atomically and verified.
 
     The files are downloaded (``snapshot_download``) into a temporary sibling of ``target``, checked against the
@@ -156,9 +166,7 @@ def pull_folder(repo_id: str, target: str | os.PathLike, *, token: str | None = 
         revision: branch, tag or commit sha; ``None`` means ``main``.
         endpoint: Hub URL; defaults to ``HF_ENDPOINT``, then the public Hub.
         overwrite: replace an existing ``target`` (only once the new copy is complete).
-        max_retries: retries per network step on HTTP 5xx/429 and connection errors.
-        backoff: the first retry waits ``backoff`` seconds, then ``backoff * 2**attempt``.
-        sleep: the function used to wait between retries (injectable for tests).
+        retry: how network steps are retried on HTTP 5xx/429 and connection errors (:class:`Retry`).
 
     Returns:
         ``target`` as a :class:`~pathlib.Path`.
@@ -169,13 +177,14 @@ def pull_folder(repo_id: str, target: str | os.PathLike, *, token: str | None = 
             downloaded file does not match the remote listing.
     """
     _check_repo_id(repo_id)
-    _check_retry_args(max_retries, backoff)
+    _check_retry(retry)
     target = check_output(target, overwrite)
 
     from huggingface_hub import HfApi, snapshot_download
 
+    _check_online("pull", repo_id)
     api = HfApi(endpoint=_resolve_endpoint(endpoint), token=token)
-    policy = _Policy("pull", repo_id, api.endpoint, max_retries, backoff, sleep, _secrets(token))
+    policy = _Policy("pull", repo_id, api.endpoint, retry, _secrets(token))
     # Pin one commit first, so the listing, the download and the check all see the same files.
     sha = _with_retries("resolve revision", policy,
                         lambda: str(api.repo_info(repo_id, revision=revision, repo_type="model").sha))
@@ -213,11 +222,25 @@ def _check_repo_id(repo_id: object) -> None:
                        "or '..'; fix the id")
 
 
-def _check_retry_args(max_retries: object, backoff: object) -> None:
+def _check_retry(retry: object) -> None:
+    if not isinstance(retry, Retry):
+        raise HubError(f"retry {retry!r}: expected an adapterfuse.io.hub.Retry (e.g. Retry(max_retries=4, "
+                       "backoff=1.0)); fix the argument")
+    max_retries, backoff = retry.max_retries, retry.backoff
     if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-        raise HubError(f"max_retries {max_retries!r}: expected an integer >= 0 (e.g. 4); fix the argument")
+        raise HubError(f"retry.max_retries {max_retries!r}: expected an integer >= 0 (e.g. 4); fix the argument")
     if not isinstance(backoff, (int, float)) or isinstance(backoff, bool) or backoff < 0:
-        raise HubError(f"backoff {backoff!r}: expected a number of seconds >= 0 (e.g. 1.0); fix the argument")
+        raise HubError(f"retry.backoff {backoff!r}: expected a number of seconds >= 0 (e.g. 1.0); fix the argument")
+
+
+def _check_online(action: str, repo_id: str) -> None:
+    # In offline mode the client refuses every request; that cannot heal by retrying, so say so before the first.
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # what the client's own offline check reads (set from the environment at import)
+        raise HubError(f"{action} of repo '{repo_id}': the Hugging Face client is in offline mode (HF_HUB_OFFLINE or "
+                       f"TRANSFORMERS_OFFLINE is set) and refuses every request; expected online mode; unset "
+                       f"HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to {action}")
 
 
 def _scan_folder(folder: str | os.PathLike) -> dict[str, _LocalFile]:
@@ -378,10 +401,11 @@ def _explain(step: str, policy: _Policy, status: int | None, connection: bool, d
         return (f"{head}: HTTP 404 not found{said}; check the repo id (and revision), and that the token can "
                 f"see '{repo}' if it is private")
     if status == 429:
-        return f"{head}: HTTP 429 rate limited {tries}; wait a few minutes and retry, or raise max_retries/backoff"
+        return (f"{head}: HTTP 429 rate limited {tries}; wait a few minutes and retry, or raise "
+                "retry.max_retries/retry.backoff")
     if status is not None and status >= 500:
         return (f"{head}: HTTP {status} server error {tries}{said}; the Hub is having trouble: retry later, "
-                "or raise max_retries/backoff")
+                "or raise retry.max_retries/retry.backoff")
     if status is not None:
         return f"{head}: HTTP {status}{said}; check the repo id, the files and the token"
     if connection:
@@ -402,11 +426,11 @@ def _with_retries(step: str, policy: _Policy, fn: Callable[[], T]) -> T:
             status, retryable, connection, detail = _classify(err, policy.secrets)
         # Raised outside the `except` block (and `from None`) so that neither __cause__ nor __context__ carries
         # the client's exception, whose request holds the Authorization header.
-        if not retryable or attempt >= policy.max_retries:
+        if not retryable or attempt >= policy.retry.max_retries:
             raise HubError(_explain(step, policy, status, connection, detail, attempt + 1)) from None
-        delay = policy.backoff * 2**attempt
+        delay = policy.retry.backoff * 2**attempt
         logger.warning("%s of %s: step '%s' got %s; retrying in %.1fs (retry %d/%d)", policy.action,
                        policy.repo_id, step, f"HTTP {status}" if status else "a connection error", delay,
-                       attempt + 1, policy.max_retries)
-        policy.sleep(delay)
+                       attempt + 1, policy.retry.max_retries)
+        policy.retry.sleep(delay)
         attempt += 1
