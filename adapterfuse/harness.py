@@ -21,7 +21,7 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, attach_experts
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba, predictions
 from adapterfuse.io.atomic import atomic_dir
-from adapterfuse.io.manifest import Manifest, write_manifest
+from adapterfuse.io.manifest import Manifest, member_entries, write_manifest
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
 from adapterfuse.tasks.glue import get_task
@@ -161,7 +161,7 @@ class OraclePredictor(ModelPredictor):
             for expert in self.by_task.values():
                 (tmp / expert.name).mkdir()
                 expert.write_into(tmp / expert.name)
-            tasks = [[t, e.name] for t, e in self.by_task.items()]  # a list: the order is kept
+            tasks = [{"task": t, "name": e.name, "folder": e.name} for t, e in self.by_task.items()]
             write_manifest(tmp, "oracle", self.name, {"tasks": tasks, "scoring": self.scoring()},
                            _base_record(self.base))
 
@@ -189,7 +189,8 @@ def load_model_predictor(folder: Path, manifest: Manifest, base: BaseModel) -> M
     if manifest.kind == "zero_shot":
         predictor: ModelPredictor = ZeroShotPredictor(base, **scoring)
     elif manifest.kind == "oracle":
-        experts = [Expert.load(folder / sub, name=sub) for _, sub in manifest.settings["tasks"]]
+        entries = member_entries(folder, manifest, "tasks")
+        experts = [Expert.load(folder / e["folder"], name=e["name"]) for e in entries]
         predictor = OraclePredictor(base, ExpertLibrary(experts, base.fingerprint), **scoring)
     elif manifest.kind == "expert":
         predictor = ExpertPredictor(base, Expert.load(folder), **scoring)

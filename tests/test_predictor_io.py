@@ -82,6 +82,21 @@ def test_zero_shot_oracle_and_expert(tiny_base, experts, data, tmp_path):
     assert Expert.load(tmp_path / "expert").meta["task"] == "rte"  # still an expert folder
 
 
+def test_a_full_merged_model_loads_without_a_base(tiny_base, experts, data, tmp_path):
+    merged = merge(experts[:2], "task_arithmetic", lam=0.5)
+    merged.save_pretrained(tmp_path / "full", full=True, base=tiny_base, scoring={"autocast": False})
+    assert json.loads((tmp_path / "full" / MANIFEST).read_text())["settings"]["full"] is True
+    assert "model.safetensors" in listed_files(tmp_path / "full")
+    loaded = load_predictor(tmp_path / "full")
+    assert loaded.cost().stored_params == merged.num_params and loaded.name == "merge:task_arithmetic"
+    for td in data:  # base weights + ΔW folded: equal up to rounding
+        torch.testing.assert_close(loaded.predict_proba(td.task, td.test),
+                                   merged.predictor(tiny_base, autocast=False).predict_proba(td.task, td.test),
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ExpertError, match="holds a full merged model, not an adapter"):
+        load_merged_adapter(tmp_path / "full")
+
+
 def test_a_trained_expert_folder_loads_as_a_predictor(tiny_base, data, tmp_path):
     config = tiny_config(max_train_examples=16, max_eval_examples=4)
     expert = train_expert(tiny_base, "sst2", config, out=tmp_path / "trained", data=data[0], progress=False)

@@ -231,7 +231,8 @@ def legacy_manifest(folder: Path) -> Manifest:
         if old.get("kind") == "zero_shot":
             return _legacy("zero_shot", old.get("name") or "base zero-shot", {})
         if old.get("kind") == "oracle" and isinstance(old.get("tasks"), dict):
-            return _legacy("oracle", "oracle", {"tasks": [[t, e] for t, e in old["tasks"].items()]})
+            tasks = [{"task": t, "name": e, "folder": e} for t, e in old["tasks"].items()]
+            return _legacy("oracle", "oracle", {"tasks": tasks})
     meta = _read_json(folder / "adapterfuse.json") if (folder / "adapterfuse.json").is_file() else {}
     if meta.get("kind") == "merged":
         return _legacy("merged", f"merge:{meta.get('method')}", {"full": bool(meta.get("full_model"))},
