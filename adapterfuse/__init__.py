@@ -17,8 +17,9 @@ from adapterfuse.backends.route.api import route
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import AdapterFuseError
 from adapterfuse.expert import Expert
-from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
+from adapterfuse.harness import ExpertPredictor, OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.library import ExpertLibrary
+from adapterfuse.loading import load_predictor
 from adapterfuse.recipe.runner import run_recipe
 from adapterfuse.tasks.glue import TASKS, get_task, load_task
 from adapterfuse.tasks.spec import TaskSpec
@@ -31,6 +32,7 @@ __all__ = [
     "BaseModel",
     "Expert",
     "ExpertLibrary",
+    "ExpertPredictor",
     "OraclePredictor",
     "TaskSpec",
     "TrainConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "evaluate",
     "get_task",
     "load_base",
+    "load_predictor",
     "load_task",
     "merge",
     "route",

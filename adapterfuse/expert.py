@@ -25,6 +25,7 @@ from adapterfuse._version import __version__
 from adapterfuse.delta import Deltas, deltas_from_peft, peft_from_deltas
 from adapterfuse.errors import ExpertError
 from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.io.manifest import write_manifest
 
 WEIGHTS = "adapter_model.safetensors"
 PICKLED = "adapter_model.bin"
@@ -176,13 +177,23 @@ class Expert:
         self.path = Path(path)
         return self.path
 
-    def write_into(self, folder: Path) -> None:
-        """Write the expert's files into an existing folder (no atomicity: callers provide it)."""
+    def write_into(self, folder: Path, name: str | None = None, settings: dict[str, Any] | None = None) -> None:
+        """Write the expert's files into an existing folder (no atomicity: callers provide it).
+
+        The folder stays a plain PEFT adapter folder; ``manifest.json`` (kind ``expert``) is written last,
+        so :func:`adapterfuse.load_predictor` reads it as a predictor too.
+
+        Args:
+            folder: the folder (``peft`` may have written into it already; its files are replaced).
+            name: the predictor's name in the manifest (default: the expert's name).
+            settings: the predictor's settings (``{"scoring": …}``); none means the defaults.
+        """
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict.items()}, str(folder / WEIGHTS),
                   metadata={"format": "pt"})
         write_json(folder / CONFIG, self.config)
         write_json(folder / META, {"format_version": FORMAT_VERSION, **self.meta})
         (folder / CARD).write_text(self.card())
+        write_manifest(folder, "expert", name or self.name, settings, self.meta.get("base"))
 
     def card(self) -> str:
         """A short model card in Markdown."""

@@ -1,7 +1,7 @@
 """The multi-task harness: evaluate any predictor over tasks -> per-task metrics, average, cost.
 
 Also the two reference predictors every comparison table carries: the base model zero-shot and the
-oracle (each task answered by its own task's expert).
+oracle (each task answered by its own task's expert), one expert alone as a predictor, and their loaders.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, attach_experts
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba, predictions
-from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.io.atomic import atomic_dir
+from adapterfuse.io.manifest import Manifest, member_entries, write_manifest
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
 from adapterfuse.tasks.glue import get_task
@@ -71,10 +72,18 @@ class ModelPredictor:
         """One base forward pass per input, plus whatever adapters it stores (fp32)."""
         return Cost(stored_params=self.stored_params, forward_passes=1.0, memory_bytes=4 * self.stored_params)
 
+    def scoring(self) -> dict[str, Any]:
+        """The scoring settings, as saved in a manifest."""
+        return {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length}
+
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write ``predictor.json`` describing it (the base has no weights of its own to save)."""
-        with atomic_dir(path, overwrite) as tmp:
-            write_json(tmp / "predictor.json", {"kind": "zero_shot", "name": self.name})
+        """A bare model has no saved form: its subclasses (zero-shot, oracle, expert, merged) save.
+
+        Raises:
+            ConfigError: always, naming what to save instead.
+        """
+        raise ConfigError(f"predictor {self.name!r}: a model read as is has no saved form; save the expert "
+                          "(ExpertPredictor) or the merged adapter (MergedAdapter.save_pretrained) it reads instead")
 
 
 class ZeroShotPredictor(ModelPredictor):
@@ -82,6 +91,41 @@ class ZeroShotPredictor(ModelPredictor):
 
     def __init__(self, base: BaseModel, **kwargs: Any) -> None:
         super().__init__("base zero-shot", base.model, base.tokenizer, **kwargs)
+        self.base = base
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write only ``manifest.json`` (the base has no weights of its own to save; the manifest names it).
+
+        Raises:
+            OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        """
+        with atomic_dir(path, overwrite) as tmp:
+            write_manifest(tmp, "zero_shot", self.name, {"scoring": self.scoring()}, _base_record(self.base))
+
+
+class ExpertPredictor(ModelPredictor):
+    """One expert on the base, as a predictor; it saves as the expert's own (PEFT) folder.
+
+    Args:
+        base: the frozen base (a copy carries the adapter).
+        expert: the expert.
+        name: shown in tables (default: the expert's name).
+        **kwargs: scoring settings of :class:`ModelPredictor`.
+    """
+
+    def __init__(self, base: BaseModel, expert: Expert, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name or expert.name, expert.attach(base.model), base.tokenizer,
+                         stored_params=adapter_params([expert]), **kwargs)
+        self.expert = expert
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the expert folder (plain PEFT plus ``adapterfuse.json``) and ``manifest.json``.
+
+        Raises:
+            OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        """
+        with atomic_dir(path, overwrite) as tmp:
+            self.expert.write_into(tmp, self.name, {"scoring": self.scoring()})
 
 
 class OraclePredictor(ModelPredictor):
@@ -99,6 +143,7 @@ class OraclePredictor(ModelPredictor):
             raise ConfigError("oracle: no expert records its task; expected experts trained by adapterfuse")
         model = attach_experts(base.model, experts)
         super().__init__("oracle", model, base.tokenizer, stored_params=adapter_params(experts), **kwargs)
+        self.base = base
 
     def prepare(self, task: TaskSpec) -> None:
         expert = self.by_task.get(task.train_task)
@@ -107,13 +152,52 @@ class OraclePredictor(ModelPredictor):
         self.model.set_adapter(expert.name)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write every expert in a subfolder and ``predictor.json`` mapping tasks to them."""
+        """Write every expert in a subfolder and ``manifest.json`` mapping tasks to them.
+
+        Raises:
+            OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        """
         with atomic_dir(path, overwrite) as tmp:
             for expert in self.by_task.values():
                 (tmp / expert.name).mkdir()
                 expert.write_into(tmp / expert.name)
-            tasks = {t: e.name for t, e in self.by_task.items()}
-            write_json(tmp / "predictor.json", {"kind": "oracle", "tasks": tasks})
+            tasks = [{"task": t, "name": e.name, "folder": e.name} for t, e in self.by_task.items()]
+            write_manifest(tmp, "oracle", self.name, {"tasks": tasks, "scoring": self.scoring()},
+                           _base_record(self.base))
+
+
+def _base_record(base: BaseModel) -> dict[str, Any]:
+    return {"spec": base.spec, "fingerprint": base.fingerprint}
+
+
+def load_model_predictor(folder: Path, manifest: Manifest, base: BaseModel) -> ModelPredictor:
+    """Rebuild a saved zero-shot, oracle or expert predictor (see :func:`adapterfuse.load_predictor`).
+
+    Args:
+        folder: the saved folder (its manifest already checked).
+        manifest: its manifest.
+        base: the base to run on.
+
+    Returns:
+        The predictor, with the saved name and scoring settings.
+
+    Raises:
+        ExpertError: an expert folder that does not load.
+        ConfigError: a manifest of another kind.
+    """
+    scoring = dict(manifest.settings.get("scoring", {}))
+    if manifest.kind == "zero_shot":
+        predictor: ModelPredictor = ZeroShotPredictor(base, **scoring)
+    elif manifest.kind == "oracle":
+        entries = member_entries(folder, manifest, "tasks")
+        experts = [Expert.load(folder / e["folder"], name=e["name"]) for e in entries]
+        predictor = OraclePredictor(base, ExpertLibrary(experts, base.fingerprint), **scoring)
+    elif manifest.kind == "expert":
+        predictor = ExpertPredictor(base, Expert.load(folder), **scoring)
+    else:
+        raise ConfigError(f"load_model_predictor: kind {manifest.kind!r}, expected zero_shot, oracle or expert")
+    predictor.name = manifest.name
+    return predictor
 
 
 def evaluate(predictor: Predictor, data: Sequence[TaskData], split: str = "test",

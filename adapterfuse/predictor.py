@@ -52,5 +52,5 @@ class Predictor(Protocol):
         ...
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """A folder that loads again."""
+        """A folder (its files, then ``manifest.json``, atomically) that ``adapterfuse.load_predictor`` loads."""
         ...

@@ -36,7 +36,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, adapter_params, evaluate
 from adapterfuse.tasks.spec import TaskData
-from adapterfuse.train.pe.predictor import PEEnsemble
+from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
 from adapterfuse.train.pe.train import train_pe_ensemble
 
 # The caps of benchmarks/glue_experts.py, so the single LoRA row is trained like the GLUE experts.
@@ -98,7 +98,7 @@ def _train(method: str, base: BaseModel, task: str, config: TrainConfig, train_d
         trained = adapter_params(experts)
     else:
         out = folder / f"{method}-k{k}"
-        if not (out / "pe_ensemble.json").is_file():
+        if not (out / MANIFEST).is_file():
             kind, options = VARIANTS.get(method, (method, {}))
             train_pe_ensemble(base, task, kind, k, config, out=out, data=train_data, overwrite=out.exists(),
                               **options)

@@ -57,7 +57,7 @@ def test_fits_evaluates_prints_the_table_and_saves(setup, tmp_path, glue_dir, ca
 def test_given_weights_and_overwrite(setup, tmp_path, glue_dir, capsys):
     out = tmp_path / "ens"
     assert run(parser().parse_args(argv(setup, out, "--weights", "0.5,0.25,0.25"))) == 0
-    assert json.loads((out / "ensemble.json").read_text())["weights"] == [0.5, 0.25, 0.25]
+    assert json.loads((out / "manifest.json").read_text())["settings"]["weights"] == [0.5, 0.25, 0.25]
     with pytest.raises(OutputExistsError, match="already exists"):
         run(parser().parse_args(argv(setup, out)))
     assert run(parser().parse_args(argv(setup, out, "--overwrite", "--select", "greedy"))) == 0

@@ -35,7 +35,9 @@ def experts(tiny_base):
 def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, data, tmp_path):
     fitted = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=data, autocast=False)
     fitted.save(tmp_path / "ens")
-    manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    manifest = json.loads((tmp_path / "ens" / "manifest.json").read_text())
+    assert manifest["kind"] == "ensemble" and manifest["name"] == fitted.name
+    manifest = manifest["settings"]
     assert [m["name"] for m in manifest["members"]] == ["m0", "m1", "m2"]
     assert manifest["pooling"] == "log_linear" and manifest["weights"] == fitted.weights
     assert manifest["temperature"] == fitted.temperature and "learned" in manifest["info"]
@@ -54,10 +56,10 @@ def test_load_refuses_another_base_and_a_broken_folder(tiny_base, other_base, ex
     EnsemblePredictor(tiny_base, experts[:2]).save(tmp_path / "ens")
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         EnsemblePredictor.load(tmp_path / "ens", other_base)
-    (tmp_path / "ens" / "ensemble.json").write_text("{}")
-    with pytest.raises(ExpertError, match="not an ensemble manifest"):
+    (tmp_path / "ens" / "manifest.json").write_text("{}")
+    with pytest.raises(ExpertError, match=r"kind None in manifest\.json is unknown"):
         EnsemblePredictor.load(tmp_path / "ens", tiny_base)
-    with pytest.raises(ExpertError, match=r"no ensemble\.json"):
+    with pytest.raises(ExpertError, match=r"no manifest\.json"):
         EnsemblePredictor.load(tmp_path, tiny_base)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ def test_oracle_without_an_expert_for_the_task_is_a_clear_error(tiny_base, two_e
 def test_oracle_saves_a_folder_with_its_experts(tiny_base, two_experts, tmp_path):
     experts, _ = two_experts
     OraclePredictor(tiny_base, ExpertLibrary(experts)).save(tmp_path / "oracle")
-    assert (tmp_path / "oracle" / "predictor.json").is_file()
+    assert json.loads((tmp_path / "oracle" / "manifest.json").read_text())["kind"] == "oracle"
     assert (tmp_path / "oracle" / "sst2" / "adapter_model.safetensors").is_file()
     assert ExpertLibrary.load([tmp_path / "oracle" / "sst2", tmp_path / "oracle" / "rte"])
 

@@ -291,7 +291,8 @@ def test_push_to_hub_saves_a_folder_and_hands_it_to_push_folder(lib, monkeypatch
 
     monkeypatch.setattr(adapterfuse.io.hub, "push_folder", fake_push)
     assert merge([experts["lora4"]], method="uniform").push_to_hub("me/merged", token="t", private=True) == "pushed"
-    assert seen == {"files": ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterfuse.json"],
+    assert seen == {"files": ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterfuse.json",
+                              "manifest.json"],
                     "repo_id": "me/merged", "token": "t", "private": True}
 
 

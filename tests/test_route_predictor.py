@@ -96,7 +96,8 @@ def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, 
                       clusters=3, mbc_clusters=2, hidden=8, readout="mean_last")
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
-    manifest = json.loads((tmp_path / "r" / "route.json").read_text())
+    written = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    manifest = written["settings"]
     assert manifest["on"] == "fields" and manifest["top_k"] == 2 and manifest["features"]["shape"] == SHAPE_VERSION
     assert manifest["features"]["readout"] == "mean_last"
     loaded = RoutePredictor.load(tmp_path / "r", tiny_base)
@@ -107,17 +108,17 @@ def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, 
     with pytest.raises(OutputExistsError, match="already exists"):
         predictor.save(tmp_path / "r")
     manifest["features"]["shape"] = True  # saved before shape versions: the four counts of version 1
-    (tmp_path / "r" / "route.json").write_text(json.dumps(manifest))
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(written))
     old = RoutePredictor.load(tmp_path / "r", tiny_base).extractor
     assert old.shape == 1 and old.shape_dim == 4 and old.dim == loaded.extractor.dim - 1
     del manifest["features"]["shape"], manifest["features"]["readout"]  # saved before either existed
-    (tmp_path / "r" / "route.json").write_text(json.dumps(manifest))
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(written))
     old = RoutePredictor.load(tmp_path / "r", tiny_base).extractor
     assert old.shape == 0 and old.readout == "mean"
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         RoutePredictor.load(tmp_path / "r", tiny_base.__class__(**{**tiny_base.__dict__, "fingerprint": "f" * 64}))
-    (tmp_path / "r" / "route.json").write_text("{}")
-    with pytest.raises(ExpertError, match="not a route manifest"):
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps({**written, "kind": "ensemble"}))
+    with pytest.raises(ExpertError, match="holds a predictor of kind 'ensemble', expected one of"):
         RoutePredictor.load(tmp_path / "r", tiny_base)
 
 

@@ -17,13 +17,11 @@ from adapterfuse.expert import Expert
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import DEFAULT_MAX_LENGTH
 from adapterfuse.io import atomic as fsutil
-from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.io.atomic import atomic_dir
+from adapterfuse.io.manifest import MANIFEST, Manifest, member_entries, read_manifest, write_manifest
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost
 from adapterfuse.tasks.spec import Example, TaskSpec
-
-MANIFEST = "ensemble.json"
-FORMAT_VERSION = 1
 
 
 def check_member_list(experts: Sequence[Expert]) -> list[Expert]:
@@ -67,7 +65,7 @@ class EnsemblePredictor:
         autocast: run under bf16 autocast (the low-rank parts too, as in PEFT; label logits stay fp32).
         max_length: prompt length cap.
         name: shown in tables (default: describes the pooling and K).
-        info: how the ensemble was fitted (selection, learned weights), kept in ``ensemble.json``.
+        info: how the ensemble was fitted (selection, learned weights), kept in its manifest.
 
     Raises:
         ConfigError: empty members, unknown pooling, bad weights or temperature.
@@ -118,52 +116,58 @@ class EnsemblePredictor:
         params = adapter_params(self.experts)
         return Cost(stored_params=params, forward_passes=float(len(self.experts)), memory_bytes=4 * params)
 
-    def manifest(self) -> dict[str, Any]:
-        """What ``ensemble.json`` records (members and their folders, pooling, weights, temperature …)."""
+    def settings(self) -> dict[str, Any]:
+        """The settings its manifest records (members and their folders, pooling, weights, temperature …)."""
         folders = _member_folders(self.names)
-        return {"kind": "ensemble", "format_version": FORMAT_VERSION, "name": self.name,
-                "members": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
+        return {"members": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
                             for e, f in zip(self.experts, folders, strict=True)],
                 "pooling": self.pooling, "weights": self.weights, "temperature": self.temperature,
-                "base": {"spec": self.base.spec, "fingerprint": self.base.fingerprint},
                 "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
                 "info": self.info}
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write a folder with each member's expert folder and ``ensemble.json``, atomically.
+        """Write a folder with each member's expert folder and ``manifest.json`` (kind ``ensemble``), atomically.
 
         Raises:
             OutputExistsError: if ``path`` exists and ``overwrite`` is false.
         """
-        manifest = self.manifest()
+        settings = self.settings()
         with atomic_dir(path, overwrite) as tmp:
-            for expert, entry in zip(self.experts, manifest["members"], strict=True):
+            for expert, entry in zip(self.experts, settings["members"], strict=True):
                 (tmp / entry["folder"]).mkdir()
                 expert.write_into(tmp / entry["folder"])
-            write_json(tmp / MANIFEST, manifest)
+            write_manifest(tmp, "ensemble", self.name, settings,
+                           {"spec": self.base.spec, "fingerprint": self.base.fingerprint})
 
     @classmethod
-    def load(cls, path: str | Path, base: BaseModel, **overrides: Any) -> EnsemblePredictor:
-        """Load a folder written by :meth:`save` onto ``base``.
+    def load(cls, path: str | Path, base: BaseModel, verify: bool = True, **overrides: Any) -> EnsemblePredictor:
+        """Load a folder written by :meth:`save` (or in the older ``ensemble.json`` format) onto ``base``.
 
         Args:
             path: the folder.
             base: the base the members were trained on (checked by fingerprint).
+            verify: check every file's sha256 against the manifest.
             overrides: scoring settings to change (``batch_size``, ``autocast``, ``max_length``).
 
         Returns:
             The predictor, with the saved members, pooling, weights and temperature.
 
         Raises:
-            ExpertError: a missing or invalid ``ensemble.json`` or member folder.
+            ExpertError: a missing or invalid manifest, a changed file, or a bad member folder.
             CompatibilityError: members trained on another base.
         """
         folder = Path(path)
-        manifest = _read_manifest(folder)
-        experts = [Expert.load(folder / m["folder"], name=m["name"]) for m in manifest["members"]]
-        settings = {**manifest.get("scoring", {}), **overrides}
-        return cls(base, experts, manifest["pooling"], manifest["weights"], manifest["temperature"],
-                   name=manifest.get("name"), info=manifest.get("info"), **settings)
+        return cls.from_manifest(folder, read_manifest(folder, verify, kinds=("ensemble",)), base, **overrides)
+
+    @classmethod
+    def from_manifest(cls, folder: Path, manifest: Manifest, base: BaseModel, **overrides: Any) -> EnsemblePredictor:
+        """Rebuild the predictor from its checked manifest (see :meth:`load`)."""
+        settings = manifest.settings
+        entries = member_entries(folder, manifest, "members")
+        experts = [Expert.load(folder / m["folder"], name=m["name"]) for m in entries]
+        scoring = {**settings.get("scoring", {}), **overrides}
+        return cls(base, experts, settings["pooling"], settings["weights"], settings["temperature"],
+                   name=manifest.name, info=settings.get("info"), **scoring)
 
 
 def _member_folders(names: Sequence[str]) -> list[str]:
@@ -174,9 +178,3 @@ def _member_folders(names: Sequence[str]) -> list[str]:
         out.append(folder if folder not in out else f"member-{i}")
     return out
 
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    """Read and check ``ensemble.json``."""
-    return fsutil.read_manifest(folder, MANIFEST, "ensemble", FORMAT_VERSION,
-                                ("members", "pooling", "weights", "temperature"), "EnsemblePredictor.save",
-                                members="members")

@@ -26,6 +26,7 @@ from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.expert import CARD, CONFIG, META, WEIGHTS, Expert, versions
 from adapterfuse.harness import ModelPredictor
 from adapterfuse.io.atomic import atomic_dir, check_output, write_json
+from adapterfuse.io.manifest import write_manifest
 from adapterfuse.library import ExpertLibrary
 
 FORMAT_VERSION = 1
@@ -54,8 +55,8 @@ class MergedPredictor(ModelPredictor):
         self.adapter = adapter
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the merged adapter folder (see :meth:`MergedAdapter.save_pretrained`)."""
-        self.adapter.save_pretrained(path, overwrite=overwrite)
+        """Write the merged adapter folder (see :meth:`MergedAdapter.save_pretrained`) with this name and scoring."""
+        self.adapter.save_pretrained(path, overwrite=overwrite, name=self.name, scoring=self.scoring())
 
 
 @dataclass
@@ -201,14 +202,20 @@ class MergedAdapter:
                                      f"experts' base {want[:19]}…; load the base the experts were trained on")
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False, full: bool = False,
-                        base: BaseModel | None = None) -> Path:
+                        base: BaseModel | None = None, name: str | None = None,
+                        scoring: dict[str, Any] | None = None) -> Path:
         """Write the merged adapter (or, with ``full``, the merged full model) atomically.
+
+        The folder is a plain PEFT adapter folder (or transformers model folder) plus ``adapterfuse.json``,
+        the card and, last, ``manifest.json`` (kind ``merged``), which :func:`adapterfuse.load_predictor` reads.
 
         Args:
             path: the output folder.
             overwrite: replace an existing folder.
             full: write base weights + ΔW as a plain transformers model (needs ``base``).
             base: the base to merge into, for ``full``.
+            name: the predictor's name in the manifest (default ``merge:<method>``).
+            scoring: the predictor's scoring settings (``batch_size``, ``autocast``, ``max_length``) to keep.
 
         Returns:
             The folder written.
@@ -232,6 +239,8 @@ class MergedAdapter:
                 write_json(tmp / CONFIG, config)
             write_json(tmp / META, {**self.metadata(), "full_model": full})
             (tmp / CARD).write_text(self.card(full=full))
+            settings = {"full": full, "result_params": params_json(self.result.params), "scoring": scoring or {}}
+            write_manifest(tmp, "merged", name or f"merge:{self.method}", settings, self.base)
         return Path(path)
 
     def _write_full(self, folder: Path, base: BaseModel) -> None:

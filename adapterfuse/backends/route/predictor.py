@@ -37,12 +37,12 @@ from adapterfuse.expert import Expert
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba
 from adapterfuse.io import atomic as fsutil
-from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.io.atomic import atomic_dir
+from adapterfuse.io.manifest import Kind, Manifest, member_entries, read_manifest, write_manifest
 from adapterfuse.predictor import Cost
 from adapterfuse.tasks.spec import Example, TaskSpec
 
-MANIFEST, TENSORS, EXPERTS = "route.json", "router.safetensors", "experts"
-FORMAT_VERSION = 1
+TENSORS, EXPERTS = "router.safetensors", "experts"
 THEN = ("ensemble", "merge")
 _MAX_CACHED = 64
 
@@ -68,24 +68,24 @@ class _Saved:
         self.info = dict(info or {})
         self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
 
-    def _manifest(self, router: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    def _settings(self, router: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         folders = _folders(self.names)
-        return {"kind": "route", "format_version": FORMAT_VERSION, "name": self.name, "router": router,
+        return {"router": router,
                 "experts": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
                             for e, f in zip(self.experts, folders, strict=True)],
-                "base": {"spec": self.base.spec, "fingerprint": self.base.fingerprint},
                 "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
                 "info": self.info, **extra}
 
-    def _write(self, path: str | Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+    def _write(self, path: str | Path, kind: Kind, settings: dict[str, Any], tensors: dict[str, torch.Tensor],
                overwrite: bool) -> None:
         with atomic_dir(path, overwrite) as tmp:
             (tmp / EXPERTS).mkdir()
-            for expert, entry in zip(self.experts, manifest["experts"], strict=True):
+            for expert, entry in zip(self.experts, settings["experts"], strict=True):
                 (tmp / EXPERTS / entry["folder"]).mkdir()
                 expert.write_into(tmp / EXPERTS / entry["folder"])
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-            write_json(tmp / MANIFEST, manifest)
+            base = {"spec": self.base.spec, "fingerprint": self.base.fingerprint}
+            write_manifest(tmp, kind, self.name, settings, base)
 
 
 class RoutePredictor(_Saved):
@@ -211,7 +211,7 @@ class RoutePredictor(_Saved):
         return Cost(stored_params=params, forward_passes=float(passes), memory_bytes=4 * params)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the pool's expert folders, ``router.safetensors`` and ``route.json``, atomically.
+        """Write the pool's expert folders, ``router.safetensors`` and ``manifest.json`` (kind ``route``), atomically.
 
         Raises:
             OutputExistsError: if ``path`` exists and ``overwrite`` is false.
@@ -219,44 +219,28 @@ class RoutePredictor(_Saved):
         router = {"kind": self.router.kind, "config": self.router.config()}
         extra = {"top_k": self.top_k, "then": self.then, "on": self.on, "pooling": self.pooling,
                  "features": self.extractor.spec}
-        self._write(path, self._manifest(router, extra), self.router.tensors(), overwrite)
+        self._write(path, "route", self._settings(router, extra), self.router.tensors(), overwrite)
 
     @classmethod
-    def load(cls, path: str | Path, base: BaseModel, **overrides: Any) -> RoutePredictor | ArrowPredictor:
-        """Load a folder written by :meth:`save` (or by :meth:`ArrowPredictor.save`) onto ``base``.
+    def load(cls, path: str | Path, base: BaseModel, verify: bool = True,
+             **overrides: Any) -> RoutePredictor | ArrowPredictor:
+        """Load a folder written by :meth:`save` or :meth:`ArrowPredictor.save` (or as ``route.json``) onto ``base``.
 
         Args:
             path: the folder.
             base: the base the experts were trained on (checked by fingerprint).
+            verify: check every file's sha256 against the manifest.
             overrides: scoring settings to change (``batch_size``, ``autocast``, ``max_length``).
 
         Returns:
             The predictor, routing exactly as when it was saved.
 
         Raises:
-            ExpertError: a missing or invalid manifest or expert folder.
+            ExpertError: a missing or invalid manifest, a changed file, or a bad expert folder.
             CompatibilityError: experts trained on another base.
         """
         folder = Path(path)
-        manifest = read_manifest(folder)
-        experts = [Expert.load(folder / EXPERTS / m["folder"], name=m["name"]) for m in manifest["experts"]]
-        check_members(experts, base)
-        tensors = load_file(str(folder / TENSORS))
-        settings = {**manifest.get("scoring", {}), **overrides}
-        router = manifest["router"]
-        if router["kind"] == "arrow":
-            protos = {k[len("proto."):]: v for k, v in tensors.items() if k.startswith("proto.")}
-            cfg = router["config"]
-            return ArrowPredictor(base, experts, cfg["top_k"], cfg["temperature"], prototypes=protos,
-                                  seed=cfg.get("seed", 0), name=manifest.get("name"), info=manifest.get("info"),
-                                  **settings)
-        # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
-        # before shape versions (``"shape": true``) on the four counts of version 1.
-        features = {"shape": False, "readout": "mean", **manifest["features"]}
-        features["shape"] = 1 if features["shape"] is True else features["shape"]
-        return cls(base, experts, load_router(router["kind"], router["config"], tensors), manifest["top_k"],
-                   manifest["then"], manifest["on"], pooling=manifest["pooling"], name=manifest.get("name"),
-                   info=manifest.get("info"), **features, **settings)
+        return load_routed(folder, read_manifest(folder, verify, kinds=("route", "arrow")), base, **overrides)
 
 
 class ArrowPredictor(_Saved):
@@ -298,11 +282,11 @@ class ArrowPredictor(_Saved):
         return Cost(stored_params=params, forward_passes=1.0, memory_bytes=4 * params)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the expert folders, the prototypes and ``route.json`` (see :meth:`RoutePredictor.load`)."""
+        """Write the expert folders, the prototypes and ``manifest.json`` (kind ``arrow``; see :func:`load_routed`)."""
         temperature = dict(self.temperature) if isinstance(self.temperature, Mapping) else self.temperature
         router = {"kind": "arrow", "config": {"top_k": self.top_k, "temperature": temperature, "seed": self.seed}}
         tensors = {f"proto.{m}": p for m, p in self.arrow.prototypes.items()}
-        self._write(path, self._manifest(router, {"top_k": self.top_k}), tensors, overwrite)
+        self._write(path, "arrow", self._settings(router, {"top_k": self.top_k}), tensors, overwrite)
 
     load = RoutePredictor.load
 
@@ -316,11 +300,38 @@ def _folders(names: Sequence[str]) -> list[str]:
     return out
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Read and check ``route.json``.
+def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: Any) -> RoutePredictor | ArrowPredictor:
+    """Rebuild a routed predictor (kind ``route`` or ``arrow``) from its checked manifest.
+
+    Args:
+        folder: the saved folder.
+        manifest: its manifest (see :func:`adapterfuse.io.manifest.read_manifest`).
+        base: the base the experts were trained on (checked by fingerprint).
+        overrides: scoring settings to change.
+
+    Returns:
+        The predictor, routing exactly as when it was saved.
 
     Raises:
-        ExpertError: missing, not JSON, not a route manifest, another format version, or incomplete.
+        ExpertError: a bad expert entry or folder.
+        CompatibilityError: experts trained on another base.
     """
-    return fsutil.read_manifest(folder, MANIFEST, "route", FORMAT_VERSION, ("experts", "router"),
-                                "RoutePredictor.save", members="experts")
+    settings = manifest.settings
+    entries = member_entries(folder, manifest, "experts")
+    experts = [Expert.load(folder / EXPERTS / m["folder"], name=m["name"]) for m in entries]
+    check_members(experts, base)
+    tensors = load_file(str(folder / TENSORS))
+    scoring = {**settings.get("scoring", {}), **overrides}
+    router = settings["router"]
+    if manifest.kind == "arrow":
+        protos = {k[len("proto."):]: v for k, v in tensors.items() if k.startswith("proto.")}
+        cfg = router["config"]
+        return ArrowPredictor(base, experts, cfg["top_k"], cfg["temperature"], prototypes=protos,
+                              seed=cfg.get("seed", 0), name=manifest.name, info=settings.get("info"), **scoring)
+    # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
+    # before shape versions (``"shape": true``) on the four counts of version 1.
+    features = {"shape": False, "readout": "mean", **settings["features"]}
+    features["shape"] = 1 if features["shape"] is True else features["shape"]
+    return RoutePredictor(base, experts, load_router(router["kind"], router["config"], tensors), settings["top_k"],
+                          settings["then"], settings["on"], pooling=settings["pooling"], name=manifest.name,
+                          info=settings.get("info"), **features, **scoring)

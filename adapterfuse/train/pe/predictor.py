@@ -1,7 +1,8 @@
 """A trained parameter-efficient ensemble as a folder, its members as LoRA experts, and its predictor.
 
 The folder keeps only what was trained (``weights.safetensors``: the shared factors, the rank-1
-vectors, the per-member top-layer factors, or SWAG's moments) plus ``pe_ensemble.json``; the K members
+vectors, the per-member top-layer factors, or SWAG's moments) plus ``manifest.json`` (kind
+``pe_ensemble``, the ensemble's own record under ``settings.pe``); the K members
 are rebuilt from it on load. BatchEnsemble, CAMERO and SWAG members are ordinary LoRA updates, so
 they run and are pooled by the ensemble backend (:class:`~adapterfuse.backends.ensemble.EnsemblePredictor`: one
 batched pass, linear or log-linear pooling) and can be merged back into one adapter with
@@ -24,8 +25,9 @@ from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError
 from adapterfuse.expert import Expert
 from adapterfuse.head import DEFAULT_MAX_LENGTH, autocast_context, encode, label_token_ids, length_batches
-from adapterfuse.io import atomic as fsutil
-from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.io.atomic import atomic_dir
+from adapterfuse.io.manifest import MANIFEST as MANIFEST  # the file whose presence marks a finished folder
+from adapterfuse.io.manifest import Manifest, read_manifest, write_manifest
 from adapterfuse.predictor import Cost
 from adapterfuse.surgery import shared_copy
 from adapterfuse.tasks.spec import Example, TaskSpec
@@ -33,7 +35,6 @@ from adapterfuse.train.pe import mimo
 from adapterfuse.train.pe.layers import install, load_flat, member_deltas
 from adapterfuse.train.pe.swag import SwagPosterior, unflatten
 
-MANIFEST = "pe_ensemble.json"
 WEIGHTS = "weights.safetensors"
 FORMAT_VERSION = 1
 
@@ -135,36 +136,51 @@ class PEEnsemble:
         """A :class:`~adapterfuse.predictor.Predictor` over ``base`` (scoring: batch_size, autocast, max_length)."""
         return PEEnsemblePredictor(self, base, **scoring)
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``weights.safetensors`` and ``pe_ensemble.json`` atomically.
+    def save(self, path: str | Path, overwrite: bool = False, name: str | None = None,
+             scoring: dict[str, Any] | None = None) -> Path:
+        """Write ``weights.safetensors`` and ``manifest.json`` (kind ``pe_ensemble``) atomically.
+
+        Args:
+            path: the folder.
+            overwrite: replace an existing folder.
+            name: the predictor's name in the manifest (default: the kind and K).
+            scoring: the predictor's scoring settings to keep (default: none, so loading uses the defaults).
 
         Raises:
             OutputExistsError: ``path`` exists and ``overwrite`` is false.
         """
         with atomic_dir(path, overwrite) as tmp:
-            self.write_into(tmp)
+            self.write_into(tmp, name, scoring)
         self.path = Path(path)
         return self.path
 
-    def write_into(self, folder: Path) -> None:
-        """Write the files into an existing folder (callers provide atomicity)."""
+    def write_into(self, folder: Path, name: str | None = None, scoring: dict[str, Any] | None = None) -> None:
+        """Write the files, then the manifest, into an existing folder (callers provide atomicity)."""
         save_file({k: v.detach().contiguous().cpu() for k, v in sorted(self.tensors.items())}, str(folder / WEIGHTS),
                   metadata={"format": "pt"})
-        write_json(folder / MANIFEST, self.manifest)
+        settings = {"pe": self.manifest, **({"scoring": scoring} if scoring else {})}
+        write_manifest(folder, "pe_ensemble", name or f"{self.kind} K={self.k}", settings, self.manifest.get("base"))
 
     @classmethod
-    def load(cls, path: str | Path) -> PEEnsemble:
-        """Load a folder written by :meth:`save`.
+    def load(cls, path: str | Path, verify: bool = True) -> PEEnsemble:
+        """Load a folder written by :meth:`save` (or in the older ``pe_ensemble.json`` format).
 
         Raises:
-            ExpertError: a missing folder, manifest or weights file, or a manifest of another kind/version.
+            ExpertError: a missing folder, manifest or weights file, a changed file, or another kind.
         """
         folder = Path(path)
-        manifest = fsutil.read_manifest(folder, MANIFEST, "pe_ensemble", FORMAT_VERSION,
-                                        saved_by="train_pe_ensemble")
+        return cls.from_manifest(folder, read_manifest(folder, verify, kinds=("pe_ensemble",)))
+
+    @classmethod
+    def from_manifest(cls, folder: Path, manifest: Manifest) -> PEEnsemble:
+        """The ensemble of a checked manifest (see :meth:`load`)."""
+        record = manifest.settings.get("pe")
+        if not isinstance(record, dict) or "method" not in record:
+            raise ExpertError(f"pe ensemble {folder}: the manifest's settings lack the ensemble's record ('pe'); "
+                              "train or save the ensemble again")
         if not (folder / WEIGHTS).is_file():
             raise ExpertError(f"pe ensemble {folder}: {WEIGHTS} not found; the folder is incomplete")
-        return cls(manifest, load_file(str(folder / WEIGHTS)), folder)
+        return cls(record, load_file(str(folder / WEIGHTS)), folder)
 
 
 class PEEnsemblePredictor:
@@ -240,14 +256,23 @@ class PEEnsemblePredictor:
         return Cost(stored_params=params, forward_passes=float(self.ensemble.k), memory_bytes=4 * params)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the ensemble's folder (see :meth:`PEEnsemble.save`)."""
-        self.ensemble.save(path, overwrite)
+        """Write the ensemble's folder (see :meth:`PEEnsemble.save`) with this predictor's name and scoring."""
+        self.ensemble.save(path, overwrite, self.name,
+                           {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length})
 
 
-def load_pe_ensemble(path: str | Path, base: BaseModel, **scoring: Any) -> PEEnsemblePredictor:
+def load_pe_ensemble(path: str | Path, base: BaseModel, verify: bool = True, **scoring: Any) -> PEEnsemblePredictor:
     """Load a saved parameter-efficient ensemble as a predictor over ``base``.
 
     Raises:
         ExpertError / CompatibilityError: see :meth:`PEEnsemble.load` and :class:`PEEnsemblePredictor`.
     """
-    return PEEnsemble.load(path).predictor(base, **scoring)
+    folder = Path(path)
+    return from_manifest(folder, read_manifest(folder, verify, kinds=("pe_ensemble",)), base, **scoring)
+
+
+def from_manifest(folder: Path, manifest: Manifest, base: BaseModel, **overrides: Any) -> PEEnsemblePredictor:
+    """The predictor of a checked ``pe_ensemble`` manifest, with its saved name and scoring settings."""
+    scoring = {**manifest.settings.get("scoring", {}), **overrides}
+    name = scoring.pop("name", manifest.name)
+    return PEEnsemblePredictor(PEEnsemble.from_manifest(folder, manifest), base, name=name, **scoring)
