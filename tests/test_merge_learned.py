@@ -10,7 +10,7 @@ import torch
 
 from adapterfuse.backends.merge.api import merge
 from adapterfuse.backends.merge.learned import LearnedParams, RankWeightedModel, final_merge, layer_key
-from adapterfuse.backends.merge.soup import greedy_select, greedy_soup
+from adapterfuse.backends.merge.soup import greedy_select
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import evaluate
 from adapterfuse.head import label_logits, label_token_ids, pad, predict_proba
@@ -61,7 +61,7 @@ def test_greedy_select_keeps_only_strict_improvements():
 
 def test_greedy_soup_leaves_out_the_flipped_expert(pair, tiny_base):
     good, bad, data = pair
-    soup = greedy_soup([bad, good], tiny_base, [data], autocast=False)
+    soup = merge([bad, good], method="greedy_soup", base=tiny_base, validation=[data], autocast=False)
     record = soup.search["soup"]
     assert record["order"] == ["good", "flipped"]  # sorted by score alone, not by the given order
     assert record["kept"] == ["good"] and [c["kept"] for c in record["candidates"]] == [True, False]
@@ -149,4 +149,4 @@ def test_learned_and_soup_need_validation_data(pair, tiny_base):
     with pytest.raises(ConfigError, match="mode"):
         merge([good, bad], method="learned", base=tiny_base, validation=[data], mode="newton")
     with pytest.raises(ConfigError, match="combine"):
-        greedy_soup([good, bad], tiny_base, [data], method="average")
+        merge([good, bad], method="greedy_soup", base=tiny_base, validation=[data], combine="average")

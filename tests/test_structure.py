@@ -56,7 +56,8 @@ LAYERS: dict[str, int] = {
     # 5: training, which may build on the backends (distilling an ensemble, parameter-efficient
     #    ensembles that pool like backends.ensemble and merge like backends.merge)
     "train": 5,
-    # 6, 7: what drives it all
+    # 6, 7: what drives it all (loading reads any saved predictor, so it sits above what saves them)
+    "loading": 6,
     "recipe": 6,
     "cli": 7,
     # sub-package __init__ files (docstring only), at the bottom so that anything may import them
@@ -64,8 +65,8 @@ LAYERS: dict[str, int] = {
     "tasks": 0,
 }
 
-# Inside layer 4: which backend may import which (``backends.base``, the Combiner protocol, is open to
-# all). Ensemble and merge are independent; route pools and scores its members with the ensemble
+# Inside layer 4: which backend may import which (``backends.base``, the Combiner protocol, and
+# ``backends.options``, the validation of config models, are open to all). Ensemble and merge are independent; route pools and scores its members with the ensemble
 # machinery, and its MBC router merges each cluster of experts with ``backends.merge``.
 BACKEND_DEPENDS: dict[str, set[str]] = {
     "backends.ensemble": set(),
@@ -74,25 +75,11 @@ BACKEND_DEPENDS: dict[str, set[str]] = {
 }
 
 # Today's exceptions (see the module docstring).
-KNOWN_CYCLES: set[str] = {
-    # soup.py imports api.merge lazily, api.py imports soup to register it
-    "backends.merge.api <-> backends.merge.soup",
-}
-KNOWN_UPWARD: set[str] = {
-    # task_loss (the loss on the label-word logits) belongs with the read-out in head, not in the training loop
-    "backends.ensemble.cache -> train.expert",
-    "backends.merge.learned -> train.expert",
-}
-KNOWN_OVER_60: set[str] = {
-    "train.expert:train_expert",
-    "train.pe.train:train_pe_ensemble",
-}
+KNOWN_CYCLES: set[str] = set()
+KNOWN_UPWARD: set[str] = set()
+KNOWN_OVER_60: set[str] = set()
 KNOWN_OVER_8_PARAMS: set[str] = {
-    "backends.ensemble.fit:ensemble",
     "backends.ensemble.predictor:EnsemblePredictor.__init__",
-    "backends.merge.api:merge",
-    "backends.route.api:check_arguments",
-    "backends.route.api:route",
     "backends.route.data:RoutingData.__init__",
     "backends.route.predictor:ArrowPredictor.__init__",
     "backends.route.predictor:RoutePredictor.__init__",
@@ -245,7 +232,8 @@ def layer_of(module: str) -> int | None:
 
 def _backend(module: str) -> str | None:
     parts = module.split(".")
-    return ".".join(parts[:2]) if parts[0] == "backends" and len(parts) > 1 and parts[1] != "base" else None
+    shared = ("base", "options")  # open to every backend
+    return ".".join(parts[:2]) if parts[0] == "backends" and len(parts) > 1 and parts[1] not in shared else None
 
 
 def upward_imports(graph: dict[str, dict[str, int]]) -> dict[str, str]:

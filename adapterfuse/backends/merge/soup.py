@@ -120,29 +120,6 @@ def run(library: ExpertLibrary, params: SoupParams, base: BaseModel, tasks: list
                                search={"soup": record}, notes=[*library.notes, *notes])
 
 
-def greedy_soup(experts: Any, base: BaseModel, validation: Sequence[TaskData], method: str = "uniform",
-                **kwargs: Any) -> MergedAdapter:
-    """Greedy soup of experts, fitted on the validation split.
-
-    Args:
-        experts: experts, folders, Hub ids or a library (see :func:`~adapterfuse.backends.merge.api.merge`).
-        base: the frozen base.
-        validation: the tasks whose validation split is scored.
-        method: the registered method that merges the soup (``uniform`` by default).
-        **kwargs: other :func:`~adapterfuse.backends.merge.api.merge` arguments (``rank``, ``seed``, ``density``,
-            ``autocast`` …).
-
-    Returns:
-        The soup as a :class:`MergedAdapter`.
-
-    Raises:
-        ConfigError: missing base or validation data, bad parameters.
-    """
-    from adapterfuse.backends.merge.api import merge  # api registers this module, so import it lazily
-
-    return merge(experts, method="greedy_soup", base=base, validation=validation, combine=method, **kwargs)
-
-
 METHOD = SearchMethod(
     name="greedy_soup",
     paper="https://arxiv.org/abs/2203.05482",
