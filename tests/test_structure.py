@@ -66,8 +66,9 @@ LAYERS: dict[str, int] = {
 }
 
 # Inside layer 4: which backend may import which (``backends.base``, the Combiner protocol, and
-# ``backends.options``, the validation of config models, are open to all). Ensemble and merge are independent; route pools and scores its members with the ensemble
-# machinery, and its MBC router merges each cluster of experts with ``backends.merge``.
+# ``backends.options``, the validation of config models, are open to all). Ensemble and merge are
+# independent; route pools and scores its members with the ensemble machinery, and its MBC router
+# merges each cluster of experts with ``backends.merge``.
 BACKEND_DEPENDS: dict[str, set[str]] = {
     "backends.ensemble": set(),
     "backends.merge": set(),
