@@ -21,7 +21,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "on": (str, "route on the prompt or on the raw input fields"),
     "layer": (int, "feature layer (0 embeddings, -1 last)"),
     "readout": (str, "features: the mean over tokens, or the mean and the last token's state"),
-    "target": (str, "what the learned router learns (best_expert is the older choice)"),
+    "target": (str, "what the learned router learns"),
     "prior_weight": (float, "target task_prior: weight of the prior towards the task's expert (None: cross-validated)"),
     "cv_folds": (int, "folds of that cross-validation"),
     "pca": (optional_int, "learned router: project features onto this many principal components first"),
