@@ -11,9 +11,12 @@ The public API, one name each::
 from __future__ import annotations
 
 from adapterfuse._version import __version__
+from adapterfuse.backends.ensemble.config import EnsembleConfig
 from adapterfuse.backends.ensemble.fit import ensemble
 from adapterfuse.backends.merge.api import merge
+from adapterfuse.backends.merge.config import MergeConfig
 from adapterfuse.backends.route.api import route
+from adapterfuse.backends.route.config import RouteConfig
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import AdapterFuseError
 from adapterfuse.expert import Expert
@@ -30,10 +33,13 @@ __all__ = [
     "TASKS",
     "AdapterFuseError",
     "BaseModel",
+    "EnsembleConfig",
     "Expert",
     "ExpertLibrary",
     "ExpertPredictor",
+    "MergeConfig",
     "OraclePredictor",
+    "RouteConfig",
     "TaskSpec",
     "TrainConfig",
     "ZeroShotPredictor",

@@ -110,5 +110,5 @@ def test_bad_inputs_are_clear_errors(tiny_base, other_base, tmp_path, data):
         train(tiny_base, tmp_path, data, "mimo", members=2)
     with pytest.raises(CompatibilityError, match="same base model"):
         load_pe_ensemble(tmp_path / "ens", other_base)
-    with pytest.raises(ExpertError, match=r"no pe_ensemble\.json"):
+    with pytest.raises(ExpertError, match=r"no manifest\.json"):
         PEEnsemble.load(tmp_path)

@@ -257,7 +257,7 @@ class MergedAdapter:
             repo_id: ``owner/name`` on the Hub.
             token: a Hub token (default: the logged-in one).
             full, base: as in :meth:`save_pretrained`.
-            **kwargs: passed to ``push_folder`` (``private``, ``commit_message``, ``max_retries`` …).
+            **kwargs: passed to ``push_folder`` (``private``, ``commit_message``, ``retry`` …).
 
         Returns:
             ``push_folder``'s result.

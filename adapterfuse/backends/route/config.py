@@ -34,7 +34,7 @@ class LearnedOptions(_Options):
         epochs: full-batch training steps.
         lr: Adam's learning rate.
         target: what it learns: the input's ``"task"`` (its own task's expert); ``"best_expert"`` (the expert
-            with the highest likelihood of the gold label, the older default); ``"likelihood"`` (maximise
+            with the highest likelihood of the gold label); ``"likelihood"`` (maximise
             the routed mixture's validation likelihood); ``"task_prior"`` (that likelihood plus a prior
             towards the input's own task's expert).
         prior_weight: the weight of ``"task_prior"``'s prior; ``None`` chooses it by ``cv_folds``-fold
