@@ -27,6 +27,7 @@ setup: $(VENV)/.installed
 
 lint: setup
 	$(VENV)/bin/ruff check adapterfuse tests benchmarks
+	$(VENV)/bin/ruff format --check adapterfuse tests benchmarks
 
 test: setup lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -92,3 +92,12 @@ def test_ctrl_c_exits_130_with_one_line(command, hint, tmp_path, monkeypatch, ca
     assert len(err.splitlines()) == 1 and "interrupted" in err and hint in err
     if command[0] != "run":  # a run keeps its recipe.json; nothing else writes before the base loads
         assert not (tmp_path / "out").exists()
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "adapterfuse.cli", "merge", "--help"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0 and "usage: adapterfuse merge" in done.stdout
