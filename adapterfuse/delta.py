@@ -80,7 +80,7 @@ def lora_scale(config: Mapping[str, Any], module: str) -> float:
 
 def _split_key(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.lora_A[.weight]`` -> (module, "lora_A")."""
-    stem = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    stem = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     stem = stem.removesuffix(".weight")
     module, _, part = stem.rpartition(".")
     return module, part
@@ -107,17 +107,23 @@ def deltas_from_peft(
     raw_type = config.get("peft_type", "")
     peft_type = str(getattr(raw_type, "value", raw_type)).upper()  # a PeftType enum or its JSON string
     if peft_type not in ("LORA", "ADALORA"):
-        raise ExpertError(f"expert {name!r}: peft_type must be LORA or ADALORA, got {peft_type!r}; "
-                          "only LoRA-family adapters can be folded into ΔW")
+        raise ExpertError(
+            f"expert {name!r}: peft_type must be LORA or ADALORA, got {peft_type!r}; "
+            "only LoRA-family adapters can be folded into ΔW"
+        )
     if config.get("use_dora"):
-        raise ExpertError(f"expert {name!r}: DoRA adapters are not supported (use_dora=true); "
-                          "train a plain LoRA or AdaLoRA adapter instead")
+        raise ExpertError(
+            f"expert {name!r}: DoRA adapters are not supported (use_dora=true); "
+            "train a plain LoRA or AdaLoRA adapter instead"
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         module, part = _split_key(key)
         if part not in ("lora_A", "lora_B", "lora_E"):
-            raise ExpertError(f"expert {name!r}: unexpected tensor {key!r}; expected only lora_A, "
-                              "lora_B (and lora_E for AdaLoRA) tensors of linear modules")
+            raise ExpertError(
+                f"expert {name!r}: unexpected tensor {key!r}; expected only lora_A, "
+                "lora_B (and lora_E for AdaLoRA) tensors of linear modules"
+            )
         parts.setdefault(module, {})[part] = tensor.detach().to(torch.float32)
     # fan_in_fan_out (Conv1D bases) only transposes the *base* weight; lora_A is [r, in] and lora_B
     # [out, r] either way, so B @ A is ΔW in the nn.Linear orientation for every base.
@@ -125,8 +131,10 @@ def deltas_from_peft(
     for module in sorted(parts):
         got = parts[module]
         if "lora_A" not in got or "lora_B" not in got:
-            raise ExpertError(f"expert {name!r}: module {module!r} has {sorted(got)}, expected both "
-                              "lora_A and lora_B; the adapter file is incomplete")
+            raise ExpertError(
+                f"expert {name!r}: module {module!r} has {sorted(got)}, expected both "
+                "lora_A and lora_B; the adapter file is incomplete"
+            )
         A, B = got["lora_A"], got["lora_B"]
         if peft_type == "ADALORA":
             E = got.get("lora_E")
@@ -138,14 +146,17 @@ def deltas_from_peft(
         else:
             B = B * lora_scale(config, module)
         if A.shape[0] != B.shape[1]:
-            raise ExpertError(f"expert {name!r}: module {module!r} has lora_A rank {A.shape[0]} but "
-                              f"lora_B rank {B.shape[1]}; expected equal ranks")
+            raise ExpertError(
+                f"expert {name!r}: module {module!r} has lora_A rank {A.shape[0]} but "
+                f"lora_B rank {B.shape[1]}; expected equal ranks"
+            )
         deltas[module] = LowRank(A.contiguous(), B.contiguous())
     return deltas
 
 
 def peft_from_deltas(
-    deltas: Mapping[str, LowRank], base_model_name_or_path: str | None = None,
+    deltas: Mapping[str, LowRank],
+    base_model_name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Write per-module ΔW factors as a plain PEFT LoRA adapter that ``PeftModel`` loads.
@@ -175,9 +186,16 @@ def peft_from_deltas(
         ranks[module] = d.rank
     default_r = max(set(ranks.values()), key=list(ranks.values()).count)
     config: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": default_r, "lora_alpha": default_r, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted(kept), "fan_in_fan_out": False, "use_rslora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": default_r,
+        "lora_alpha": default_r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(kept),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
         "rank_pattern": {m: r for m, r in ranks.items() if r != default_r},
         "alpha_pattern": {m: r for m, r in ranks.items() if r != default_r},
         "inference_mode": True,

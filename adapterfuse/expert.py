@@ -40,9 +40,13 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"adapterfuse": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "adapterfuse": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _read_json(path: Path, what: str, name: str) -> dict[str, Any]:
@@ -63,13 +67,17 @@ def _load_weights(folder: Path, name: str, allow_pickle: bool) -> dict[str, torc
         try:
             return load_file(str(folder / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ExpertError(f"expert {name!r}: {folder / WEIGHTS} is not a readable safetensors file "
-                              f"({e}); re-save or re-download the adapter") from None
+            raise ExpertError(
+                f"expert {name!r}: {folder / WEIGHTS} is not a readable safetensors file "
+                f"({e}); re-save or re-download the adapter"
+            ) from None
     if (folder / PICKLED).is_file():
         if not allow_pickle:
-            raise ExpertError(f"expert {name!r}: only pickled weights ({PICKLED}) found, and pickles can run "
-                              "code; expected adapter_model.safetensors; pass allow_pickle=True "
-                              "(--allow-pickle) to load it with torch.load(weights_only=True)")
+            raise ExpertError(
+                f"expert {name!r}: only pickled weights ({PICKLED}) found, and pickles can run "
+                "code; expected adapter_model.safetensors; pass allow_pickle=True "
+                "(--allow-pickle) to load it with torch.load(weights_only=True)"
+            )
         try:
             return torch.load(folder / PICKLED, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses arbitrary objects with several error types
@@ -138,8 +146,10 @@ class Expert:
         for key, t in self.state_dict.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
-                raise ExpertError(f"expert {self.name!r}: tensor {key} has {bad} non-finite values (NaN/inf); "
-                                  "expected finite weights; retrain or re-download this adapter")
+                raise ExpertError(
+                    f"expert {self.name!r}: tensor {key} has {bad} non-finite values (NaN/inf); "
+                    "expected finite weights; retrain or re-download this adapter"
+                )
         _ = self.deltas  # folding checks the adapter type and the factor shapes
 
     @classmethod
@@ -188,8 +198,11 @@ class Expert:
             name: the predictor's name in the manifest (default: the expert's name).
             settings: the predictor's settings (``{"scoring": …}``); none means the defaults.
         """
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict.items()}, str(folder / WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict.items()},
+            str(folder / WEIGHTS),
+            metadata={"format": "pt"},
+        )
         write_json(folder / CONFIG, self.config)
         write_json(folder / META, {"format_version": FORMAT_VERSION, **self.meta})
         (folder / CARD).write_text(self.card())
@@ -200,9 +213,16 @@ class Expert:
         m = self.meta
         scores = m.get("scores", {})
         lines = [
-            "---", "library_name: peft", f"base_model: {self.base_name}", "tags: [adapterfuse, lora]", "---", "",
-            f"# {self.name}", "",
-            f"A {self.peft_type} adapter trained with adapterfuse on GLUE task `{self.task}`.", "",
+            "---",
+            "library_name: peft",
+            f"base_model: {self.base_name}",
+            "tags: [adapterfuse, lora]",
+            "---",
+            "",
+            f"# {self.name}",
+            "",
+            f"A {self.peft_type} adapter trained with adapterfuse on GLUE task `{self.task}`.",
+            "",
             f"- base: `{self.base_name}` (fingerprint `{str(self.base_fingerprint)[:23]}…`)",
             f"- method: {m.get('method', self.peft_type.lower())}, "
             f"rank {self.config.get('r', self.config.get('init_r'))}",
@@ -211,8 +231,16 @@ class Expert:
         for split, values in scores.items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()) if isinstance(v, (int, float)))
             lines.append(f"- {split}: {shown}")
-        lines += ["", "Load it with plain PEFT:", "", "```python",
-                  "from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')", "```", ""]
+        lines += [
+            "",
+            "Load it with plain PEFT:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "model = PeftModel.from_pretrained(base_model, 'PATH')",
+            "```",
+            "",
+        ]
         return "\n".join(lines)
 
     def attach(self, model: torch.nn.Module, adapter_name: str = "default", copy_base: bool = True):
@@ -226,8 +254,9 @@ class Expert:
         return peft_from_deltas(self.deltas, self.base_name)
 
 
-def attach_experts(model: torch.nn.Module, experts: Sequence[Expert], names: Sequence[str] | None = None,
-                   copy_base: bool = True):
+def attach_experts(
+    model: torch.nn.Module, experts: Sequence[Expert], names: Sequence[str] | None = None, copy_base: bool = True
+):
     """Load several experts into one PEFT model as named adapters (switch with ``set_adapter``).
 
     A single expert keeps its own adapter type; with several, AdaLoRA experts are folded into plain
@@ -261,7 +290,9 @@ def attach_experts(model: torch.nn.Module, experts: Sequence[Expert], names: Seq
         # For AdaLoRA, PEFT itself resizes the modules to the saved rank pattern while loading.
         result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
         if result.unexpected_keys:
-            raise ExpertError(f"expert {expert.name!r}: tensors {result.unexpected_keys[:3]} do not match the "
-                              "base model's modules; expected an adapter trained on this base")
+            raise ExpertError(
+                f"expert {expert.name!r}: tensors {result.unexpected_keys[:3]} do not match the "
+                "base model's modules; expected an adapter trained on this base"
+            )
     peft_model.set_adapter(names[0])
     return peft_model.eval()

@@ -29,12 +29,23 @@ from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 
 
-def score_examples(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
-                   examples: Sequence[Example], config: Any = None) -> dict[str, float]:
+def score_examples(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    examples: Sequence[Example],
+    config: Any = None,
+) -> dict[str, float]:
     """The task's metrics of ``model`` on ``examples`` (batch size, autocast, length from ``config``)."""
-    probs = predict_proba(model, tokenizer, task, examples,
-                          batch_size=getattr(config, "eval_batch_size", 32), autocast=getattr(config, "autocast", True),
-                          max_length=getattr(config, "max_length", DEFAULT_MAX_LENGTH))
+    probs = predict_proba(
+        model,
+        tokenizer,
+        task,
+        examples,
+        batch_size=getattr(config, "eval_batch_size", 32),
+        autocast=getattr(config, "autocast", True),
+        max_length=getattr(config, "max_length", DEFAULT_MAX_LENGTH),
+    )
     return compute_metrics(task.metrics, predictions(task, probs), [e.label for e in examples])
 
 
@@ -54,8 +65,16 @@ class ModelPredictor:
         batch_size, autocast, max_length: scoring settings.
     """
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase, stored_params: int = 0,
-                 batch_size: int = 32, autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        stored_params: int = 0,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.stored_params = stored_params
         self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
@@ -82,8 +101,10 @@ class ModelPredictor:
         Raises:
             ConfigError: always, naming what to save instead.
         """
-        raise ConfigError(f"predictor {self.name!r}: a model read as is has no saved form; save the expert "
-                          "(ExpertPredictor) or the merged adapter (MergedAdapter.save_pretrained) it reads instead")
+        raise ConfigError(
+            f"predictor {self.name!r}: a model read as is has no saved form; save the expert "
+            "(ExpertPredictor) or the merged adapter (MergedAdapter.save_pretrained) it reads instead"
+        )
 
 
 class ZeroShotPredictor(ModelPredictor):
@@ -114,8 +135,13 @@ class ExpertPredictor(ModelPredictor):
     """
 
     def __init__(self, base: BaseModel, expert: Expert, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name or expert.name, expert.attach(base.model), base.tokenizer,
-                         stored_params=adapter_params([expert]), **kwargs)
+        super().__init__(
+            name or expert.name,
+            expert.attach(base.model),
+            base.tokenizer,
+            stored_params=adapter_params([expert]),
+            **kwargs,
+        )
         self.expert = expert
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
@@ -162,8 +188,9 @@ class OraclePredictor(ModelPredictor):
                 (tmp / expert.name).mkdir()
                 expert.write_into(tmp / expert.name)
             tasks = [{"task": t, "name": e.name, "folder": e.name} for t, e in self.by_task.items()]
-            write_manifest(tmp, "oracle", self.name, {"tasks": tasks, "scoring": self.scoring()},
-                           _base_record(self.base))
+            write_manifest(
+                tmp, "oracle", self.name, {"tasks": tasks, "scoring": self.scoring()}, _base_record(self.base)
+            )
 
 
 def _base_record(base: BaseModel) -> dict[str, Any]:
@@ -200,8 +227,9 @@ def load_model_predictor(folder: Path, manifest: Manifest, base: BaseModel) -> M
     return predictor
 
 
-def evaluate(predictor: Predictor, data: Sequence[TaskData], split: str = "test",
-             max_examples: int | None = None) -> dict[str, Any]:
+def evaluate(
+    predictor: Predictor, data: Sequence[TaskData], split: str = "test", max_examples: int | None = None
+) -> dict[str, Any]:
     """Evaluate a predictor over tasks.
 
     Args:
@@ -229,12 +257,21 @@ def evaluate(predictor: Predictor, data: Sequence[TaskData], split: str = "test"
         probs = predictor.predict_proba(td.task, list(examples))
         seconds = time.perf_counter() - t0
         metrics = compute_metrics(td.task.metrics, predictions(td.task, probs), [e.label for e in examples])
-        tasks[td.task.name] = {**metrics, "n": len(examples), "seconds": round(seconds, 3),
-                               "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2)}
+        tasks[td.task.name] = {
+            **metrics,
+            "n": len(examples),
+            "seconds": round(seconds, 3),
+            "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2),
+        }
         total_n, total_s = total_n + len(examples), total_s + seconds
-    return {"predictor": predictor.name, "split": split, "tasks": tasks,
-            "average": statistics.fmean(t["score"] for t in tasks.values()),
-            "examples_per_s": round(total_n / max(total_s, 1e-9), 2), "cost": predictor.cost().as_dict()}
+    return {
+        "predictor": predictor.name,
+        "split": split,
+        "tasks": tasks,
+        "average": statistics.fmean(t["score"] for t in tasks.values()),
+        "examples_per_s": round(total_n / max(total_s, 1e-9), 2),
+        "cost": predictor.cost().as_dict(),
+    }
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> str:
@@ -250,7 +287,11 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
         cells = [r["predictor"]]
         cells += [f"{r['tasks'][t][m]:.3f}" if t in r["tasks"] else "—" for t, m in metric_cols]
         cost = r["cost"]
-        cells += [f"{r['average']:.3f}", f"{r['examples_per_s']:.1f}", f"{cost['stored_params']:,}",
-                  f"{cost['forward_passes']:g}"]
+        cells += [
+            f"{r['average']:.3f}",
+            f"{r['examples_per_s']:.1f}",
+            f"{cost['stored_params']:,}",
+            f"{cost['forward_passes']:g}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -35,16 +35,22 @@ def label_token_ids(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[
     for word in task.label_words:
         toks = tokenizer.encode(word, add_special_tokens=False)
         if len(toks) != 1:
-            raise ConfigError(f"task {task.name}: label word {word!r} is {len(toks)} tokens {toks} in this "
-                              "tokenizer; expected exactly 1; choose label words that are single tokens")
+            raise ConfigError(
+                f"task {task.name}: label word {word!r} is {len(toks)} tokens {toks} in this "
+                "tokenizer; expected exactly 1; choose label words that are single tokens"
+            )
         ids.append(toks[0])
     if len(set(ids)) != len(ids):
         raise ConfigError(f"task {task.name}: label words {task.label_words} map to repeated token ids {ids}")
     return ids
 
 
-def encode(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
-           max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
+def encode(
+    task: TaskSpec,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> list[list[int]]:
     """Tokenize the prompts of ``examples``.
 
     A prompt longer than ``max_length`` keeps its first and last ``max_length // 2`` tokens: the
@@ -52,13 +58,13 @@ def encode(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrainedTok
     """
     ids = tokenizer([task.prompt(e.fields) for e in examples], add_special_tokens=True)["input_ids"]
     half = max_length // 2
-    return [x if len(x) <= max_length else x[:half] + x[-(max_length - half):] for x in ids]
+    return [x if len(x) <= max_length else x[:half] + x[-(max_length - half) :] for x in ids]
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (sorted), so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +125,9 @@ def read_labels(model: nn.Module, hidden: torch.Tensor, label_ids: Sequence[int]
     return logits
 
 
-def label_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 label_ids: Sequence[int]) -> torch.Tensor:
+def label_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_ids: Sequence[int]
+) -> torch.Tensor:
     """Next-token logits over the label words only, in fp32, ``[n, n_labels]``.
 
     Args:
@@ -135,8 +142,14 @@ def label_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return read_labels(model, last_hidden(model, input_ids, attention_mask).float(), label_ids)
 
 
-def member_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  label_ids: Sequence[int], k: int, replicate: bool = True) -> torch.Tensor:
+def member_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    label_ids: Sequence[int],
+    k: int,
+    replicate: bool = True,
+) -> torch.Tensor:
     """Label-word logits of a model whose batch rows are ``k`` member-contiguous blocks, fp32 ``[k, n, n_labels]``.
 
     The token embeddings are looked up once for the given rows; with ``replicate`` they (and the mask)
@@ -157,15 +170,18 @@ def member_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     embeds = model.get_input_embeddings()(input_ids)  # looked up once, then shared by the members
     if replicate and k > 1:
         embeds, attention_mask = embeds.repeat(k, 1, 1), attention_mask.repeat(k, 1)
-    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     logits = read_labels(model, last_token(hidden, attention_mask).float(), label_ids)
     return logits.view(k, -1, logits.shape[-1])
 
 
-def iter_batches(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
-                 batch_size: int, max_length: int = DEFAULT_MAX_LENGTH,
-                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def iter_batches(
+    task: TaskSpec,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Yield ``(indices, input_ids, attention_mask)`` over length-sorted batches of ``examples``."""
     encoded = encode(task, examples, tokenizer, max_length)
     for idx in length_batches([len(x) for x in encoded], batch_size):
@@ -174,9 +190,15 @@ def iter_batches(task: TaskSpec, examples: Sequence[Example], tokenizer: PreTrai
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
-                  examples: Sequence[Example], batch_size: int = 32, autocast: bool = True,
-                  max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
+def predict_proba(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    autocast: bool = True,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> torch.Tensor:
     """Class probabilities of ``examples`` under ``model``, in the input order.
 
     Args:
@@ -223,8 +245,9 @@ def _soft_levels(task: TaskSpec, labels: Sequence[float]) -> tuple[torch.Tensor,
     return lo, hi, y - lo
 
 
-def task_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[float],
-              class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def task_loss(
+    task: TaskSpec, logits: torch.Tensor, labels: Sequence[float], class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The label-word loss: mean cross-entropy, for regression against the soft target of two levels.
 
     Args:

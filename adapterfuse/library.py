@@ -41,8 +41,9 @@ class ExpertLibrary:
         self.check(base_fingerprint)
 
     @classmethod
-    def load(cls, paths: Sequence[str | Path], base_fingerprint: str | None = None,
-             allow_pickle: bool = False) -> ExpertLibrary:
+    def load(
+        cls, paths: Sequence[str | Path], base_fingerprint: str | None = None, allow_pickle: bool = False
+    ) -> ExpertLibrary:
         """Load expert folders and check them together (see :meth:`check`)."""
         return cls([Expert.load(p, allow_pickle=allow_pickle) for p in paths], base_fingerprint)
 
@@ -86,20 +87,28 @@ class ExpertLibrary:
                 raise CompatibilityError(
                     f"expert {e.name!r}: base fingerprint {got[:19]}… differs from {want[:19]}… "
                     f"({'the loaded base' if base_fingerprint else repr(ref.name)}); experts must be trained "
-                    "on the same base model")
+                    "on the same base model"
+                )
             if got is None:
                 if e.base_name != ref.base_name:
-                    raise CompatibilityError(f"expert {e.name!r}: base_model_name_or_path {e.base_name!r} differs "
-                                             f"from {ref.base_name!r} of expert {ref.name!r}")
-                self.notes.append(f"expert {e.name!r} records no base fingerprint; compatibility checked by base "
-                                  f"name {e.base_name!r} and module shapes only")
+                    raise CompatibilityError(
+                        f"expert {e.name!r}: base_model_name_or_path {e.base_name!r} differs "
+                        f"from {ref.base_name!r} of expert {ref.name!r}"
+                    )
+                self.notes.append(
+                    f"expert {e.name!r} records no base fingerprint; compatibility checked by base "
+                    f"name {e.base_name!r} and module shapes only"
+                )
         shapes: dict[str, tuple[tuple[int, int], str]] = {}
         for e in self.experts:
             for module, d in e.deltas.items():
                 seen = shapes.setdefault(module, (d.shape, e.name))
                 if seen[0] != d.shape:
-                    raise CompatibilityError(f"module {module!r}: expert {e.name!r} has ΔW shape {d.shape}, "
-                                             f"expert {seen[1]!r} has {seen[0]}; experts must share one base")
+                    raise CompatibilityError(
+                        f"module {module!r}: expert {e.name!r} has ΔW shape {d.shape}, "
+                        f"expert {seen[1]!r} has {seen[0]}; experts must share one base"
+                    )
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -116,10 +125,11 @@ def count_experts(experts: Any) -> int:
     if isinstance(experts, ExpertLibrary):
         return len(experts)
     if isinstance(experts, (str, Path, Expert)) or not isinstance(experts, Sequence) or not experts:
-        raise ConfigError("experts: expected a non-empty list of Expert objects, expert folders or Hub ids, "
-                          f"or an ExpertLibrary; got {type(experts).__name__}"
-                          + (" (a single expert? wrap it in a list)" if isinstance(experts, (str, Path, Expert))
-                             else ""))
+        raise ConfigError(
+            "experts: expected a non-empty list of Expert objects, expert folders or Hub ids, "
+            f"or an ExpertLibrary; got {type(experts).__name__}"
+            + (" (a single expert? wrap it in a list)" if isinstance(experts, (str, Path, Expert)) else "")
+        )
     return len(experts)
 
 
@@ -143,8 +153,10 @@ def check_sources(experts: Any) -> None:
         if not isinstance(item, (str, Path)):
             raise ConfigError(f"experts[{i}]: expected an Expert, a folder path or a Hub id, got {type(item).__name__}")
         if not Path(item).expanduser().exists() and not is_hub_id(item):
-            raise ExpertError(f"expert {str(item)!r}: folder not found and not a Hub id ('owner/name'); "
-                              "expected a PEFT adapter folder")
+            raise ExpertError(
+                f"expert {str(item)!r}: folder not found and not a Hub id ('owner/name'); "
+                "expected a PEFT adapter folder"
+            )
 
 
 def download(repo_id: str) -> Path:
@@ -158,9 +170,11 @@ def download(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"]))
     except Exception as e:  # the Hub client raises many types (offline, 404, 401, timeouts)
-        raise ExpertError(f"expert {repo_id!r}: could not download it from the Hugging Face Hub "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the id and "
-                          "your network, or pass a local adapter folder") from None
+        raise ExpertError(
+            f"expert {repo_id!r}: could not download it from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the id and "
+            "your network, or pass a local adapter folder"
+        ) from None
 
 
 def load_one(item: Expert | str | Path, allow_pickle: bool) -> Expert:

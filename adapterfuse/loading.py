@@ -57,7 +57,9 @@ def load_predictor(folder: str | Path, base: BaseModel | None = None, *, verify:
     if base is None and not (manifest.kind == "merged" and manifest.settings.get("full")):
         base = load_base(recorded.spec if recorded else None)
     if base is not None and recorded and recorded.fingerprint and base.fingerprint != recorded.fingerprint:
-        raise CompatibilityError(f"predictor {path}: saved for base {recorded.spec!r} (fingerprint "
-                                 f"{recorded.fingerprint[:19]}…), got base {base.spec!r} ({base.fingerprint[:19]}…); "
-                                 "pass the base it was saved with, or base=None to load the recorded one")
+        raise CompatibilityError(
+            f"predictor {path}: saved for base {recorded.spec!r} (fingerprint "
+            f"{recorded.fingerprint[:19]}…), got base {base.spec!r} ({base.fingerprint[:19]}…); "
+            "pass the base it was saved with, or base=None to load the recorded one"
+        )
     return LOADERS[manifest.kind](path, manifest, base)

@@ -93,8 +93,10 @@ def stack_members(members: Sequence[Mapping[str, LowRank]], names: Sequence[str]
         out_dim, in_dim = present[0][1].shape
         for i, d in present:
             if d.shape != (out_dim, in_dim):
-                raise CompatibilityError(f"module {module!r}: member {names[i]!r} has ΔW shape {d.shape}, member "
-                                         f"{names[present[0][0]]!r} has {(out_dim, in_dim)}; expected one shape")
+                raise CompatibilityError(
+                    f"module {module!r}: member {names[i]!r} has ΔW shape {d.shape}, member "
+                    f"{names[present[0][0]]!r} has {(out_dim, in_dim)}; expected one shape"
+                )
         r_max = max(d.rank for _, d in present)
         if r_max == 0:
             continue
@@ -221,9 +223,7 @@ def truncate_factors(lr: LowRank, rank: int) -> tuple[LowRank, float]:
     return t.delta, t.error
 
 
-def _randomized_svd(
-    d: torch.Tensor, q: int, niter: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _randomized_svd(d: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halko-Martinsson-Tropp range finder with ``niter`` power iterations and an explicit generator.
 
     ``torch.svd_lowrank`` draws its test matrix from the global RNG (no generator argument), which
@@ -270,9 +270,7 @@ def dense_truncation(
     return Truncation(new, _relative(tail_sq, norm_sq), math.sqrt(float(norm_sq)))
 
 
-def truncate_dense(
-    delta: torch.Tensor, rank: int, exact: bool = True, seed: int = 0
-) -> tuple[LowRank, float]:
+def truncate_dense(delta: torch.Tensor, rank: int, exact: bool = True, seed: int = 0) -> tuple[LowRank, float]:
     """Best (or, with ``exact=False``, near-best) rank-``rank`` factors of a dense update (TIES/DARE outputs).
 
     ``exact=True`` uses ``torch.linalg.svd``. ``exact=False`` uses a randomized SVD (4 power iterations,

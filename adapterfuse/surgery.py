@@ -39,9 +39,11 @@ def linear_modules(model: nn.Module, suffixes: Sequence[str] | None = None) -> l
         The module names, in model order.
     """
     head = model.get_output_embeddings()
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not head
-            and (suffixes is None or name.rpartition(".")[2] in suffixes)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not head and (suffixes is None or name.rpartition(".")[2] in suffixes)
+    ]
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -60,8 +62,9 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def replace_linear(model: nn.Module, module: str, build: Callable[[nn.Linear], Layer],
-                   shape: tuple[int, int] | None = None) -> Layer:
+def replace_linear(
+    model: nn.Module, module: str, build: Callable[[nn.Linear], Layer], shape: tuple[int, int] | None = None
+) -> Layer:
     """Swap the ``nn.Linear`` named ``module`` for ``build(that_linear)``.
 
     Args:
@@ -79,14 +82,19 @@ def replace_linear(model: nn.Module, module: str, build: Callable[[nn.Linear], L
     try:
         target = model.get_submodule(module)
     except AttributeError:
-        raise CompatibilityError(f"module {module!r}: not found in the base model; expected a linear module of "
-                                 "this base (adapters trained on it)") from None
+        raise CompatibilityError(
+            f"module {module!r}: not found in the base model; expected a linear module of "
+            "this base (adapters trained on it)"
+        ) from None
     if not isinstance(target, nn.Linear):
-        raise CompatibilityError(f"module {module!r}: is a {type(target).__name__}, expected nn.Linear; only "
-                                 "linear layers are adapted")
+        raise CompatibilityError(
+            f"module {module!r}: is a {type(target).__name__}, expected nn.Linear; only linear layers are adapted"
+        )
     if shape is not None and tuple(target.weight.shape) != tuple(shape):
-        raise CompatibilityError(f"module {module!r}: base weight is {tuple(target.weight.shape)}, the update's ΔW "
-                                 f"is {tuple(shape)}; expected adapters trained on this base")
+        raise CompatibilityError(
+            f"module {module!r}: base weight is {tuple(target.weight.shape)}, the update's ΔW "
+            f"is {tuple(shape)}; expected adapters trained on this base"
+        )
     layer = build(target)
     model.set_submodule(module, layer)
     return layer
@@ -110,8 +118,10 @@ def blockwise_lowrank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torc
     """
     k = int(A.shape[0])
     if h.shape[0] % k:
-        raise ConfigError(f"stacked forward: {h.shape[0]} rows is not a multiple of K={k} members; expected "
-                          "member-contiguous rows (the batch replicated once per member)")
+        raise ConfigError(
+            f"stacked forward: {h.shape[0]} rows is not a multiple of K={k} members; expected "
+            "member-contiguous rows (the batch replicated once per member)"
+        )
     h = h.reshape(k, -1, h.shape[-1])
     return torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
 
@@ -147,8 +157,15 @@ class StackedLoRALinear(nn.Module):
         ConfigError: an unknown weighting, or ``slots`` missing for a weighted layer.
     """
 
-    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor | None = None,
-                 weighting: Weighting = "member", fp32: bool = False) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        weighting: Weighting = "member",
+        fp32: bool = False,
+    ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting {weighting!r}: unknown; expected one of {', '.join(WEIGHTINGS)}")
@@ -191,8 +208,10 @@ class StackedLoRALinear(nn.Module):
         """
         if self.weights is None or self.weights.shape[0] != h.shape[0]:
             got = None if self.weights is None else tuple(self.weights.shape)
-            raise ConfigError(f"row weights: expected one row of member weights per batch row ({h.shape[0]}), got "
-                              f"{got}; set the layer's weights before the forward pass")
+            raise ConfigError(
+                f"row weights: expected one row of member weights per batch row ({h.shape[0]}), got "
+                f"{got}; set the layer's weights before the forward pass"
+            )
         return self.weights
 
     def mix(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

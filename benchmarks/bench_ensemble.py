@@ -39,8 +39,10 @@ from adapterfuse.head import autocast_context, iter_batches, label_logits, label
 from adapterfuse.tasks.glue import get_task, read_split
 from adapterfuse.tasks.spec import Example
 
-_WORDS = ("the movie film was a great bad dull wonderful plot story actors acting script long short funny "
-          "boring moving slow fine awful").split()
+_WORDS = (
+    "the movie film was a great bad dull wonderful plot story actors acting script long short funny "
+    "boring moving slow fine awful"
+).split()
 
 
 def prompts(n: int, seed: int = 0) -> tuple[list[Example], str]:
@@ -49,8 +51,9 @@ def prompts(n: int, seed: int = 0) -> tuple[list[Example], str]:
     if os.environ.get("GLUE_DIR"):
         return read_split(task, "dev")[:n], f"SST-2 dev from {os.environ['GLUE_DIR']}"
     rng = random.Random(seed)
-    return [Example((" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 30))),), 0, i)
-            for i in range(n)], "synthetic sentences (GLUE_DIR unset)"
+    return [
+        Example((" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 30))),), 0, i) for i in range(n)
+    ], "synthetic sentences (GLUE_DIR unset)"
 
 
 def sync(device: torch.device) -> None:
@@ -139,14 +142,19 @@ def main() -> int:
     examples, source = prompts(args.examples)
     task = get_task("sst2")
     labels = label_token_ids(task, base.tokenizer)
-    batches = [(ids.to(device), mask.to(device))
-               for _, ids, mask in iter_batches(task, examples, base.tokenizer, args.batch_size)]
+    batches = [
+        (ids.to(device), mask.to(device))
+        for _, ids, mask in iter_batches(task, examples, base.tokenizer, args.batch_size)
+    ]
     n = len(examples)
     ks = [int(x) for x in args.ks.split(",")]
     experts = [random_expert(base, f"s{i}", rank=args.rank, seed=i, scale=0.1) for i in range(max(ks))]
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, base {base.spec}, "
-          f"{n} prompts ({source}), batch size {args.batch_size}, rank {args.rank} on all linear layers, "
-          f"{'bf16 autocast' if autocast else 'fp32'}, {args.repeats} alternating repeats", flush=True)
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, base {base.spec}, "
+        f"{n} prompts ({source}), batch size {args.batch_size}, rank {args.rank} on all linear layers, "
+        f"{'bf16 autocast' if autocast else 'fp32'}, {args.repeats} alternating repeats",
+        flush=True,
+    )
     single = single_member_speed(base, experts[0], batches, labels, autocast, device, n, args.repeats)
     print(f"one member: {single:.1f} examples/s", flush=True)
 
@@ -154,8 +162,9 @@ def main() -> int:
     for k in ks:
         # Exactness is checked in fp32 on a few prompts, where the three ways must agree to rounding; under
         # bf16 autocast they round differently (PEFT casts per adapter), so that difference is only shown.
-        exact = make_methods(base, experts[:k], [(ids[:8], mask[:8]) for ids, mask in batches[:1]], labels, False,
-                             device)
+        exact = make_methods(
+            base, experts[:k], [(ids[:8], mask[:8]) for ids, mask in batches[:1]], labels, False, device
+        )
         reference = exact["set_adapter"]()
         diff = max(float((exact[m]() - reference).abs().max()) for m in ("batched", "mixed"))
         ok &= diff <= 1e-4
@@ -169,22 +178,31 @@ def main() -> int:
                 speeds[name].append(timed(fn, n, device))
         med = {m: statistics.median(v) for m, v in speeds.items()}
         rows.append((k, med, single / k, diff, diff_run))
-        print(f"K={k}: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + f" examples/s, max |Δp| fp32 "
-              f"{diff:.2g}, as timed {diff_run:.2g}", flush=True)
+        print(
+            f"K={k}: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + f" examples/s, max |Δp| fp32 "
+            f"{diff:.2g}, as timed {diff_run:.2g}",
+            flush=True,
+        )
         del methods
 
-    print("\n| K | batched ex/s | PEFT set_adapter ex/s | PEFT mixed ex/s | ideal ex/s | batched / ideal "
-          "| batched / mixed | batched / set_adapter | max abs Δp vs PEFT, fp32 | as timed |")
+    print(
+        "\n| K | batched ex/s | PEFT set_adapter ex/s | PEFT mixed ex/s | ideal ex/s | batched / ideal "
+        "| batched / mixed | batched / set_adapter | max abs Δp vs PEFT, fp32 | as timed |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, med, ideal, diff, diff_run in rows:
-        print(f"| {k} | {med['batched']:.1f} | {med['set_adapter']:.1f} | {med['mixed']:.1f} | {ideal:.1f} "
-              f"| {med['batched'] / ideal:.2f} | {med['batched'] / med['mixed']:.2f}x "
-              f"| {med['batched'] / med['set_adapter']:.2f}x | {diff:.1e} | {diff_run:.1e} |")
+        print(
+            f"| {k} | {med['batched']:.1f} | {med['set_adapter']:.1f} | {med['mixed']:.1f} | {ideal:.1f} "
+            f"| {med['batched'] / ideal:.2f} | {med['batched'] / med['mixed']:.2f}x "
+            f"| {med['batched'] / med['set_adapter']:.2f}x | {diff:.1e} | {diff_run:.1e} |"
+        )
     k, med, ideal, _, _ = rows[-1]
     print(f"\n(medians of {args.repeats} alternating runs in one process; ideal = one member's examples/s / K)")
-    print(f"goal at K={k}: batched >= 0.9 x ideal: {'met' if med['batched'] >= 0.9 * ideal else 'NOT met'} "
-          f"({med['batched'] / ideal:.2f}); batched >= 1.3x PEFT mixed: "
-          f"{'met' if med['batched'] >= 1.3 * med['mixed'] else 'NOT met'} ({med['batched'] / med['mixed']:.2f}x)")
+    print(
+        f"goal at K={k}: batched >= 0.9 x ideal: {'met' if med['batched'] >= 0.9 * ideal else 'NOT met'} "
+        f"({med['batched'] / ideal:.2f}); batched >= 1.3x PEFT mixed: "
+        f"{'met' if med['batched'] >= 1.3 * med['mixed'] else 'NOT met'} ({med['batched'] / med['mixed']:.2f}x)"
+    )
     if not ok:
         print("ERROR: in fp32 the batched probabilities disagree with PEFT by more than 1e-4", file=sys.stderr)
     return 0 if ok else 1

@@ -53,8 +53,12 @@ def make_peft(base_model, k: int, rank: int, seed: int):
 def expert_deltas(model, k: int) -> list[Deltas]:
     from peft import get_peft_model_state_dict
 
-    return [deltas_from_peft(get_peft_model_state_dict(model, adapter_name=f"e{i}"),
-                             model.peft_config[f"e{i}"].to_dict(), f"e{i}") for i in range(k)]
+    return [
+        deltas_from_peft(
+            get_peft_model_state_dict(model, adapter_name=f"e{i}"), model.peft_config[f"e{i}"].to_dict(), f"e{i}"
+        )
+        for i in range(k)
+    ]
 
 
 def ties_reference(dense: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
@@ -70,8 +74,7 @@ def ties_reference(dense: list[torch.Tensor], weights: list[float], density: flo
     return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def relative_error(modules: list[str], got: Callable[[str], torch.Tensor],
-                   ref: Callable[[str], torch.Tensor]) -> float:
+def relative_error(modules: list[str], got: Callable[[str], torch.Tensor], ref: Callable[[str], torch.Tensor]) -> float:
     """||got - ref||_F / ||ref||_F over all modules, one module at a time (never all dense ΔW at once)."""
     num = den = 0.0
     for m in modules:
@@ -99,15 +102,19 @@ def peft_merge(model, k: int, combination: str, rank: int, density: float | None
     if name in model.peft_config:
         model.delete_adapter(name)
     kwargs = {"density": density} if density is not None else {}
-    model.add_weighted_adapter([f"e{i}" for i in range(k)], [1.0 / k] * k, name, combination_type=combination,
-                               svd_rank=rank, **kwargs)
+    model.add_weighted_adapter(
+        [f"e{i}" for i in range(k)], [1.0 / k] * k, name, combination_type=combination, svd_rank=rank, **kwargs
+    )
     return name
 
 
 def peft_dense(model, name: str) -> Callable[[str], torch.Tensor]:
     """module -> the merged ΔW of PEFT adapter ``name`` there (formed on demand)."""
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
-              if hasattr(m, "lora_A") and name in m.lora_A}
+    layers = {
+        n.removeprefix("base_model.model."): m
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and name in m.lora_A
+    }
     return lambda module: layers[module].get_delta_weight(name)
 
 
@@ -129,21 +136,45 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
 
     cases = [
         ("task_arithmetic, rank r", lambda: ours("task_arithmetic", r), lambda: peft_merge(model, k, "svd", r), ref_ta),
-        ("task_arithmetic, exact rank K·r", lambda: ours("task_arithmetic", None),
-         lambda: peft_merge(model, k, "svd", k * r), ref_ta),
-        ("ties, rank r (randomized SVD, the default)", lambda: ours("ties", r, density=density),
-         lambda: peft_merge(model, k, "ties_svd", r, density), ref_ties),
+        (
+            "task_arithmetic, exact rank K·r",
+            lambda: ours("task_arithmetic", None),
+            lambda: peft_merge(model, k, "svd", k * r),
+            ref_ta,
+        ),
+        (
+            "ties, rank r (randomized SVD, the default)",
+            lambda: ours("ties", r, density=density),
+            lambda: peft_merge(model, k, "ties_svd", r, density),
+            ref_ties,
+        ),
     ]
     if exact_ties:
-        cases.append(("ties, rank r (exact SVD)", lambda: ours("ties", r, density=density, exact_svd=True),
-                      lambda: peft_merge(model, k, "ties_svd", r, density), ref_ties))
+        cases.append(
+            (
+                "ties, rank r (exact SVD)",
+                lambda: ours("ties", r, density=density, exact_svd=True),
+                lambda: peft_merge(model, k, "ties_svd", r, density),
+                ref_ties,
+            )
+        )
     rows = []
     for label, fn_ours, fn_peft, ref in cases:
         s_o, m_o, out_o = timed(fn_ours, repeats)
         s_p, m_p, out_p = timed(fn_peft, repeats)
         # Errors are computed after the clock stops, module by module.
-        rows.append((k, label, s_o, s_p, m_o, m_p, relative_error(modules, lambda m, out=out_o: out[m].dense(), ref),
-                     relative_error(modules, peft_dense(model, out_p), ref)))
+        rows.append(
+            (
+                k,
+                label,
+                s_o,
+                s_p,
+                m_o,
+                m_p,
+                relative_error(modules, lambda m, out=out_o: out[m].dense(), ref),
+                relative_error(modules, peft_dense(model, out_p), ref),
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -163,12 +194,16 @@ def main() -> int:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, base {base.spec}", flush=True)
     for k in (int(x) for x in args.experts.split(",")):
         rows += bench_k(base, k, r, args.density, args.repeats, args.exact_ties)
-    print("\n| K | method | ours (s) | PEFT (s) | speed-up | ours peak MiB | PEFT peak MiB | ours rel. error "
-          "| PEFT rel. error |")
+    print(
+        "\n| K | method | ours (s) | PEFT (s) | speed-up | ours peak MiB | PEFT peak MiB | ours rel. error "
+        "| PEFT rel. error |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for k, label, s_o, s_p, m_o, m_p, e_o, e_p in rows:
-        print(f"| {k} | {label} | {s_o:.3f} | {s_p:.3f} | {s_p / s_o:.1f}x | {m_o:.0f} | {m_p:.0f} | {e_o:.2e} "
-              f"| {e_p:.2e} |")
+        print(
+            f"| {k} | {label} | {s_o:.3f} | {s_p:.3f} | {s_p / s_o:.1f}x | {m_o:.0f} | {m_p:.0f} | {e_o:.2e} "
+            f"| {e_p:.2e} |"
+        )
     print(f"(medians of {args.repeats} runs each; errors against a dense float64 reference of the same method)")
     return 0
 

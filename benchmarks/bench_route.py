@@ -41,8 +41,10 @@ from adapterfuse.head import autocast_context, iter_batches, label_logits, label
 from adapterfuse.tasks.glue import get_task, read_split
 from adapterfuse.tasks.spec import Example
 
-_WORDS = ("the movie film was a great bad dull wonderful plot story actors acting script long short funny "
-          "boring moving slow fine awful").split()
+_WORDS = (
+    "the movie film was a great bad dull wonderful plot story actors acting script long short funny "
+    "boring moving slow fine awful"
+).split()
 
 
 def prompts(n: int, seed: int = 0) -> tuple[list[Example], str]:
@@ -50,8 +52,9 @@ def prompts(n: int, seed: int = 0) -> tuple[list[Example], str]:
     if os.environ.get("GLUE_DIR"):
         return read_split(get_task("sst2"), "dev")[:n], f"SST-2 dev from {os.environ['GLUE_DIR']}"
     rng = random.Random(seed)
-    return [Example((" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 30))),), 0, i)
-            for i in range(n)], "synthetic sentences (GLUE_DIR unset)"
+    return [
+        Example((" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 30))),), 0, i) for i in range(n)
+    ], "synthetic sentences (GLUE_DIR unset)"
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -94,8 +97,9 @@ def make_methods(base, batches, labels, args, device) -> tuple[dict[str, Callabl
         feats = torch.cat([extractor.pooled(ids, mask).cpu() for ids, mask in batches])
         fake = torch.randint(0, k, (len(feats),), generator=gen)
         learned = LearnedRouter.fit(feats, fake, k, hidden=args.hidden, epochs=5)
-        clustered = ClusterRouter.fit(feats, torch.randn(len(feats), k, generator=gen),
-                                      min(args.clusters, len(feats)), n_init=1)
+        clustered = ClusterRouter.fit(
+            feats, torch.randn(len(feats), k, generator=gen), min(args.clusters, len(feats)), n_init=1
+        )
 
         def route_with(router, ext=extractor):
             return [router.choose(ext.pooled(ids, mask).cpu(), 1) for ids, mask in batches]
@@ -157,14 +161,19 @@ def main() -> int:
     examples, source = prompts(args.examples)
     task = get_task("sst2")
     labels = label_token_ids(task, base.tokenizer)
-    batches = [(ids.to(device), mask.to(device))
-               for _, ids, mask in iter_batches(task, examples, base.tokenizer, args.batch_size)]
+    batches = [
+        (ids.to(device), mask.to(device))
+        for _, ids, mask in iter_batches(task, examples, base.tokenizer, args.batch_size)
+    ]
     assert routing_texts(task, examples[:1], "prompt")  # the texts the routers see are the prompts
     methods, what = make_methods(base, batches, labels, args, device)
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, base {base.spec} "
-          f"({n_layers(base.model)} blocks), {len(examples)} prompts ({source}), batch size {args.batch_size}, "
-          f"{args.experts} experts of rank {args.rank}, {'bf16 autocast' if not args.no_autocast else 'fp32'}, "
-          f"{args.repeats} alternating repeats", flush=True)
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, base {base.spec} "
+        f"({n_layers(base.model)} blocks), {len(examples)} prompts ({source}), batch size {args.batch_size}, "
+        f"{args.experts} experts of rank {args.rank}, {'bf16 autocast' if not args.no_autocast else 'fp32'}, "
+        f"{args.repeats} alternating repeats",
+        flush=True,
+    )
     agree = arrow_agreement(base, args, batches[0], labels, device)
     for fn in methods.values():
         fn()  # warm-up

@@ -48,19 +48,42 @@ def trainer_train(base, data: TaskData, config: TrainConfig) -> float:
     rows = []
     for ids, ex in zip(prompts, data.train, strict=False):
         label = words[round(ex.label)] if task.regression else words[int(ex.label)]
-        rows.append({"input_ids": [*ids, label], "attention_mask": [1] * (len(ids) + 1),
-                     "labels": [-100] * len(ids) + [label]})
-    model = get_peft_model(copy.deepcopy(base.model), LoraConfig(
-        r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
-        lora_dropout=config.dropout, task_type="CAUSAL_LM"))
+        rows.append(
+            {"input_ids": [*ids, label], "attention_mask": [1] * (len(ids) + 1), "labels": [-100] * len(ids) + [label]}
+        )
+    model = get_peft_model(
+        copy.deepcopy(base.model),
+        LoraConfig(
+            r=config.rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=list(config.target_modules),
+            lora_dropout=config.dropout,
+            task_type="CAUSAL_LM",
+        ),
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=config.batch_size, num_train_epochs=1,
-                                 learning_rate=config.lr, warmup_steps=config.warmup_ratio, bf16=config.autocast,
-                                 use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
-                                 logging_strategy="no", seed=config.seed, train_sampling_strategy="group_by_length",
-                                 dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=config.batch_size,
+            num_train_epochs=1,
+            learning_rate=config.lr,
+            warmup_steps=config.warmup_ratio,
+            bf16=config.autocast,
+            use_cpu=not torch.cuda.is_available(),
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            seed=config.seed,
+            train_sampling_strategy="group_by_length",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+        )
         out = trainer.train()
     return sum(len(p) for p in prompts) / out.metrics["train_runtime"]
 
@@ -97,8 +120,11 @@ def main() -> int:
     base = load_base(args.base)
     config = TrainConfig(max_train_examples=args.examples, lr=3e-4, checkpoint_every=10_000)
     data = load_task(args.task, validation_size=0, max_train=args.examples, max_test=args.eval_examples)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, task {args.task}, "
-          f"{len(data.train)} training examples, {len(data.test)} scored examples", flush=True)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, task {args.task}, "
+        f"{len(data.train)} training examples, {len(data.test)} scored examples",
+        flush=True,
+    )
     ours_train(base, TaskData(data.task, data.train[:32], [], data.test), config)  # warm-up
     speeds: dict[str, list[float]] = {"ours": [], "trainer": [], "score_ours": [], "score_full": []}
     for r in range(args.repeats):
@@ -110,10 +136,14 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in speeds.items()}
     print("\n| what | adapterfuse | plain PEFT/transformers | ratio |")
     print("|---|---|---|---|")
-    print(f"| training tokens/s (train_expert vs PEFT + Trainer) | {med['ours']:.0f} | {med['trainer']:.0f} "
-          f"| {med['ours'] / med['trainer']:.2f}x |")
-    print(f"| scoring examples/s (label words vs full logits) | {med['score_ours']:.1f} | {med['score_full']:.1f} "
-          f"| {med['score_ours'] / med['score_full']:.2f}x |")
+    print(
+        f"| training tokens/s (train_expert vs PEFT + Trainer) | {med['ours']:.0f} | {med['trainer']:.0f} "
+        f"| {med['ours'] / med['trainer']:.2f}x |"
+    )
+    print(
+        f"| scoring examples/s (label words vs full logits) | {med['score_ours']:.1f} | {med['score_full']:.1f} "
+        f"| {med['score_ours'] / med['score_full']:.2f}x |"
+    )
     print(f"(medians of {args.repeats} alternating runs in one process)")
     return 0 if med["ours"] >= med["trainer"] else 1
 

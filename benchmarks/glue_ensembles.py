@@ -59,8 +59,15 @@ def members(base, recipe, task: str, seeds: list[int], folder: Path, data) -> li
 
 def task_rows(task: str, experts: list[Expert], data, fitted: dict) -> list[dict[str, Any]]:
     """Each seed alone, then the seed ensemble pooled four ways on one cached batched pass over dev."""
-    rows = [{"task": task, "label": f"seed {e.meta['training']['seed']}", "score": e.meta["scores"]["test"]["score"],
-             "passes": 1} for e in experts]
+    rows = [
+        {
+            "task": task,
+            "label": f"seed {e.meta['training']['seed']}",
+            "score": e.meta["scores"]["test"]["score"],
+            "passes": 1,
+        }
+        for e in experts
+    ]
     t0 = time.perf_counter()
     log_probs = next(iter(fitted.values())).member_log_probs(data.task, data.test)
     ms = (time.perf_counter() - t0) * 1000 / len(data.test)
@@ -68,26 +75,46 @@ def task_rows(task: str, experts: list[Expert], data, fitted: dict) -> list[dict
     for (p, w), predictor in fitted.items():
         probs = pool(p, log_probs, predictor.weights, predictor.temperature)
         metrics = compute_metrics(data.task.metrics, predictions(data.task, probs), labels)
-        rows.append({"task": task, "label": f"{len(experts)} seeds, {p} {w}", "score": metrics["score"],
-                     "metrics": metrics, "weights": [round(float(x), 4) for x in predictor.weights],
-                     "temperature": predictor.temperature, "ms_per_input": round(ms, 2), "passes": len(experts)})
+        rows.append(
+            {
+                "task": task,
+                "label": f"{len(experts)} seeds, {p} {w}",
+                "score": metrics["score"],
+                "metrics": metrics,
+                "weights": [round(float(x), 4) for x in predictor.weights],
+                "temperature": predictor.temperature,
+                "ms_per_input": round(ms, 2),
+                "passes": len(experts),
+            }
+        )
     return rows
 
 
 def distill_row(recipe, task: str, experts: list[Expert], data, out: Path, teacher) -> dict[str, Any]:
     """Distil ``teacher`` (the learned log-linear seed ensemble) into one LoRA adapter trained like a seed."""
-    student = distill(teacher, [data], out / f"{task}-distilled", config=recipe.train_config(task, 0),
-                      overwrite=(out / f"{task}-distilled").exists())
+    student = distill(
+        teacher,
+        [data],
+        out / f"{task}-distilled",
+        config=recipe.train_config(task, 0),
+        overwrite=(out / f"{task}-distilled").exists(),
+    )
     report = student.meta["distillation"]
     best_seed = max(e.meta["scores"]["test"]["score"] for e in experts)
     avg = report["test_average"]
     gain = avg["ensemble"] - best_seed
-    return {"task": task, "label": "distilled (log_linear learned teacher)", "score": avg["student"],
-            "teacher_score": avg["ensemble"], "kept_of_gain_over_base": report["kept"],
-            # A share of a gain only means something when there is one: None when the teacher does not
-            # beat the best seed.
-            "kept_of_gain_over_best_seed": (avg["student"] - best_seed) / gain if gain > 1e-12 else None,
-            "train_wall_s": student.meta["training"]["train_wall_s"], "passes": 1}
+    return {
+        "task": task,
+        "label": "distilled (log_linear learned teacher)",
+        "score": avg["student"],
+        "teacher_score": avg["ensemble"],
+        "kept_of_gain_over_base": report["kept"],
+        # A share of a gain only means something when there is one: None when the teacher does not
+        # beat the best seed.
+        "kept_of_gain_over_best_seed": (avg["student"] - best_seed) / gain if gain > 1e-12 else None,
+        "train_wall_s": student.meta["training"]["train_wall_s"],
+        "passes": 1,
+    }
 
 
 def cross_distill_row(base, recipe, experts_dir: Path, out: Path, per_task: int) -> dict[str, Any]:
@@ -95,19 +122,26 @@ def cross_distill_row(base, recipe, experts_dir: Path, out: Path, per_task: int)
     tasks = list(recipe.tasks)
     data = [load_task(t, recipe.harness.validation_size, 0, recipe.tasks[t].max_train) for t in tasks]
     experts = [Expert.load(experts_dir / expert_name(t, recipe.train_config(t, 0))) for t in tasks]
-    validation = [TaskData(d.task, [], d.validation[:recipe.harness.validation_per_task], []) for d in data]
+    validation = [TaskData(d.task, [], d.validation[: recipe.harness.validation_per_task], []) for d in data]
     teacher = ensemble(experts, base, pooling="log_linear", weights="learned", validation=validation)
     config = recipe.train_config(tasks[0], 0).model_copy(update={"max_train_examples": per_task, "epochs": 1.0})
     folder = out / "cross-task-distilled"
     student = distill(teacher, data, folder, config=config, overwrite=folder.exists())
     report = student.meta["distillation"]
     avg = report["test_average"]
-    return {"task": "all", "label": f"distilled cross-task ({len(tasks)} experts, log_linear learned teacher)",
-            "score": avg["student"], "teacher_score": avg["ensemble"], "zero_shot": avg["base"],
-            "kept_of_gain_over_base": report["kept"], "per_task": report["per_task"],
-            "teacher_weights": [round(float(x), 4) for x in teacher.weights],
-            "train_examples": student.meta["training"]["train_examples"],
-            "train_wall_s": student.meta["training"]["train_wall_s"], "passes": 1}
+    return {
+        "task": "all",
+        "label": f"distilled cross-task ({len(tasks)} experts, log_linear learned teacher)",
+        "score": avg["student"],
+        "teacher_score": avg["ensemble"],
+        "zero_shot": avg["base"],
+        "kept_of_gain_over_base": report["kept"],
+        "per_task": report["per_task"],
+        "teacher_weights": [round(float(x), 4) for x in teacher.weights],
+        "train_examples": student.meta["training"]["train_examples"],
+        "train_wall_s": student.meta["training"]["train_wall_s"],
+        "passes": 1,
+    }
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
@@ -123,9 +157,11 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
         print(f"| {label} | " + " | ".join(cells) + f" | {passes} |")
     for r in rows:
         if r["task"] == "all":
-            print(f"\n{r['label']}: student {r['score']:.3f}, teacher {r['teacher_score']:.3f}, zero-shot "
-                  f"{r['zero_shot']:.3f}, kept {r['kept_of_gain_over_base']:.2f} of the teacher's gain; per task "
-                  + json.dumps({k: {t: round(v, 3) for t, v in d.items()} for k, d in r["per_task"].items()}))
+            print(
+                f"\n{r['label']}: student {r['score']:.3f}, teacher {r['teacher_score']:.3f}, zero-shot "
+                f"{r['zero_shot']:.3f}, kept {r['kept_of_gain_over_base']:.2f} of the teacher's gain; per task "
+                + json.dumps({k: {t: round(v, 3) for t, v in d.items()} for k, d in r["per_task"].items()})
+            )
 
 
 def main() -> int:
@@ -136,8 +172,13 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"))
     parser.add_argument("--distill", default="", help="comma-separated tasks whose seed ensemble is distilled")
-    parser.add_argument("--cross-distill", type=int, default=0, metavar="N",
-                        help="distil the cross-task ensemble on N training inputs per task (0: skip)")
+    parser.add_argument(
+        "--cross-distill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="distil the cross-task ensemble on N training inputs per task (0: skip)",
+    )
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
     if args.cross_distill < 0:
@@ -154,10 +195,14 @@ def main() -> int:
         experts = members(base, recipe, task, seeds, args.experts_dir, data)
         rows_due = not any(r["task"] == task and r["label"].startswith("seed") for r in done)
         distill_due = task in args.distill.split(",") and not any(
-            r["task"] == task and r["label"].startswith("distilled") for r in done)
+            r["task"] == task and r["label"].startswith("distilled") for r in done
+        )
         # Fitted once: the four poolings' rows and the distillation's teacher share them.
-        fitted = {(p, w): ensemble(experts, base, pooling=p, weights=w, validation=[data]) for p, w in POOLINGS} \
-            if rows_due or distill_due else {}
+        fitted = (
+            {(p, w): ensemble(experts, base, pooling=p, weights=w, validation=[data]) for p, w in POOLINGS}
+            if rows_due or distill_due
+            else {}
+        )
         new = task_rows(task, experts, data, fitted) if rows_due else []
         if distill_due:
             new.append(distill_row(recipe, task, experts, data, args.out, fitted[("log_linear", "learned")]))

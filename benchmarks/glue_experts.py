@@ -53,10 +53,17 @@ def main() -> int:
             expert = train_expert(base, task, config, out=folder, data=data)
             print(f"{task}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
         tr = expert.meta["training"]
-        row = {"task": task, "zero_shot": zero, "expert": expert.meta["scores"]["test"],
-               "train_examples": tr["train_examples"], "epochs": tr["epochs"], "steps": tr["steps"],
-               "train_wall_s": tr["train_wall_s"], "tokens_per_s": tr["train_tokens_per_s"],
-               "adalora_ranks": expert.meta.get("adalora_ranks")}
+        row = {
+            "task": task,
+            "zero_shot": zero,
+            "expert": expert.meta["scores"]["test"],
+            "train_examples": tr["train_examples"],
+            "epochs": tr["epochs"],
+            "steps": tr["steps"],
+            "train_wall_s": tr["train_wall_s"],
+            "tokens_per_s": tr["train_tokens_per_s"],
+            "adalora_ranks": expert.meta.get("adalora_ranks"),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     (args.out / f"summary-{args.method}.json").write_text(json.dumps(rows, indent=2))
@@ -64,8 +71,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         for m in (k for k in r["expert"] if k != "score"):
-            print(f"| {r['task']} | {m} | {r['zero_shot'][m]:.3f} | {r['expert'][m]:.3f} | {r['train_examples']} "
-                  f"| {r['epochs']:g} | {r['train_wall_s'] / 60:.1f} |")
+            print(
+                f"| {r['task']} | {m} | {r['zero_shot'][m]:.3f} | {r['expert'][m]:.3f} | {r['train_examples']} "
+                f"| {r['epochs']:g} | {r['train_wall_s'] / 60:.1f} |"
+            )
     return 0
 
 

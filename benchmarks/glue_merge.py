@@ -54,8 +54,11 @@ def main() -> int:
     validation = [TaskData(d.task, [], d.validation[: args.validation_per_task], []) for d in data]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "results.jsonl"
-    done = {json.loads(line)["predictor"]: json.loads(line) for line in log.read_text().splitlines()} \
-        if log.is_file() else {}
+    done = (
+        {json.loads(line)["predictor"]: json.loads(line) for line in log.read_text().splitlines()}
+        if log.is_file()
+        else {}
+    )
 
     def record(result: dict) -> None:
         done[result["predictor"]] = result
@@ -78,8 +81,12 @@ def main() -> int:
         predictor = merged.predictor(base, name=label)
         result = evaluate(predictor, data)
         meta = merged.metadata()
-        result["merge"] = {"fit_seconds": round(fit_s, 1), "params": meta.get("params"), "search": meta.get("search"),
-                           "overall_truncation_error": meta["truncation_error"]["overall"]}
+        result["merge"] = {
+            "fit_seconds": round(fit_s, 1),
+            "params": meta.get("params"),
+            "search": meta.get("search"),
+            "overall_truncation_error": meta["truncation_error"]["overall"],
+        }
         record(result)
         del predictor, merged
         gc.collect()

@@ -53,10 +53,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"batchensemble_split": ("batc
 
 
 def _label(method: str, k: int) -> str:
-    return {"single": "single LoRA", "independent": f"{k} LoRAs pooled (ensemble backend)",
-            "batchensemble": f"BatchEnsemble-LoRA ({k} members)", "mimo": f"MIMO ({k} slots)",
-            "camero": f"CAMERO ({k} members)", "swag": f"SWAG ({k} samples)",
-            "batchensemble_split": f"BatchEnsemble-LoRA ({k} members, batch split across members)"}[method]
+    return {
+        "single": "single LoRA",
+        "independent": f"{k} LoRAs pooled (ensemble backend)",
+        "batchensemble": f"BatchEnsemble-LoRA ({k} members)",
+        "mimo": f"MIMO ({k} slots)",
+        "camero": f"CAMERO ({k} members)",
+        "swag": f"SWAG ({k} samples)",
+        "batchensemble_split": f"BatchEnsemble-LoRA ({k} members, batch split across members)",
+    }[method]
 
 
 def _expert(base: BaseModel, task: str, config: TrainConfig, folder: Path, data: TaskData) -> tuple[Expert, float]:
@@ -67,32 +72,65 @@ def _expert(base: BaseModel, task: str, config: TrainConfig, folder: Path, data:
     return expert, float(expert.meta["training"]["train_wall_s"])
 
 
-def run_method(method: str, base: BaseModel, task: str, config: TrainConfig, data: TaskData, train_data: TaskData,
-               folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_method(
+    method: str,
+    base: BaseModel,
+    task: str,
+    config: TrainConfig,
+    data: TaskData,
+    train_data: TaskData,
+    folder: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Train (or reuse) one row's model and measure it on the dev split."""
-    k, scoring = args.members, {"batch_size": args.eval_batch_size, "autocast": config.autocast,
-                                "max_length": config.max_length}
+    k, scoring = (
+        args.members,
+        {"batch_size": args.eval_batch_size, "autocast": config.autocast, "max_length": config.max_length},
+    )
     peak = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")
     with peak:
         predictor, wall, trained = _train(method, base, task, config, train_data, folder, k, scoring)
     result = evaluate(predictor, [data])
-    return {"method": method, "predictor": predictor.name, "task": task, "dev": result["tasks"][task],
-            "trained_params": trained, "stored_params": result["cost"]["stored_params"], "train_wall_s": wall,
-            "train_peak_gib": round(peak.gib, 3), "train_peak_device": "cuda" if peak.cuda else "cpu",
-            "examples_per_s": result["examples_per_s"]}
+    return {
+        "method": method,
+        "predictor": predictor.name,
+        "task": task,
+        "dev": result["tasks"][task],
+        "trained_params": trained,
+        "stored_params": result["cost"]["stored_params"],
+        "train_wall_s": wall,
+        "train_peak_gib": round(peak.gib, 3),
+        "train_peak_device": "cuda" if peak.cuda else "cpu",
+        "examples_per_s": result["examples_per_s"],
+    }
 
 
-def _train(method: str, base: BaseModel, task: str, config: TrainConfig, train_data: TaskData, folder: Path, k: int,
-           scoring: dict[str, Any]) -> tuple[Any, float, int]:
+def _train(
+    method: str,
+    base: BaseModel,
+    task: str,
+    config: TrainConfig,
+    train_data: TaskData,
+    folder: Path,
+    k: int,
+    scoring: dict[str, Any],
+) -> tuple[Any, float, int]:
     """Train (or reuse) one row's model; return its predictor, training wall time and trained parameters."""
     if method == "single":
         expert, wall = _expert(base, task, config, folder / "lora-s0", train_data)
-        predictor = ModelPredictor(_label(method, k), expert.attach(base.model), base.tokenizer,
-                                   stored_params=adapter_params([expert]), **scoring)
+        predictor = ModelPredictor(
+            _label(method, k),
+            expert.attach(base.model),
+            base.tokenizer,
+            stored_params=adapter_params([expert]),
+            **scoring,
+        )
         trained = adapter_params([expert])
     elif method == "independent":
-        runs = [_expert(base, task, config.model_copy(update={"seed": config.seed + i}), folder / f"lora-s{i}",
-                        train_data) for i in range(k)]
+        runs = [
+            _expert(base, task, config.model_copy(update={"seed": config.seed + i}), folder / f"lora-s{i}", train_data)
+            for i in range(k)
+        ]
         experts, wall = [e for e, _ in runs], sum(w for _, w in runs)
         predictor = EnsemblePredictor(base, experts, "linear", name=_label(method, k), **scoring)
         trained = adapter_params(experts)
@@ -100,8 +138,7 @@ def _train(method: str, base: BaseModel, task: str, config: TrainConfig, train_d
         out = folder / f"{method}-k{k}"
         if not (out / MANIFEST).is_file():
             kind, options = VARIANTS.get(method, (method, {}))
-            train_pe_ensemble(base, task, kind, k, config, out=out, data=train_data, overwrite=out.exists(),
-                              **options)
+            train_pe_ensemble(base, task, kind, k, config, out=out, data=train_data, overwrite=out.exists(), **options)
         ensemble = PEEnsemble.load(out)
         predictor = ensemble.predictor(base, name=_label(method, k), **scoring)
         wall, trained = ensemble.manifest["training"]["train_wall_s"], ensemble.manifest["training"]["trained_params"]
@@ -112,8 +149,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of one task's rows (training time and memory relative to the single LoRA when measured)."""
     single = next((r for r in rows if r["method"] == "single"), None)
     metrics = [m for m in rows[0]["dev"] if m not in ("n", "seconds", "examples_per_s")]
-    head = ["method", *[f"dev {m}" for m in metrics], "trained params", "stored params", "train wall (s)",
-            "x single", "train peak rise (GiB)", "x single", "inference ex/s"]
+    head = [
+        "method",
+        *[f"dev {m}" for m in metrics],
+        "trained params",
+        "stored params",
+        "train wall (s)",
+        "x single",
+        "train peak rise (GiB)",
+        "x single",
+        "inference ex/s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def ratio(r: dict[str, Any], key: str) -> str:
@@ -122,9 +168,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         device = r.get("train_peak_device", "cuda")  # rows written before CPU peaks were measured: CUDA or none
         peak = "—" if r.get("train_peak_gib") is None else f"{r['train_peak_gib']:.2f} ({device})"
-        cells = [r["predictor"], *[f"{r['dev'][m]:.3f}" for m in metrics], f"{r['trained_params']:,}",
-                 f"{r['stored_params']:,}", f"{r['train_wall_s']:.1f}", ratio(r, "train_wall_s"), peak,
-                 ratio(r, "train_peak_gib"), f"{r['examples_per_s']:.1f}"]
+        cells = [
+            r["predictor"],
+            *[f"{r['dev'][m]:.3f}" for m in metrics],
+            f"{r['trained_params']:,}",
+            f"{r['stored_params']:,}",
+            f"{r['train_wall_s']:.1f}",
+            ratio(r, "train_wall_s"),
+            peak,
+            ratio(r, "train_peak_gib"),
+            f"{r['examples_per_s']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -163,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks.split(","):
         plan = {**PLAN.get(task, {})}
         plan.update({k: v for k, v in (("max_train_examples", args.max_train), ("epochs", args.epochs)) if v})
-        config = TrainConfig(rank=args.rank, seed=args.seed, batch_size=args.batch_size,
-                             validation_size=args.validation_size, autocast=not args.no_autocast, **plan)
+        config = TrainConfig(
+            rank=args.rank,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            validation_size=args.validation_size,
+            autocast=not args.no_autocast,
+            **plan,
+        )
         data = load_task(task, config.validation_size, config.seed, config.max_train_examples, args.max_test)
         # Training's own end-of-run evaluation is kept token-sized: the harness measures dev below.
         train_data = TaskData(data.task, data.train, [], data.test[:4])
@@ -178,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
                 done[method] = run_method(method, base, task, config, data, train_data, folder, args)
                 with open(log, "a") as fh:
                     fh.write(json.dumps(done[method]) + "\n")
-                print(f"{task} {method}: {json.dumps(done[method]['dev'])} ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+                print(
+                    f"{task} {method}: {json.dumps(done[method]['dev'])} ({time.perf_counter() - t0:.0f} s)", flush=True
+                )
         rows = [done[m] for m in args.methods.split(",")]
-        tables.append(f"### {task} (K = {args.members}, {config.max_train_examples} training examples, "
-                      f"{config.epochs:g} epochs, dev n = {len(data.test)})\n\n{table(rows)}")
+        tables.append(
+            f"### {task} (K = {args.members}, {config.max_train_examples} training examples, "
+            f"{config.epochs:g} epochs, dev n = {len(data.test)})\n\n{table(rows)}"
+        )
     print("\n\n".join(tables))
     return 0
 

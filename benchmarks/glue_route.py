@@ -49,46 +49,124 @@ ROWS: dict[str, dict[str, Any]] = {
     "learned top-1 task target": {"router": "learned", "target": "task"},
     "learned top-1 task target (mean+last)": {"router": "learned", "target": "task", "readout": "mean_last"},
     "learned top-1 task prior (mean+last)": {"router": "learned", "target": "task_prior", "readout": "mean_last"},
-    "learned top-1 task target (mean+last shape pca 8)": {"router": "learned", "target": "task", "readout": "mean_last",
-                                                          "shape": True, "pca": 8},
-    "learned top-2 task prior (mean+last)": {"router": "learned", "target": "task_prior", "readout": "mean_last",
-                                             "top_k": 2},
-    "learned top-1 task prior (mean+last pca 8)": {"router": "learned", "target": "task_prior", "readout": "mean_last",
-                                                   "pca": 8},
+    "learned top-1 task target (mean+last shape pca 8)": {
+        "router": "learned",
+        "target": "task",
+        "readout": "mean_last",
+        "shape": True,
+        "pca": 8,
+    },
+    "learned top-2 task prior (mean+last)": {
+        "router": "learned",
+        "target": "task_prior",
+        "readout": "mean_last",
+        "top_k": 2,
+    },
+    "learned top-1 task prior (mean+last pca 8)": {
+        "router": "learned",
+        "target": "task_prior",
+        "readout": "mean_last",
+        "pca": 8,
+    },
     "learned top-1 budget 3": {"router": "learned", "target": "likelihood", "budget": 3},
-    "learned top-1 (fields without shape)": {"router": "learned", "target": "likelihood", "on": "fields",
-                                             "shape": False},
+    "learned top-1 (fields without shape)": {
+        "router": "learned",
+        "target": "likelihood",
+        "on": "fields",
+        "shape": False,
+    },
     "learned top-1 (fields)": {"router": "learned", "target": "likelihood", "on": "fields"},
     "learned top-2 (fields)": {"router": "learned", "target": "likelihood", "top_k": 2, "on": "fields"},
     "learned top-1 task target (fields)": {"router": "learned", "target": "task", "on": "fields"},
-    "learned top-1 task target (fields mean+last)": {"router": "learned", "target": "task", "on": "fields",
-                                                      "readout": "mean_last"},
-    "learned top-1 task prior (fields mean+last)": {"router": "learned", "target": "task_prior", "on": "fields",
-                                                     "readout": "mean_last"},
-    "learned top-1 task target (fields mean+last pca 8)": {"router": "learned", "target": "task", "on": "fields",
-                                                            "readout": "mean_last", "pca": 8},
-    "learned top-1 task prior (fields mean+last pca 8)": {"router": "learned", "target": "task_prior", "on": "fields",
-                                                           "readout": "mean_last", "pca": 8},
-    "learned top-2 task prior (fields mean+last pca 8)": {"router": "learned", "target": "task_prior", "on": "fields",
-                                                           "readout": "mean_last", "pca": 8, "top_k": 2},
-    "learned top-2 task prior (fields mean+last pca 8 log-linear)": {"router": "learned", "target": "task_prior",
-                                                                      "on": "fields", "readout": "mean_last",
-                                                                      "pca": 8, "top_k": 2, "pooling": "log_linear"},
-    "learned top-2 task target (fields mean+last pca 8 log-linear)": {"router": "learned", "target": "task",
-                                                                       "on": "fields", "readout": "mean_last",
-                                                                       "pca": 8, "top_k": 2, "pooling": "log_linear"},
-    "learned top-1 task target (fields mean+last pca 8 hidden 64)": {"router": "learned", "target": "task",
-                                                                      "on": "fields", "readout": "mean_last",
-                                                                      "pca": 8, "hidden": 64},
-    "learned top-1 task utility (mean+last shape pca 8)": {"router": "learned", "target": "task",
-                                                           "decision": "utility", "readout": "mean_last",
-                                                           "shape": True, "pca": 8},
-    "learned top-1 task utility (fields mean+last pca 8)": {"router": "learned", "target": "task", "on": "fields",
-                                                            "decision": "utility", "readout": "mean_last", "pca": 8},
+    "learned top-1 task target (fields mean+last)": {
+        "router": "learned",
+        "target": "task",
+        "on": "fields",
+        "readout": "mean_last",
+    },
+    "learned top-1 task prior (fields mean+last)": {
+        "router": "learned",
+        "target": "task_prior",
+        "on": "fields",
+        "readout": "mean_last",
+    },
+    "learned top-1 task target (fields mean+last pca 8)": {
+        "router": "learned",
+        "target": "task",
+        "on": "fields",
+        "readout": "mean_last",
+        "pca": 8,
+    },
+    "learned top-1 task prior (fields mean+last pca 8)": {
+        "router": "learned",
+        "target": "task_prior",
+        "on": "fields",
+        "readout": "mean_last",
+        "pca": 8,
+    },
+    "learned top-2 task prior (fields mean+last pca 8)": {
+        "router": "learned",
+        "target": "task_prior",
+        "on": "fields",
+        "readout": "mean_last",
+        "pca": 8,
+        "top_k": 2,
+    },
+    "learned top-2 task prior (fields mean+last pca 8 log-linear)": {
+        "router": "learned",
+        "target": "task_prior",
+        "on": "fields",
+        "readout": "mean_last",
+        "pca": 8,
+        "top_k": 2,
+        "pooling": "log_linear",
+    },
+    "learned top-2 task target (fields mean+last pca 8 log-linear)": {
+        "router": "learned",
+        "target": "task",
+        "on": "fields",
+        "readout": "mean_last",
+        "pca": 8,
+        "top_k": 2,
+        "pooling": "log_linear",
+    },
+    "learned top-1 task target (fields mean+last pca 8 hidden 64)": {
+        "router": "learned",
+        "target": "task",
+        "on": "fields",
+        "readout": "mean_last",
+        "pca": 8,
+        "hidden": 64,
+    },
+    "learned top-1 task utility (mean+last shape pca 8)": {
+        "router": "learned",
+        "target": "task",
+        "decision": "utility",
+        "readout": "mean_last",
+        "shape": True,
+        "pca": 8,
+    },
+    "learned top-1 task utility (fields mean+last pca 8)": {
+        "router": "learned",
+        "target": "task",
+        "on": "fields",
+        "decision": "utility",
+        "readout": "mean_last",
+        "pca": 8,
+    },
     # Layer 6: the best held-out-train task identification of layers 1-12 (route_features.py --eval-train).
-    **{f"learned top-1 task {how} (fields mean+last pca 8 layer 6)": {
-        "router": "learned", "target": "task", "on": "fields", "decision": decision, "readout": "mean_last",
-        "pca": 8, "layer": 6} for how, decision in (("target", "probability"), ("utility", "utility"))},
+    **{
+        f"learned top-1 task {how} (fields mean+last pca 8 layer 6)": {
+            "router": "learned",
+            "target": "task",
+            "on": "fields",
+            "decision": decision,
+            "readout": "mean_last",
+            "pca": 8,
+            "layer": 6,
+        }
+        for how, decision in (("target", "probability"), ("utility", "utility"))
+    },
     **{f"clustered {c}": {"router": "clustered", "clusters": c} for c in (2, 3, 4, 5)},
     "clustered 5 (fields)": {"router": "clustered", "clusters": 5, "on": "fields"},
     **{f"mbc {g} groups": {"router": "mbc", "mbc_clusters": g, "target": "likelihood"} for g in (2, 3, 4)},
@@ -102,8 +180,12 @@ def row_result(label: str, predictor: Any, data: list[TaskData], extra: list[Tas
     out: dict[str, Any] = {"label": label}
     if data:
         result = evaluate(predictor, data, "test")
-        out.update(average=result["average"], tasks=result["tasks"], cost=result["cost"],
-                   examples_per_s=result["examples_per_s"])
+        out.update(
+            average=result["average"],
+            tasks=result["tasks"],
+            cost=result["cost"],
+            examples_per_s=result["examples_per_s"],
+        )
     if extra:
         out["heldout"] = evaluate(predictor, extra, "test")["tasks"]
     if isinstance(predictor, RoutePredictor):
@@ -136,16 +218,16 @@ def main() -> int:
     tasks = [e.task for e in experts]
     harness = load_recipe(args.recipe).harness
     data = [load_task(t, harness.validation_size, 0) for t in tasks]  # the carve ignores training caps
-    validation = [TaskData(d.task, [], d.validation[:harness.validation_per_task], []) for d in data]
+    validation = [TaskData(d.task, [], d.validation[: harness.validation_per_task], []) for d in data]
     extra = [load_held_out(t, args.max_heldout) for t in args.heldout.split(",")] if args.heldout else []
     routing: dict[tuple[str, int, str, int], RoutingData] = {}
 
-    def routing_data(on: str, shape: bool | None = None, readout: str = "mean",
-                     layer: int = DEFAULT_LAYER) -> RoutingData:  # Arrow needs none
+    def routing_data(
+        on: str, shape: bool | None = None, readout: str = "mean", layer: int = DEFAULT_LAYER
+    ) -> RoutingData:  # Arrow needs none
         key = (on, default_shape(on, shape), readout, layer)  # shape None and its default share one feature pass
         if key not in routing:
-            routing[key] = RoutingData(base, validation, on, layer=layer, batch_size=32, shape=key[1],
-                                       readout=readout)
+            routing[key] = RoutingData(base, validation, on, layer=layer, batch_size=32, shape=key[1], readout=readout)
         return routing[key]
 
     if not (args.out / "subset_curve.json").exists():
@@ -154,8 +236,11 @@ def main() -> int:
         scores = routing_data("prompt", readout="mean_last").scores(experts)
         curve = greedy_subset(scores, len(experts)).report()["curve"]
         (args.out / "subset_curve.json").write_text(json.dumps(curve, indent=2))
-        print("greedy subset (validation, best kept expert per input): "
-              + ", ".join(f"{c['budget']}: +{c['added']} {c['score']:.3f}" for c in curve), flush=True)
+        print(
+            "greedy subset (validation, best kept expert per input): "
+            + ", ".join(f"{c['budget']}: +{c['added']} {c['score']:.3f}" for c in curve),
+            flush=True,
+        )
 
     def record(label: str, build: Any, in_task: bool = True, heldout: bool = True) -> None:
         if label in done:
@@ -171,16 +256,33 @@ def main() -> int:
     if extra:  # the held-out task has no expert: zero-shot and each single expert are the baselines there
         record("zero-shot", lambda: ZeroShotPredictor(base), in_task=False)
         for e in experts:
-            record(f"expert {e.task}", lambda e=e: ModelPredictor(f"expert {e.task}", e.attach(base.model),
-                                                                   base.tokenizer, stored_params=adapter_params([e])),
-                   in_task=False)
+            record(
+                f"expert {e.task}",
+                lambda e=e: ModelPredictor(
+                    f"expert {e.task}", e.attach(base.model), base.tokenizer, stored_params=adapter_params([e])
+                ),
+                in_task=False,
+            )
     for label in args.rows.split(","):
         kwargs = dict(ROWS[label])
-        features = {"on": kwargs.pop("on", "prompt"), "shape": kwargs.pop("shape", None),
-                    "readout": kwargs.pop("readout", "mean"), "layer": kwargs.pop("layer", DEFAULT_LAYER)}
-        record(label, lambda kw=kwargs, f=features, label=label: route(
-            experts, base, validation=validation, name=label,
-            data=None if kw["router"] == "arrow" else routing_data(**f), **f, **kw))
+        features = {
+            "on": kwargs.pop("on", "prompt"),
+            "shape": kwargs.pop("shape", None),
+            "readout": kwargs.pop("readout", "mean"),
+            "layer": kwargs.pop("layer", DEFAULT_LAYER),
+        }
+        record(
+            label,
+            lambda kw=kwargs, f=features, label=label: route(
+                experts,
+                base,
+                validation=validation,
+                name=label,
+                data=None if kw["router"] == "arrow" else routing_data(**f),
+                **f,
+                **kw,
+            ),
+        )
     print_tables(log, args.recipe_results, [d.task.name for d in data], [d.task.name for d in extra])
     return 0
 
@@ -200,9 +302,12 @@ def print_tables(log: Path, recipe_results: Path | None, tasks: list[str], heldo
     for r in refs + [r for r in rows if "tasks" in r]:
         name = r.get("label", r.get("predictor"))
         acc = r.get("routing_accuracy")
-        print(f"| {name} | " + " | ".join(f"{r['tasks'][t]['score']:.3f}" for t in tasks)
-              + f" | {r['average']:.3f} | {'' if acc is None else f'{acc:.3f}'} | {1000 / r['examples_per_s']:.1f} "
-              f"| {r['cost']['forward_passes']:.2f} |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{r['tasks'][t]['score']:.3f}" for t in tasks)
+            + f" | {r['average']:.3f} | {'' if acc is None else f'{acc:.3f}'} | {1000 / r['examples_per_s']:.1f} "
+            f"| {r['cost']['forward_passes']:.2f} |"
+        )
     if heldout:
         print("\n| predictor (held out) | " + " | ".join(heldout) + " |")
         print("|---|" + "---|" * len(heldout))

@@ -43,6 +43,7 @@ from adapterfuse.tasks.spec import TaskData
 
 def fit_samples(per_task: int, size: int, n_tasks: int) -> list[tuple[str, torch.Tensor]]:
     """``(name, [n_tasks * size] bool mask)`` of each fit sample of the carve, rows task after task."""
+
     def mask(pick: list[int]) -> torch.Tensor:
         one = torch.zeros(size, dtype=torch.bool)
         one[pick] = True
@@ -50,8 +51,12 @@ def fit_samples(per_task: int, size: int, n_tasks: int) -> list[tuple[str, torch
 
     out = [("first", mask(list(range(per_task)))), ("last", mask(list(range(size - per_task, size))))]
     for seed in range(5):
-        out.append((f"random {seed}", mask(torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-                                           [:per_task].tolist())))
+        out.append(
+            (
+                f"random {seed}",
+                mask(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:per_task].tolist()),
+            )
+        )
     return [*out, ("all", mask(list(range(size))))]
 
 
@@ -93,8 +98,10 @@ def main() -> int:
     carve_scores = RoutingData(base, carve, args.on).scores(experts)
     dev_scores = RoutingData(base, dev, args.on).scores(experts)
     print_utility(carve_scores.rows(samples[0][1]), names)
-    print("| layer | fit on | dev: most probable | dev: expected score | unused carve: most probable "
-          "| unused carve: expected score |")
+    print(
+        "| layer | fit on | dev: most probable | dev: expected score | unused carve: most probable "
+        "| unused carve: expected score |"
+    )
     print("|---|---|---|---|---|---|")
     summary = []
     for layer in (int(x) for x in args.layers.split(",")):
@@ -102,17 +109,29 @@ def main() -> int:
         on_dev = RoutingData(base, dev, args.on, layer=layer, shape=True, readout="mean_last")
         rows = []
         for name, keep in samples:
-            router = LearnedRouter.fit(on_carve.features[keep], carve_scores.own[keep], len(experts), target="task",
-                                       pca=args.pca, pca_keep=on_carve.extractor.shape_dim)
+            router = LearnedRouter.fit(
+                on_carve.features[keep],
+                carve_scores.own[keep],
+                len(experts),
+                target="task",
+                pca=args.pca,
+                pca_keep=on_carve.extractor.shape_dim,
+            )
             fit = carve_scores.rows(keep)
             on_dev_pair = decide(router, fit, on_dev.features, dev_scores)
             held = decide(router, fit, on_carve.features[~keep], carve_scores.rows(~keep)) if name != "all" else None
             rows.append((on_dev_pair, held))
-            print(f"| {layer} | {name} | {on_dev_pair[0]:.4f} | {on_dev_pair[1]:.4f} | "
-                  + (" | " if held is None else f"{held[0]:.4f} | {held[1]:.4f}") + " |", flush=True)
+            print(
+                f"| {layer} | {name} | {on_dev_pair[0]:.4f} | {on_dev_pair[1]:.4f} | "
+                + (" | " if held is None else f"{held[0]:.4f} | {held[1]:.4f}")
+                + " |",
+                flush=True,
+            )
         summary.append((layer, rows))
-    print("\n| layer | median dev: most probable | median dev: expected score | median unused carve: most probable "
-          "| median unused carve: expected score |")
+    print(
+        "\n| layer | median dev: most probable | median dev: expected score | median unused carve: most probable "
+        "| median unused carve: expected score |"
+    )
     print("|---|---|---|---|---|")
     for layer, rows in summary:
         med = [statistics.median(r[0][i] for r in rows) for i in (0, 1)]

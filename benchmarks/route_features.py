@@ -37,8 +37,9 @@ from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.spec import capped_subset
 
-SETTINGS = [(on, readout, shape) for on in ("prompt", "fields") for readout in ("mean", "mean_last")
-            for shape in (False, True)]
+SETTINGS = [
+    (on, readout, shape) for on in ("prompt", "fields") for readout in ("mean", "mean_last") for shape in (False, True)
+]
 
 
 def held_out_train(examples: list, fitted: list, n: int) -> list:
@@ -48,8 +49,9 @@ def held_out_train(examples: list, fitted: list, n: int) -> list:
     return [rest[i] for i in sorted(random.Random(1).sample(range(len(rest)), min(n, len(rest))))]
 
 
-def identify(extractor: FeatureExtractor, data: list, on: str, per_task: int, train: int = 0, pca: int = 0,
-             eval_train: int = 0) -> tuple[float, torch.Tensor, float | None]:
+def identify(
+    extractor: FeatureExtractor, data: list, on: str, per_task: int, train: int = 0, pca: int = 0, eval_train: int = 0
+) -> tuple[float, torch.Tensor, float | None]:
     """Fit a task-target router on validation (and ``train`` training) features, projected onto ``pca``
     principal components first if asked (the shape passes through); return its dev accuracy, its dev
     confusion matrix and (with ``eval_train``) its accuracy on that many held-out training inputs per task."""
@@ -81,8 +83,13 @@ def main() -> int:
     parser.add_argument("--recipe", type=Path, default=Path("recipes/glue.yaml"), help="whose validation carve")
     parser.add_argument("--train-per-task", type=int, default=0, help="training inputs added to the fit per task")
     parser.add_argument("--pca", type=int, default=0, help="principal components the router sees (0: all features)")
-    parser.add_argument("--shape-version", type=int, default=SHAPE_VERSION, choices=(1, 2),
-                        help="1: the four counts; 2: with the length asymmetry")
+    parser.add_argument(
+        "--shape-version",
+        type=int,
+        default=SHAPE_VERSION,
+        choices=(1, 2),
+        help="1: the four counts; 2: with the length asymmetry",
+    )
     parser.add_argument("--eval-train", type=int, default=0, help="also read on this many held-out train inputs")
     parser.add_argument("--on", choices=("prompt", "fields"), default=None, help="only this routing text")
     parser.add_argument("--readout", choices=("mean", "mean_last"), default=None, help="only this readout")
@@ -94,21 +101,34 @@ def main() -> int:
     data = [load_task(t, harness.validation_size, 0) for t in tasks]
     base = load_base(args.base)
     extra = " | held-out train" if args.eval_train else ""
-    print(f"| layer | routing text | readout | shape | dev task identification "
-          f"| misrouted (task -> chosen: n){extra} |")
+    print(
+        f"| layer | routing text | readout | shape | dev task identification | misrouted (task -> chosen: n){extra} |"
+    )
     print("|---|---|---|---|---|---|" + ("---|" if args.eval_train else ""))
     for layer, (on, readout, shape) in ((int(x), s) for x in args.layer.split(",") for s in SETTINGS):
         wanted = (args.on, on), (args.readout, readout), (args.shape, "yes" if shape else "no")
         if any(asked not in (None, value) for asked, value in wanted):
             continue
         extractor = FeatureExtractor(base, layer, shape=args.shape_version if shape else 0, readout=readout)
-        accuracy, confusion, on_train = identify(extractor, data, on, harness.validation_per_task,
-                                                 args.train_per_task, args.pca, args.eval_train)
-        worst = sorted(((int(confusion[i, j]), tasks[i], tasks[j]) for i in range(len(tasks))
-                        for j in range(len(tasks)) if i != j and confusion[i, j] > 0), reverse=True)[:3]
-        print(f"| {layer} | {on} | {readout} | {'yes' if shape else 'no'} | {accuracy:.4f} | "
-              + ", ".join(f"{a} -> {b}: {n}" for n, a, b in worst)
-              + ("" if on_train is None else f" | {on_train:.4f}") + " |", flush=True)
+        accuracy, confusion, on_train = identify(
+            extractor, data, on, harness.validation_per_task, args.train_per_task, args.pca, args.eval_train
+        )
+        worst = sorted(
+            (
+                (int(confusion[i, j]), tasks[i], tasks[j])
+                for i in range(len(tasks))
+                for j in range(len(tasks))
+                if i != j and confusion[i, j] > 0
+            ),
+            reverse=True,
+        )[:3]
+        print(
+            f"| {layer} | {on} | {readout} | {'yes' if shape else 'no'} | {accuracy:.4f} | "
+            + ", ".join(f"{a} -> {b}: {n}" for n, a, b in worst)
+            + ("" if on_train is None else f" | {on_train:.4f}")
+            + " |",
+            flush=True,
+        )
     return 0
 
 

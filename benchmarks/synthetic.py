@@ -14,8 +14,9 @@ from adapterfuse.expert import Expert
 from adapterfuse.surgery import linear_modules
 
 
-def random_deltas(model: nn.Module, rank: int, modules: Sequence[str] | None = None, seed: int = 0,
-                  scale: float = 1.0) -> Deltas:
+def random_deltas(
+    model: nn.Module, rank: int, modules: Sequence[str] | None = None, seed: int = 0, scale: float = 1.0
+) -> Deltas:
     """Random low-rank updates with a norm comparable to the weights they update.
 
     Args:
@@ -41,7 +42,7 @@ def random_deltas(model: nn.Module, rank: int, modules: Sequence[str] | None = N
         except AttributeError:
             raise ConfigError(f"module {name!r}: not found in the base model") from None
         out_dim, in_dim = weight.shape
-        A = torch.randn(rank, in_dim, generator=gen) / in_dim ** 0.5
+        A = torch.randn(rank, in_dim, generator=gen) / in_dim**0.5
         B = torch.randn(out_dim, rank, generator=gen)
         # Scale B so that ||B @ A||_F ≈ scale * ||W||_F: a visible, but not overwhelming, change.
         B *= scale * float(weight.detach().float().norm()) / max(float((B @ A).norm()), 1e-12)
@@ -49,14 +50,25 @@ def random_deltas(model: nn.Module, rank: int, modules: Sequence[str] | None = N
     return out
 
 
-def random_expert(base: BaseModel, name: str, rank: int = 8, modules: Sequence[str] | None = None,
-                  seed: int = 0, scale: float = 0.5, task: str | None = None) -> Expert:
+def random_expert(
+    base: BaseModel,
+    name: str,
+    rank: int = 8,
+    modules: Sequence[str] | None = None,
+    seed: int = 0,
+    scale: float = 0.5,
+    task: str | None = None,
+) -> Expert:
     """A synthetic LoRA expert on ``base``, with random seeded factors (see :func:`random_deltas`).
 
     Returns:
         An in-memory :class:`Expert` recording ``base``'s spec and fingerprint.
     """
     state, config = peft_from_deltas(random_deltas(base.model, rank, modules, seed, scale), base.spec)
-    meta = {"task": task, "method": "synthetic", "seed": seed,
-            "base": {"spec": base.spec, "fingerprint": base.fingerprint}}
+    meta = {
+        "task": task,
+        "method": "synthetic",
+        "seed": seed,
+        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+    }
     return Expert(name=name, config=config, state_dict=state, meta=meta)

@@ -88,8 +88,9 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         # a short poll interval keeps stop() (which waits for the next poll) fast
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -195,8 +196,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -272,8 +278,11 @@ class _Handler(BaseHTTPRequestHandler):
         if payload.get("type") not in (None, "model"):
             return self._error(400, "fake hub: only model repos are supported")
         if repo_id in self.hub.repos:
-            return self._json(409, {"error": "You already created this model repo", "url": url},
-                              {"X-Error-Message": "You already created this model repo"})
+            return self._json(
+                409,
+                {"error": "You already created this model repo", "url": url},
+                {"X-Error-Message": "You already created this model repo"},
+            )
         repo = Repo(repo_id, private=payload.get("visibility") == "private")
         self.hub.repos[repo_id] = repo
         self.hub._new_commit(repo, "initial commit", {})
@@ -286,9 +295,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo: Repo, revision: str, payload: dict[str, Any]) -> None:
         current = self.hub._commit(repo, revision).files
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                  "oid": git_blob_sha1(current[f["path"]]) if f["path"] in current else None}
-                 for f in payload["files"]]
+        files = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_sha1(current[f["path"]]) if f["path"] in current else None,
+            }
+            for f in payload["files"]
+        ]
         self._json(200, {"files": files, "commitOid": repo.head.oid})
 
     def _commit(self, repo: Repo, revision: str, body: bytes) -> None:
@@ -311,8 +326,15 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 return self._error(400, f"fake hub: unsupported commit operation {key!r} (no LFS here)")
         commit = self.hub._new_commit(repo, lines[0]["value"].get("summary", ""), files)
-        self._json(200, {"success": True, "commitOid": commit.oid, "pullRequestUrl": None,
-                         "commitUrl": f"{self.hub.endpoint}/{repo.repo_id}/commit/{commit.oid}"})
+        self._json(
+            200,
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "pullRequestUrl": None,
+                "commitUrl": f"{self.hub.endpoint}/{repo.repo_id}/commit/{commit.oid}",
+            },
+        )
 
     def _tree(self, repo: Repo, revision: str, under: str) -> None:
         commit = self.hub._commit(repo, revision)
@@ -322,12 +344,14 @@ class _Handler(BaseHTTPRequestHandler):
         for path, data in sorted(commit.files.items()):
             if not path.startswith(prefix):
                 continue
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix) :].split("/")
             # every folder between `under` and the file is listed as a directory entry
             for depth in range(1, len(parts)):
                 folder = prefix + "/".join(parts[:depth])
-                entries.setdefault(folder, {"type": "directory", "path": folder, "size": 0,
-                                            "oid": hashlib.sha1(folder.encode()).hexdigest()})
+                entries.setdefault(
+                    folder,
+                    {"type": "directory", "path": folder, "size": 0, "oid": hashlib.sha1(folder.encode()).hexdigest()},
+                )
                 if not recursive:
                     break
             if recursive or len(parts) == 1:

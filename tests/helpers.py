@@ -18,9 +18,17 @@ from benchmarks.synthetic import random_expert as random_expert  # re-exported f
 def make_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer Llama with hidden size 32, built from a config (random weights, seeded)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -41,12 +49,18 @@ def write_glue_dir(root: Path, n_train: int = 60, n_dev: int = 20, seed: int = 0
     specs = {
         "SST-2": ("sentence\tlabel", lambda i: f"{_sentence(rng)}\t{i % 2}"),
         "CoLA": (None, lambda i: f"src\t{i % 2}\t\t{_sentence(rng)}"),
-        "MRPC": ("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
-                 lambda i: f"{i % 2}\t{i}\t{i + 1}\t{_sentence(rng)}\t{_sentence(rng)}"),
-        "RTE": ("index\tsentence1\tsentence2\tlabel",
-                lambda i: f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{['entailment', 'not_entailment'][i % 2]}"),
-        "STS-B": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-                  lambda i: f"{i}\tg\tf\ty\t{i}\tn\tn\t{_sentence(rng)}\t{_sentence(rng)}\t{(i * 0.37) % 5:.3f}"),
+        "MRPC": (
+            "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+            lambda i: f"{i % 2}\t{i}\t{i + 1}\t{_sentence(rng)}\t{_sentence(rng)}",
+        ),
+        "RTE": (
+            "index\tsentence1\tsentence2\tlabel",
+            lambda i: f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{['entailment', 'not_entailment'][i % 2]}",
+        ),
+        "STS-B": (
+            "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+            lambda i: f"{i}\tg\tf\ty\t{i}\tn\tn\t{_sentence(rng)}\t{_sentence(rng)}\t{(i * 0.37) % 5:.3f}",
+        ),
     }
     for folder, (header, make) in specs.items():
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -58,8 +72,17 @@ def write_glue_dir(root: Path, n_train: int = 60, n_dev: int = 20, seed: int = 0
 
 def tiny_config(**overrides) -> TrainConfig:
     """A training config that runs in about a second on the tiny model."""
-    values = dict(max_train_examples=48, batch_size=4, validation_size=8, epochs=1.0, lr=5e-3,
-                  checkpoint_every=4, max_eval_examples=8, autocast=False, rank=4)
+    values = dict(
+        max_train_examples=48,
+        batch_size=4,
+        validation_size=8,
+        epochs=1.0,
+        lr=5e-3,
+        checkpoint_every=4,
+        max_eval_examples=8,
+        autocast=False,
+        rank=4,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 

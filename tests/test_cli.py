@@ -24,12 +24,15 @@ def test_help(argv, capsys):
     assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["train", "--task", "sst2"], "--out"),
-    (["train", "--task", "sst2", "--out", "x", "--rank", "0"], "positive integer"),
-    (["train", "--task", "sst2", "--out", "x", "--method", "dora"], "invalid choice"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["train", "--task", "sst2"], "--out"),
+        (["train", "--task", "sst2", "--out", "x", "--rank", "0"], "positive integer"),
+        (["train", "--task", "sst2", "--out", "x", "--method", "dora"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -49,36 +52,110 @@ def test_errors_exit_1_with_one_line_and_no_traceback(tmp_path, capsys, glue_dir
 
 def test_train_then_eval_end_to_end(tiny_folder, tmp_path, capsys, glue_dir):
     out = tmp_path / "expert"
-    code = main(["train", "--task", "sst2", "--base", str(tiny_folder), "--out", str(out), "--max-train-examples",
-                 "16", "--max-eval-examples", "4", "--batch-size", "4", "--validation-size", "8", "--no-autocast"])
+    code = main(
+        [
+            "train",
+            "--task",
+            "sst2",
+            "--base",
+            str(tiny_folder),
+            "--out",
+            str(out),
+            "--max-train-examples",
+            "16",
+            "--max-eval-examples",
+            "4",
+            "--batch-size",
+            "4",
+            "--validation-size",
+            "8",
+            "--no-autocast",
+        ]
+    )
     assert code == 0 and (out / "adapterfuse.json").is_file()
     printed = json.loads(capsys.readouterr().out)
     assert printed["scores"]["test"]["accuracy"] >= 0
-    assert main(["eval", "--experts", str(out), "--tasks", "sst2", "--base", str(tiny_folder),
-                 "--max-eval-examples", "6", "--validation-size", "8", "--out", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--experts",
+                str(out),
+                "--tasks",
+                "sst2",
+                "--base",
+                str(tiny_folder),
+                "--max-eval-examples",
+                "6",
+                "--validation-size",
+                "8",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     assert "| oracle |" in capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["tasks"]["sst2"]["n"] == 6 and result["predictor"] == "oracle"
-    assert main(["eval", "--tasks", "sst2", "--base", str(tiny_folder), "--max-eval-examples", "6",
-                 "--validation-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--tasks",
+                "sst2",
+                "--base",
+                str(tiny_folder),
+                "--max-eval-examples",
+                "6",
+                "--validation-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "| base zero-shot |" in capsys.readouterr().out
 
 
 def test_train_a_parameter_efficient_ensemble(tiny_folder, tmp_path, capsys, glue_dir):
     out = tmp_path / "be"
-    code = main(["train", "--task", "sst2", "--base", str(tiny_folder), "--out", str(out), "--ensemble",
-                 "batchensemble", "--members", "3", "--max-train-examples", "16", "--max-eval-examples", "4",
-                 "--batch-size", "4", "--validation-size", "8", "--no-autocast"])
+    code = main(
+        [
+            "train",
+            "--task",
+            "sst2",
+            "--base",
+            str(tiny_folder),
+            "--out",
+            str(out),
+            "--ensemble",
+            "batchensemble",
+            "--members",
+            "3",
+            "--max-train-examples",
+            "16",
+            "--max-eval-examples",
+            "4",
+            "--batch-size",
+            "4",
+            "--validation-size",
+            "8",
+            "--no-autocast",
+        ]
+    )
     assert code == 0 and json.loads((out / "manifest.json").read_text())["kind"] == "pe_ensemble"
     printed = json.loads(capsys.readouterr().out)
     assert printed["kind"] == "batchensemble" and printed["members"] == 3 and "test" in printed["scores"]
 
 
-@pytest.mark.parametrize("command, hint", [
-    (["train", "--task", "sst2", "--out", "x"], "resume from it"),
-    (["run", "recipes/glue_quick.yaml", "--out", "x"], "resume where it stopped"),
-    (["eval", "--tasks", "sst2"], "no output was written"),
-])
+@pytest.mark.parametrize(
+    "command, hint",
+    [
+        (["train", "--task", "sst2", "--out", "x"], "resume from it"),
+        (["run", "recipes/glue_quick.yaml", "--out", "x"], "resume where it stopped"),
+        (["eval", "--tasks", "sst2"], "no output was written"),
+    ],
+)
 def test_ctrl_c_exits_130_with_one_line(command, hint, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -98,6 +175,11 @@ def test_python_dash_m_runs_the_same_command_line():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "adapterfuse.cli", "merge", "--help"], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "adapterfuse.cli", "merge", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert done.returncode == 0 and "usage: adapterfuse merge" in done.stdout

@@ -41,16 +41,33 @@ def setup(tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(folder)
     base = load_base(str(folder))
     data = tiny_data(root / "glue")
-    experts = [train_expert(base, "sst2", tiny_config(rank=r, seed=r), out=root / f"e{r}", data=data, progress=False)
-               for r in (2, 4)]
+    experts = [
+        train_expert(base, "sst2", tiny_config(rank=r, seed=r), out=root / f"e{r}", data=data, progress=False)
+        for r in (2, 4)
+    ]
     return base, folder, experts, data
 
 
 def test_end_to_end_merge_with_lambda_search(setup, glue_dir, tmp_path, capsys):
     base, folder, experts, data = setup
     out = tmp_path / "merged"
-    assert _run("--experts", *[str(e.path) for e in experts], "--method", "task_arithmetic", "--out", str(out),
-                "--base", str(folder), "--tasks", "sst2", "--validation-size", "8") == 0
+    assert (
+        _run(
+            "--experts",
+            *[str(e.path) for e in experts],
+            "--method",
+            "task_arithmetic",
+            "--out",
+            str(out),
+            "--base",
+            str(folder),
+            "--tasks",
+            "sst2",
+            "--validation-size",
+            "8",
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["method"] == "task_arithmetic" and printed["out"] == str(out)
     assert printed["lambda"]["chosen"] in printed["lambda"]["grid"] and "truncation_error" in printed
@@ -66,26 +83,63 @@ def test_end_to_end_merge_with_lambda_search(setup, glue_dir, tmp_path, capsys):
 def test_eval_puts_the_harness_table_in_the_card_and_metadata(setup, glue_dir, tmp_path, capsys):
     _, folder, experts, _ = setup
     out = tmp_path / "evaluated"
-    assert _run("--experts", *[str(e.path) for e in experts], "--method", "uniform", "--out", str(out),
-                "--base", str(folder), "--tasks", "sst2", "--validation-size", "8", "--eval",
-                "--max-eval-examples", "6") == 0
+    assert (
+        _run(
+            "--experts",
+            *[str(e.path) for e in experts],
+            "--method",
+            "uniform",
+            "--out",
+            str(out),
+            "--base",
+            str(folder),
+            "--tasks",
+            "sst2",
+            "--validation-size",
+            "8",
+            "--eval",
+            "--max-eval-examples",
+            "6",
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     meta = json.loads((out / "adapterfuse.json").read_text())
     assert meta["evaluation"][0]["tasks"]["sst2"]["n"] == 6
     assert printed["average"] == pytest.approx(meta["evaluation"][0]["average"])
     assert "## Harness results" in (out / "README.md").read_text()
     with pytest.raises(ConfigError, match="--eval"):
-        _run("--experts", *[str(e.path) for e in experts], "--method", "uniform", "--out", str(tmp_path / "x"),
-             "--eval")
+        _run(
+            "--experts", *[str(e.path) for e in experts], "--method", "uniform", "--out", str(tmp_path / "x"), "--eval"
+        )
     assert not (tmp_path / "x").exists()
 
 
 def test_full_model_with_weights_and_rank(setup, tmp_path, capsys):
     base, folder, experts, data = setup
     out = tmp_path / "full"
-    assert _run("--experts", *[str(e.path) for e in experts], "--method", "ties", "--weights", "1,0.5",
-                "--density", "0.5", "--lambda", "1.2", "--rank", "3", "--full", "--base", str(folder),
-                "--out", str(out)) == 0
+    assert (
+        _run(
+            "--experts",
+            *[str(e.path) for e in experts],
+            "--method",
+            "ties",
+            "--weights",
+            "1,0.5",
+            "--density",
+            "0.5",
+            "--lambda",
+            "1.2",
+            "--rank",
+            "3",
+            "--full",
+            "--base",
+            str(folder),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["params"]["rank"] == 3 and printed["truncation_error"] > 0
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
@@ -98,9 +152,27 @@ def test_full_model_with_weights_and_rank(setup, tmp_path, capsys):
 def test_learned_through_params(setup, glue_dir, tmp_path, capsys):
     _, folder, experts, _ = setup
     out = tmp_path / "learned"
-    assert _run("--experts", *[str(e.path) for e in experts], "--method", "learned", "--param", "mode=gradient_free",
-                "--param", "steps=5", "--base", str(folder), "--tasks", "sst2", "--validation-size", "8",
-                "--out", str(out)) == 0
+    assert (
+        _run(
+            "--experts",
+            *[str(e.path) for e in experts],
+            "--method",
+            "learned",
+            "--param",
+            "mode=gradient_free",
+            "--param",
+            "steps=5",
+            "--base",
+            str(folder),
+            "--tasks",
+            "sst2",
+            "--validation-size",
+            "8",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["learned"]["weights"]) == {"e2", "e4"} and printed["params"]["mode"] == "gradient_free"
     assert printed["learned"]["loss"] <= printed["learned"]["loss_uniform"]
@@ -138,6 +210,8 @@ def test_existing_output_is_refused(setup, tmp_path):
     with pytest.raises(OutputExistsError, match="overwrite"):
         _run("--experts", str(experts[0].path), "--method", "uniform", "--out", str(tmp_path / "out"))
     assert list((tmp_path / "out").iterdir()) == []
-    assert _run("--experts", str(experts[0].path), "--method", "uniform", "--out", str(tmp_path / "out"),
-                "--overwrite") == 0
+    assert (
+        _run("--experts", str(experts[0].path), "--method", "uniform", "--out", str(tmp_path / "out"), "--overwrite")
+        == 0
+    )
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

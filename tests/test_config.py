@@ -29,19 +29,27 @@ from adapterfuse.recipe.schema import load_recipe
 # backend -> (the bad option as an API keyword, the same as CLI flags, the message all three give)
 CASES = {
     "route": ({"top_k": 0}, ["--top-k", "0"], "top_k: expected an integer >= 1, got 0"),
-    "ensemble": ({"pooling": "mean"}, ["--pooling", "mean"],
-                 "pooling 'mean': unknown; expected one of linear, log_linear"),
-    "merge": ({"method": "ties", "density": 2.0}, ["--method", "ties", "--density", "2"],
-              "merge method 'ties': invalid parameters: density: Input should be less than or equal to 1 (got 2.0). "
-              "Accepted parameters: density, exact_svd, lambda, rank, seed, weights"),
+    "ensemble": (
+        {"pooling": "mean"},
+        ["--pooling", "mean"],
+        "pooling 'mean': unknown; expected one of linear, log_linear",
+    ),
+    "merge": (
+        {"method": "ties", "density": 2.0},
+        ["--method", "ties", "--density", "2"],
+        "merge method 'ties': invalid parameters: density: Input should be less than or equal to 1 (got 2.0). "
+        "Accepted parameters: density, exact_svd, lambda, rank, seed, weights",
+    ),
 }
 
 
 @pytest.fixture()
 def no_loading(monkeypatch):
     """Fail the test if anything loads a base model."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a base was loaded before the options were checked")
+
     monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
 
 
@@ -55,8 +63,12 @@ def _api(backend: str, experts: list[Path], base, options: dict) -> None:
 
 
 def _recipe(tmp_path: Path, experts: list[Path], backend: str, options: dict) -> Path:
-    raw = {"name": "bad", "tasks": {"sst2": {}, "rte": {}}, "experts": {"paths": [str(p) for p in experts]},
-           "combiners": [{"backend": backend, "options": options}]}
+    raw = {
+        "name": "bad",
+        "tasks": {"sst2": {}, "rte": {}},
+        "experts": {"paths": [str(p) for p in experts]},
+        "combiners": [{"backend": backend, "options": options}],
+    }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -106,19 +118,22 @@ def test_the_defaults_live_in_the_models():
     assert MergeConfig(method="uniform", params={"weights": [1, 2]}).params.weights == (1.0, 2.0)
 
 
-@pytest.mark.parametrize(("model", "options", "match"), [
-    (RouteConfig, {"router": "mbc"}, "mbc_clusters: router 'mbc' needs the number of expert groups"),
-    (RouteConfig, {"topk": 1}, "topk: unknown route option; expected one of"),
-    (RouteConfig, {"hidden": -1}, "hidden: expected an integer >= 0, got -1"),
-    (RouteConfig, {"lr": float("nan")}, "lr: expected a finite number, got nan"),
-    (RouteConfig, {"temperature": 0}, r"temperature: expected numbers > 0"),
-    (EnsembleConfig, {"weights": [1.0, 2.0], "select": "top2"}, "cannot be combined with select"),
-    (EnsembleConfig, {"metric": "auc"}, "metric 'auc': unknown; expected one of score, nll"),
-    (MergeConfig, {"method": "mean"}, "unknown merge method 'mean'; known methods: uniform"),
-    (MergeConfig, {"method": "ties", "densty": 0.1}, "densty.*Accepted parameters"),
-    (MergeConfig, {"lambda_grid": []}, "lambda_grid: expected a non-empty list"),
-    (MergeConfig, {"batch_size": 0}, "batch_size: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("model", "options", "match"),
+    [
+        (RouteConfig, {"router": "mbc"}, "mbc_clusters: router 'mbc' needs the number of expert groups"),
+        (RouteConfig, {"topk": 1}, "topk: unknown route option; expected one of"),
+        (RouteConfig, {"hidden": -1}, "hidden: expected an integer >= 0, got -1"),
+        (RouteConfig, {"lr": float("nan")}, "lr: expected a finite number, got nan"),
+        (RouteConfig, {"temperature": 0}, r"temperature: expected numbers > 0"),
+        (EnsembleConfig, {"weights": [1.0, 2.0], "select": "top2"}, "cannot be combined with select"),
+        (EnsembleConfig, {"metric": "auc"}, "metric 'auc': unknown; expected one of score, nll"),
+        (MergeConfig, {"method": "mean"}, "unknown merge method 'mean'; known methods: uniform"),
+        (MergeConfig, {"method": "ties", "densty": 0.1}, "densty.*Accepted parameters"),
+        (MergeConfig, {"lambda_grid": []}, "lambda_grid: expected a non-empty list"),
+        (MergeConfig, {"batch_size": 0}, "batch_size: expected an integer >= 1, got 0"),
+    ],
+)
 def test_bad_options_are_one_line_errors_naming_the_option(model, options, match):
     backend = {RouteConfig: "route", EnsembleConfig: "ensemble", MergeConfig: "merge"}[model]
     with pytest.raises(ConfigError, match=match) as e:

@@ -29,8 +29,9 @@ def sst2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adalora(tiny_base, sst2, tmp_path_factory):
     config = tiny_config(method="adalora", adalora_init_r=6, adalora_delta_t=1, max_train_examples=24)
-    trained = train_expert(tiny_base, "sst2", config, out=tmp_path_factory.mktemp("ens-ada") / "ada", data=sst2,
-                           progress=False)
+    trained = train_expert(
+        tiny_base, "sst2", config, out=tmp_path_factory.mktemp("ens-ada") / "ada", data=sst2, progress=False
+    )
     # A second's training moves the singular values E very little; scaling them keeps a valid AdaLoRA
     # adapter (same pruned ranks) whose effect is large enough for the comparison to be able to fail.
     state = {k: v * 300 if "lora_E" in k else v for k, v in trained.state_dict.items()}
@@ -60,9 +61,11 @@ def test_members_of_equal_rank_match_each_member_alone(tiny_base, sst2):
 
 
 def test_members_of_different_ranks_and_modules_match_each_member_alone(tiny_base, sst2):
-    experts = [random_expert(tiny_base, "r2", rank=2, modules=ATTN, seed=1, scale=2.0),
-               random_expert(tiny_base, "r8", rank=8, seed=2, scale=2.0),
-               random_expert(tiny_base, "r5", rank=5, modules=MLP + ATTN[:1], seed=3, scale=2.0)]
+    experts = [
+        random_expert(tiny_base, "r2", rank=2, modules=ATTN, seed=1, scale=2.0),
+        random_expert(tiny_base, "r8", rank=8, seed=2, scale=2.0),
+        random_expert(tiny_base, "r5", rank=5, modules=MLP + ATTN[:1], seed=3, scale=2.0),
+    ]
     stacked = stack_members([e.deltas for e in experts], [e.name for e in experts])
     A, B = stacked["model.layers.1.mlp.down_proj"]
     assert A.shape[:2] == (3, 8) and B.shape[2] == 8
@@ -102,8 +105,9 @@ def test_caller_base_is_untouched_and_weights_are_shared(tiny_base, sst2):
     batched.member_log_probs(tiny_base.tokenizer, sst2.task, sst2.test, autocast=False)
     assert not any(isinstance(m, StackedLoRALinear) for m in tiny_base.model.modules())
     assert all(torch.equal(before[k], v) for k, v in tiny_base.model.state_dict().items())
-    torch.testing.assert_close(predict_proba(tiny_base.model, tiny_base.tokenizer, sst2.task, sst2.test,
-                                             autocast=False), probs, rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_proba(tiny_base.model, tiny_base.tokenizer, sst2.task, sst2.test, autocast=False), probs, rtol=0, atol=0
+    )
     ours = batched.model.get_input_embeddings().weight
     assert ours.data_ptr() == tiny_base.model.get_input_embeddings().weight.data_ptr()  # no copy of the weights
 
@@ -138,7 +142,8 @@ def test_a_batch_over_max_rows_is_split_and_gives_the_same_answers(tiny_base, ss
     split = BatchedEnsemble(tiny_base.model, experts, max_rows=8)  # 2 inputs x 4 members per pass
     q_rows = []
     split.model.get_submodule("model.layers.0.self_attn.q_proj").base.register_forward_hook(
-        lambda m, i, o: q_rows.append(i[0].shape[0]))
+        lambda m, i, o: q_rows.append(i[0].shape[0])
+    )
     ref = whole.member_log_probs(tiny_base.tokenizer, sst2.task, sst2.test, batch_size=6, autocast=False)
     got = split.member_log_probs(tiny_base.tokenizer, sst2.task, sst2.test, batch_size=6, autocast=False)
     assert max(q_rows) == 8

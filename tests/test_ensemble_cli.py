@@ -36,8 +36,23 @@ def parser() -> argparse.ArgumentParser:
 
 def argv(setup, out, *extra: str) -> list[str]:
     folder, paths, _ = setup
-    return ["ensemble", "--experts", *map(str, paths), "--tasks", "sst2,stsb", "--out", str(out), "--base",
-            str(folder), "--validation-size", "10", "--max-eval-examples", "6", "--no-autocast", *extra]
+    return [
+        "ensemble",
+        "--experts",
+        *map(str, paths),
+        "--tasks",
+        "sst2,stsb",
+        "--out",
+        str(out),
+        "--base",
+        str(folder),
+        "--validation-size",
+        "10",
+        "--max-eval-examples",
+        "6",
+        "--no-autocast",
+        *extra,
+    ]
 
 
 def test_fits_evaluates_prints_the_table_and_saves(setup, tmp_path, glue_dir, capsys):
@@ -64,12 +79,15 @@ def test_given_weights_and_overwrite(setup, tmp_path, glue_dir, capsys):
     assert "greedy" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra,error,fragment", [
-    (["--weights", "0.5,0.5"], ConfigError, "got 2 weights for 3 members"),
-    (["--weights", "heavy"], ConfigError, "comma-separated numbers"),
-    (["--select", "top0"], ConfigError, "expected 'greedy' or 'topK'"),
-    (["--weights", "1,nan,1"], ConfigError, "'e1' is nan"),
-])
+@pytest.mark.parametrize(
+    "extra,error,fragment",
+    [
+        (["--weights", "0.5,0.5"], ConfigError, "got 2 weights for 3 members"),
+        (["--weights", "heavy"], ConfigError, "comma-separated numbers"),
+        (["--select", "top0"], ConfigError, "expected 'greedy' or 'topK'"),
+        (["--weights", "1,nan,1"], ConfigError, "'e1' is nan"),
+    ],
+)
 def test_bad_arguments_fail_before_the_base_is_loaded(setup, tmp_path, glue_dir, monkeypatch, extra, error, fragment):
     monkeypatch.setattr("adapterfuse.base.load_base", lambda *a, **k: pytest.fail("base loaded before validation"))
     with pytest.raises(error, match=fragment):

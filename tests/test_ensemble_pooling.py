@@ -20,7 +20,7 @@ def member_log_probs(k: int = 3, n: int = 5, labels: int = 4, seed: int = 0) -> 
 def test_linear_is_the_weighted_mean_of_probabilities():
     lp = member_log_probs()
     p = lp.exp()
-    want = (0.5 * p[0] + 0.3 * p[1] + 0.2 * p[2])
+    want = 0.5 * p[0] + 0.3 * p[1] + 0.2 * p[2]
     torch.testing.assert_close(linear(p, [0.5, 0.3, 0.2]), want)
     torch.testing.assert_close(linear(p, [5, 3, 2]), want)  # normalised by the total weight
     torch.testing.assert_close(pool("linear", lp, [0.5, 0.3, 0.2]), want)
@@ -56,8 +56,9 @@ def test_temperature_sharpens_and_flattens():
 def setting(tiny_base, tmp_path_factory):
     td = load_task("sst2", validation_size=8, glue_dir=write_glue_dir(tmp_path_factory.mktemp("pool") / "g"))
     experts = [random_expert(tiny_base, f"m{i}", rank=4, seed=10 + i, scale=2.0) for i in range(3)]
-    alone = [predict_proba(e.attach(tiny_base.model), tiny_base.tokenizer, td.task, td.test, autocast=False)
-             for e in experts]
+    alone = [
+        predict_proba(e.attach(tiny_base.model), tiny_base.tokenizer, td.task, td.test, autocast=False) for e in experts
+    ]
     assert (alone[0] - alone[1]).abs().max() > 1e-3  # the members disagree, so the checks below can fail
     return td, experts, alone
 

@@ -85,6 +85,7 @@ def test_the_combiner_fits_on_a_library(tiny_base, experts, data):
 @pytest.fixture()
 def no_heavy_work(monkeypatch):
     """Fail if a model copy is made: every argument error must come before it."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("heavy work started before the arguments were validated")
 
@@ -92,18 +93,21 @@ def no_heavy_work(monkeypatch):
     monkeypatch.setattr(predictor_module, "BatchedEnsemble", refuse)
 
 
-@pytest.mark.parametrize("kwargs,error,fragment", [
-    (dict(weights=[0.5, 0.5]), ConfigError, r"got 2 weights for 3 members \['m0', 'm1', 'm2'\]"),
-    (dict(weights=[0.5, math.nan, 0.5]), ConfigError, "member 'm1' is nan; expected a finite number"),
-    (dict(weights=[1.0, -0.5, 0.5], pooling="linear"), ConfigError, "'m1' is -0.5.*expected weights >= 0"),
-    (dict(pooling="geometric"), ConfigError, "pooling 'geometric': unknown; expected one of linear, log_linear"),
-    (dict(weights="learned"), ConfigError, "weights='learned' needs validation data, got none"),
-    (dict(select="greedy"), ConfigError, "select='greedy' needs validation data"),
-    (dict(select="best"), ConfigError, "select 'best': unknown"),
-    (dict(weights=[0.2, 0.3, 0.5], select="top2"), ConfigError, "cannot be combined with select"),
-    (dict(temperature=0.0), ConfigError, "temperature: expected a finite number > 0, got 0.0"),
-    (dict(metric="auc"), ConfigError, "metric 'auc': unknown"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,fragment",
+    [
+        (dict(weights=[0.5, 0.5]), ConfigError, r"got 2 weights for 3 members \['m0', 'm1', 'm2'\]"),
+        (dict(weights=[0.5, math.nan, 0.5]), ConfigError, "member 'm1' is nan; expected a finite number"),
+        (dict(weights=[1.0, -0.5, 0.5], pooling="linear"), ConfigError, "'m1' is -0.5.*expected weights >= 0"),
+        (dict(pooling="geometric"), ConfigError, "pooling 'geometric': unknown; expected one of linear, log_linear"),
+        (dict(weights="learned"), ConfigError, "weights='learned' needs validation data, got none"),
+        (dict(select="greedy"), ConfigError, "select='greedy' needs validation data"),
+        (dict(select="best"), ConfigError, "select 'best': unknown"),
+        (dict(weights=[0.2, 0.3, 0.5], select="top2"), ConfigError, "cannot be combined with select"),
+        (dict(temperature=0.0), ConfigError, "temperature: expected a finite number > 0, got 0.0"),
+        (dict(metric="auc"), ConfigError, "metric 'auc': unknown"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(tiny_base, experts, no_heavy_work, kwargs, error, fragment):
     with pytest.raises(error, match=fragment):
         ensemble(experts, tiny_base, **kwargs)

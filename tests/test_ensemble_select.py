@@ -88,12 +88,14 @@ def test_selected_ensemble_reports_its_cost(tiny_base, tmp_path):
     td = load_task("sst2", validation_size=16, glue_dir=write_glue_dir(tmp_path / "glue"))
     experts = [random_expert(tiny_base, f"m{i}", rank=2 + i, seed=i, scale=3.0) for i in range(4)]
     for select in ("greedy", "top2"):
-        predictor = ensemble(experts, tiny_base, pooling="log_linear", weights="uniform", select=select,
-                             validation=[td], autocast=False)
+        predictor = ensemble(
+            experts, tiny_base, pooling="log_linear", weights="uniform", select=select, validation=[td], autocast=False
+        )
         chosen = [e for e in experts if e.name in predictor.names]
         cost = predictor.cost()
         assert cost.forward_passes == len(chosen) == len(predictor.info["selection"]["members"])
         assert cost.stored_params == adapter_params(chosen) and cost.memory_bytes == 4 * cost.stored_params
-        again = ensemble(experts, tiny_base, pooling="log_linear", weights="uniform", select=select, validation=[td],
-                         autocast=False)
+        again = ensemble(
+            experts, tiny_base, pooling="log_linear", weights="uniform", select=select, validation=[td], autocast=False
+        )
         assert again.names == predictor.names and again.weights == predictor.weights

@@ -71,8 +71,9 @@ def test_learned_weights_lower_the_validation_nll_below_uniform(tiny_base, train
 def test_log_linear_learns_a_negative_weight_for_the_anti_correlated_expert(tiny_base, trained):
     experts, data = trained
     labels = [e.label for e in data.validation]
-    flipped_alone = predict_proba(experts[1].attach(tiny_base.model), tiny_base.tokenizer, data.task,
-                                  data.validation, autocast=False)
+    flipped_alone = predict_proba(
+        experts[1].attach(tiny_base.model), tiny_base.tokenizer, data.task, data.validation, autocast=False
+    )
     assert accuracy(flipped_alone, labels) < 0.4  # it really is anti-correlated with the truth
     predictor = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data], autocast=False)
     good, flipped = predictor.weights
@@ -94,12 +95,14 @@ def test_fit_runs_the_model_once_per_validation_batch_and_is_seeded(tiny_base, t
     calls = []
     original = BatchedEnsemble.member_logits
     monkeypatch.setattr(BatchedEnsemble, "member_logits", lambda self, *a: calls.append(1) or original(self, *a))
-    first = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data],
-                     autocast=False, batch_size=8)
+    first = ensemble(
+        experts, tiny_base, pooling="log_linear", weights="learned", validation=[data], autocast=False, batch_size=8
+    )
     batches = len(list(iter_batches(data.task, data.validation, tiny_base.tokenizer, 8)))
     assert len(calls) == batches  # cached once; the optimiser never runs the model
-    second = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data],
-                      autocast=False, batch_size=8)
+    second = ensemble(
+        experts, tiny_base, pooling="log_linear", weights="learned", validation=[data], autocast=False, batch_size=8
+    )
     assert first.weights == second.weights and first.temperature == second.temperature
 
 
@@ -114,8 +117,13 @@ def synthetic_caches(seed: int = 0) -> list[MemberCache]:
     cls = MemberCache(get_task("sst2"), torch.log_softmax(members, -1), labels.tolist())
     scores = torch.rand(n, generator=gen) * 5
     centred = -(torch.arange(6.0)[None] - scores[:, None]).abs()
-    reg = torch.stack([2 * centred + torch.randn(n, 6, generator=gen), torch.randn(n, 6, generator=gen),
-                       -centred + torch.randn(n, 6, generator=gen)])
+    reg = torch.stack(
+        [
+            2 * centred + torch.randn(n, 6, generator=gen),
+            torch.randn(n, 6, generator=gen),
+            -centred + torch.randn(n, 6, generator=gen),
+        ]
+    )
     return [cls, MemberCache(get_task("stsb"), torch.log_softmax(reg, -1), scores.tolist())]
 
 

@@ -55,8 +55,15 @@ def test_existing_output_is_refused_before_any_work(trained, tiny_base):
     before = (expert.path / "adapter_model.safetensors").read_bytes()
     calls = []
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        train_expert(tiny_base, "sst2", tiny_config(), out=expert.path, data=data, progress=False,
-                     callback=lambda step, loss: calls.append(step))
+        train_expert(
+            tiny_base,
+            "sst2",
+            tiny_config(),
+            out=expert.path,
+            data=data,
+            progress=False,
+            callback=lambda step, loss: calls.append(step),
+        )
     assert not calls and (expert.path / "adapter_model.safetensors").read_bytes() == before
 
 

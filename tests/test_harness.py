@@ -19,8 +19,14 @@ def two_experts(tiny_base, tmp_path_factory):
     config = tiny_config()
     sst2, rte = tiny_data(root / "glue", "sst2", config), tiny_data(root / "glue", "rte", config)
     lora = train_expert(tiny_base, "sst2", config, out=root / "sst2", data=sst2, progress=False)
-    ada = train_expert(tiny_base, "rte", tiny_config(method="adalora", adalora_init_r=6, adalora_delta_t=1),
-                       out=root / "rte", data=rte, progress=False)
+    ada = train_expert(
+        tiny_base,
+        "rte",
+        tiny_config(method="adalora", adalora_init_r=6, adalora_delta_t=1),
+        out=root / "rte",
+        data=rte,
+        progress=False,
+    )
     return [lora, ada], [sst2, rte]
 
 

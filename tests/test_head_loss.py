@@ -21,8 +21,11 @@ from adapterfuse.head import (
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.spec import Example
 
-EXAMPLES = [Example(("A great film .",), 1, 0), Example(("Bad and dull, the plot was terrible throughout .",), 0, 1),
-            Example(("Fine .",), 1, 2)]
+EXAMPLES = [
+    Example(("A great film .",), 1, 0),
+    Example(("Bad and dull, the plot was terrible throughout .",), 0, 1),
+    Example(("Fine .",), 1, 2),
+]
 
 
 def _logits(n: int, labels: int, seed: int = 0) -> torch.Tensor:
@@ -34,8 +37,9 @@ def test_classification_loss_is_torch_cross_entropy_with_and_without_class_weigh
     logits, labels = _logits(7, 3), [0, 2, 2, 1, 0, 2, 2]
     torch.testing.assert_close(task_loss(task, logits, labels), F.cross_entropy(logits, torch.tensor(labels)))
     weights = torch.tensor([0.5, 2.0, 1.0])
-    torch.testing.assert_close(task_loss(task, logits, labels, weights),
-                               F.cross_entropy(logits, torch.tensor(labels), weight=weights))
+    torch.testing.assert_close(
+        task_loss(task, logits, labels, weights), F.cross_entropy(logits, torch.tensor(labels), weight=weights)
+    )
 
 
 def test_regression_loss_is_cross_entropy_against_the_two_nearest_levels():
@@ -72,8 +76,9 @@ def test_members_read_out_equals_label_logits_row_by_row(tiny_base):
     labels = label_token_ids(task, tiny_base.tokenizer)
     with torch.no_grad():
         ref = label_logits(tiny_base.model, ids, mask, labels)
-        torch.testing.assert_close(read_labels(tiny_base.model, last_hidden(tiny_base.model, ids, mask).float(),
-                                               labels), ref, rtol=0, atol=0)
+        torch.testing.assert_close(
+            read_labels(tiny_base.model, last_hidden(tiny_base.model, ids, mask).float(), labels), ref, rtol=0, atol=0
+        )
         both = member_logits(tiny_base.model, ids, mask, labels, 2)  # the plain base: both members alike
         blocks = member_logits(tiny_base.model, ids[[0, 1, 2, 2]], mask[[0, 1, 2, 2]], labels, 2, replicate=False)
     assert both.shape == (2, 3, 2) and blocks.shape == (2, 2, 2)

@@ -63,8 +63,15 @@ def sleeps() -> list[float]:
 def _safetensors_bytes() -> bytes:
     """A small valid safetensors file (16x16 float32) whose payload holds every byte value."""
     payload = bytes(i % 256 for i in range(16 * 16 * 4))
-    header = json.dumps({"base_model.model.q_proj.lora_A.weight":
-                         {"dtype": "F32", "shape": [16, 16], "data_offsets": [0, len(payload)]}}).encode()
+    header = json.dumps(
+        {
+            "base_model.model.q_proj.lora_A.weight": {
+                "dtype": "F32",
+                "shape": [16, 16],
+                "data_offsets": [0, len(payload)],
+            }
+        }
+    ).encode()
     return struct.pack("<Q", len(header)) + header + payload
 
 
@@ -83,8 +90,9 @@ def _contents(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _push(folder: Path, hub: FakeHub, sleeps: list[float], max_retries: int = 4, backoff: float = 1.0,
-          **kwargs) -> PushResult:
+def _push(
+    folder: Path, hub: FakeHub, sleeps: list[float], max_retries: int = 4, backoff: float = 1.0, **kwargs
+) -> PushResult:
     retry = Retry(max_retries=max_retries, backoff=backoff, sleep=sleeps.append)
     return push_folder(folder, REPO, token=TOKEN, endpoint=hub.endpoint, retry=retry, **kwargs)
 
@@ -157,8 +165,16 @@ def test_push_auth_errors_fail_at_once_and_never_show_the_token(hub, expert_dir,
     if status == 403:
         assert "write permission" in message
     assert err.__cause__ is None and err.__context__ is None
-    texts = [str(err), repr(err), str(err.__cause__), repr(err.__cause__), str(err.__context__),
-             repr(err.__context__), "".join(traceback.format_exception(err)), caplog.text]
+    texts = [
+        str(err),
+        repr(err),
+        str(err.__cause__),
+        repr(err.__cause__),
+        str(err.__context__),
+        repr(err.__context__),
+        "".join(traceback.format_exception(err)),
+        caplog.text,
+    ]
     assert all(TOKEN not in text for text in texts)
     assert hub.auth_headers and all(header == f"Bearer {TOKEN}" for header in hub.auth_headers)
 
@@ -242,8 +258,9 @@ def test_pull_of_a_missing_repo_fails_at_once(hub, tmp_path, sleeps):
 
 def test_no_request_leaves_localhost(expert_dir, sleeps):
     with pytest.raises(HubError, match=r"left 127\.0\.0\.1"):
-        push_folder(expert_dir, REPO, token=TOKEN, endpoint="http://hub.example.invalid",
-                    retry=Retry(sleep=sleeps.append))
+        push_folder(
+            expert_dir, REPO, token=TOKEN, endpoint="http://hub.example.invalid", retry=Retry(sleep=sleeps.append)
+        )
     assert sleeps == []
 
 
@@ -259,8 +276,21 @@ def test_offline_mode_is_refused_before_any_request(hub, expert_dir, tmp_path, s
     assert hub.requests == [] and sleeps == [] and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("bad", ["sst2-lora", "a/b/c", "", "alice/", "/name", "-alice/x", "alice/bad name",
-                                 "alice/x--y", "alice/.hidden", "alice/" + "n" * 97])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "sst2-lora",
+        "a/b/c",
+        "",
+        "alice/",
+        "/name",
+        "-alice/x",
+        "alice/bad name",
+        "alice/x--y",
+        "alice/.hidden",
+        "alice/" + "n" * 97,
+    ],
+)
 def test_bad_repo_id_is_refused_before_any_request(hub, expert_dir, tmp_path, bad):
     with pytest.raises(HubError, match="expected 'owner/name'") as info:
         push_folder(expert_dir, bad, token=TOKEN, endpoint=hub.endpoint)

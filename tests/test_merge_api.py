@@ -34,11 +34,15 @@ def lib(tiny_base, tmp_path_factory):
     """Three experts on tiny_base: LoRA r4 (all linears), LoRA r2 on three modules, AdaLoRA init_r 6."""
     root = tmp_path_factory.mktemp("merge_api")
     data = tiny_data(root / "glue")
-    configs = {"lora4": tiny_config(),
-               "lora2": tiny_config(rank=2, seed=1, target_modules=("q_proj", "v_proj", "up_proj")),
-               "ada": tiny_config(method="adalora", adalora_init_r=6, adalora_delta_t=1, seed=2)}
-    experts = {name: train_expert(tiny_base, "sst2", cfg, out=root / name, data=data, progress=False)
-               for name, cfg in configs.items()}
+    configs = {
+        "lora4": tiny_config(),
+        "lora2": tiny_config(rank=2, seed=1, target_modules=("q_proj", "v_proj", "up_proj")),
+        "ada": tiny_config(method="adalora", adalora_init_r=6, adalora_delta_t=1, seed=2),
+    }
+    experts = {
+        name: train_expert(tiny_base, "sst2", cfg, out=root / name, data=data, progress=False)
+        for name, cfg in configs.items()
+    }
     return experts, data, root
 
 
@@ -46,8 +50,9 @@ def _peft_dense(expert: Expert, base_model) -> dict[str, torch.Tensor]:
     """Every linear's ΔW in float64 as PEFT applies it: merged weights minus base weights."""
     merged = plain_peft_model(base_model, expert.path).merge_and_unload()
     before, after = base_model.state_dict(), merged.state_dict()
-    return {k.removesuffix(".weight"): after[k].double() - before[k].double()
-            for k in before if k.endswith("proj.weight")}
+    return {
+        k.removesuffix(".weight"): after[k].double() - before[k].double() for k in before if k.endswith("proj.weight")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +89,13 @@ def _reference(method: str, xs: list[torch.Tensor], w: list[float], lam: float, 
 
 
 NAMES = ["lora4", "lora2", "ada"]
-CASES = [("uniform", dict(weights=[1.0, 2.0, 3.0])),
-         ("task_arithmetic", dict(weights=[0.5, -1.0, 2.0], lam=0.7)),
-         ("ties", dict(weights=[1.0, 0.5, 2.0], lam=0.8, density=0.3, rank=64)),
-         ("dare_linear", dict(weights=[1.0, -0.5, 1.5], lam=1.2, density=1.0, rank=64)),
-         ("dare_ties", dict(weights=[1.0, 0.5, 2.0], lam=0.9, density=1.0, rank=64))]
+CASES = [
+    ("uniform", dict(weights=[1.0, 2.0, 3.0])),
+    ("task_arithmetic", dict(weights=[0.5, -1.0, 2.0], lam=0.7)),
+    ("ties", dict(weights=[1.0, 0.5, 2.0], lam=0.8, density=0.3, rank=64)),
+    ("dare_linear", dict(weights=[1.0, -0.5, 1.5], lam=1.2, density=1.0, rank=64)),
+    ("dare_ties", dict(weights=[1.0, 0.5, 2.0], lam=0.9, density=1.0, rank=64)),
+]
 
 
 @pytest.mark.parametrize(("method", "kwargs"), CASES, ids=[c[0] for c in CASES])
@@ -119,8 +126,11 @@ def test_dare_drops_and_rescales_entries(lib, dense):
 def test_ranks_add_up_for_lora_of_different_ranks_and_adalora(lib):
     experts, _, _ = lib
     merged = merge([experts[n] for n in NAMES], method="task_arithmetic", lam=1.0)
-    ada_rank = {m.removeprefix("base_model.model.").removesuffix(".lora_E"): int((t != 0).sum())
-                for m, t in experts["ada"].state_dict.items() if m.endswith("lora_E")}
+    ada_rank = {
+        m.removeprefix("base_model.model.").removesuffix(".lora_E"): int((t != 0).sum())
+        for m, t in experts["ada"].state_dict.items()
+        if m.endswith("lora_E")
+    }
     q = "model.layers.0.self_attn.q_proj"
     k = "model.layers.0.self_attn.k_proj"
     assert merged.deltas[q].rank == 4 + 2 + ada_rank[q]
@@ -291,9 +301,12 @@ def test_push_to_hub_saves_a_folder_and_hands_it_to_push_folder(lib, monkeypatch
 
     monkeypatch.setattr(adapterfuse.io.hub, "push_folder", fake_push)
     assert merge([experts["lora4"]], method="uniform").push_to_hub("me/merged", token="t", private=True) == "pushed"
-    assert seen == {"files": ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterfuse.json",
-                              "manifest.json"],
-                    "repo_id": "me/merged", "token": "t", "private": True}
+    assert seen == {
+        "files": ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterfuse.json", "manifest.json"],
+        "repo_id": "me/merged",
+        "token": "t",
+        "private": True,
+    }
 
 
 def test_merged_adapter_round_trips_its_state(lib):

@@ -84,8 +84,11 @@ def _disjoint_mean_ref(deltas: torch.Tensor, sign: torch.Tensor, weights: torch.
     out = torch.zeros(d.shape[1:], dtype=torch.float64)
     for idx in torch.cartesian_prod(*[torch.arange(n) for n in d.shape[1:]]):
         idx = tuple(idx.tolist())
-        agreeing = [float(w[i] * d[i][idx]) for i in range(d.shape[0])
-                    if float(w[i] * d[i][idx]) != 0 and math.copysign(1.0, float(w[i] * d[i][idx])) == s[idx]]
+        agreeing = [
+            float(w[i] * d[i][idx])
+            for i in range(d.shape[0])
+            if float(w[i] * d[i][idx]) != 0 and math.copysign(1.0, float(w[i] * d[i][idx])) == s[idx]
+        ]
         out[idx] = sum(agreeing) / len(agreeing) if agreeing else 0.0
     return out
 
@@ -155,9 +158,11 @@ def test_dare_drop_density_one_is_identity_and_bad_density_rejected() -> None:
 
 
 def test_stack_factors_is_the_exact_weighted_sum() -> None:
-    items = [(0.5, LowRank(_randn(2, 12, seed=1), _randn(16, 2, seed=2))),
-             (-1.5, LowRank(_randn(4, 12, seed=3), _randn(16, 4, seed=4))),
-             (2.0, LowRank(_randn(3, 12, seed=5), _randn(16, 3, seed=6)))]
+    items = [
+        (0.5, LowRank(_randn(2, 12, seed=1), _randn(16, 2, seed=2))),
+        (-1.5, LowRank(_randn(4, 12, seed=3), _randn(16, 4, seed=4))),
+        (2.0, LowRank(_randn(3, 12, seed=5), _randn(16, 3, seed=6))),
+    ]
     out = stack_factors(items)
     ref = sum(w * lr.B.double() @ lr.A.double() for w, lr in items)
     assert out.rank == 9 and out.shape == (16, 12)

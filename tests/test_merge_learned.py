@@ -26,8 +26,10 @@ _FILLER = "the a movie film was plot actors story fine dull".split()
 def _examples(n: int, seed: int) -> list[Example]:
     """Sentences whose label is carried by one word, so a tiny model learns it in a few steps."""
     rng = random.Random(seed)
-    return [Example((" ".join(rng.choice(_FILLER) for _ in range(4)) + (" great ." if i % 2 else " awful ."),),
-                    i % 2, i) for i in range(n)]
+    return [
+        Example((" ".join(rng.choice(_FILLER) for _ in range(4)) + (" great ." if i % 2 else " awful ."),), i % 2, i)
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,9 @@ def pair(tiny_base, tmp_path_factory):
     flipped = [Example(e.fields, 1 - e.label, e.idx) for e in train]
     cfg = tiny_config(epochs=3.0, lr=1e-2, validation_size=16)
     good = train_expert(tiny_base, TASK, cfg, out=root / "good", data=TaskData(TASK, train, val, val), progress=False)
-    bad = train_expert(tiny_base, TASK, cfg, out=root / "flipped", data=TaskData(TASK, flipped, val, val),
-                       progress=False)
+    bad = train_expert(
+        tiny_base, TASK, cfg, out=root / "flipped", data=TaskData(TASK, flipped, val, val), progress=False
+    )
     return good, bad, TaskData(TASK, train, val, val)
 
 
@@ -52,8 +55,9 @@ def _loss(predictor, data: TaskData) -> float:
 
 def test_greedy_select_keeps_only_strict_improvements():
     scores = {("a", "b"): 0.8, ("a", "c"): 0.85, ("a", "c", "d"): 0.9}
-    kept, records, final = greedy_select(["a", "b", "c", "d"], {"a": 0.8, "b": 0.7, "c": 0.6, "d": 0.5},
-                                         lambda names: scores[tuple(names)])
+    kept, records, final = greedy_select(
+        ["a", "b", "c", "d"], {"a": 0.8, "b": 0.7, "c": 0.6, "d": 0.5}, lambda names: scores[tuple(names)]
+    )
     assert kept == ["a", "c", "d"] and final == 0.9
     assert [r["kept"] for r in records] == [True, False, True, True]  # b ties the soup: not kept
     assert records[1] == {"name": "b", "alone": 0.7, "with": 0.8, "kept": False}
@@ -76,8 +80,9 @@ def test_greedy_soup_leaves_out_the_flipped_expert(pair, tiny_base):
 
 def test_lambda_search_picks_the_best_grid_point(pair, tiny_base):
     good, bad, data = pair
-    merged = merge([good, bad], method="task_arithmetic", weights=[1.0, 0.6], base=tiny_base, validation=[data],
-                   autocast=False)
+    merged = merge(
+        [good, bad], method="task_arithmetic", weights=[1.0, 0.6], base=tiny_base, validation=[data], autocast=False
+    )
     record = merged.search["lambda_search"]
     assert len(set(record["scores"])) > 1  # otherwise the test could not tell a good choice from a bad one
     chosen = record["grid"].index(record["chosen"])
@@ -95,8 +100,10 @@ def test_weighted_model_is_exactly_the_weighted_merge(pair, tiny_base):
     weights = torch.tensor([[0.7, -0.3], [1.2, 0.4]])
     wm.set(weights)
     merged = final_merge(experts, weights, wm.groups, LearnedParams(per_layer=True))
-    ids, mask = pad(tiny_base.tokenizer([TASK.prompt(e.fields) for e in data.validation[:4]])["input_ids"],
-                    tiny_base.tokenizer.pad_token_id)
+    ids, mask = pad(
+        tiny_base.tokenizer([TASK.prompt(e.fields) for e in data.validation[:4]])["input_ids"],
+        tiny_base.tokenizer.pad_token_id,
+    )
     labels = label_token_ids(TASK, tiny_base.tokenizer)
     from adapterfuse.backends.merge.adapter import MergedAdapter
 
@@ -111,8 +118,16 @@ def test_weighted_model_is_exactly_the_weighted_merge(pair, tiny_base):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_gradient_learned_weights_reduce_the_validation_loss(pair, tiny_base, per_layer):
     good, bad, data = pair
-    learned = merge([good, bad], method="learned", base=tiny_base, validation=[data], autocast=False,
-                    per_layer=per_layer, epochs=4, lr=0.1)
+    learned = merge(
+        [good, bad],
+        method="learned",
+        base=tiny_base,
+        validation=[data],
+        autocast=False,
+        per_layer=per_layer,
+        epochs=4,
+        lr=0.1,
+    )
     record = learned.search["learned"]
     uniform = merge([good, bad], method="uniform")
     loss_uniform = _loss(uniform.predictor(tiny_base, autocast=False), data)

@@ -30,8 +30,12 @@ def _svd_ref(m: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
 
 def _stacked() -> LowRank:
     """A rank-7 update of shape [16, 12] with distinct singular values."""
-    return stack_factors([(1.0, LowRank(_randn(3, 12, seed=1), _randn(16, 3, seed=2))),
-                          (0.7, LowRank(_randn(4, 12, seed=3), _randn(16, 4, seed=4)))])
+    return stack_factors(
+        [
+            (1.0, LowRank(_randn(3, 12, seed=1), _randn(16, 3, seed=2))),
+            (0.7, LowRank(_randn(4, 12, seed=3), _randn(16, 4, seed=4))),
+        ]
+    )
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4, 6])

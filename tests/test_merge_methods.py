@@ -25,9 +25,11 @@ def _lr(seed: int, rank: int, shape: tuple[int, int] = (16, 12)) -> LowRank:
 
 def _experts() -> list[Deltas]:
     """Three experts with ranks 2-4; expert 1 lacks module v."""
-    return [{"q": _lr(1, 2), "k": _lr(2, 3), "v": _lr(3, 4)},
-            {"q": _lr(4, 4), "k": _lr(5, 2)},
-            {"q": _lr(6, 3), "k": _lr(7, 4), "v": _lr(8, 2)}]
+    return [
+        {"q": _lr(1, 2), "k": _lr(2, 3), "v": _lr(3, 4)},
+        {"q": _lr(4, 4), "k": _lr(5, 2)},
+        {"q": _lr(6, 3), "k": _lr(7, 4), "v": _lr(8, 2)},
+    ]
 
 
 def _dense(expert: Deltas, module: str) -> torch.Tensor:
@@ -64,9 +66,7 @@ def _dropped_ref(expert: Deltas, module: str, density: float, seed: int) -> torc
     return torch.where(draws < density, _dense(expert, module) / density, 0.0)
 
 
-def _reference(
-    method: str, experts: list[Deltas], weights: list[float], module: str, **p: float
-) -> torch.Tensor:
+def _reference(method: str, experts: list[Deltas], weights: list[float], module: str, **p: float) -> torch.Tensor:
     """The merged ΔW of one module, untruncated, in float64."""
     lam, density, seed = p.get("lam", 1.0), p.get("density", 1.0), int(p.get("seed", 0))
     present = [i for i, e in enumerate(experts) if module in e]
@@ -138,7 +138,7 @@ def test_default_and_given_rank_truncate_by_svd(method: str, p: dict, weights: l
         assert res.deltas[module].rank == k
         assert _max_diff(res.deltas[module], best) < 1e-4, module
         assert res.per_module_error[module] == pytest.approx(err / float(torch.linalg.norm(full)), abs=1e-5)
-        num, den = num + err ** 2, den + float(torch.linalg.norm(full)) ** 2
+        num, den = num + err**2, den + float(torch.linalg.norm(full)) ** 2
     assert res.overall_error == pytest.approx(math.sqrt(num / den), abs=1e-5)
 
 
@@ -190,8 +190,9 @@ def test_dare_is_reproducible_per_seed(method: str) -> None:
 def test_dare_mask_of_an_expert_ignores_the_other_experts() -> None:
     experts = _experts()
     alone = merge_deltas([experts[0]], "dare_linear", rank=12, density=0.5, seed=4)
-    with_others = merge_deltas([experts[2], experts[0]], "dare_linear", weights=[0.0, 1.0], rank=12,
-                               density=0.5, seed=4)
+    with_others = merge_deltas(
+        [experts[2], experts[0]], "dare_linear", weights=[0.0, 1.0], rank=12, density=0.5, seed=4
+    )
     for module in MODULES:
         assert _max_diff(alone.deltas[module], with_others.deltas[module].dense(torch.float64)) < 1e-5
 
@@ -248,8 +249,11 @@ def test_nan_tensor_names_expert_and_module() -> None:
 def test_shape_mismatch_names_module_expected_and_got() -> None:
     experts = _experts()
     experts[2]["v"] = _lr(9, 2, shape=(16, 10))
-    with pytest.raises(CompatibilityError, match=r"module 'v': expert 2 has ΔW shape \(16, 10\), "
-                                                 r"expected \(16, 12\)"):
+    with pytest.raises(
+        CompatibilityError,
+        match=r"module 'v': expert 2 has ΔW shape \(16, 10\), "
+        r"expected \(16, 12\)",
+    ):
         merge_deltas(experts, "ties")
 
 

@@ -95,7 +95,7 @@ def test_batched_step_equals_k_separate_member_steps(tiny_base, sst2, be_data):
         logits = member_logits(model, ids, mask, labels, K)
     else:
         order = split_rows(list(range(6)), K)
-        member_rows = [order[j * 2:(j + 1) * 2] for j in range(K)]
+        member_rows = [order[j * 2 : (j + 1) * 2] for j in range(K)]
         logits = member_logits(model, ids[order], mask[order], labels, K, replicate=False)
     members_loss(task, logits, [[y[i] for i in rows] for rows in member_rows]).backward()
     batched = _grads(layers)
@@ -104,7 +104,7 @@ def test_batched_step_equals_k_separate_member_steps(tiny_base, sst2, be_data):
     separate = []
     for j in range(K):
         single, single_layers, _ = be_model(tiny_base, k=1)
-        load_flat(single_layers, {n: (t[j:j + 1] if n.endswith((".r", ".s")) else t) for n, t in trained.items()})
+        load_flat(single_layers, {n: (t[j : j + 1] if n.endswith((".r", ".s")) else t) for n, t in trained.items()})
         rows = member_rows[j]
         one = member_logits(single, ids[rows], mask[rows], labels, 1)
         members_loss(task, one, [[y[i] for i in rows]]).backward()
@@ -140,8 +140,15 @@ def test_rank1_init_is_near_one_seeded_and_differs_between_members(tiny_base):
 def test_merged_back_into_one_adapter_is_the_mean_update(tiny_base):
     _, layers, layout = be_model(tiny_base)
     randomize(layers, seed=3)
-    manifest = {"method": "batchensemble", "members": K, "layout": layout, "rank": 4, "scale": 2.0, "task": "sst2",
-                "base": {"spec": tiny_base.spec, "fingerprint": tiny_base.fingerprint}}
+    manifest = {
+        "method": "batchensemble",
+        "members": K,
+        "layout": layout,
+        "rank": 4,
+        "scale": 2.0,
+        "task": "sst2",
+        "base": {"spec": tiny_base.spec, "fingerprint": tiny_base.fingerprint},
+    }
     ens = PEEnsemble(manifest, flat_tensors(layers))
     merged = ens.merged()
     members = ens.member_deltas()

@@ -43,7 +43,8 @@ def batch(base, td, n: int = 5):
 def test_layout_shares_the_bottom_layers_only(tiny_base):
     _, layers, layout = camero_model(tiny_base)
     assert {m: v for m, v in layout.items() if ".layers.0." in m} == dict.fromkeys(
-        [m for m in layout if ".layers.0." in m], "shared")
+        [m for m in layout if ".layers.0." in m], "shared"
+    )
     assert all(v == "independent" for m, v in layout.items() if ".layers.1." in m)
     top = layers["model.layers.1.self_attn.q_proj"]
     assert top.A.shape[0] == K and not torch.equal(top.A[0], top.A[1])  # members start apart
@@ -72,8 +73,10 @@ def test_no_consistency_no_perturbation_equals_independent_members_on_shared_bot
     separate_logits, separate = [], []
     for j in range(K):
         single, single_layers, _ = camero_model(tiny_base, k=1)
-        load_flat(single_layers, {n: t[j:j + 1] if layout[n.rpartition(".")[0]] == "independent" else t
-                                  for n, t in trained.items()})
+        load_flat(
+            single_layers,
+            {n: t[j : j + 1] if layout[n.rpartition(".")[0]] == "independent" else t for n, t in trained.items()},
+        )
         one = member_logits(single, ids, mask, labels, 1)
         members_loss(sst2.task, one, [y]).backward()
         separate_logits.append(one[0].detach())

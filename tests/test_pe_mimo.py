@@ -54,9 +54,18 @@ def test_first_slot_answers_as_the_prompt_alone_and_later_slots_see_the_earlier(
 
 def _mimo_ensemble(base, layers, layout, k: int) -> PEEnsemble:
     config = tiny_config()
-    manifest = {"kind": "pe_ensemble", "format_version": 1, "method": "mimo", "members": k, "task": "sst2",
-                "layout": layout, "rank": config.rank, "scale": config.lora_alpha / config.rank,
-                "options": PEOptions().model_dump(), "base": {"spec": base.spec, "fingerprint": base.fingerprint}}
+    manifest = {
+        "kind": "pe_ensemble",
+        "format_version": 1,
+        "method": "mimo",
+        "members": k,
+        "task": "sst2",
+        "layout": layout,
+        "rank": config.rank,
+        "scale": config.lora_alpha / config.rank,
+        "options": PEOptions().model_dump(),
+        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+    }
     return PEEnsemble(manifest, flat_tensors(layers))
 
 

@@ -44,8 +44,18 @@ def test_rank_zero_and_zero_variance_sample_the_mean_exactly():
 def test_trained_swag_with_rank_zero_and_one_snapshot_returns_the_mean_adapter(tiny_base, tmp_path):
     config = tiny_config()
     data = tiny_data(tmp_path / "glue", config=config)
-    ens = train_pe_ensemble(tiny_base, "sst2", "swag", 3, config, out=tmp_path / "swag", data=data, progress=False,
-                            swag_rank=0, swag_start=0.99)
+    ens = train_pe_ensemble(
+        tiny_base,
+        "sst2",
+        "swag",
+        3,
+        config,
+        out=tmp_path / "swag",
+        data=data,
+        progress=False,
+        swag_rank=0,
+        swag_start=0.99,
+    )
     m = ens.manifest
     assert m["swag"]["count"] == 1 and ens.tensors["swag.deviations"].shape[0] == 0
     like = {n: torch.empty(s) for n, s in m["shapes"].items()}
@@ -63,14 +73,16 @@ def test_trained_swag_with_rank_zero_and_one_snapshot_returns_the_mean_adapter(t
 def test_default_swag_collects_several_snapshots_and_samples_differ(tiny_base, tmp_path):
     config = tiny_config()
     data = tiny_data(tmp_path / "glue", config=config)
-    ens = train_pe_ensemble(tiny_base, "sst2", "swag", 2, config, out=tmp_path / "swag", data=data, progress=False,
-                            swag_rank=4)
+    ens = train_pe_ensemble(
+        tiny_base, "sst2", "swag", 2, config, out=tmp_path / "swag", data=data, progress=False, swag_rank=4
+    )
     assert ens.manifest["swag"]["count"] == 6 and ens.tensors["swag.deviations"].shape[0] == 4
     a, b = ens.member_deltas()
     assert any(not torch.equal(a[m].B, b[m].B) for m in a)
     with pytest.raises(ConfigError, match="only a SWAG ensemble"):
-        train_pe_ensemble(tiny_base, "sst2", "mimo", 2, config, out=tmp_path / "mimo", data=data,
-                          progress=False).merged("swa")
+        train_pe_ensemble(
+            tiny_base, "sst2", "mimo", 2, config, out=tmp_path / "mimo", data=data, progress=False
+        ).merged("swa")
 
 
 def test_flatten_roundtrip_and_schedule():

@@ -24,8 +24,9 @@ def data(tmp_path_factory):
 
 def train(base, tmp_path, data, kind: str, name: str = "ens", members: int = 3, **kwargs):
     config = kwargs.pop("config", tiny_config())
-    return train_pe_ensemble(base, "sst2", kind, members, config, out=tmp_path / name, data=data, progress=False,
-                             **kwargs)
+    return train_pe_ensemble(
+        base, "sst2", kind, members, config, out=tmp_path / name, data=data, progress=False, **kwargs
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

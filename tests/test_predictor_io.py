@@ -76,8 +76,13 @@ def test_zero_shot_oracle_and_expert(tiny_base, experts, data, tmp_path):
     round_trip(ZeroShotPredictor(tiny_base, autocast=False), tmp_path / "zs", tiny_base, data, "zero_shot")
     oracle = OraclePredictor(tiny_base, ExpertLibrary(experts), autocast=False)
     round_trip(oracle, tmp_path / "oracle", tiny_base, data, "oracle")
-    loaded = round_trip(ExpertPredictor(tiny_base, experts[1], name="one", autocast=False), tmp_path / "expert",
-                        tiny_base, data, "expert")
+    loaded = round_trip(
+        ExpertPredictor(tiny_base, experts[1], name="one", autocast=False),
+        tmp_path / "expert",
+        tiny_base,
+        data,
+        "expert",
+    )
     assert loaded.autocast is False and loaded.batch_size == 32
     assert Expert.load(tmp_path / "expert").meta["task"] == "rte"  # still an expert folder
 
@@ -90,9 +95,12 @@ def test_a_full_merged_model_loads_without_a_base(tiny_base, experts, data, tmp_
     loaded = load_predictor(tmp_path / "full")
     assert loaded.cost().stored_params == merged.num_params and loaded.name == "merge:task_arithmetic"
     for td in data:  # base weights + ΔW folded: equal up to rounding
-        torch.testing.assert_close(loaded.predict_proba(td.task, td.test),
-                                   merged.predictor(tiny_base, autocast=False).predict_proba(td.task, td.test),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            loaded.predict_proba(td.task, td.test),
+            merged.predictor(tiny_base, autocast=False).predict_proba(td.task, td.test),
+            rtol=0,
+            atol=1e-5,
+        )
     with pytest.raises(ExpertError, match="holds a full merged model, not an adapter"):
         load_merged_adapter(tmp_path / "full")
 
@@ -120,12 +128,17 @@ def test_merged_adapters_stay_plain_peft_folders(tiny_base, experts, data, tmp_p
     assert loaded.adapter.sources == merged.sources and loaded.adapter.search == merged.search
     again = load_merged_adapter(tmp_path / "m")
     assert again.result.params == merged.result.params and again.coverage == merged.coverage
-    assert all(torch.equal(again.deltas[m].B, d.B) and torch.equal(again.deltas[m].A, d.A)
-               for m, d in merged.deltas.items())
+    assert all(
+        torch.equal(again.deltas[m].B, d.B) and torch.equal(again.deltas[m].A, d.A) for m, d in merged.deltas.items()
+    )
     peft = plain_peft_model(tiny_base.model, tmp_path / "m")  # plain PEFT reads the same folder
     td = data[0]
-    torch.testing.assert_close(predict_proba(peft, tiny_base.tokenizer, td.task, td.test, autocast=False),
-                               predictor.predict_proba(td.task, td.test), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        predict_proba(peft, tiny_base.tokenizer, td.task, td.test, autocast=False),
+        predictor.predict_proba(td.task, td.test),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("pooling", ["linear", "log_linear"])
@@ -159,14 +172,25 @@ def test_routed_predictors(tiny_base, experts, data, tmp_path, name):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_parameter_efficient_ensembles(tiny_base, data, tmp_path, kind):
-    ens = train_pe_ensemble(tiny_base, "sst2", kind, 2, tiny_config(max_train_examples=16, max_eval_examples=4),
-                            out=tmp_path / "pe", data=data[0], progress=False)
+    ens = train_pe_ensemble(
+        tiny_base,
+        "sst2",
+        kind,
+        2,
+        tiny_config(max_train_examples=16, max_eval_examples=4),
+        out=tmp_path / "pe",
+        data=data[0],
+        progress=False,
+    )
     listed_files(tmp_path / "pe")  # the training run's own folder carries the manifest
     trained = load_predictor(tmp_path / "pe", tiny_base)
-    assert torch.equal(trained.predict_proba(data[0].task, data[0].test),
-                       ens.predictor(tiny_base).predict_proba(data[0].task, data[0].test))
-    loaded = round_trip(ens.predictor(tiny_base, autocast=False, name="pe"), tmp_path / "again", tiny_base, data[:1],
-                        "pe_ensemble")
+    assert torch.equal(
+        trained.predict_proba(data[0].task, data[0].test),
+        ens.predictor(tiny_base).predict_proba(data[0].task, data[0].test),
+    )
+    loaded = round_trip(
+        ens.predictor(tiny_base, autocast=False, name="pe"), tmp_path / "again", tiny_base, data[:1], "pe_ensemble"
+    )
     assert loaded.autocast is False
 
 
@@ -178,8 +202,9 @@ def test_a_distilled_adapter_is_an_expert(tiny_base, experts, data, tmp_path):
     listed_files(tmp_path / "student")
     loaded = load_predictor(tmp_path / "student", tiny_base)
     td = data[0]
-    assert torch.equal(loaded.predict_proba(td.task, td.test),
-                       ExpertPredictor(tiny_base, student).predict_proba(td.task, td.test))
+    assert torch.equal(
+        loaded.predict_proba(td.task, td.test), ExpertPredictor(tiny_base, student).predict_proba(td.task, td.test)
+    )
 
 
 def test_a_tampered_file_is_refused_by_name_unless_verify_is_off(tiny_base, experts, data, tmp_path):
@@ -189,8 +214,11 @@ def test_a_tampered_file_is_refused_by_name_unless_verify_is_off(tiny_base, expe
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0x01  # one bit of the last tensor's data
     weights.write_bytes(bytes(raw))
-    with pytest.raises(ExpertError, match=r"x1/adapter_model\.safetensors has sha256 [0-9a-f]{64}, expected "
-                                          r"[0-9a-f]{64} .*verify=False"):
+    with pytest.raises(
+        ExpertError,
+        match=r"x1/adapter_model\.safetensors has sha256 [0-9a-f]{64}, expected "
+        r"[0-9a-f]{64} .*verify=False",
+    ):
         load_predictor(folder, tiny_base)
     assert load_predictor(folder, tiny_base, verify=False).names == ["x0", "x1"]
     weights.unlink()
@@ -208,9 +236,11 @@ def test_manifest_errors_are_one_line(tiny_base, experts, tmp_path):
     folder = tmp_path / "zs"
     ZeroShotPredictor(tiny_base).save(folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    cases = [({**manifest, "format_version": 2}, "format_version 2, this adapterfuse .* reads up to 1; upgrade"),
-             ({**manifest, "kind": "bagging"}, "kind 'bagging' in manifest.json is unknown; expected one of"),
-             ({**manifest, "colour": "red"}, "field 'colour': Extra inputs are not permitted")]
+    cases = [
+        ({**manifest, "format_version": 2}, "format_version 2, this adapterfuse .* reads up to 1; upgrade"),
+        ({**manifest, "kind": "bagging"}, "kind 'bagging' in manifest.json is unknown; expected one of"),
+        ({**manifest, "colour": "red"}, "field 'colour': Extra inputs are not permitted"),
+    ]
     for bad, message in cases:
         (folder / MANIFEST).write_text(json.dumps(bad))
         with pytest.raises(ExpertError, match=message):
@@ -224,8 +254,13 @@ def test_folders_in_the_older_formats_still_load(tiny_base, experts, data, tmp_p
     fitted = ensemble(experts, tiny_base, pooling="linear", weights=[0.2, 0.3, 0.5], autocast=False)
     fitted.save(tmp_path / "ens")
     manifest = json.loads((tmp_path / "ens" / MANIFEST).read_text())
-    old = {"kind": "ensemble", "format_version": 1, "name": manifest["name"], "base": manifest["base"],
-           **manifest["settings"]}
+    old = {
+        "kind": "ensemble",
+        "format_version": 1,
+        "name": manifest["name"],
+        "base": manifest["base"],
+        **manifest["settings"],
+    }
     (tmp_path / "ens" / "ensemble.json").write_text(json.dumps(old))
     (tmp_path / "ens" / MANIFEST).unlink()
     loaded = load_predictor(tmp_path / "ens", tiny_base)
@@ -247,5 +282,6 @@ def test_without_a_base_the_recorded_one_is_loaded(tiny_base, data, tmp_path):
     ZeroShotPredictor(base, autocast=False).save(tmp_path / "zs")
     loaded = load_predictor(tmp_path / "zs")
     td = data[0]
-    assert torch.equal(loaded.predict_proba(td.task, td.test),
-                       ZeroShotPredictor(base, autocast=False).predict_proba(td.task, td.test))
+    assert torch.equal(
+        loaded.predict_proba(td.task, td.test), ZeroShotPredictor(base, autocast=False).predict_proba(td.task, td.test)
+    )

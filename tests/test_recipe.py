@@ -33,10 +33,12 @@ def _recipe(tmp_path: Path, **changes) -> Path:
         "tasks": {"sst2": {}, "rte": {"max_train": 16}},
         "experts": {"rank": 4, "max_train": 24, "epochs": 1.0, "train": TINY_TRAIN},
         "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 12},
-        "combiners": [{"backend": "merge", "options": {"method": "uniform"}},
-                      {"backend": "ensemble", "name": "ens", "options": {"pooling": "log_linear"}},
-                      {"backend": "route", "name": "arrow", "options": {"router": "arrow", "top_k": 1}},
-                      {"backend": "pe_ensemble", "name": "be", "options": {"kind": "batchensemble", "members": 2}}],
+        "combiners": [
+            {"backend": "merge", "options": {"method": "uniform"}},
+            {"backend": "ensemble", "name": "ens", "options": {"pooling": "log_linear"}},
+            {"backend": "route", "name": "arrow", "options": {"router": "arrow", "top_k": 1}},
+            {"backend": "pe_ensemble", "name": "be", "options": {"kind": "batchensemble", "members": 2}},
+        ],
         "outputs": {"save": ["merge uniform"], "plots": True},
     }
     if "combiners" in changes:
@@ -50,24 +52,31 @@ def _recipe(tmp_path: Path, **changes) -> Path:
 @pytest.fixture()
 def no_loading(monkeypatch):
     """Fail the test if anything loads a base model or trains."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded during validation")
+
     monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
     monkeypatch.setattr(adapterfuse.train.expert, "train_expert", refuse)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"expertz": {}}, "expertz: Extra inputs are not permitted"),
-    ({"tasks": {"sst-2": {}}}, "unknown task(s) ['sst-2']"),
-    ({"harness": {"max_tset": 3}}, "harness.max_tset"),
-    ({"combiners": [{"backend": "merg"}]}, "combiners.0.backend"),
-    ({"experts": {"train": {"learning_rate": 1}}}, "learning_rate"),
-    ({"outputs": {"save": ["nothing"]}}, "outputs.save: predictor 'nothing' is not a savable combiner"),
-    ({"outputs": {"save": ["be"]}}, "outputs.save: predictor 'be' is not a savable combiner"),
-    ({"outputs": {"push": [{"predictor": "ens", "repo_id": "a/b"}]}},
-     "outputs.push: predictor 'ens' is not a merge combiner"),
-    ({"experts": {"train": {"snapshots": 3}}}, "experts.train.snapshots: a recipe expert is one adapter"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"expertz": {}}, "expertz: Extra inputs are not permitted"),
+        ({"tasks": {"sst-2": {}}}, "unknown task(s) ['sst-2']"),
+        ({"harness": {"max_tset": 3}}, "harness.max_tset"),
+        ({"combiners": [{"backend": "merg"}]}, "combiners.0.backend"),
+        ({"experts": {"train": {"learning_rate": 1}}}, "learning_rate"),
+        ({"outputs": {"save": ["nothing"]}}, "outputs.save: predictor 'nothing' is not a savable combiner"),
+        ({"outputs": {"save": ["be"]}}, "outputs.save: predictor 'be' is not a savable combiner"),
+        (
+            {"outputs": {"push": [{"predictor": "ens", "repo_id": "a/b"}]}},
+            "outputs.push: predictor 'ens' is not a merge combiner",
+        ),
+        ({"experts": {"train": {"snapshots": 3}}}, "experts.train.snapshots: a recipe expert is one adapter"),
+    ],
+)
 def test_bad_recipe_keys_fail_on_load(tmp_path, no_loading, changes, message):
     with pytest.raises(ConfigError) as e:
         load_recipe(_recipe(tmp_path, **changes))
@@ -75,20 +84,28 @@ def test_bad_recipe_keys_fail_on_load(tmp_path, no_loading, changes, message):
     assert "tiny.yaml" in str(e.value)
 
 
-@pytest.mark.parametrize("combiner, message", [
-    ({"backend": "merge", "options": {"method": "tie"}}, "unknown merge method 'tie'"),
-    ({"backend": "merge", "options": {"method": "ties", "density": 0}}, "density"),
-    ({"backend": "merge", "options": {"method": "uniform", "weights": [1, 2, 3]}}, "got 3 weights for 2 experts"),
-    ({"backend": "ensemble", "options": {"poolin": "linear"}}, "poolin: unknown ensemble option"),
-    ({"backend": "ensemble", "options": {"pooling": "geometric"}}, "pooling 'geometric'"),
-    ({"backend": "route", "options": {"router": "arow"}}, "router 'arow'"),
-    ({"backend": "route", "options": {"top_k": 3}}, "top_k"),
-    ({"backend": "route", "options": {"target": "task_prior", "cv_folds": 1}}, "cv_folds: expected an integer >= 2"),
-    ({"backend": "route", "options": {"decision": "utility", "target": "best_expert"}},
-     "decision 'utility': needs router='learned' with"),
-    ({"backend": "ensemble", "members": ["cola-lora-r4-s0"]}, "members ['cola-lora-r4-s0'] are not experts"),
-    ({"backend": "pe_ensemble", "options": {"kind": "mimo", "be_jitter": 0.1}}, "another kind"),
-])
+@pytest.mark.parametrize(
+    "combiner, message",
+    [
+        ({"backend": "merge", "options": {"method": "tie"}}, "unknown merge method 'tie'"),
+        ({"backend": "merge", "options": {"method": "ties", "density": 0}}, "density"),
+        ({"backend": "merge", "options": {"method": "uniform", "weights": [1, 2, 3]}}, "got 3 weights for 2 experts"),
+        ({"backend": "ensemble", "options": {"poolin": "linear"}}, "poolin: unknown ensemble option"),
+        ({"backend": "ensemble", "options": {"pooling": "geometric"}}, "pooling 'geometric'"),
+        ({"backend": "route", "options": {"router": "arow"}}, "router 'arow'"),
+        ({"backend": "route", "options": {"top_k": 3}}, "top_k"),
+        (
+            {"backend": "route", "options": {"target": "task_prior", "cv_folds": 1}},
+            "cv_folds: expected an integer >= 2",
+        ),
+        (
+            {"backend": "route", "options": {"decision": "utility", "target": "best_expert"}},
+            "decision 'utility': needs router='learned' with",
+        ),
+        ({"backend": "ensemble", "members": ["cola-lora-r4-s0"]}, "members ['cola-lora-r4-s0'] are not experts"),
+        ({"backend": "pe_ensemble", "options": {"kind": "mimo", "be_jitter": 0.1}}, "another kind"),
+    ],
+)
 def test_bad_combiner_fails_in_dry_run_before_loading(tmp_path, no_loading, capsys, combiner, message):
     path = _recipe(tmp_path, combiners=[combiner])
     with pytest.raises(ConfigError) as e:
@@ -125,6 +142,7 @@ def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_di
     def interrupt(line: str) -> None:  # stop the first run right after its first predictor is measured
         if line.startswith("predictor base zero-shot"):
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, out, base=tiny_base, log=interrupt)
     assert trained == ["sst2", "rte"]
@@ -159,19 +177,22 @@ def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_di
     lines.clear()
     run_recipe(recipe, out, base=tiny_base, log=lines.append)
     assert sum("reused result" in x for x in lines) == 6
-    changed = load_recipe(_recipe(tmp_path, combiners=[{"backend": "merge", "options": {"method": "task_arithmetic",
-                                                                                        "lam": 0.5}}]))
+    changed = load_recipe(
+        _recipe(tmp_path, combiners=[{"backend": "merge", "options": {"method": "task_arithmetic", "lam": 0.5}}])
+    )
     lines.clear()
     run_recipe(changed, out, base=tiny_base, log=lines.append)
-    assert [x for x in lines if "reused result" not in x and x.startswith("predictor")] == \
-        [x for x in lines if x.startswith("predictor merge task_arithmetic")]
+    assert [x for x in lines if "reused result" not in x and x.startswith("predictor")] == [
+        x for x in lines if x.startswith("predictor merge task_arithmetic")
+    ]
 
 
 def test_a_reused_expert_trained_differently_is_refused(tmp_path, glue_dir, tiny_base):
     out = tmp_path / "out"
     run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), out, base=tiny_base, log=lambda _: None)
-    other = _recipe(tmp_path, experts={"rank": 4, "max_train": 24, "epochs": 2.0, "train": TINY_TRAIN},
-                    combiners=[], outputs={})
+    other = _recipe(
+        tmp_path, experts={"rank": 4, "max_train": 24, "epochs": 2.0, "train": TINY_TRAIN}, combiners=[], outputs={}
+    )
     with pytest.raises(ConfigError, match=r"sst2-lora-r4-s0.*epochs=1.0, the recipe asks epochs=2.0"):
         run_recipe(load_recipe(other), out, base=tiny_base, log=lambda _: None)
 
@@ -198,18 +219,24 @@ def test_pareto_front_keeps_points_nothing_beats():
 def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_base, monkeypatch, hub_online):
     from tests.fake_hub_server import FakeHub
 
-    run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), tmp_path / "train", base=tiny_base,
-               log=lambda _: None)
+    run_recipe(
+        load_recipe(_recipe(tmp_path, combiners=[], outputs={})), tmp_path / "train", base=tiny_base, log=lambda _: None
+    )
     experts = [str(p) for p in sorted((tmp_path / "train" / "experts").iterdir())]
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_TOKEN", "hf_recipeTOKEN")
     with FakeHub(require_token="hf_recipeTOKEN") as hub:
-        path = _recipe(tmp_path, experts={"paths": experts}, harness={"validation_size": 8, "max_test": 12,
-                                                                      "baselines": ["oracle"]},
-                       combiners=[{"backend": "merge", "name": "ties", "options": {"method": "ties", "lam": 1.0}}],
-                       outputs={"save": ["ties"], "push": [{"predictor": "ties", "repo_id": "alice/ties",
-                                                            "endpoint": hub.endpoint}]})
+        path = _recipe(
+            tmp_path,
+            experts={"paths": experts},
+            harness={"validation_size": 8, "max_test": 12, "baselines": ["oracle"]},
+            combiners=[{"backend": "merge", "name": "ties", "options": {"method": "ties", "lam": 1.0}}],
+            outputs={
+                "save": ["ties"],
+                "push": [{"predictor": "ties", "repo_id": "alice/ties", "endpoint": hub.endpoint}],
+            },
+        )
         lines: list[str] = []
         summary = run_recipe(load_recipe(path), tmp_path / "push", base=tiny_base, log=lines.append)
         pushed = hub.files("alice/ties")

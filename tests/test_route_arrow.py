@@ -16,9 +16,12 @@ from adapterfuse.tasks.spec import Example
 from tests.helpers import random_expert
 
 SST2 = get_task("sst2")
-BATCH = [Example((f"the film was {w} and the plot was {v} .",), 0, i)
-         for i, (w, v) in enumerate([("great", "dull"), ("bad", "fine"), ("a long and boring", "awful"),
-                                     ("wonderful", "good")])]
+BATCH = [
+    Example((f"the film was {w} and the plot was {v} .",), 0, i)
+    for i, (w, v) in enumerate(
+        [("great", "dull"), ("bad", "fine"), ("a long and boring", "awful"), ("wonderful", "good")]
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +29,7 @@ def experts(tiny_base):
     """Eight experts of different ranks (1 .. 8), some on fewer modules."""
     out = []
     for i in range(8):
-        modules = None if i % 3 else [m for m, _ in tiny_base.model.named_modules() if m.endswith(("q_proj",
-                                                                                                   "v_proj"))]
+        modules = None if i % 3 else [m for m, _ in tiny_base.model.named_modules() if m.endswith(("q_proj", "v_proj"))]
         out.append(random_expert(tiny_base, f"a{i}", rank=1 + i, modules=modules, seed=10 + i, scale=1.5))
     return out
 
@@ -56,8 +58,13 @@ def test_fused_layer_equals_the_per_expert_reference():
     torch.manual_seed(0)
     base = torch.nn.Linear(24, 16)
     factors = [LowRank(torch.randn(r, 24), torch.randn(16, r)) for r in (2, 5, 3)]
-    layer = ArrowLinear(base, [factors[0], None, *factors[1:]], torch.cat([power_prototypes(factors)[:1],
-                        torch.zeros(1, 24), power_prototypes(factors)[1:]]), top_k=2, temperature=0.3)
+    layer = ArrowLinear(
+        base,
+        [factors[0], None, *factors[1:]],
+        torch.cat([power_prototypes(factors)[:1], torch.zeros(1, 24), power_prototypes(factors)[1:]]),
+        top_k=2,
+        temperature=0.3,
+    )
     x = torch.randn(3, 7, 24)
     fused = layer(x)
     layer.fused = False
@@ -65,7 +72,7 @@ def test_fused_layer_equals_the_per_expert_reference():
     dense = base(x)
     w = routing_weights(x.reshape(-1, 24), layer.prototypes, 2, 0.3)
     for e, f in zip((0, 2, 3), factors, strict=True):
-        dense = dense + (w[:, e:e + 1] * (x.reshape(-1, 24) @ f.dense().T)).view(3, 7, 16)
+        dense = dense + (w[:, e : e + 1] * (x.reshape(-1, 24) @ f.dense().T)).view(3, 7, 16)
     assert w[:, 1].abs().sum() == 0  # the expert without this module is never chosen
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused, dense, rtol=0, atol=1e-5)
@@ -87,8 +94,11 @@ def test_fused_model_equals_the_reference_with_eight_experts_of_different_ranks(
 
 def test_one_expert_with_top_1_is_that_expert(tiny_base, experts):
     predictor = route(experts[1:2], tiny_base, router="arrow", autocast=False)
-    alone = BatchedEnsemble(tiny_base.model, experts[1:2]).member_log_probs(tiny_base.tokenizer, SST2, BATCH,
-                                                                            autocast=False)[0].exp()
+    alone = (
+        BatchedEnsemble(tiny_base.model, experts[1:2])
+        .member_log_probs(tiny_base.tokenizer, SST2, BATCH, autocast=False)[0]
+        .exp()
+    )
     torch.testing.assert_close(predictor.predict_proba(SST2, BATCH), alone, rtol=0, atol=1e-6)
     assert predictor.cost().forward_passes == 1.0
 

@@ -21,8 +21,10 @@ def setup(tokenizer, tmp_path_factory, other_base):
     make_tiny_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     base = load_base(str(folder))
-    paths = [random_expert(base, f"e{i}", rank=2 + i, seed=i, scale=2.0, task=t).save(root / "experts" / f"e{i}")
-             for i, t in enumerate(("sst2", "stsb", "rte"))]
+    paths = [
+        random_expert(base, f"e{i}", rank=2 + i, seed=i, scale=2.0, task=t).save(root / "experts" / f"e{i}")
+        for i, t in enumerate(("sst2", "stsb", "rte"))
+    ]
     stranger = random_expert(other_base, "stranger", rank=2, task="sst2").save(root / "stranger")
     return folder, paths, base, stranger
 
@@ -35,15 +37,46 @@ def parser() -> argparse.ArgumentParser:
 
 def argv(setup, out, *extra: str) -> list[str]:
     folder, paths, _, _ = setup
-    return ["route", "--experts", *map(str, paths), "--tasks", "sst2,stsb", "--out", str(out), "--base",
-            str(folder), "--validation-size", "10", "--max-eval-examples", "6", "--no-autocast", *extra]
+    return [
+        "route",
+        "--experts",
+        *map(str, paths),
+        "--tasks",
+        "sst2,stsb",
+        "--out",
+        str(out),
+        "--base",
+        str(folder),
+        "--validation-size",
+        "10",
+        "--max-eval-examples",
+        "6",
+        "--no-autocast",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_fits_evaluates_prints_and_saves(setup, tmp_path, glue_dir, capsys):
     out = tmp_path / "r"
-    args = parser().parse_args(argv(setup, out, "--router", "learned", "--top-k", "2", "--on", "fields",
-                                    "--eval-tasks", "rte", "--layer", "1", "--readout", "mean_last"))
+    args = parser().parse_args(
+        argv(
+            setup,
+            out,
+            "--router",
+            "learned",
+            "--top-k",
+            "2",
+            "--on",
+            "fields",
+            "--eval-tasks",
+            "rte",
+            "--layer",
+            "1",
+            "--readout",
+            "mean_last",
+        )
+    )
     assert args.handler is run and run(args) == 0
     printed = capsys.readouterr().out
     assert "| route learned top2 ensemble (fields) |" in printed and "rte accuracy" in printed
@@ -74,8 +107,20 @@ def test_clear_errors(setup, tmp_path, glue_dir):
     with pytest.raises(ConfigError, match="decision 'utility': needs router='learned' with target='task'"):
         run(parser().parse_args(argv(setup, tmp_path / "r", "--decision", "utility", "--target", "best_expert")))
     folder, paths, _, stranger = setup
-    args = parser().parse_args(["route", "--experts", str(paths[0]), str(stranger), "--tasks", "sst2", "--out",
-                                str(tmp_path / "r"), "--base", str(folder)])
+    args = parser().parse_args(
+        [
+            "route",
+            "--experts",
+            str(paths[0]),
+            str(stranger),
+            "--tasks",
+            "sst2",
+            "--out",
+            str(tmp_path / "r"),
+            "--base",
+            str(folder),
+        ]
+    )
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         run(args)
     assert not (tmp_path / "r").exists()

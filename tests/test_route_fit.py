@@ -37,8 +37,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def experts(tiny_base):
-    return [random_expert(tiny_base, f"t{i}", rank=2, seed=i, scale=2.0, task=t)
-            for i, t in enumerate(("sst2", "stsb"))]
+    return [
+        random_expert(tiny_base, f"t{i}", rank=2, seed=i, scale=2.0, task=t) for i, t in enumerate(("sst2", "stsb"))
+    ]
 
 
 def test_features_stop_early_and_match_the_full_hidden_states(tiny_base):
@@ -48,11 +49,11 @@ def test_features_stop_early_and_match_the_full_hidden_states(tiny_base):
         hidden = tiny_base.model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states
     for layer in (0, 1, 2, -1):
         got = FeatureExtractor(tiny_base, layer, autocast=False).encode(texts)
-        torch.testing.assert_close(got[1], hidden[resolve_layer(tiny_base.model, layer)][0].mean(0), rtol=0,
-                                   atol=1e-5)
+        torch.testing.assert_close(got[1], hidden[resolve_layer(tiny_base.model, layer)][0].mean(0), rtol=0, atol=1e-5)
     single = FeatureExtractor(tiny_base, 1, autocast=False).encode(texts[:1])
-    torch.testing.assert_close(single[0], FeatureExtractor(tiny_base, 1, autocast=False).encode(texts)[0],
-                               rtol=0, atol=1e-5)  # padding in a batch changes nothing
+    torch.testing.assert_close(
+        single[0], FeatureExtractor(tiny_base, 1, autocast=False).encode(texts)[0], rtol=0, atol=1e-5
+    )  # padding in a batch changes nothing
 
 
 def test_mean_last_readout_appends_the_last_tokens_state(tiny_base):
@@ -108,8 +109,7 @@ def test_learned_router_routes_tasks_apart(tiny_base, experts, data):
     accuracy = routing_accuracy(predictor, data, "test", against_best=True)
     assert accuracy["oracle"] >= 0.9 and accuracy["tasks"]["stsb"]["oracle"] >= 0.9
     assert 0.0 <= accuracy["best"] <= 1.0
-    best = route(experts, tiny_base, router="learned", validation=data, target="best_expert", hidden=16,
-                 autocast=False)
+    best = route(experts, tiny_base, router="learned", validation=data, target="best_expert", hidden=16, autocast=False)
     report = best.info["validation"]
     assert report["best"] >= 0.8 and report["best_score"] >= report["oracle_score"] - 1e-9
 
@@ -125,8 +125,12 @@ def test_clustering_is_deterministic_for_a_seed(tiny_base, experts, data):
     two = route(experts, tiny_base, router="clustered", validation=data, clusters=2, seed=3, data=rd, autocast=False)
     assert torch.equal(one.router.centroids, two.router.centroids)
     assert rd.scores(experts) is scores  # the experts' answers were computed once
-    curve = quality_curve([1, 2], lambda c: route(experts, tiny_base, router="clustered", clusters=c, data=rd,
-                                                  autocast=False), data, max_examples=4)
+    curve = quality_curve(
+        [1, 2],
+        lambda c: route(experts, tiny_base, router="clustered", clusters=c, data=rd, autocast=False),
+        data,
+        max_examples=4,
+    )
     assert [p["value"] for p in curve] == [1, 2] and all(-1 <= p["average"] <= 1 for p in curve)
 
 
@@ -142,8 +146,9 @@ def test_mbc_groups_experts_by_delta_similarity(tiny_base, experts):
     cos = cosine_matrix([e.deltas for e in pool])
     assert cos[0, 2] == pytest.approx(1.0, abs=1e-9) and abs(float(cos[0, 1])) < 0.5
     dense = [torch.cat([e.deltas[m].dense().flatten() for m in sorted(e.deltas)]) for e in pool]
-    assert float(cos[0, 1]) == pytest.approx(float(torch.nn.functional.cosine_similarity(dense[0], dense[1], 0)),
-                                             abs=1e-5)
+    assert float(cos[0, 1]) == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(dense[0], dense[1], 0)), abs=1e-5
+    )
     sketched = cosine_matrix([e.deltas for e in pool], sketch_size=24, seed=0)
     assert float(sketched[0, 2]) == pytest.approx(1.0, abs=1e-9) and abs(float(sketched[0, 1])) < 0.5
     assert cluster_experts(cos, 2) == [0, 1, 0] and cluster_experts(cos, 3) == [0, 1, 2]
@@ -152,8 +157,9 @@ def test_mbc_groups_experts_by_delta_similarity(tiny_base, experts):
 
 def test_mbc_merges_within_groups_and_routes_across_them(tiny_base, experts, data):
     near = _scaled(experts[0], 1.0, "near", tiny_base)
-    predictor = route([*experts, near], tiny_base, router="mbc", mbc_clusters=2, validation=data, target="task",
-                      autocast=False)
+    predictor = route(
+        [*experts, near], tiny_base, router="mbc", mbc_clusters=2, validation=data, target="task", autocast=False
+    )
     assert predictor.names == ["cluster-0", "cluster-1"]
     assert predictor.info["mbc"]["groups"] == {"cluster-0": ["t0", "near"], "cluster-1": ["t1"]}
     assert predictor.info["validation"]["oracle"] == 1.0
@@ -168,8 +174,9 @@ def test_greedy_subset_curve_under_a_budget(tiny_base, experts, data):
     subset = greedy_subset(scores, 3)
     singles = [subset_score(scores, [i]) for i in range(3)]
     assert subset.curve[0]["score"] == max(singles) and subset.members[0] == singles.index(max(singles))
-    assert subset.curve[1]["score"] == max(subset_score(scores, [subset.members[0], i]) for i in range(3)
-                                           if i != subset.members[0])
+    assert subset.curve[1]["score"] == max(
+        subset_score(scores, [subset.members[0], i]) for i in range(3) if i != subset.members[0]
+    )
     assert [p["budget"] for p in subset.curve] == [1, 2, 3]
     assert sorted(subset.members) == [0, 1, 2] and subset.curve[-1]["members"] == subset.names
     predictor = route([*experts, extra], tiny_base, router="learned", budget=2, data=rd, autocast=False)
@@ -193,7 +200,13 @@ def test_likelihood_router_prefers_the_expert_that_is_good_on_average():
     quality = torch.stack([torch.full((200,), -0.10), torch.full((200,), -0.11)], dim=1)
     quality[:20, 0] = -5.0
     assert target_labels("best_expert", quality, torch.zeros(200, dtype=torch.long)).eq(0).sum() == 180
-    router = LearnedRouter.fit(features, target_labels("likelihood", quality, torch.zeros(200, dtype=torch.long)),
-                               2, target="likelihood", epochs=200, lr=0.05)
+    router = LearnedRouter.fit(
+        features,
+        target_labels("likelihood", quality, torch.zeros(200, dtype=torch.long)),
+        2,
+        target="likelihood",
+        epochs=200,
+        lr=0.05,
+    )
     assert bool((router.probs(features).argmax(dim=1) == 1).all())
     assert router.config()["target"] == "likelihood"

@@ -34,8 +34,11 @@ def experts(tiny_base):
 
 
 def alone(tiny_base, expert, task, examples):
-    return BatchedEnsemble(tiny_base.model, [expert]).member_log_probs(tiny_base.tokenizer, task, examples,
-                                                                       autocast=False)[0].exp()
+    return (
+        BatchedEnsemble(tiny_base.model, [expert])
+        .member_log_probs(tiny_base.tokenizer, task, examples, autocast=False)[0]
+        .exp()
+    )
 
 
 @pytest.mark.parametrize("then", ["ensemble", "merge"])
@@ -45,8 +48,9 @@ def test_a_router_that_always_picks_expert_j_gives_exactly_its_probabilities(tin
         for td in data:
             got = predictor.predict_proba(td.task, td.test)
             assert torch.equal(got, alone(tiny_base, experts[j], td.task, td.test))
-            peft = predict_proba(experts[j].attach(tiny_base.model), tiny_base.tokenizer, td.task, td.test,
-                                 autocast=False)
+            peft = predict_proba(
+                experts[j].attach(tiny_base.model), tiny_base.tokenizer, td.task, td.test, autocast=False
+            )
             torch.testing.assert_close(got, peft, rtol=0, atol=1e-5)
 
 
@@ -61,10 +65,14 @@ def test_top_k_keeps_the_largest_and_renormalises():
 
 @pytest.mark.parametrize("then", ["ensemble", "merge"])
 def test_a_batch_of_mixed_tasks_is_routed_as_one_input_at_a_time(tiny_base, experts, data, then):
-    predictor = route(experts, tiny_base, router="learned", top_k=2, then=then, validation=data, autocast=False,
-                      batch_size=5)
-    items = [(td.task, e) for pair in zip(*(td.test[:4] for td in data), strict=True)
-             for td, e in zip(data, pair, strict=True)]
+    predictor = route(
+        experts, tiny_base, router="learned", top_k=2, then=then, validation=data, autocast=False, batch_size=5
+    )
+    items = [
+        (td.task, e)
+        for pair in zip(*(td.test[:4] for td in data), strict=True)
+        for td, e in zip(data, pair, strict=True)
+    ]
     together = predictor.predict_mixed(items)
     for (task, example), got in zip(items, together, strict=True):
         one = predictor.predict_proba(task, [example])[0]
@@ -83,17 +91,32 @@ def test_merge_is_the_linear_merge_of_the_chosen_experts_at_each_inputs_weights(
     indices, weights = predictor.choose(td.task, td.test)
     got = predictor.predict_proba(td.task, td.test)
     for i in (0, 3):
-        merged = merge_deltas([experts[j].deltas for j in indices[i].tolist()], "uniform",
-                              weights=weights[i].tolist()).deltas
-        want = BatchedEnsemble(tiny_base.model, [merged]).member_log_probs(
-            tiny_base.tokenizer, td.task, td.test[i:i + 1], autocast=False)[0, 0].exp()
+        merged = merge_deltas(
+            [experts[j].deltas for j in indices[i].tolist()], "uniform", weights=weights[i].tolist()
+        ).deltas
+        want = (
+            BatchedEnsemble(tiny_base.model, [merged])
+            .member_log_probs(tiny_base.tokenizer, td.task, td.test[i : i + 1], autocast=False)[0, 0]
+            .exp()
+        )
         torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("router", ["learned", "clustered", "mbc"])
 def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, data, tmp_path, router):
-    predictor = route(experts, tiny_base, router=router, top_k=2, validation=data, on="fields", autocast=False,
-                      clusters=3, mbc_clusters=2, hidden=8, readout="mean_last")
+    predictor = route(
+        experts,
+        tiny_base,
+        router=router,
+        top_k=2,
+        validation=data,
+        on="fields",
+        autocast=False,
+        clusters=3,
+        mbc_clusters=2,
+        hidden=8,
+        readout="mean_last",
+    )
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
     written = json.loads((tmp_path / "r" / "manifest.json").read_text())
@@ -123,8 +146,9 @@ def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, 
 
 
 def test_the_harness_measures_it(tiny_base, experts, data):
-    predictor = route(experts, tiny_base, router="clustered", top_k=2, validation=data, clusters=2, autocast=False,
-                      layer=1)
+    predictor = route(
+        experts, tiny_base, router="clustered", top_k=2, validation=data, clusters=2, autocast=False, layer=1
+    )
     result = evaluate(predictor, data)
     assert set(result["tasks"]) == {"sst2", "rte", "stsb"}
     assert result["cost"]["forward_passes"] == 2.5  # two members plus a feature pass through 1 of 2 blocks

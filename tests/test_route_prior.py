@@ -29,8 +29,9 @@ def _pool(good: int, n: int = 60) -> tuple[torch.Tensor, PoolScores]:
     log_probs = torch.stack([right, right.flip(1)] if good == 0 else [right.flip(1), right])
     features = torch.randn(n, 4, generator=torch.Generator().manual_seed(1))
     cache = MemberCache(task, log_probs, labels)
-    return features, PoolScores(["e0", "e1"], [cache], example_quality(task, log_probs, labels),
-                                torch.zeros(n, dtype=torch.long))
+    return features, PoolScores(
+        ["e0", "e1"], [cache], example_quality(task, log_probs, labels), torch.zeros(n, dtype=torch.long)
+    )
 
 
 def test_prior_adds_weighted_cross_entropy_towards_the_own_expert():
@@ -79,10 +80,17 @@ def test_cross_validation_leaves_the_own_expert_only_when_that_scores_better_out
     assert {r["score"] for r in report["grid"]} == {1.0} and report["oracle_score"] == 1.0
 
 
-@pytest.mark.parametrize(("prior_weight", "cv_folds", "pca", "match"), [
-    (-0.5, 5, None, "prior_weight: expected a number >= 0"), (float("inf"), 5, None, "prior_weight: expected a finite"),
-    (None, 1, None, "cv_folds: expected an integer >= 2, got 1"), (None, 2.0, None, "cv_folds"),
-    (None, 5, 0, "pca: expected an integer >= 1"), (None, 5, True, "pca")])
+@pytest.mark.parametrize(
+    ("prior_weight", "cv_folds", "pca", "match"),
+    [
+        (-0.5, 5, None, "prior_weight: expected a number >= 0"),
+        (float("inf"), 5, None, "prior_weight: expected a finite"),
+        (None, 1, None, "cv_folds: expected an integer >= 2, got 1"),
+        (None, 2.0, None, "cv_folds"),
+        (None, 5, 0, "pca: expected an integer >= 1"),
+        (None, 5, True, "pca"),
+    ],
+)
 def test_bad_fit_options_are_refused(prior_weight, cv_folds, pca, match):
     with pytest.raises(ConfigError, match=match):
         validate_options(RouteConfig, {"prior_weight": prior_weight, "cv_folds": cv_folds, "pca": pca}, "route")
@@ -92,23 +100,29 @@ def test_bad_fit_options_are_refused(prior_weight, cv_folds, pca, match):
 def test_route_with_task_prior_is_deterministic_and_reports_its_choice(tiny_base, tmp_path):
     root = write_glue_dir(tmp_path / "glue", n_train=60, n_dev=8)
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]
-    experts = [random_expert(tiny_base, f"p{i}", rank=2, seed=i, scale=2.0, task=t)
-               for i, t in enumerate(("sst2", "rte"))]
-    first = route(experts, tiny_base, router="learned", validation=data, target="task_prior", cv_folds=4,
-                  autocast=False)
-    again = route(experts, tiny_base, router="learned", validation=data, target="task_prior", cv_folds=4,
-                  autocast=False)
+    experts = [
+        random_expert(tiny_base, f"p{i}", rank=2, seed=i, scale=2.0, task=t) for i, t in enumerate(("sst2", "rte"))
+    ]
+    first = route(
+        experts, tiny_base, router="learned", validation=data, target="task_prior", cv_folds=4, autocast=False
+    )
+    again = route(
+        experts, tiny_base, router="learned", validation=data, target="task_prior", cv_folds=4, autocast=False
+    )
     cv = first.info["prior_cv"]
     assert cv["folds"] == 4 and first.info["prior_weight"] == cv["chosen"] in PRIOR_GRID
     assert cv == again.info["prior_cv"]
-    assert all(torch.equal(a, b) for a, b in zip(first.router.tensors().values(), again.router.tensors().values(),
-                                                 strict=True))
-    fixed = route(experts, tiny_base, router="learned", validation=data, target="task_prior", prior_weight=1.0,
-                  autocast=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.router.tensors().values(), again.router.tensors().values(), strict=True)
+    )
+    fixed = route(
+        experts, tiny_base, router="learned", validation=data, target="task_prior", prior_weight=1.0, autocast=False
+    )
     assert "prior_cv" not in fixed.info and fixed.info["prior_weight"] == 1.0
     with pytest.raises(ConfigError, match="prior_weight"):  # refused before any expert folder is read
-        route([tmp_path / "missing"], tiny_base, router="learned", validation=data, target="task_prior",
-              prior_weight=-1.0)
+        route(
+            [tmp_path / "missing"], tiny_base, router="learned", validation=data, target="task_prior", prior_weight=-1.0
+        )
 
 
 def test_projection_keeps_top_components_and_passes_the_shape_through():
@@ -144,10 +158,12 @@ def test_a_projected_router_saves_and_loads_to_the_same_probabilities():
 def test_route_on_fields_with_pca_projects_the_content_and_keeps_the_shape(tiny_base, tmp_path):
     root = write_glue_dir(tmp_path / "glue", n_train=60, n_dev=8)
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte")]
-    experts = [random_expert(tiny_base, f"q{i}", rank=2, seed=i, scale=2.0, task=t)
-               for i, t in enumerate(("sst2", "rte"))]
-    predictor = route(experts, tiny_base, router="learned", validation=data, on="fields", pca=3, target="task",
-                      autocast=False)
+    experts = [
+        random_expert(tiny_base, f"q{i}", rank=2, seed=i, scale=2.0, task=t) for i, t in enumerate(("sst2", "rte"))
+    ]
+    predictor = route(
+        experts, tiny_base, router="learned", validation=data, on="fields", pca=3, target="task", autocast=False
+    )
     assert predictor.router.projection.keep == SHAPE_DIM and predictor.router.config()["dim"] == 3 + SHAPE_DIM
     predictor.save(tmp_path / "routed")
     loaded = RoutePredictor.load(tmp_path / "routed", tiny_base)

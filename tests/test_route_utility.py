@@ -35,8 +35,10 @@ def _scores() -> PoolScores:
     """
     labels = [float(i % 2) for i in range(8)]
     caches, quality, own = [], [], []
-    for task, rights, expert in (("sst2", ([True] * 8, [True, False] * 4, [False] * 8), 0),
-                                 ("rte", ([False] * 8, [True] * 8, [True] * 8), 1)):
+    for task, rights, expert in (
+        ("sst2", ([True] * 8, [True, False] * 4, [False] * 8), 0),
+        ("rte", ([False] * 8, [True] * 8, [True] * 8), 1),
+    ):
         log_probs = torch.stack([_answers(labels, r) for r in rights])
         caches.append(MemberCache(get_task(task), log_probs, labels))
         quality.append(example_quality(get_task(task), log_probs, labels))
@@ -93,10 +95,14 @@ def test_the_choice_is_the_best_expected_score_not_the_likeliest_task():
         UtilityRouter(_Given(posterior), u[:2])
 
 
-@pytest.mark.parametrize(("decision", "router", "target", "match"), [
-    ("greedy", "learned", "task", "decision 'greedy': unknown; expected one of probability, utility"),
-    ("utility", "learned", "likelihood", "needs router='learned' with target='task'"),
-    ("utility", "clustered", "task", "got router='clustered'")])
+@pytest.mark.parametrize(
+    ("decision", "router", "target", "match"),
+    [
+        ("greedy", "learned", "task", "decision 'greedy': unknown; expected one of probability, utility"),
+        ("utility", "learned", "likelihood", "needs router='learned' with target='task'"),
+        ("utility", "clustered", "task", "got router='clustered'"),
+    ],
+)
 def test_bad_decisions_are_refused(decision, router, target, match):
     with pytest.raises(ConfigError, match=match):
         validate_options(RouteConfig, {"decision": decision, "router": router, "target": target}, "route")
@@ -105,18 +111,30 @@ def test_bad_decisions_are_refused(decision, router, target, match):
 def test_route_with_the_utility_decision_chooses_by_expected_score_and_saves(tiny_base, tmp_path):
     root = write_glue_dir(tmp_path / "glue", n_train=60, n_dev=8)
     data = [load_task(t, validation_size=20, glue_dir=root) for t in ("sst2", "rte", "stsb")]
-    experts = [random_expert(tiny_base, f"u{i}", rank=2, seed=i, scale=2.0, task=t)
-               for i, t in enumerate(("sst2", "rte", "stsb"))]
-    predictor = route(experts, tiny_base, router="learned", top_k=2, validation=data, on="fields", target="task",
-                      decision="utility", autocast=False)
+    experts = [
+        random_expert(tiny_base, f"u{i}", rank=2, seed=i, scale=2.0, task=t)
+        for i, t in enumerate(("sst2", "rte", "stsb"))
+    ]
+    predictor = route(
+        experts,
+        tiny_base,
+        router="learned",
+        top_k=2,
+        validation=data,
+        on="fields",
+        target="task",
+        decision="utility",
+        autocast=False,
+    )
     router = predictor.router
     assert isinstance(router, UtilityRouter) and isinstance(router.inner, LearnedRouter)
     assert predictor.info["decision"] == "utility" and len(predictor.info["utility"]) == 3
     torch.testing.assert_close(torch.tensor(predictor.info["utility"]), router.utility, atol=1e-4, rtol=0)
     for td in data:
         features = predictor.extractor.features(td.task, td.test, "fields")
-        want = torch.sort(expected_scores(router.inner.probs(features), router.utility), dim=1, descending=True,
-                          stable=True)[1][:, :2]
+        want = torch.sort(
+            expected_scores(router.inner.probs(features), router.utility), dim=1, descending=True, stable=True
+        )[1][:, :2]
         assert torch.equal(predictor.choose(td.task, td.test)[0], want)
     predictor.save(tmp_path / "r")
     loaded = RoutePredictor.load(tmp_path / "r", tiny_base)
@@ -124,5 +142,11 @@ def test_route_with_the_utility_decision_chooses_by_expected_score_and_saves(tin
     for td in data:
         assert torch.equal(loaded.predict_proba(td.task, td.test), predictor.predict_proba(td.task, td.test))
     with pytest.raises(ConfigError, match="decision 'utility': needs"):  # refused before any folder is read
-        route([tmp_path / "missing"], tiny_base, router="learned", validation=data, target="best_expert",
-              decision="utility")
+        route(
+            [tmp_path / "missing"],
+            tiny_base,
+            router="learned",
+            validation=data,
+            target="best_expert",
+            decision="utility",
+        )

@@ -6,8 +6,11 @@ from adapterfuse.head import encode, label_logits, label_token_ids, length_batch
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.spec import Example
 
-EXAMPLES = [Example(("A great film .",), 1, 0), Example(("Bad and dull, the plot was terrible throughout .",), 0, 1),
-            Example(("Fine .",), 1, 2)]
+EXAMPLES = [
+    Example(("A great film .",), 1, 0),
+    Example(("Bad and dull, the plot was terrible throughout .",), 0, 1),
+    Example(("Fine .",), 1, 2),
+]
 
 
 def test_label_logits_equal_the_full_head_at_the_last_real_token(tiny_base):
@@ -25,8 +28,9 @@ def test_label_logits_equal_the_full_head_at_the_last_real_token(tiny_base):
 def test_probabilities_do_not_depend_on_batching_or_order(tiny_base):
     task = get_task("sst2")
     together = predict_proba(tiny_base.model, tiny_base.tokenizer, task, EXAMPLES, batch_size=3, autocast=False)
-    alone = torch.cat([predict_proba(tiny_base.model, tiny_base.tokenizer, task, [e], autocast=False)
-                       for e in EXAMPLES])
+    alone = torch.cat(
+        [predict_proba(tiny_base.model, tiny_base.tokenizer, task, [e], autocast=False) for e in EXAMPLES]
+    )
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(together.sum(1), torch.ones(3))
     reordered = predict_proba(tiny_base.model, tiny_base.tokenizer, task, EXAMPLES[::-1], batch_size=2, autocast=False)

@@ -131,7 +131,7 @@ def _local(name: str) -> str | None:
     if name == PACKAGE:
         return ""
     if name.startswith(PACKAGE + "."):
-        return name[len(PACKAGE) + 1:]
+        return name[len(PACKAGE) + 1 :]
     return None
 
 
@@ -283,8 +283,12 @@ def functions_of(tree: ast.Module) -> list[Function]:
 def body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines from the first statement after the docstring to the function's last line."""
     body = node.body
-    if (len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)):
+    if (
+        len(body) > 1
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         body = body[1:]
     return node.end_lineno - body[0].lineno + 1
 
@@ -315,8 +319,9 @@ def long_functions() -> dict[str, int]:
 
 def wide_functions() -> dict[str, int]:
     """``module:qualname`` -> parameters, for every public function over ``MAX_PARAMS``."""
-    return {f"{m}:{fn.qualname}": n for m, fn in all_functions()
-            if fn.is_public and (n := param_count(fn)) > MAX_PARAMS}
+    return {
+        f"{m}:{fn.qualname}": n for m, fn in all_functions() if fn.is_public and (n := param_count(fn)) > MAX_PARAMS
+    }
 
 
 def _report(title: str, found: dict[str, str], known: set[str]) -> list[str]:

@@ -26,8 +26,9 @@ def test_shared_copy_shares_every_weight_and_swaps_without_touching_the_original
     assert ours.keys() == theirs.keys()
     assert all(ours[n].data_ptr() == theirs[n].data_ptr() for n in ours)  # no second base in memory
     original = tiny_base.model.get_submodule(Q)
-    layer = replace_linear(copy, Q, lambda target: StackedLoRALinear(target, torch.zeros(1, 2, 32),
-                                                                     torch.zeros(1, 32, 2)), (32, 32))
+    layer = replace_linear(
+        copy, Q, lambda target: StackedLoRALinear(target, torch.zeros(1, 2, 32), torch.zeros(1, 32, 2)), (32, 32)
+    )
     assert copy.get_submodule(Q) is layer and layer.base.weight is original.weight
     assert tiny_base.model.get_submodule(Q) is original and isinstance(original, nn.Linear)
 
@@ -68,9 +69,10 @@ def test_member_blocks_each_get_their_own_update():
     with torch.no_grad():
         y = layer(x)
         for k, member in enumerate(members):
-            rows = x[2 * k:2 * k + 2]
-            torch.testing.assert_close(y[2 * k:2 * k + 2], base(rows) + rows @ member["m"].dense().T,
-                                       rtol=0, atol=1e-5)
+            rows = x[2 * k : 2 * k + 2]
+            torch.testing.assert_close(
+                y[2 * k : 2 * k + 2], base(rows) + rows @ member["m"].dense().T, rtol=0, atol=1e-5
+            )
     with pytest.raises(ConfigError, match="5 rows is not a multiple of K=2"):
         blockwise_lowrank(torch.zeros(5, 12), A, B)
 
@@ -105,8 +107,9 @@ def test_a_row_layer_needs_its_weights_and_fp32_holds_under_autocast():
         layer(x)
     layer.weights = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # row 0 is member 0, row 1 member 1
     with torch.no_grad():
-        exact = torch.stack([(x[0] @ stacked.A[:2].T) @ stacked.B[:, :2].T,
-                             (x[1] @ stacked.A[2:].T) @ stacked.B[:, 2:].T])  # fp32
+        exact = torch.stack(
+            [(x[0] @ stacked.A[:2].T) @ stacked.B[:, :2].T, (x[1] @ stacked.A[2:].T) @ stacked.B[:, 2:].T]
+        )  # fp32
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = base(x)
             got = layer(x)

@@ -25,15 +25,19 @@ def _stop_at(step_to_stop: int):
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
 def test_resume_after_interruption_gives_the_same_adapter(tiny_base, tmp_path, method):
-    extra = dict(adalora_init_r=6, adalora_delta_t=1, adalora_tinit_ratio=0.1, adalora_tfinal_ratio=0.2,
-                 dropout=0.1) if method == "adalora" else {"dropout": 0.1}
+    extra = (
+        dict(adalora_init_r=6, adalora_delta_t=1, adalora_tinit_ratio=0.1, adalora_tfinal_ratio=0.2, dropout=0.1)
+        if method == "adalora"
+        else {"dropout": 0.1}
+    )
     config = tiny_config(method=method, **extra)
     data = tiny_data(tmp_path / "glue", config=config)
     straight = train_expert(tiny_base, "sst2", config, out=tmp_path / "straight", data=data, progress=False)
 
     with pytest.raises(Interrupt):
-        train_expert(tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False,
-                     callback=_stop_at(7))
+        train_expert(
+            tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False, callback=_stop_at(7)
+        )
     assert not (tmp_path / "resumed").exists()  # nothing half-written in place
     checkpoint = torch.load(tmp_path / ".resumed.partial" / "checkpoint.pt", weights_only=True)
     resumed = train_expert(tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False)
@@ -54,10 +58,11 @@ def test_changed_config_refuses_to_resume_and_says_what_changed(tiny_base, tmp_p
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tiny_base, tmp_path):
     data = tiny_data(tmp_path / "glue")
-    a, b = (train_expert(tiny_base, "sst2", tiny_config(dropout=0.1), out=tmp_path / n, data=data, progress=False)
-            for n in ("a", "b"))
-    c = train_expert(tiny_base, "sst2", tiny_config(dropout=0.1, seed=1), out=tmp_path / "c", data=data,
-                     progress=False)
+    a, b = (
+        train_expert(tiny_base, "sst2", tiny_config(dropout=0.1), out=tmp_path / n, data=data, progress=False)
+        for n in ("a", "b")
+    )
+    c = train_expert(tiny_base, "sst2", tiny_config(dropout=0.1, seed=1), out=tmp_path / "c", data=data, progress=False)
     assert (a.path / "adapter_model.safetensors").read_bytes() == (b.path / "adapter_model.safetensors").read_bytes()
     assert not state_equal(a.state_dict, c.state_dict)
 
@@ -104,6 +109,7 @@ def test_snapshots_are_taken_at_each_cycle_end_and_survive_a_resume(tiny_base, t
     assert folders == ["snapshot-1", "snapshot-2", "snapshot-3"]
     assert straight.path == tmp_path / "s" / "snapshot-3"
     from adapterfuse.expert import Expert
+
     snaps = [Expert.load(tmp_path / "s" / f) for f in folders]
     assert not state_equal(snaps[0].state_dict, snaps[1].state_dict)
     assert state_equal(snaps[2].state_dict, straight.state_dict)
@@ -111,16 +117,17 @@ def test_snapshots_are_taken_at_each_cycle_end_and_survive_a_resume(tiny_base, t
     assert all("accuracy" in s.meta["scores"]["test"] for s in snaps)
 
     with pytest.raises(Interrupt):  # interrupted after the first snapshot, resumed from step 8
-        train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False,
-                     callback=_stop_at(10))
+        train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False, callback=_stop_at(10))
     train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False)
     for f in folders:
-        assert (tmp_path / "s" / f / "adapter_model.safetensors").read_bytes() == \
-            (tmp_path / "r" / f / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / "s" / f / "adapter_model.safetensors").read_bytes() == (
+            tmp_path / "r" / f / "adapter_model.safetensors"
+        ).read_bytes()
 
 
 def test_cyclic_schedule_restarts_at_each_cycle():
     from adapterfuse.train.loop import cyclic_schedule
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = cyclic_schedule(opt, [4, 8])
     rates = []
@@ -137,6 +144,7 @@ def test_snapshots_need_lora_and_enough_steps(tiny_base, tmp_path):
     from pydantic import ValidationError
 
     from adapterfuse.errors import ConfigError
+
     with pytest.raises(ValidationError, match="snapshots > 1 needs method 'lora'"):
         tiny_config(method="adalora", snapshots=2, adalora_init_r=6)
     data = tiny_data(tmp_path / "glue")
@@ -148,6 +156,7 @@ def test_snapshots_need_lora_and_enough_steps(tiny_base, tmp_path):
 @pytest.mark.parametrize("total, cycles", [(10, 6), (12, 5), (7, 7), (100, 3), (5, 1)])
 def test_cycle_ends_give_exactly_the_snapshots_asked_for(total, cycles):
     from adapterfuse.train.loop import cycle_ends
+
     ends = cycle_ends(total, cycles)
     assert len(ends) == len(set(ends)) == cycles and ends[-1] == total and ends == sorted(ends) and ends[0] >= 1
 

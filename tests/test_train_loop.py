@@ -95,8 +95,9 @@ def test_run_loop_resumes_parameters_optimizer_rng_and_objective_state(tmp_path)
     identity = {"run": "regression", "config": _loop_config().model_dump(mode="json")}
     model, trainable = _linear()
     with pytest.raises(Interrupt):
-        run_loop(schedule, trainable, _Regression(model), _loop_config(), Checkpoint(tmp_path / "out", identity),
-                 _stop_at(8))
+        run_loop(
+            schedule, trainable, _Regression(model), _loop_config(), Checkpoint(tmp_path / "out", identity), _stop_at(8)
+        )
     torch.manual_seed(123)  # whatever ran since: the checkpoint's RNG state is what counts
     model, trainable = _linear()
     resumed = _Regression(model)
@@ -122,8 +123,9 @@ def test_pe_ensemble_resumes_to_the_same_bytes(tiny_base, tmp_path, data, kind):
     options = {"camero_perturbation": "noise"} if kind == "camero" else {}
 
     def train(name: str, **kwargs):
-        return train_pe_ensemble(tiny_base, "sst2", kind, 3, config, out=tmp_path / name, data=data, progress=False,
-                                 **options, **kwargs)
+        return train_pe_ensemble(
+            tiny_base, "sst2", kind, 3, config, out=tmp_path / name, data=data, progress=False, **options, **kwargs
+        )
 
     straight = train("straight")
     with pytest.raises(Interrupt):
@@ -138,18 +140,46 @@ def test_pe_ensemble_resumes_to_the_same_bytes(tiny_base, tmp_path, data, kind):
 
 def test_pe_ensemble_refuses_to_resume_another_run(tiny_base, tmp_path, data):
     with pytest.raises(Interrupt):
-        train_pe_ensemble(tiny_base, "sst2", "batchensemble", 3, tiny_config(), out=tmp_path / "x", data=data,
-                          progress=False, callback=_stop_at(5))
+        train_pe_ensemble(
+            tiny_base,
+            "sst2",
+            "batchensemble",
+            3,
+            tiny_config(),
+            out=tmp_path / "x",
+            data=data,
+            progress=False,
+            callback=_stop_at(5),
+        )
     with pytest.raises(ResumeError, match=r"different config\.lr;") as err:
-        train_pe_ensemble(tiny_base, "sst2", "batchensemble", 3, tiny_config(lr=1e-4), out=tmp_path / "x",
-                          data=data, progress=False)
+        train_pe_ensemble(
+            tiny_base, "sst2", "batchensemble", 3, tiny_config(lr=1e-4), out=tmp_path / "x", data=data, progress=False
+        )
     assert "\n" not in str(err.value)  # one line
     with pytest.raises(ResumeError, match=r"different members, options;"):
-        train_pe_ensemble(tiny_base, "sst2", "batchensemble", 2, tiny_config(), out=tmp_path / "x", data=data,
-                          progress=False, be_jitter=0.2)
+        train_pe_ensemble(
+            tiny_base,
+            "sst2",
+            "batchensemble",
+            2,
+            tiny_config(),
+            out=tmp_path / "x",
+            data=data,
+            progress=False,
+            be_jitter=0.2,
+        )
     # overwrite discards the stale checkpoint and starts afresh
-    ens = train_pe_ensemble(tiny_base, "sst2", "batchensemble", 2, tiny_config(), out=tmp_path / "x", data=data,
-                            progress=False, overwrite=True)
+    ens = train_pe_ensemble(
+        tiny_base,
+        "sst2",
+        "batchensemble",
+        2,
+        tiny_config(),
+        out=tmp_path / "x",
+        data=data,
+        progress=False,
+        overwrite=True,
+    )
     assert ens.manifest["training"]["resumed_from_step"] == 0
 
 
@@ -157,8 +187,9 @@ def test_pe_ensemble_scores_the_same_dev_subset_as_an_expert(tiny_base, tmp_path
     config = tiny_config(max_eval_examples=7, seed=3)
     subset = scored_test(data.test, config)
     assert len(data.test) > 7 and subset != data.test[:7]  # a seeded subset, not the first ones
-    capped = load_task("sst2", config.validation_size, config.seed, config.max_train_examples, max_test=7,
-                       glue_dir=glue)
+    capped = load_task(
+        "sst2", config.validation_size, config.seed, config.max_train_examples, max_test=7, glue_dir=glue
+    )
     assert subset == capped.test  # what load_task(max_test=...) and the other commands score
     ens = train_pe_ensemble(tiny_base, "sst2", "mimo", 2, config, out=tmp_path / "m", data=data, progress=False)
     probs = ens.predictor(tiny_base, autocast=False).predict_proba(data.task, subset)
@@ -182,15 +213,20 @@ def test_distillation_resumes_to_the_same_bytes_and_refuses_another_run(teacher,
         distill(ensemble, tasks, tmp_path / "resumed", config, callback=_stop_at(6))
     assert not (tmp_path / "resumed").exists()
     with pytest.raises(ResumeError, match=r"different config\.epochs;") as err:
-        distill(ensemble, tasks, tmp_path / "resumed", tiny_config(max_train_examples=None, dropout=0.1,
-                                                                   max_eval_examples=4, epochs=2.0))
+        distill(
+            ensemble,
+            tasks,
+            tmp_path / "resumed",
+            tiny_config(max_train_examples=None, dropout=0.1, max_eval_examples=4, epochs=2.0),
+        )
     assert "\n" not in str(err.value)  # one line
     other = EnsemblePredictor(ensemble.base, ensemble.experts, "linear", autocast=False)
     with pytest.raises(ResumeError, match=r"different teacher;"):
         distill(other, tasks, tmp_path / "resumed", config)
     resumed = distill(ensemble, tasks, tmp_path / "resumed", config)
     assert resumed.meta["training"]["resumed_from_step"] == 4
-    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "resumed" / "adapter_model.safetensors"
+    ).read_bytes()
     assert resumed.meta["distillation"]["test_average"] == straight.meta["distillation"]["test_average"]
     assert not (tmp_path / ".resumed.partial").exists()

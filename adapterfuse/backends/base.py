@@ -62,8 +62,9 @@ def backend_config(backend: str, options: Mapping[str, Any]) -> PydanticModel:
     return validate_options(BACKENDS[backend][0], options, backend)
 
 
-def make_combiner(backend: str, base: BaseModel, options: Mapping[str, Any],
-                  members: Sequence[str] | None = None) -> Combiner:
+def make_combiner(
+    backend: str, base: BaseModel, options: Mapping[str, Any], members: Sequence[str] | None = None
+) -> Combiner:
     """A backend's combiner with validated options.
 
     Args:

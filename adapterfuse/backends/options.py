@@ -18,12 +18,27 @@ from adapterfuse.errors import ConfigError
 
 Config = TypeVar("Config", bound=BaseModel)
 
-_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
-             "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
-             "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "too_short": "a non-empty list"}
-_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
-           "less_than": ("<", "lt")}
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "too_short": "a non-empty list",
+}
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
 
 
 def choices(annotation: Any) -> list[str]:
@@ -39,8 +54,10 @@ def _describe(model: type[BaseModel], backend: str, err: Mapping[str, Any]) -> s
     if kind == "value_error":  # our validators write whole messages that name the option themselves
         return str(err["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return (f"{name}: unknown {backend} option; expected one of {', '.join(sorted(model.model_fields))} "
-                "(check the spelling)")
+        return (
+            f"{name}: unknown {backend} option; expected one of {', '.join(sorted(model.model_fields))} "
+            "(check the spelling)"
+        )
     if kind == "literal_error" and name in model.model_fields:
         known = choices(model.model_fields[name].annotation)
         return f"{name} {err['input']!r}: unknown; expected one of {', '.join(known)}"

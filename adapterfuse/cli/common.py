@@ -38,8 +38,9 @@ def optional_int(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
 
 
-def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel],
-                       options: dict[str, tuple[Any, str]]) -> None:
+def add_config_options(
+    parser: argparse.ArgumentParser, model: type[BaseModel], options: dict[str, tuple[Any, str]]
+) -> None:
     """Add one flag per config field (``top_k`` -> ``--top-k``) whose value reaches the namespace only when given.
 
     The model, not argparse, holds the defaults and the checks: a flag left out is left to the model's
@@ -55,5 +56,10 @@ def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel],
         info = model.model_fields[field]
         known = choices(info.annotation)
         shown = f"one of {', '.join(known)}; " if known else ""
-        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=argparse.SUPPRESS,
-                            help=f"{text} ({shown}default {info.default})")
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"{text} ({shown}default {info.default})",
+        )

@@ -37,16 +37,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         The new sub-parser (its ``handler`` default is :func:`run`).
     """
     p = subparsers.add_parser(
-        "ensemble", help="pool several experts in one batched pass",
+        "ensemble",
+        help="pool several experts in one batched pass",
         description="Ensemble experts (linear or log-linear pooling; uniform, given or learned weights; optional "
-                    "greedy/top-K selection on the validation split), evaluate on the test split, save it.")
+        "greedy/top-K selection on the validation split), evaluate on the test split, save it.",
+    )
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders (the candidate members)")
     p.add_argument("--tasks", required=True, help="comma-separated task names (fit on validation, score on test)")
     p.add_argument("--out", required=True, type=Path, help="ensemble folder to write")
     p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
-    p.add_argument("--validation-size", type=int, default=200,
-                   help="examples carved from train for validation; keep the experts' value so they never trained "
-                        "on it")
+    p.add_argument(
+        "--validation-size",
+        type=int,
+        default=200,
+        help="examples carved from train for validation; keep the experts' value so they never trained on it",
+    )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
     p.add_argument("--max-eval-examples", type=positive_int, default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
@@ -54,8 +59,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
     group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")
     add_config_options(group, EnsembleConfig, OPTIONS)
-    group.add_argument("--no-autocast", dest="autocast", action="store_false", default=argparse.SUPPRESS,
-                       help="score in fp32 instead of bf16 autocast")
+    group.add_argument(
+        "--no-autocast",
+        dest="autocast",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="score in fp32 instead of bf16 autocast",
+    )
     p.set_defaults(handler=run)
     return p
 
@@ -67,9 +77,11 @@ def _carve_notes(experts: Any, validation_size: int, seed: int) -> list[str]:
         training = e.meta.get("training", {})
         theirs = (training.get("validation_size"), training.get("seed"))
         if None not in theirs and theirs != (validation_size, seed):
-            notes.append(f"note: expert {e.name!r} was trained with validation_size={theirs[0]}, seed={theirs[1]}; "
-                         f"this run carves validation_size={validation_size}, seed={seed}, so its validation "
-                         "examples may overlap that expert's training data")
+            notes.append(
+                f"note: expert {e.name!r} was trained with validation_size={theirs[0]}, seed={theirs[1]}; "
+                f"this run carves validation_size={validation_size}, seed={seed}, so its validation "
+                "examples may overlap that expert's training data"
+            )
     return notes
 
 
@@ -93,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)
-    config = validate_options(EnsembleConfig, {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields},
-                              "ensemble")
+    config = validate_options(
+        EnsembleConfig, {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields}, "ensemble"
+    )
     check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
     check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
@@ -105,11 +118,18 @@ def run(args: argparse.Namespace) -> int:
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = ensemble(library, base, config, validation=data if config.fits else None)
     result = evaluate(predictor, data, split="test", max_examples=args.max_eval_examples)
-    result["ensemble"] = {"members": predictor.names, "pooling": predictor.pooling, "weights": predictor.weights,
-                          "temperature": predictor.temperature, "info": predictor.info}
+    result["ensemble"] = {
+        "members": predictor.names,
+        "pooling": predictor.pooling,
+        "weights": predictor.weights,
+        "temperature": predictor.temperature,
+        "info": predictor.info,
+    }
     print(results_table([result]))
-    print(f"members: {', '.join(f'{n} {w:+.3f}' for n, w in zip(predictor.names, predictor.weights, strict=True))}"
-          f"; temperature {predictor.temperature:.3g}")
+    print(
+        f"members: {', '.join(f'{n} {w:+.3f}' for n, w in zip(predictor.names, predictor.weights, strict=True))}"
+        f"; temperature {predictor.temperature:.3g}"
+    )
     predictor.save(args.out, overwrite=args.overwrite)
     write_json(args.out / "results.json", result)
     print(f"saved {args.out}")

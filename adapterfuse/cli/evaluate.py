@@ -11,9 +11,12 @@ from adapterfuse.cli.common import positive_int
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` subcommand to an ``add_subparsers()`` object."""
-    ev = subparsers.add_parser("eval", help="evaluate experts (or the base zero-shot) on tasks",
-                        description="Evaluate the oracle of the given experts (each task by its own expert), "
-                                    "or the base zero-shot when no expert is given; prints a table.")
+    ev = subparsers.add_parser(
+        "eval",
+        help="evaluate experts (or the base zero-shot) on tasks",
+        description="Evaluate the oracle of the given experts (each task by its own expert), "
+        "or the base zero-shot when no expert is given; prints a table.",
+    )
     ev.add_argument("--experts", nargs="*", default=[], type=Path, help="expert folders (none: base zero-shot)")
     ev.add_argument("--tasks", required=True, help="comma-separated task names")
     ev.add_argument("--base", default=None)

@@ -28,10 +28,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # Warnings libraries raise on every adapter load that say nothing a user can act on.
-_LIBRARY_NOISE = (r"The PEFT config's `base_model_name_or_path` was renamed",
-                  r"`is_gradient_checkpointing` is deprecated",
-                  r"Unable to fetch remote file due to the following error",
-                  r"Could not find a config file in")
+_LIBRARY_NOISE = (
+    r"The PEFT config's `base_model_name_or_path` was renamed",
+    r"`is_gradient_checkpointing` is deprecated",
+    r"Unable to fetch remote file due to the following error",
+    r"Could not find a config file in",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,8 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("ADAPTERFUSE_DEBUG"):
             raise
-        print(f"adapterfuse {args.command}: interrupted; {_AFTER_INTERRUPT.get(args.command, _NOTHING_KEPT)}",
-              file=sys.stderr)
+        print(
+            f"adapterfuse {args.command}: interrupted; {_AFTER_INTERRUPT.get(args.command, _NOTHING_KEPT)}",
+            file=sys.stderr,
+        )
         return 130
 
 

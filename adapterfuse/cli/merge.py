@@ -31,13 +31,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The ``merge`` parser (its default ``handler`` is :func:`run`).
     """
-    p = subparsers.add_parser("merge", help=HELP, description=(
-        "Merge experts' ΔW into one plain PEFT LoRA adapter (or, with --full, a full model). Without "
-        "--lambda, λ methods choose λ on the validation split of --tasks when given, else use λ = 1; "
-        "--tasks is ignored by methods that fit nothing."))
+    p = subparsers.add_parser(
+        "merge",
+        help=HELP,
+        description=(
+            "Merge experts' ΔW into one plain PEFT LoRA adapter (or, with --full, a full model). Without "
+            "--lambda, λ methods choose λ on the validation split of --tasks when given, else use λ = 1; "
+            "--tasks is ignored by methods that fit nothing."
+        ),
+    )
     p.add_argument("--experts", nargs="+", required=True, help="expert folders or Hub ids (owner/name)")
-    p.add_argument("--method", default=argparse.SUPPRESS, help=f"one of {', '.join(all_methods())} "
-                   f"(default {MergeConfig.model_fields['method'].default})")
+    p.add_argument(
+        "--method",
+        default=argparse.SUPPRESS,
+        help=f"one of {', '.join(all_methods())} (default {MergeConfig.model_fields['method'].default})",
+    )
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     # Method parameters: only those given reach the namespace; each method's parameter model holds the
     # defaults and the checks.
@@ -51,14 +59,28 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks whose validation split fits λ/soup/weights")
     p.add_argument("--validation-size", type=int, default=200, help="validation examples per task")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve; keep the experts' "
-                   "training seed (default 0) so that no validation example was trained on")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the validation carve; keep the experts' "
+        "training seed (default 0) so that no validation example was trained on",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     p.add_argument("--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
-    p.add_argument("--eval", action="store_true", help="score the merge on the test split of --tasks (GLUE dev) "
-                   "and put the harness table in adapterfuse.json and the card")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="score the merge on the test split of --tasks (GLUE dev) "
+        "and put the harness table in adapterfuse.json and the card",
+    )
     p.add_argument("--max-eval-examples", type=int, default=None, help="cap on test examples per task with --eval")
     p.set_defaults(handler=run)
     return p
@@ -156,8 +178,13 @@ def run(args: argparse.Namespace) -> int:
         if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
             validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
         base = load_base(args.base)
-    adapter = merge(args.experts, config, base=base, validation=validation if uses_validation else None,
-                    allow_pickle=args.allow_pickle)
+    adapter = merge(
+        args.experts,
+        config,
+        base=base,
+        validation=validation if uses_validation else None,
+        allow_pickle=args.allow_pickle,
+    )
     if args.eval:
         adapter.evaluate_on(base, validation)
     path = adapter.save_pretrained(args.out, overwrite=args.overwrite, full=args.full, base=base)
@@ -176,10 +203,14 @@ def _load_validation(tasks: str, size: int, seed: int, max_test: int | None = No
 
 def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str, Any]:
     """What the command prints: method, parameters, truncation error, output (and what validation chose)."""
-    out: dict[str, Any] = {"method": adapter.method, "params": adapter.params,
-                           "experts": [s["name"] for s in adapter.sources],
-                           "truncation_error": adapter.overall_error, "adapter_params": adapter.num_params,
-                           "out": str(path)}
+    out: dict[str, Any] = {
+        "method": adapter.method,
+        "params": adapter.params,
+        "experts": [s["name"] for s in adapter.sources],
+        "truncation_error": adapter.overall_error,
+        "adapter_params": adapter.num_params,
+        "out": str(path),
+    }
     lam = adapter.search.get("lambda_search")
     if lam:
         out["lambda"] = {"chosen": lam["chosen"], "grid": lam["grid"], "scores": lam["scores"]}
@@ -187,8 +218,11 @@ def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str,
         out["soup_kept"] = adapter.search["soup"]["kept"]
     if adapter.search.get("learned"):
         learned = adapter.search["learned"]
-        out["learned"] = {"weights": learned["weights"], "loss_uniform": learned["loss_uniform"],
-                          "loss": learned["loss"]}
+        out["learned"] = {
+            "weights": learned["weights"],
+            "loss_uniform": learned["loss_uniform"],
+            "loss": learned["loss"],
+        }
     if adapter.evaluation:
         out["evaluation"] = {t: m["score"] for t, m in adapter.evaluation[-1]["tasks"].items()}
         out["average"] = adapter.evaluation[-1]["average"]

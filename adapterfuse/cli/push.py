@@ -11,9 +11,12 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add the ``push`` subcommand to an ``add_subparsers()`` object."""
-    push = subparsers.add_parser("push", help="push a saved folder (expert, merged adapter) to the Hub",
-                                 description="Upload every file of FOLDER to the model repo REPO_ID in one "
-                                             "commit, retrying server errors with backoff, then verify it.")
+    push = subparsers.add_parser(
+        "push",
+        help="push a saved folder (expert, merged adapter) to the Hub",
+        description="Upload every file of FOLDER to the model repo REPO_ID in one "
+        "commit, retrying server errors with backoff, then verify it.",
+    )
     push.add_argument("folder", type=Path)
     push.add_argument("repo_id", help="owner/name")
     push.add_argument("--private", action="store_true", help="create the repo private")

@@ -56,9 +56,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The new sub-parser (its ``handler`` default is :func:`run`).
     """
-    p = subparsers.add_parser("route", help=HELP, description=(
-        "Fit a router on the validation split of --tasks (no task id at test time), evaluate it on their test "
-        "split (and on --eval-tasks, test only), print the table with routing accuracy, and save it."))
+    p = subparsers.add_parser(
+        "route",
+        help=HELP,
+        description=(
+            "Fit a router on the validation split of --tasks (no task id at test time), evaluate it on their test "
+            "split (and on --eval-tasks, test only), print the table with routing accuracy, and save it."
+        ),
+    )
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders")
     p.add_argument("--tasks", required=True, help="comma-separated tasks (fit on validation, score on test)")
     p.add_argument("--eval-tasks", default=None, help="extra tasks scored on their dev split only (held out)")
@@ -72,8 +77,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
     add_config_options(group, RouteConfig, OPTIONS)
-    group.add_argument("--no-autocast", dest="autocast", action="store_false", default=argparse.SUPPRESS,
-                       help="score in fp32 instead of bf16 autocast")
+    group.add_argument(
+        "--no-autocast",
+        dest="autocast",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="score in fp32 instead of bf16 autocast",
+    )
     p.set_defaults(handler=run)
     return p
 

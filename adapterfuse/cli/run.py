@@ -14,11 +14,14 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add the ``run`` subcommand to an ``add_subparsers()`` object."""
-    p = subparsers.add_parser("run", help="run a YAML recipe: experts, every backend, one comparison",
-                              description="Train (or reuse) the recipe's experts, fit each combiner on the "
-                                          "validation split, evaluate everything on one harness and write "
-                                          "results.json, results.md and the accuracy-vs-cost plot. A rerun "
-                                          "resumes: finished experts and results are reused.")
+    p = subparsers.add_parser(
+        "run",
+        help="run a YAML recipe: experts, every backend, one comparison",
+        description="Train (or reuse) the recipe's experts, fit each combiner on the "
+        "validation split, evaluate everything on one harness and write "
+        "results.json, results.md and the accuracy-vs-cost plot. A rerun "
+        "resumes: finished experts and results are reused.",
+    )
     p.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; load nothing")

@@ -13,8 +13,11 @@ from adapterfuse.errors import ConfigError
 
 def register(subparsers: Any) -> None:
     """Add the ``train`` subcommand to an ``add_subparsers()`` object."""
-    train = subparsers.add_parser("train", help="train one expert for one task",
-                           description="Train a LoRA or AdaLoRA expert on one GLUE task and save it.")
+    train = subparsers.add_parser(
+        "train",
+        help="train one expert for one task",
+        description="Train a LoRA or AdaLoRA expert on one GLUE task and save it.",
+    )
     train.add_argument("--task", required=True, help="GLUE task: cola, sst2, mrpc, qqp, stsb, rte, wnli, qnli, mnli")
     train.add_argument("--out", required=True, type=Path, help="expert folder to write")
     train.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
@@ -29,49 +32,99 @@ def register(subparsers: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
     train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
-    train.add_argument("--snapshots", type=positive_int, default=1,
-                       help="save N adapters along one run (cyclic cosine LR; --out/snapshot-1..N)")
+    train.add_argument(
+        "--snapshots",
+        type=positive_int,
+        default=1,
+        help="save N adapters along one run (cyclic cosine LR; --out/snapshot-1..N)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    train.add_argument("--ensemble", default=None, choices=["batchensemble", "mimo", "camero", "swag"],
-                       help="train a parameter-efficient ensemble of --members members instead of one expert")
+    train.add_argument(
+        "--ensemble",
+        default=None,
+        choices=["batchensemble", "mimo", "camero", "swag"],
+        help="train a parameter-efficient ensemble of --members members instead of one expert",
+    )
     train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
     train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
 
     train.set_defaults(handler=run)
 
 
+def _config(args: argparse.Namespace):
+    """The training config the flags describe (validated by TrainConfig)."""
+    from adapterfuse.train.config import TrainConfig
+
+    return TrainConfig(
+        method=args.method,
+        rank=args.rank,
+        max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        balance_classes=args.balance_classes,
+        autocast=not args.no_autocast,
+        validation_size=args.validation_size,
+        adalora_init_r=max(12, args.rank),
+        snapshots=args.snapshots,
+    )
+
+
+def _check_ensemble(args: argparse.Namespace) -> None:
+    from adapterfuse.train.pe.options import check_kind
+
+    check_kind(args.ensemble, args.members)
+    if args.method != "lora":
+        raise ConfigError(
+            f"--ensemble {args.ensemble}: members are LoRA adapters, got --method {args.method}; "
+            "drop --method or use --method lora"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run ``adapterfuse train``: print the output folder, its scores and the training time as JSON.
+
+    Raises:
+        AdapterFuseError: a bad setting (before the base is loaded), an existing ``--out``, bad data.
+    """
     from adapterfuse.base import load_base
     from adapterfuse.io.atomic import check_output
     from adapterfuse.tasks.glue import get_task
-    from adapterfuse.train.config import TrainConfig
     from adapterfuse.train.expert import train_expert
 
-    task = get_task(args.task)
-    config = TrainConfig(method=args.method, rank=args.rank, max_train_examples=args.max_train_examples,
-                         max_eval_examples=args.max_eval_examples, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, seed=args.seed, balance_classes=args.balance_classes,
-                         autocast=not args.no_autocast, validation_size=args.validation_size,
-                         adalora_init_r=max(12, args.rank), snapshots=args.snapshots)
+    task, config = get_task(args.task), _config(args)
     if args.ensemble:
-        from adapterfuse.train.pe.options import check_kind
-
-        check_kind(args.ensemble, args.members)
-        if args.method != "lora":
-            raise ConfigError(f"--ensemble {args.ensemble}: members are LoRA adapters, got --method {args.method}; "
-                              "drop --method or use --method lora")
+        _check_ensemble(args)
     check_output(args.out, args.overwrite)  # before the base is loaded
     base = load_base(args.base)
     if args.ensemble:
         from adapterfuse.train.pe.train import train_pe_ensemble
 
-        ens = train_pe_ensemble(base, task, args.ensemble, args.members, config, out=args.out,
-                                overwrite=args.overwrite, pooling=args.pooling)
-        print(json.dumps({"ensemble": str(args.out), "kind": args.ensemble, "members": args.members,
-                          "scores": ens.manifest["scores"],
-                          "train_wall_s": ens.manifest["training"]["train_wall_s"]}, indent=2))
-        return 0
-    expert = train_expert(base, task, config, out=args.out, overwrite=args.overwrite)
-    print(json.dumps({"expert": str(expert.path), "scores": expert.meta["scores"],
-                      "train_wall_s": expert.meta["training"]["train_wall_s"]}, indent=2))
+        ens = train_pe_ensemble(
+            base,
+            task,
+            args.ensemble,
+            args.members,
+            config,
+            out=args.out,
+            overwrite=args.overwrite,
+            pooling=args.pooling,
+        )
+        record = {
+            "ensemble": str(args.out),
+            "kind": args.ensemble,
+            "members": args.members,
+            "scores": ens.manifest["scores"],
+            "train_wall_s": ens.manifest["training"]["train_wall_s"],
+        }
+    else:
+        expert = train_expert(base, task, config, out=args.out, overwrite=args.overwrite)
+        record = {
+            "expert": str(expert.path),
+            "scores": expert.meta["scores"],
+            "train_wall_s": expert.meta["training"]["train_wall_s"],
+        }
+    print(json.dumps(record, indent=2))
     return 0

@@ -23,8 +23,9 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """
     target = Path(path)
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"output {target}: already exists; expected a new path, or pass "
-                                "--overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(
+            f"output {target}: already exists; expected a new path, or pass --overwrite (overwrite=True) to replace it"
+        )
     return target
 
 
@@ -67,8 +68,15 @@ SAFE_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A plain sub-folder name a saved manifest may point to (no separators, no leading dot)."""
 
 
-def read_manifest(folder: Path, filename: str, kind: str, version: int, required: Sequence[str] = (),
-                  saved_by: str = "its save()", members: str | None = None) -> dict[str, Any]:
+def read_manifest(
+    folder: Path,
+    filename: str,
+    kind: str,
+    version: int,
+    required: Sequence[str] = (),
+    saved_by: str = "its save()",
+    members: str | None = None,
+) -> dict[str, Any]:
     """Read and check the JSON manifest of a saved predictor folder.
 
     Args:
@@ -95,11 +103,15 @@ def read_manifest(folder: Path, filename: str, kind: str, version: int, required
         raise ExpertError(f"{kind} {folder}: {filename} is not valid JSON ({e})") from None
     got = manifest.get("kind") if isinstance(manifest, dict) else None
     if got != kind:
-        raise ExpertError(f"{kind} {folder}: {filename} is not a{'n' if kind[0] in 'aeiou' else ''} {kind} manifest "
-                          f"(kind {got!r}, expected {kind!r})")
+        raise ExpertError(
+            f"{kind} {folder}: {filename} is not a{'n' if kind[0] in 'aeiou' else ''} {kind} manifest "
+            f"(kind {got!r}, expected {kind!r})"
+        )
     if manifest.get("format_version") != version:
-        raise ExpertError(f"{kind} {folder}: format_version {manifest.get('format_version')!r}, expected {version}; "
-                          "re-save it with this version of adapterfuse")
+        raise ExpertError(
+            f"{kind} {folder}: format_version {manifest.get('format_version')!r}, expected {version}; "
+            "re-save it with this version of adapterfuse"
+        )
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ExpertError(f"{kind} {folder}: {filename} lacks {missing}; the file is incomplete")

@@ -100,8 +100,16 @@ class _Policy:  # everything a network step needs to retry and to explain a fail
     secrets: tuple[str, ...]
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
-                commit_message: str | None = None, endpoint: str | None = None, retry: Retry = Retry()) -> PushResult:
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+    retry: Retry = Retry(),
+) -> PushResult:
     """Upload every file of ``folder`` to the model repo ``repo_id`` in one commit, then verify it remotely.
 
     Args:
@@ -132,8 +140,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
     api = HfApi(endpoint=_resolve_endpoint(endpoint), token=token)
     policy = _Policy("push", repo_id, api.endpoint, retry, _secrets(token))
 
-    _with_retries("create repo", policy,
-                  lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+    _with_retries(
+        "create repo", policy, lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    )
     message = commit_message or f"Upload {len(local)} file(s) with adapterfuse"
 
     def commit() -> Any:
@@ -144,15 +153,24 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
     info = _with_retries("commit", policy, commit)
     sha = str(info.oid)
     # List at the new sha, not "main": a concurrent commit must not make a good push look bad (or vice versa).
-    entries = _with_retries("verify", policy,
-                            lambda: list(api.list_repo_tree(repo_id, recursive=True, revision=sha, repo_type="model")))
+    entries = _with_retries(
+        "verify", policy, lambda: list(api.list_repo_tree(repo_id, recursive=True, revision=sha, repo_type="model"))
+    )
     _verify(entries, local, policy, sha, exact=False)
     logger.info("pushed %d file(s) to %s at commit %s", len(local), repo_id, sha)
     return PushResult(repo_id, str(info.commit_url), {rel: f.sha256 for rel, f in local.items()}, sha)
 
 
-def pull_folder(repo_id: str, target: str | os.PathLike, *, token: str | None = None, revision: str | None = None,
-                endpoint: str | None = None, overwrite: bool = False, retry: Retry = Retry()) -> Path:
+def pull_folder(
+    repo_id: str,
+    target: str | os.PathLike,
+    *,
+    token: str | None = None,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    overwrite: bool = False,
+    retry: Retry = Retry(),
+) -> Path:
     """Download the files of model repo ``repo_id`` into ``target``, atomically and verified.
 
     The files are downloaded (``snapshot_download``) into a temporary sibling of ``target``, checked against the
@@ -186,19 +204,33 @@ def pull_folder(repo_id: str, target: str | os.PathLike, *, token: str | None = 
     api = HfApi(endpoint=_resolve_endpoint(endpoint), token=token)
     policy = _Policy("pull", repo_id, api.endpoint, retry, _secrets(token))
     # Pin one commit first, so the listing, the download and the check all see the same files.
-    sha = _with_retries("resolve revision", policy,
-                        lambda: str(api.repo_info(repo_id, revision=revision, repo_type="model").sha))
-    entries = _with_retries("list files", policy,
-                            lambda: list(api.list_repo_tree(repo_id, recursive=True, revision=sha, repo_type="model")))
+    sha = _with_retries(
+        "resolve revision", policy, lambda: str(api.repo_info(repo_id, revision=revision, repo_type="model").sha)
+    )
+    entries = _with_retries(
+        "list files", policy, lambda: list(api.list_repo_tree(repo_id, recursive=True, revision=sha, repo_type="model"))
+    )
     if not _remote_files(entries):
-        raise HubError(f"pull of repo '{repo_id}': revision {revision or 'main'} ({sha[:12]}) holds no files; "
-                       "expected an expert folder; check the repo id and revision")
+        raise HubError(
+            f"pull of repo '{repo_id}': revision {revision or 'main'} ({sha[:12]}) holds no files; "
+            "expected an expert folder; check the repo id and revision"
+        )
 
     with atomic_dir(target, overwrite) as tmp, tempfile.TemporaryDirectory(prefix="adapterfuse-hf-cache-") as cache:
         # A throwaway cache_dir: the files land in `tmp` itself and the user's HF cache stays untouched.
-        _with_retries("download", policy, lambda: snapshot_download(
-            repo_id, repo_type="model", revision=sha, local_dir=tmp, cache_dir=cache, endpoint=api.endpoint,
-            token=token))
+        _with_retries(
+            "download",
+            policy,
+            lambda: snapshot_download(
+                repo_id,
+                repo_type="model",
+                revision=sha,
+                local_dir=tmp,
+                cache_dir=cache,
+                endpoint=api.endpoint,
+                token=token,
+            ),
+        )
         # snapshot_download keeps its bookkeeping in <local_dir>/.cache/huggingface; it is not part of the repo.
         shutil.rmtree(tmp / ".cache" / "huggingface", ignore_errors=True)
         if (tmp / ".cache").is_dir() and not any((tmp / ".cache").iterdir()):
@@ -209,23 +241,34 @@ def pull_folder(repo_id: str, target: str | os.PathLike, *, token: str | None = 
 
 
 def _check_repo_id(repo_id: object) -> None:
-    expected = ("expected 'owner/name': a user or organisation, a slash, then the repo name, using letters, digits, "
-                "'-', '_' and '.' (e.g. 'my-user/sst2-lora')")
+    expected = (
+        "expected 'owner/name': a user or organisation, a slash, then the repo name, using letters, digits, "
+        "'-', '_' and '.' (e.g. 'my-user/sst2-lora')"
+    )
     if not isinstance(repo_id, str):
         raise HubError(f"repo_id {repo_id!r}: {expected}; got a {type(repo_id).__name__}")
     parts = repo_id.split("/")
     if len(parts) == 1 and _SEGMENT_RE.match(repo_id):
         raise HubError(f"repo_id {repo_id!r}: {expected}; the owner is missing, pass e.g. 'my-user/{repo_id}'")
-    if (len(parts) != 2 or not all(_SEGMENT_RE.match(p) for p in parts) or "--" in repo_id or ".." in repo_id
-            or len(parts[1]) > _MAX_NAME):
-        raise HubError(f"repo_id {repo_id!r}: {expected}, at most {_MAX_NAME} characters in the name and no '--' "
-                       "or '..'; fix the id")
+    if (
+        len(parts) != 2
+        or not all(_SEGMENT_RE.match(p) for p in parts)
+        or "--" in repo_id
+        or ".." in repo_id
+        or len(parts[1]) > _MAX_NAME
+    ):
+        raise HubError(
+            f"repo_id {repo_id!r}: {expected}, at most {_MAX_NAME} characters in the name and no '--' "
+            "or '..'; fix the id"
+        )
 
 
 def _check_retry(retry: object) -> None:
     if not isinstance(retry, Retry):
-        raise HubError(f"retry {retry!r}: expected an adapterfuse.io.hub.Retry (e.g. Retry(max_retries=4, "
-                       "backoff=1.0)); fix the argument")
+        raise HubError(
+            f"retry {retry!r}: expected an adapterfuse.io.hub.Retry (e.g. Retry(max_retries=4, "
+            "backoff=1.0)); fix the argument"
+        )
     max_retries, backoff = retry.max_retries, retry.backoff
     if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
         raise HubError(f"retry.max_retries {max_retries!r}: expected an integer >= 0 (e.g. 4); fix the argument")
@@ -238,21 +281,27 @@ def _check_online(action: str, repo_id: str) -> None:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:  # what the client's own offline check reads (set from the environment at import)
-        raise HubError(f"{action} of repo '{repo_id}': the Hugging Face client is in offline mode (HF_HUB_OFFLINE or "
-                       f"TRANSFORMERS_OFFLINE is set) and refuses every request; expected online mode; unset "
-                       f"HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to {action}")
+        raise HubError(
+            f"{action} of repo '{repo_id}': the Hugging Face client is in offline mode (HF_HUB_OFFLINE or "
+            f"TRANSFORMERS_OFFLINE is set) and refuses every request; expected online mode; unset "
+            f"HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to {action}"
+        )
 
 
 def _scan_folder(folder: str | os.PathLike) -> dict[str, _LocalFile]:
     root = Path(folder)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise HubError(f"folder {root}: {what}; expected the folder to push (e.g. an expert folder written by "
-                       "adapterfuse); check the path")
+        raise HubError(
+            f"folder {root}: {what}; expected the folder to push (e.g. an expert folder written by "
+            "adapterfuse); check the path"
+        )
     files = _hash_tree(root)
     if not files:
-        raise HubError(f"folder {root}: holds no files; expected an expert folder (adapter_config.json, "
-                       "adapter_model.safetensors, ...); check the path or train the expert first")
+        raise HubError(
+            f"folder {root}: holds no files; expected an expert folder (adapter_config.json, "
+            "adapter_model.safetensors, ...); check the path or train the expert first"
+        )
     return files
 
 
@@ -310,8 +359,11 @@ def _verify(entries: Iterable[Any], local: dict[str, _LocalFile], policy: _Polic
     """
     remote = _remote_files(entries)
     where = f"{policy.action} verification of repo '{policy.repo_id}' at commit {sha[:12]}"
-    fix = ("push again and make sure nothing else writes to the repo meanwhile" if policy.action == "push"
-           else "pull again; if it persists the remote file may be corrupt")
+    fix = (
+        "push again and make sure nothing else writes to the repo meanwhile"
+        if policy.action == "push"
+        else "pull again; if it persists the remote file may be corrupt"
+    )
     for rel, file in local.items():
         if rel not in remote:
             raise HubError(f"{where}: file '{rel}' is missing remotely; {fix}")
@@ -354,9 +406,11 @@ def _scrub(text: str, secrets: tuple[str, ...], limit: int = 240) -> str:
 def _connection_error_types() -> tuple[type[BaseException], ...]:
     """Transport-level errors of whichever HTTP stack this huggingface_hub version uses."""
     kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
-                          ("httpx", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
-                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
+        ("httpx", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+    ):
         try:
             imported = __import__(module, fromlist=list(names))
         except ImportError:
@@ -392,25 +446,37 @@ def _explain(step: str, policy: _Policy, status: int | None, connection: bool, d
     head, tries = f"{policy.action} of repo '{repo}' failed at step '{step}'", f"after {attempts} attempt(s)"
     said = f" (server said: {detail})" if detail else ""
     if status == 401:
-        return (f"{head}: HTTP 401 unauthorized{said}; the token is missing, invalid or expired: pass token=..., "
-                "set HF_TOKEN or run `hf auth login` with a valid token")
+        return (
+            f"{head}: HTTP 401 unauthorized{said}; the token is missing, invalid or expired: pass token=..., "
+            "set HF_TOKEN or run `hf auth login` with a valid token"
+        )
     if status == 403:
-        return (f"{head}: HTTP 403 forbidden{said}; check that the token has {access} permission on '{repo}' "
-                "(a token with the 'write' role for that user or organisation)")
+        return (
+            f"{head}: HTTP 403 forbidden{said}; check that the token has {access} permission on '{repo}' "
+            "(a token with the 'write' role for that user or organisation)"
+        )
     if status == 404:
-        return (f"{head}: HTTP 404 not found{said}; check the repo id (and revision), and that the token can "
-                f"see '{repo}' if it is private")
+        return (
+            f"{head}: HTTP 404 not found{said}; check the repo id (and revision), and that the token can "
+            f"see '{repo}' if it is private"
+        )
     if status == 429:
-        return (f"{head}: HTTP 429 rate limited {tries}; wait a few minutes and retry, or raise "
-                "retry.max_retries/retry.backoff")
+        return (
+            f"{head}: HTTP 429 rate limited {tries}; wait a few minutes and retry, or raise "
+            "retry.max_retries/retry.backoff"
+        )
     if status is not None and status >= 500:
-        return (f"{head}: HTTP {status} server error {tries}{said}; the Hub is having trouble: retry later, "
-                "or raise retry.max_retries/retry.backoff")
+        return (
+            f"{head}: HTTP {status} server error {tries}{said}; the Hub is having trouble: retry later, "
+            "or raise retry.max_retries/retry.backoff"
+        )
     if status is not None:
         return f"{head}: HTTP {status}{said}; check the repo id, the files and the token"
     if connection:
-        return (f"{head}: could not reach {policy.endpoint} {tries} ({detail}); check the network and "
-                "HF_ENDPOINT, then retry")
+        return (
+            f"{head}: could not reach {policy.endpoint} {tries} ({detail}); check the network and "
+            "HF_ENDPOINT, then retry"
+        )
     return f"{head}: {detail}"
 
 
@@ -429,8 +495,15 @@ def _with_retries(step: str, policy: _Policy, fn: Callable[[], T]) -> T:
         if not retryable or attempt >= policy.retry.max_retries:
             raise HubError(_explain(step, policy, status, connection, detail, attempt + 1)) from None
         delay = policy.retry.backoff * 2**attempt
-        logger.warning("%s of %s: step '%s' got %s; retrying in %.1fs (retry %d/%d)", policy.action,
-                       policy.repo_id, step, f"HTTP {status}" if status else "a connection error", delay,
-                       attempt + 1, policy.retry.max_retries)
+        logger.warning(
+            "%s of %s: step '%s' got %s; retrying in %.1fs (retry %d/%d)",
+            policy.action,
+            policy.repo_id,
+            step,
+            f"HTTP {status}" if status else "a connection error",
+            delay,
+            attempt + 1,
+            policy.retry.max_retries,
+        )
         policy.retry.sleep(delay)
         attempt += 1

@@ -77,8 +77,9 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def write_manifest(folder: Path, kind: Kind, name: str, settings: dict[str, Any] | None = None,
-                   base: dict[str, Any] | None = None) -> Manifest:
+def write_manifest(
+    folder: Path, kind: Kind, name: str, settings: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+) -> Manifest:
     """Hash every file under ``folder`` and write ``manifest.json``; call it after every other file.
 
     Args:
@@ -91,10 +92,20 @@ def write_manifest(folder: Path, kind: Kind, name: str, settings: dict[str, Any]
     Returns:
         The manifest written.
     """
-    files = [FileHash(path=p.relative_to(folder).as_posix(), sha256=sha256_file(p), size=p.stat().st_size)
-             for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST]
-    manifest = Manifest(kind=kind, format_version=FORMAT_VERSION, name=name, adapterfuse_version=__version__,
-                        base=_base(base), settings=dict(settings or {}), files=tuple(files))
+    files = [
+        FileHash(path=p.relative_to(folder).as_posix(), sha256=sha256_file(p), size=p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p != folder / MANIFEST
+    ]
+    manifest = Manifest(
+        kind=kind,
+        format_version=FORMAT_VERSION,
+        name=name,
+        adapterfuse_version=__version__,
+        base=_base(base),
+        settings=dict(settings or {}),
+        files=tuple(files),
+    )
     write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
 
@@ -122,8 +133,10 @@ def read_manifest(path: str | Path, verify: bool = True, kinds: Sequence[str] | 
     else:
         manifest = legacy_manifest(folder)
     if kinds is not None and manifest.kind not in kinds:
-        raise ExpertError(f"predictor folder {folder}: holds a predictor of kind {manifest.kind!r}, expected one of "
-                          f"{list(kinds)}; load it with adapterfuse.load_predictor(folder)")
+        raise ExpertError(
+            f"predictor folder {folder}: holds a predictor of kind {manifest.kind!r}, expected one of "
+            f"{list(kinds)}; load it with adapterfuse.load_predictor(folder)"
+        )
     check_files(folder, manifest, verify)
     return manifest
 
@@ -137,17 +150,23 @@ def check_files(folder: Path, manifest: Manifest, verify: bool = True) -> None:
     for entry in manifest.files:
         rel = PurePosixPath(entry.path)
         if rel.is_absolute() or ".." in rel.parts:
-            raise ExpertError(f"predictor folder {folder}: {MANIFEST} lists {entry.path!r}, expected a path inside "
-                              "the folder; the manifest was edited by hand, save the predictor again")
+            raise ExpertError(
+                f"predictor folder {folder}: {MANIFEST} lists {entry.path!r}, expected a path inside "
+                "the folder; the manifest was edited by hand, save the predictor again"
+            )
         file = folder.joinpath(*rel.parts)
         if not file.is_file():
-            raise ExpertError(f"predictor folder {folder}: {entry.path} is missing (listed in {MANIFEST}); the "
-                              "folder is incomplete, copy or save it again")
+            raise ExpertError(
+                f"predictor folder {folder}: {entry.path} is missing (listed in {MANIFEST}); the "
+                "folder is incomplete, copy or save it again"
+            )
         if verify:
             got = sha256_file(file)
             if got != entry.sha256:
-                raise ExpertError(f"predictor folder {folder}: {entry.path} has sha256 {got}, expected {entry.sha256} "
-                                  f"(from {MANIFEST}); the file changed after saving: {_FIX}")
+                raise ExpertError(
+                    f"predictor folder {folder}: {entry.path} has sha256 {got}, expected {entry.sha256} "
+                    f"(from {MANIFEST}); the file changed after saving: {_FIX}"
+                )
 
 
 def member_entries(folder: Path, manifest: Manifest, key: str) -> list[dict[str, Any]]:
@@ -158,12 +177,16 @@ def member_entries(folder: Path, manifest: Manifest, key: str) -> list[dict[str,
     """
     entries = manifest.settings.get(key)
     if not isinstance(entries, list) or not entries:
-        raise ExpertError(f"{manifest.kind} {folder}: the manifest's {key!r} is {entries!r}, expected a non-empty "
-                          "list; save the predictor again")
+        raise ExpertError(
+            f"{manifest.kind} {folder}: the manifest's {key!r} is {entries!r}, expected a non-empty "
+            "list; save the predictor again"
+        )
     for entry in entries:
         if not isinstance(entry, dict) or "name" not in entry or not SAFE_FOLDER.fullmatch(str(entry.get("folder"))):
-            raise ExpertError(f"{manifest.kind} {folder}: entry {entry!r} in {key!r} needs a 'name' and a plain "
-                              "'folder' name; save the predictor again")
+            raise ExpertError(
+                f"{manifest.kind} {folder}: entry {entry!r} in {key!r} needs a 'name' and a plain "
+                "'folder' name; save the predictor again"
+            )
     return entries
 
 
@@ -173,8 +196,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ExpertError(f"predictor folder {path.parent}: {path.name} is not valid JSON ({e}); {_FIX}") from None
     if not isinstance(data, dict):
-        raise ExpertError(f"predictor folder {path.parent}: {path.name} holds a {type(data).__name__}, expected an "
-                          f"object; {_FIX}")
+        raise ExpertError(
+            f"predictor folder {path.parent}: {path.name} holds a {type(data).__name__}, expected an object; {_FIX}"
+        )
     return data
 
 
@@ -182,23 +206,35 @@ def _parse(folder: Path, data: dict[str, Any]) -> Manifest:
     """Validate the manifest's JSON, refusing a newer format and an unknown kind in words first."""
     version = data.get("format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ExpertError(f"predictor folder {folder}: format_version {version}, this adapterfuse ({__version__}) "
-                          f"reads up to {FORMAT_VERSION}; upgrade adapterfuse to load it")
+        raise ExpertError(
+            f"predictor folder {folder}: format_version {version}, this adapterfuse ({__version__}) "
+            f"reads up to {FORMAT_VERSION}; upgrade adapterfuse to load it"
+        )
     if data.get("kind") not in KINDS:
-        raise ExpertError(f"predictor folder {folder}: kind {data.get('kind')!r} in {MANIFEST} is unknown; expected "
-                          f"one of {', '.join(KINDS)} (a newer adapterfuse may know it: upgrade)")
+        raise ExpertError(
+            f"predictor folder {folder}: kind {data.get('kind')!r} in {MANIFEST} is unknown; expected "
+            f"one of {', '.join(KINDS)} (a newer adapterfuse may know it: upgrade)"
+        )
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ExpertError(f"predictor folder {folder}: {MANIFEST} field {where!r}: {first['msg']} "
-                          f"({e.error_count()} problem(s)); {_FIX}") from None
+        raise ExpertError(
+            f"predictor folder {folder}: {MANIFEST} field {where!r}: {first['msg']} "
+            f"({e.error_count()} problem(s)); {_FIX}"
+        ) from None
 
 
 def _legacy(kind: Kind, name: str, settings: dict[str, Any], base: dict[str, Any] | None = None) -> Manifest:
-    return Manifest(kind=kind, format_version=FORMAT_VERSION, name=name, adapterfuse_version=__version__,
-                    base=_base(base), settings=settings)
+    return Manifest(
+        kind=kind,
+        format_version=FORMAT_VERSION,
+        name=name,
+        adapterfuse_version=__version__,
+        base=_base(base),
+        settings=settings,
+    )
 
 
 def _base(base: dict[str, Any] | None) -> BaseRecord | None:
@@ -215,12 +251,20 @@ def legacy_manifest(folder: Path) -> Manifest:
         ExpertError: no manifest and no older format's file either, or an invalid older file.
     """
     if (folder / "ensemble.json").is_file():
-        old = read_legacy(folder, "ensemble.json", "ensemble", 1, ("members", "pooling", "weights", "temperature"),
-                          "EnsemblePredictor.save", members="members")
+        old = read_legacy(
+            folder,
+            "ensemble.json",
+            "ensemble",
+            1,
+            ("members", "pooling", "weights", "temperature"),
+            "EnsemblePredictor.save",
+            members="members",
+        )
         return _legacy("ensemble", old.get("name") or "ensemble", _rest(old), old.get("base"))
     if (folder / "route.json").is_file():
-        old = read_legacy(folder, "route.json", "route", 1, ("experts", "router"), "RoutePredictor.save",
-                          members="experts")
+        old = read_legacy(
+            folder, "route.json", "route", 1, ("experts", "router"), "RoutePredictor.save", members="experts"
+        )
         kind: Kind = "arrow" if old["router"].get("kind") == "arrow" else "route"
         return _legacy(kind, old.get("name") or kind, _rest(old), old.get("base"))
     if (folder / "pe_ensemble.json").is_file():
@@ -235,12 +279,15 @@ def legacy_manifest(folder: Path) -> Manifest:
             return _legacy("oracle", "oracle", {"tasks": tasks})
     meta = _read_json(folder / "adapterfuse.json") if (folder / "adapterfuse.json").is_file() else {}
     if meta.get("kind") == "merged":
-        return _legacy("merged", f"merge:{meta.get('method')}", {"full": bool(meta.get("full_model"))},
-                       meta.get("base"))
+        return _legacy(
+            "merged", f"merge:{meta.get('method')}", {"full": bool(meta.get("full_model"))}, meta.get("base")
+        )
     if (folder / "adapter_config.json").is_file():  # an expert folder, ours or plain PEFT
         return _legacy("expert", folder.name, {}, meta.get("base"))
-    raise ExpertError(f"predictor folder {folder}: no {MANIFEST}; expected a folder written by a predictor's save() "
-                      "(a half-written folder has none); save the predictor again")
+    raise ExpertError(
+        f"predictor folder {folder}: no {MANIFEST}; expected a folder written by a predictor's save() "
+        "(a half-written folder has none); save the predictor again"
+    )
 
 
 def _rest(old: dict[str, Any]) -> dict[str, Any]:

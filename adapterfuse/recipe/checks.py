@@ -37,8 +37,9 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
     names = expert_names(recipe)
     missing = sorted(set(entry.members or []) - set(names))
     if missing:
-        raise ConfigError(f"combiner {entry.label!r}: members {missing} are not experts of this recipe; "
-                          f"expected some of {names}")
+        raise ConfigError(
+            f"combiner {entry.label!r}: members {missing} are not experts of this recipe; expected some of {names}"
+        )
     members, opts = entry.members or names, dict(entry.options)
     if entry.backend == "pe_ensemble":
         _check_pe(entry, recipe, opts)
@@ -60,12 +61,18 @@ def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> Non
     from adapterfuse.train.pe.options import parse_options
 
     if recipe.experts.paths:
-        raise ConfigError(f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "
-                          "needs the recipe to train experts; remove experts.paths or this combiner")
+        raise ConfigError(
+            f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "
+            "needs the recipe to train experts; remove experts.paths or this combiner"
+        )
     rest = {k: v for k, v in opts.items() if k not in ("kind", "members")}
     task = next(iter(recipe.tasks))
-    parse_options(opts.get("kind", "batchensemble"), opts.get("members", 4),
-                  recipe.train_config(task, recipe.experts.seeds[0]), rest)
+    parse_options(
+        opts.get("kind", "batchensemble"),
+        opts.get("members", 4),
+        recipe.train_config(task, recipe.experts.seeds[0]),
+        rest,
+    )
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -90,8 +97,10 @@ def expert_header(folder: Path) -> dict[str, Any]:
     config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for f in (config_file, weights):
         if not f.is_file():
-            raise CompatibilityError(f"expert {folder.name!r}: {f.name} not found in {folder}; expected a PEFT "
-                                     "adapter folder with safetensors weights")
+            raise CompatibilityError(
+                f"expert {folder.name!r}: {f.name} not found in {folder}; expected a PEFT "
+                "adapter folder with safetensors weights"
+            )
     meta_file = folder / "adapterfuse.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     shapes: dict[str, list[int]] = {}
@@ -103,8 +112,11 @@ def expert_header(folder: Path) -> dict[str, Any]:
                 shapes.setdefault(module, [0, 0])[1] = shape[-1]
             elif ".lora_B" in key:
                 shapes.setdefault(module, [0, 0])[0] = shape[0]
-    return {"fingerprint": (meta.get("base") or {}).get("fingerprint"),
-            "peft_type": json.loads(config_file.read_text()).get("peft_type"), "shapes": shapes}
+    return {
+        "fingerprint": (meta.get("base") or {}).get("fingerprint"),
+        "peft_type": json.loads(config_file.read_text()).get("peft_type"),
+        "shapes": shapes,
+    }
 
 
 def check_expert_headers(folders: list[Path]) -> list[dict[str, Any]]:
@@ -117,11 +129,15 @@ def check_expert_headers(folders: list[Path]) -> list[dict[str, Any]]:
     for folder, head in zip(folders[1:], headers[1:], strict=True):
         first, ref = folders[0], headers[0]
         if head["fingerprint"] and ref["fingerprint"] and head["fingerprint"] != ref["fingerprint"]:
-            raise CompatibilityError(f"experts {first.name!r} and {folder.name!r} were trained on different bases "
-                                     f"({ref['fingerprint'][:19]}… vs {head['fingerprint'][:19]}…); combine "
-                                     "experts of one base only")
+            raise CompatibilityError(
+                f"experts {first.name!r} and {folder.name!r} were trained on different bases "
+                f"({ref['fingerprint'][:19]}… vs {head['fingerprint'][:19]}…); combine "
+                "experts of one base only"
+            )
         for module in set(head["shapes"]) & set(ref["shapes"]):
             if head["shapes"][module] != ref["shapes"][module]:
-                raise CompatibilityError(f"experts {first.name!r} and {folder.name!r}: module {module} has shape "
-                                         f"{ref['shapes'][module]} vs {head['shapes'][module]}; expected one base")
+                raise CompatibilityError(
+                    f"experts {first.name!r} and {folder.name!r}: module {module} has shape "
+                    f"{ref['shapes'][module]} vs {head['shapes'][module]}; expected one base"
+                )
     return headers

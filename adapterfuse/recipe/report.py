@@ -47,22 +47,37 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     tasks = _tasks(results)
     oracle = next((r["average"] for r in results if r["predictor"] == "oracle"), None)
     front = set(pareto_front([(ms_per_input(r), r["average"]) for r in results]))
-    head = ["predictor", *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks], "average", "÷ oracle",
-            "ms/input", "passes/input", "adapter params", "fit s"]
+    head = [
+        "predictor",
+        *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks],
+        "average",
+        "÷ oracle",
+        "ms/input",
+        "passes/input",
+        "adapter params",
+        "fit s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(results):
         name = f"**{r['predictor']}**" if i in front else r["predictor"]
         cells = [name] + [f"{r['tasks'][t]['score']:.3f}" if t in r["tasks"] else "—" for t in tasks]
         norm = f"{r['average'] / oracle:.2f}" if oracle and oracle > 0 else "—"
         cost = r["cost"]
-        cells += [f"{r['average']:.3f}", norm, f"{ms_per_input(r):.1f}", f"{cost['forward_passes']:g}",
-                  f"{cost['stored_params']:,}", f"{r.get('fit_seconds', 0):.0f}"]
+        cells += [
+            f"{r['average']:.3f}",
+            norm,
+            f"{ms_per_input(r):.1f}",
+            f"{cost['forward_passes']:g}",
+            f"{cost['stored_params']:,}",
+            f"{r.get('fit_seconds', 0):.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _plot_cost(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
@@ -71,12 +86,22 @@ def _plot_cost(results: list[dict[str, Any]], path: Path, title: str) -> None:
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ref = [r["predictor"] in REFERENCES for r in results]  # baselines drawn apart from the backends
-    for is_ref, style in ((False, dict(color="tab:blue", marker="o", label="backends")),
-                          (True, dict(color="grey", marker="s", label="base zero-shot / oracle"))):
+    for is_ref, style in (
+        (False, dict(color="tab:blue", marker="o", label="backends")),
+        (True, dict(color="grey", marker="s", label="base zero-shot / oracle")),
+    ):
         xs = [p for p, flag in zip(points, ref, strict=True) if flag == is_ref]
         ax.scatter([p[0] for p in xs], [p[1] for p in xs], zorder=3, **style)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", lw=1.5, ls="--",
-            marker="o", zorder=2, label="Pareto front")
+    ax.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        color="tab:red",
+        lw=1.5,
+        ls="--",
+        marker="o",
+        zorder=2,
+        label="Pareto front",
+    )
     for (x, y), r in zip(points, results, strict=True):
         ax.annotate(r["predictor"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
@@ -95,6 +120,7 @@ def _plot_cost(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def _plot_heatmap(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -106,8 +132,9 @@ def _plot_heatmap(results: list[dict[str, Any]], path: Path, title: str) -> None
     ax.set_yticks(range(len(results)), [r["predictor"] for r in results], fontsize=8)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if value < 0.5 else "black")
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black"
+            )
     fig.colorbar(image, ax=ax, label="dev score")
     ax.set_title(title)
     fig.tight_layout()
@@ -134,8 +161,10 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
     """
     results, name = summary["results"], summary["recipe"]
     table = markdown_table(results)
-    text = (f"# {name}: results\n\nAverage of each task's official score on the test split (GLUE dev); cost "
-            "measured on this machine. Bold: on the accuracy-vs-cost Pareto front.\n\n" + table + "\n")
+    text = (
+        f"# {name}: results\n\nAverage of each task's official score on the test split (GLUE dev); cost "
+        "measured on this machine. Bold: on the accuracy-vs-cost Pareto front.\n\n" + table + "\n"
+    )
     tmp = out / f".results.md.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, out / "results.md")

@@ -67,14 +67,18 @@ def plan(recipe: Recipe, out: Path) -> list[str]:
         folder = expert_folder(recipe, out, name)
         done = (folder / "adapterfuse.json").is_file()
         finished += [folder] if done else []
-        lines.append(f"expert {name}: {'reuse' if done else 'train'} ({cfg.max_train_examples} examples, "
-                     f"{cfg.epochs:g} epoch(s), {cfg.method} r={cfg.rank})")
+        lines.append(
+            f"expert {name}: {'reuse' if done else 'train'} ({cfg.max_train_examples} examples, "
+            f"{cfg.epochs:g} epoch(s), {cfg.method} r={cfg.rank})"
+        )
     if finished:
         check_expert_headers(finished)
         lines.append(f"experts on disk: {len(finished)} compatible (one base fingerprint, matching shapes)")
     done = _finished_results(out)
-    for label in [*("base zero-shot" if b == "zero_shot" else b for b in recipe.harness.baselines),
-                  *(c.label for c in recipe.combiners)]:
+    for label in [
+        *("base zero-shot" if b == "zero_shot" else b for b in recipe.harness.baselines),
+        *(c.label for c in recipe.combiners),
+    ]:
         # The run reuses a recorded result only if its settings and the experts' weights still match.
         what = "result on disk (reused if unchanged)" if label in done else "fit and evaluate"
         lines.append(f"predictor {label}: {what}")
@@ -96,8 +100,10 @@ def _check_reused(expert: Expert, config: TrainConfig) -> None:
     changed = sorted(k for k in wanted if k in recorded and recorded[k] != wanted[k])
     if changed:
         k = changed[0]
-        raise ConfigError(f"expert {expert.name!r} at {expert.path} was trained with {k}={recorded[k]!r}, the recipe "
-                          f"asks {k}={wanted[k]!r}; delete that folder to retrain, or change the recipe")
+        raise ConfigError(
+            f"expert {expert.name!r} at {expert.path} was trained with {k}={recorded[k]!r}, the recipe "
+            f"asks {k}={wanted[k]!r}; delete that folder to retrain, or change the recipe"
+        )
 
 
 def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], log: Callable) -> list[Expert]:
@@ -135,16 +141,20 @@ class TaskwisePredictor:
     def cost(self) -> Cost:
         """Parameters and memory of all tasks' predictors; passes per input of the costliest."""
         costs = [p.cost() for p in self.by_task.values()]
-        return Cost(sum(c.stored_params for c in costs), max(c.forward_passes for c in costs),
-                    sum(c.memory_bytes for c in costs))
+        return Cost(
+            sum(c.stored_params for c in costs),
+            max(c.forward_passes for c in costs),
+            sum(c.memory_bytes for c in costs),
+        )
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Parameter-efficient ensembles are already saved under OUT/pe."""
         raise ConfigError(f"{self.name}: its ensembles are saved under the run's pe/ folder; nothing more to save")
 
 
-def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel,
-                  data: dict[str, TaskData]) -> TaskwisePredictor:
+def _pe_ensembles(
+    entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData]
+) -> TaskwisePredictor:
     from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
     from adapterfuse.train.pe.train import train_pe_ensemble
 
@@ -157,8 +167,7 @@ def _pe_ensembles(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseMod
         if (folder / MANIFEST).is_file():
             ens = PEEnsemble.load(folder)
         else:
-            ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task],
-                                    **opts)
+            ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], **opts)
         by_task[task] = ens.predictor(base)
     return TaskwisePredictor(entry.label, by_task)
 
@@ -169,8 +178,15 @@ def _options(entry: CombinerEntry) -> dict[str, Any]:
     return {**entry.options, "name": entry.label} if "name" in model.model_fields else dict(entry.options)
 
 
-def _fit(entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, library: ExpertLibrary,
-         data: dict[str, TaskData], validation: dict[str, TaskData]) -> Predictor:
+def _fit(
+    entry: CombinerEntry,
+    recipe: Recipe,
+    out: Path,
+    base: BaseModel,
+    library: ExpertLibrary,
+    data: dict[str, TaskData],
+    validation: dict[str, TaskData],
+) -> Predictor:
     if entry.backend == "pe_ensemble":
         return _pe_ensembles(entry, recipe, out, base, data)
     predictor = make_combiner(entry.backend, base, _options(entry), entry.members).fit(library, validation)
@@ -186,8 +202,9 @@ def _setting(entry: CombinerEntry) -> dict[str, Any]:
     return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
 
 
-def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe, out: str | Path, base: BaseModel | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Do everything a recipe asks, resuming what an earlier run under ``out`` finished.
 
     Args:
@@ -217,8 +234,11 @@ def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
         data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
     validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
     library = ExpertLibrary(_experts(recipe, out, base, data, log), base.fingerprint)
-    setting = _digest(h.model_dump(), {t: e.model_dump() for t, e in recipe.tasks.items()},
-                      sorted(e.weights_sha256() for e in library))
+    setting = _digest(
+        h.model_dump(),
+        {t: e.model_dump() for t, e in recipe.tasks.items()},
+        sorted(e.weights_sha256() for e in library),
+    )
     done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
@@ -239,8 +259,10 @@ def run_recipe(recipe: Recipe, out: str | Path, base: BaseModel | None = None,
             _push(recipe, label, predictor, log)
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(result) + "\n")
-        log(f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
-            f"(fit {fit_s:.0f} s)")
+        log(
+            f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
+            f"(fit {fit_s:.0f} s)"
+        )
         results.append(result)
         del predictor
         gc.collect()

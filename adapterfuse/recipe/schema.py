@@ -53,11 +53,14 @@ class ExpertsSection(_Strict):
         owned = {"method", "rank", "epochs", "max_train_examples", "seed", "validation_size"}
         clash = sorted(owned & set(value))
         if clash:
-            raise ValueError(f"experts.train sets {clash}, which the recipe sets elsewhere (experts.method/rank/"
-                             "epochs/max_train/seeds, harness.validation_size); move them there")
+            raise ValueError(
+                f"experts.train sets {clash}, which the recipe sets elsewhere (experts.method/rank/"
+                "epochs/max_train/seeds, harness.validation_size); move them there"
+            )
         if value.get("snapshots", 1) != 1:
-            raise ValueError("experts.train.snapshots: a recipe expert is one adapter; for several per task use "
-                             "experts.seeds")
+            raise ValueError(
+                "experts.train.snapshots: a recipe expert is one adapter; for several per task use experts.seeds"
+            )
         TrainConfig(**value)  # unknown keys and bad values fail here, before anything is loaded
         return value
 
@@ -154,13 +157,17 @@ class Recipe(_Strict):
         savable = {c.label for c in self.combiners if c.backend != "pe_ensemble"} | {"oracle"}
         for wanted in self.outputs.save:
             if wanted not in savable:
-                raise ValueError(f"outputs.save: predictor {wanted!r} is not a savable combiner of this recipe "
-                                 f"(pe_ensemble ones are kept under OUT/pe already); expected one of {sorted(savable)}")
+                raise ValueError(
+                    f"outputs.save: predictor {wanted!r} is not a savable combiner of this recipe "
+                    f"(pe_ensemble ones are kept under OUT/pe already); expected one of {sorted(savable)}"
+                )
         merges = {c.label for c in self.combiners if c.backend == "merge"}
         for entry in self.outputs.push:
             if entry.predictor not in merges:
-                raise ValueError(f"outputs.push: predictor {entry.predictor!r} is not a merge combiner of this recipe "
-                                 f"(only a merged adapter is pushed); expected one of {sorted(merges)}")
+                raise ValueError(
+                    f"outputs.push: predictor {entry.predictor!r} is not a merge combiner of this recipe "
+                    f"(only a merged adapter is pushed); expected one of {sorted(merges)}"
+                )
         return self
 
     def trained_experts(self) -> list[tuple[str, str, TrainConfig]]:
@@ -176,9 +183,15 @@ class Recipe(_Strict):
     def train_config(self, task: str, seed: int) -> TrainConfig:
         """The training configuration of ``task``'s expert with ``seed``."""
         entry, ex = self.tasks[task], self.experts
-        fields: dict[str, Any] = {**ex.train, "method": ex.method, "rank": ex.rank, "seed": seed,
-                                  "epochs": entry.epochs or ex.epochs, "validation_size": self.harness.validation_size,
-                                  "max_train_examples": entry.max_train or ex.max_train}
+        fields: dict[str, Any] = {
+            **ex.train,
+            "method": ex.method,
+            "rank": ex.rank,
+            "seed": seed,
+            "epochs": entry.epochs or ex.epochs,
+            "validation_size": self.harness.validation_size,
+            "max_train_examples": entry.max_train or ex.max_train,
+        }
         if entry.balance_classes is not None:
             fields["balance_classes"] = entry.balance_classes
         return TrainConfig(**fields)

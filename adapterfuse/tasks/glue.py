@@ -24,40 +24,119 @@ csv.field_size_limit(sys.maxsize)
 _YES_NO = (" no", " yes")
 _NLI2 = {"entailment": 0, "not_entailment": 1}
 _NLI_PROMPT = "Premise: {0}\nHypothesis: {1}\nDoes the premise entail the hypothesis? Answer:"
-_MNLI = dict(folder="MNLI", hub_config="mnli", hub_fields=("premise", "hypothesis"),
-             tsv_fields=("sentence1", "sentence2"), tsv_label="gold_label",
-             template="Premise: {0}\nHypothesis: {1}\nDoes the premise entail the hypothesis? "
-                      "Answer yes, maybe or no:",
-             label_words=(" yes", " maybe", " no"), metrics=("accuracy",),
-             text_labels={"entailment": 0, "neutral": 1, "contradiction": 2})
+_MNLI = dict(
+    folder="MNLI",
+    hub_config="mnli",
+    hub_fields=("premise", "hypothesis"),
+    tsv_fields=("sentence1", "sentence2"),
+    tsv_label="gold_label",
+    template="Premise: {0}\nHypothesis: {1}\nDoes the premise entail the hypothesis? Answer yes, maybe or no:",
+    label_words=(" yes", " maybe", " no"),
+    metrics=("accuracy",),
+    text_labels={"entailment": 0, "neutral": 1, "contradiction": 2},
+)
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("cola", "CoLA", "cola", ("sentence",), (3,), 1,
-             "Sentence: {0}\nIs this sentence grammatically acceptable? Answer:", _YES_NO, ("mcc",),
-             has_header=False),
-    TaskSpec("sst2", "SST-2", "sst2", ("sentence",), ("sentence",), "label",
-             "Review: {0}\nIs the sentiment negative or positive? Answer:", (" negative", " positive"),
-             ("accuracy",)),
-    TaskSpec("mrpc", "MRPC", "mrpc", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
-             "Sentence 1: {0}\nSentence 2: {1}\nDo both sentences mean the same thing? Answer:", _YES_NO,
-             ("accuracy", "f1")),
-    TaskSpec("qqp", "QQP", "qqp", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-             "Question 1: {0}\nQuestion 2: {1}\nDo both questions ask the same thing? Answer:", _YES_NO,
-             ("accuracy", "f1")),
-    TaskSpec("stsb", "STS-B", "stsb", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
-             "Sentence 1: {0}\nSentence 2: {1}\nHow similar are they, from 0 to 5? Score: ",
-             ("0", "1", "2", "3", "4", "5"), ("pearson", "spearman"), regression=True),
-    TaskSpec("rte", "RTE", "rte", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-             _NLI_PROMPT, (" yes", " no"), ("accuracy",), text_labels=_NLI2),
-    TaskSpec("wnli", "WNLI", "wnli", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-             _NLI_PROMPT, _YES_NO, ("accuracy",)),
-    TaskSpec("qnli", "QNLI", "qnli", ("question", "sentence"), ("question", "sentence"), "label",
-             "Question: {0}\nSentence: {1}\nDoes the sentence answer the question? Answer:", (" yes", " no"),
-             ("accuracy",), text_labels=_NLI2),
-    TaskSpec("mnli", test_file="dev_matched.tsv", hub_test_split="validation_matched", **_MNLI),
-    TaskSpec("mnli_mm", test_file="dev_mismatched.tsv", hub_test_split="validation_mismatched",
-             family="mnli", **_MNLI),
-]}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "cola",
+            "CoLA",
+            "cola",
+            ("sentence",),
+            (3,),
+            1,
+            "Sentence: {0}\nIs this sentence grammatically acceptable? Answer:",
+            _YES_NO,
+            ("mcc",),
+            has_header=False,
+        ),
+        TaskSpec(
+            "sst2",
+            "SST-2",
+            "sst2",
+            ("sentence",),
+            ("sentence",),
+            "label",
+            "Review: {0}\nIs the sentiment negative or positive? Answer:",
+            (" negative", " positive"),
+            ("accuracy",),
+        ),
+        TaskSpec(
+            "mrpc",
+            "MRPC",
+            "mrpc",
+            ("sentence1", "sentence2"),
+            ("#1 String", "#2 String"),
+            "Quality",
+            "Sentence 1: {0}\nSentence 2: {1}\nDo both sentences mean the same thing? Answer:",
+            _YES_NO,
+            ("accuracy", "f1"),
+        ),
+        TaskSpec(
+            "qqp",
+            "QQP",
+            "qqp",
+            ("question1", "question2"),
+            ("question1", "question2"),
+            "is_duplicate",
+            "Question 1: {0}\nQuestion 2: {1}\nDo both questions ask the same thing? Answer:",
+            _YES_NO,
+            ("accuracy", "f1"),
+        ),
+        TaskSpec(
+            "stsb",
+            "STS-B",
+            "stsb",
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            "score",
+            "Sentence 1: {0}\nSentence 2: {1}\nHow similar are they, from 0 to 5? Score: ",
+            ("0", "1", "2", "3", "4", "5"),
+            ("pearson", "spearman"),
+            regression=True,
+        ),
+        TaskSpec(
+            "rte",
+            "RTE",
+            "rte",
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            "label",
+            _NLI_PROMPT,
+            (" yes", " no"),
+            ("accuracy",),
+            text_labels=_NLI2,
+        ),
+        TaskSpec(
+            "wnli",
+            "WNLI",
+            "wnli",
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            "label",
+            _NLI_PROMPT,
+            _YES_NO,
+            ("accuracy",),
+        ),
+        TaskSpec(
+            "qnli",
+            "QNLI",
+            "qnli",
+            ("question", "sentence"),
+            ("question", "sentence"),
+            "label",
+            "Question: {0}\nSentence: {1}\nDoes the sentence answer the question? Answer:",
+            (" yes", " no"),
+            ("accuracy",),
+            text_labels=_NLI2,
+        ),
+        TaskSpec("mnli", test_file="dev_matched.tsv", hub_test_split="validation_matched", **_MNLI),
+        TaskSpec(
+            "mnli_mm", test_file="dev_mismatched.tsv", hub_test_split="validation_mismatched", family="mnli", **_MNLI
+        ),
+    ]
+}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -96,8 +175,10 @@ def _parse_label(task: TaskSpec, raw: str, where: str) -> int | float:
             return task.text_labels[raw]
         value = int(raw)
     except ValueError:
-        raise DataError(f"{where}: label {raw!r} is not valid for task {task.name}; expected "
-                        f"{sorted(task.text_labels) or 'an integer class id'}") from None
+        raise DataError(
+            f"{where}: label {raw!r} is not valid for task {task.name}; expected "
+            f"{sorted(task.text_labels) or 'an integer class id'}"
+        ) from None
     if not 0 <= value < task.n_labels:
         raise DataError(f"{where}: label {value} out of range for task {task.name}; expected 0..{task.n_labels - 1}")
     return value
@@ -112,8 +193,10 @@ def _read_tsv(task: TaskSpec, path: Path) -> list[Example]:
         try:
             cols = [header.index(c) for c in (*task.tsv_fields, task.tsv_label)]
         except ValueError:
-            raise DataError(f"{path}: header {header} lacks a column of {[*task.tsv_fields, task.tsv_label]}; "
-                            "expected the GLUE download-script layout") from None
+            raise DataError(
+                f"{path}: header {header} lacks a column of {[*task.tsv_fields, task.tsv_label]}; "
+                "expected the GLUE download-script layout"
+            ) from None
     else:
         cols = [int(c) for c in (*task.tsv_fields, task.tsv_label)]
     out = []
@@ -132,9 +215,12 @@ def _read_hub(task: TaskSpec, split: str) -> list[Example]:
     from datasets import load_dataset
 
     ds = load_dataset(HUB_DATASET, task.hub_config, split=split)
-    return [Example(tuple(row[f] for f in task.hub_fields),
-                    float(row["label"]) if task.regression else int(row["label"]), i)
-            for i, row in enumerate(ds)]
+    return [
+        Example(
+            tuple(row[f] for f in task.hub_fields), float(row["label"]) if task.regression else int(row["label"]), i
+        )
+        for i, row in enumerate(ds)
+    ]
 
 
 def read_split(task: TaskSpec, split: str, glue_dir: str | os.PathLike | None = None) -> list[Example]:
@@ -157,22 +243,31 @@ def read_split(task: TaskSpec, split: str, glue_dir: str | os.PathLike | None = 
     if root:
         path = Path(root) / task.folder / ("train.tsv" if split == "train" else task.test_file)
         if not path.is_file():
-            raise DataError(f"task {task.name}: file {path} not found; put the GLUE download-script files "
-                            f"under GLUE_DIR ({root}), or unset GLUE_DIR to download '{HUB_DATASET}' "
-                            "from the Hugging Face Hub")
+            raise DataError(
+                f"task {task.name}: file {path} not found; put the GLUE download-script files "
+                f"under GLUE_DIR ({root}), or unset GLUE_DIR to download '{HUB_DATASET}' "
+                "from the Hugging Face Hub"
+            )
         return _read_tsv(task, path)
     hub_split = "train" if split == "train" else task.hub_test_split
     try:
         return _read_hub(task, hub_split)
     except Exception as e:  # the datasets library raises many types when offline
-        raise DataError(f"task {task.name}: could not load {HUB_DATASET}/{task.hub_config} split {hub_split} "
-                        f"from the Hub ({type(e).__name__}); set GLUE_DIR to a folder with "
-                        f"{task.folder}/train.tsv and {task.folder}/{task.test_file}") from e
+        raise DataError(
+            f"task {task.name}: could not load {HUB_DATASET}/{task.hub_config} split {hub_split} "
+            f"from the Hub ({type(e).__name__}); set GLUE_DIR to a folder with "
+            f"{task.folder}/train.tsv and {task.folder}/{task.test_file}"
+        ) from e
 
 
-def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
-              max_train: int | None = None, max_test: int | None = None,
-              glue_dir: str | os.PathLike | None = None) -> TaskData:
+def load_task(
+    task: TaskSpec | str,
+    validation_size: int = 200,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    glue_dir: str | os.PathLike | None = None,
+) -> TaskData:
     """Load a task's splits: a seeded validation split carved out of train, dev as the test split.
 
     Args:
@@ -197,8 +292,10 @@ def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
             raise ConfigError(f"{what}: expected a number >= 0, got {value}")
     train = read_split(spec, "train", glue_dir)
     if validation_size >= len(train):
-        raise ConfigError(f"validation_size: {validation_size} would leave no training examples for "
-                          f"{spec.name} ({len(train)} in train); use a smaller validation_size")
+        raise ConfigError(
+            f"validation_size: {validation_size} would leave no training examples for "
+            f"{spec.name} ({len(train)} in train); use a smaller validation_size"
+        )
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     # Validation stays in the carve's shuffled order: callers fit on its first n (validation_per_task), and
@@ -207,12 +304,14 @@ def load_task(task: TaskSpec | str, validation_size: int = 200, seed: int = 0,
     validation = [train[i] for i in order[:validation_size]]
     rest = [train[i] for i in sorted(order[validation_size:])]
     test = read_split(spec, "dev", glue_dir)
-    return TaskData(spec, capped_subset(rest, max_train, seed + 1), validation,
-                    capped_subset(test, max_test, dev_subset_seed(seed)))
+    return TaskData(
+        spec, capped_subset(rest, max_train, seed + 1), validation, capped_subset(test, max_test, dev_subset_seed(seed))
+    )
 
 
-def load_held_out(task: TaskSpec | str, max_test: int | None = None, seed: int = 0,
-                  glue_dir: str | os.PathLike | None = None) -> TaskData:
+def load_held_out(
+    task: TaskSpec | str, max_test: int | None = None, seed: int = 0, glue_dir: str | os.PathLike | None = None
+) -> TaskData:
     """A held-out task: its dev split only (as ``test``), for tasks with no expert and no training data.
 
     Its train split is never read, so a task whose train file is absent (QNLI here) still loads.

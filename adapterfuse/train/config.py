@@ -36,8 +36,13 @@ class TrainConfig(BaseModel):
     balance_classes: bool = Field(False, description="weight the loss by inverse class frequency")
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
-    snapshots: int = Field(1, ge=1, le=64, description="save this many adapters along one run, each at the end of "
-                           "a cosine learning-rate cycle (snapshot ensembles); 1: one expert, linear schedule")
+    snapshots: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="save this many adapters along one run, each at the end of "
+        "a cosine learning-rate cycle (snapshot ensembles); 1: one expert, linear schedule",
+    )
     eval_batch_size: int = Field(32, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     adalora_init_r: int = Field(12, ge=1, description="AdaLoRA's initial rank per module")
@@ -50,8 +55,10 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.method == "adalora":
             if self.rank > self.adalora_init_r:
-                raise ValueError(f"rank {self.rank} > adalora_init_r {self.adalora_init_r}; AdaLoRA prunes "
-                                 "from init_r down to rank, so init_r must be at least rank")
+                raise ValueError(
+                    f"rank {self.rank} > adalora_init_r {self.adalora_init_r}; AdaLoRA prunes "
+                    "from init_r down to rank, so init_r must be at least rank"
+                )
             if self.adalora_tinit_ratio + self.adalora_tfinal_ratio >= 1:
                 raise ValueError("adalora_tinit_ratio + adalora_tfinal_ratio must be < 1 to leave steps for pruning")
         if self.snapshots > 1 and self.method == "adalora":

@@ -57,8 +57,11 @@ def _targets(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], config
 
 def _schedule(prepared: list, config: TrainConfig) -> list[tuple[int, list[int]]]:
     """Every step's (task index, rows): each task's seeded length-bucketed batches, shuffled together."""
-    steps = [(t, rows) for t, (_, encoded, _, _) in enumerate(prepared)
-             for rows in batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed + t)]
+    steps = [
+        (t, rows)
+        for t, (_, encoded, _, _) in enumerate(prepared)
+        for rows in batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed + t)
+    ]
     random.Random(config.seed).shuffle(steps)
     return steps
 
@@ -67,8 +70,13 @@ def _student(ensemble: EnsemblePredictor, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(copy.deepcopy(ensemble.base.model), lora)
     model.train()
     return model
@@ -104,9 +112,13 @@ def _identity(ensemble: EnsemblePredictor, prepared: list, config: TrainConfig) 
     targets = hashlib.sha256()
     for _, _, _, probs in prepared:
         targets.update(probs.float().contiguous().numpy().tobytes())
-    return {"tasks": [td.task.name for td, *_ in prepared], "base": ensemble.base.fingerprint,
-            "data": fingerprint_examples([e for td, *_ in prepared for e in _train_examples(td, config)]),
-            "teacher": targets.hexdigest()[:16], "config": config.model_dump(mode="json")}
+    return {
+        "tasks": [td.task.name for td, *_ in prepared],
+        "base": ensemble.base.fingerprint,
+        "data": fingerprint_examples([e for td, *_ in prepared for e in _train_examples(td, config)]),
+        "teacher": targets.hexdigest()[:16],
+        "config": config.model_dump(mode="json"),
+    }
 
 
 def _train_examples(td: TaskData, config: TrainConfig) -> list:
@@ -118,19 +130,31 @@ def _compare(student, ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData
     from adapterfuse.harness import ModelPredictor, ZeroShotPredictor, evaluate
 
     settings = dict(batch_size=config.eval_batch_size, autocast=config.autocast, max_length=config.max_length)
-    predictors = {"student": ModelPredictor("distilled", student, ensemble.base.tokenizer, **settings),
-                  "ensemble": ensemble, "base": ZeroShotPredictor(ensemble.base, **settings)}
+    predictors = {
+        "student": ModelPredictor("distilled", student, ensemble.base.tokenizer, **settings),
+        "ensemble": ensemble,
+        "base": ZeroShotPredictor(ensemble.base, **settings),
+    }
     results = {k: evaluate(p, tasks_data, "test", config.max_eval_examples) for k, p in predictors.items()}
     avg = {k: r["average"] for k, r in results.items()}
     gain = avg["ensemble"] - avg["base"]
     kept = (avg["student"] - avg["base"]) / gain if abs(gain) > 1e-12 else None
-    return results, {"test_average": avg, "kept": kept,
-                     "per_task": {k: {t: v["score"] for t, v in r["tasks"].items()} for k, r in results.items()}}
+    return results, {
+        "test_average": avg,
+        "kept": kept,
+        "per_task": {k: {t: v["score"] for t, v in r["tasks"].items()} for k, r in results.items()},
+    }
 
 
-def distill(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], out: str | Path,
-            config: TrainConfig | None = None, overwrite: bool = False, callback: Callback | None = None,
-            progress: bool = False) -> Expert:
+def distill(
+    ensemble: EnsemblePredictor,
+    tasks_data: Sequence[TaskData],
+    out: str | Path,
+    config: TrainConfig | None = None,
+    overwrite: bool = False,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Expert:
     """Train one LoRA adapter to match the pooled ensemble on the tasks' training inputs.
 
     Args:
@@ -170,30 +194,72 @@ def distill(ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], out: st
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = linear_schedule(optimizer, len(steps), int(len(steps) * config.warmup_ratio))
     objective = _DistillObjective(student, prepared, config, ensemble.base.tokenizer.pad_token_id)
-    result = run_loop(steps, Trainable(params, optimizer, scheduler), objective, config, ckpt, callback,
-                      "distill" if progress else None)
+    result = run_loop(
+        steps,
+        Trainable(params, optimizer, scheduler),
+        objective,
+        config,
+        ckpt,
+        callback,
+        "distill" if progress else None,
+    )
     student.eval()
     results, report = _compare(student, ensemble, tasks_data, config)
-    expert = _save(student, ensemble, tasks_data, config, out, overwrite, results, report,
-                   {"train_examples": sum(len(p[1]) for p in prepared), **result.summary()})
+    expert = _save(
+        student,
+        ensemble,
+        tasks_data,
+        config,
+        out,
+        overwrite,
+        results,
+        report,
+        {"train_examples": sum(len(p[1]) for p in prepared), **result.summary()},
+    )
     ckpt.clear()
     return expert
 
 
-def _save(student, ensemble: EnsemblePredictor, tasks_data: Sequence[TaskData], config: TrainConfig, out: Path,
-          overwrite: bool, results: dict[str, Any], report: dict[str, Any], run: dict[str, Any]) -> Expert:
+def _save(
+    student,
+    ensemble: EnsemblePredictor,
+    tasks_data: Sequence[TaskData],
+    config: TrainConfig,
+    out: Path,
+    overwrite: bool,
+    results: dict[str, Any],
+    report: dict[str, Any],
+    run: dict[str, Any],
+) -> Expert:
     """Write the student as an expert folder (plain PEFT LoRA plus ``adapterfuse.json``), atomically."""
     base = ensemble.base
     tasks = [td.task.name for td in tasks_data]
-    test = {f"{t}.{m}": v for t, r in results["student"]["tasks"].items() for m, v in r.items()
-            if m not in ("n", "seconds", "examples_per_s")}
-    meta = {"task": tasks[0] if len(tasks) == 1 else None, "tasks": tasks, "method": "distill", "seed": config.seed,
-            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
-            "training": {**config.model_dump(mode="json"), **run},
-            "distillation": {"teacher": {"members": ensemble.names, "pooling": ensemble.pooling,
-                                         "weights": ensemble.weights, "temperature": ensemble.temperature},
-                             "loss": "KL(ensemble || student) on the training inputs", **report},
-            "scores": {"test": test}, "versions": versions()}
+    test = {
+        f"{t}.{m}": v
+        for t, r in results["student"]["tasks"].items()
+        for m, v in r.items()
+        if m not in ("n", "seconds", "examples_per_s")
+    }
+    meta = {
+        "task": tasks[0] if len(tasks) == 1 else None,
+        "tasks": tasks,
+        "method": "distill",
+        "seed": config.seed,
+        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        "training": {**config.model_dump(mode="json"), **run},
+        "distillation": {
+            "teacher": {
+                "members": ensemble.names,
+                "pooling": ensemble.pooling,
+                "weights": ensemble.weights,
+                "temperature": ensemble.temperature,
+            },
+            "loss": "KL(ensemble || student) on the training inputs",
+            **report,
+        },
+        "scores": {"test": test},
+        "versions": versions(),
+    }
     student.peft_config["default"].base_model_name_or_path = base.spec
     with atomic_dir(out, overwrite) as tmp:
         student.save_pretrained(tmp)

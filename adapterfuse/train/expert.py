@@ -56,8 +56,6 @@ class LabelScorer(nn.Module):
         return label_logits(self.model, input_ids, attention_mask, self.label_ids)
 
 
-
-
 def orth_regularizer(model: nn.Module) -> torch.Tensor:
     """AdaLoRA's orthogonality penalty: mean ||PᵀP - I||_F over the trainable A and B factors."""
     total, count = torch.zeros(()), 0
@@ -72,17 +70,26 @@ def orth_regularizer(model: nn.Module) -> torch.Tensor:
 def _peft_config(config: TrainConfig, total_steps: int):
     from peft import AdaLoraConfig, LoraConfig
 
-    common = dict(target_modules=list(config.target_modules), lora_alpha=config.lora_alpha,
-                  lora_dropout=config.dropout, task_type="CAUSAL_LM")
+    common = dict(
+        target_modules=list(config.target_modules),
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        task_type="CAUSAL_LM",
+    )
     if config.method == "lora":
         return LoraConfig(r=config.rank, **common)
     tinit = int(total_steps * config.adalora_tinit_ratio)
     tfinal = int(total_steps * config.adalora_tfinal_ratio)
-    return AdaLoraConfig(init_r=config.adalora_init_r, target_r=config.rank, tinit=tinit, tfinal=tfinal,
-                         deltaT=config.adalora_delta_t, total_step=total_steps,
-                         orth_reg_weight=config.adalora_orth_reg, **common)
-
-
+    return AdaLoraConfig(
+        init_r=config.adalora_init_r,
+        target_r=config.rank,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=config.adalora_delta_t,
+        total_step=total_steps,
+        orth_reg_weight=config.adalora_orth_reg,
+        **common,
+    )
 
 
 def _allocator_state(peft_model: nn.Module) -> dict[str, Any]:
@@ -90,8 +97,12 @@ def _allocator_state(peft_model: nn.Module) -> dict[str, Any]:
     if alloc is None:
         return {}
     rank_pattern = peft_model.peft_config["default"].rank_pattern
-    return {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
-            "rank_pattern": rank_pattern}
+    return {
+        "ipt": alloc.ipt,
+        "exp_avg_ipt": alloc.exp_avg_ipt,
+        "exp_avg_unc": alloc.exp_avg_unc,
+        "rank_pattern": rank_pattern,
+    }
 
 
 def _restore_allocator(peft_model: nn.Module, state: dict[str, Any]) -> None:
@@ -125,7 +136,7 @@ class _ExpertObjective(Objective):
         self.trainable = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
 
     def _rows(self, batch: list[int]) -> list[int]:
-        return batch[self.rank::self.world] or batch[:1]
+        return batch[self.rank :: self.world] or batch[:1]
 
     def tokens(self, batch: list[int]) -> int:
         """Tokens of all processes' rows (each process sees its share)."""
@@ -159,9 +170,16 @@ class _ExpertObjective(Objective):
         self.snapshots = payload.get("snapshots", [])
 
 
-def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | None = None,
-                 out: str | Path | None = None, overwrite: bool = False, data: TaskData | None = None,
-                 callback: Callback | None = None, progress: bool = True) -> Expert:
+def train_expert(
+    base: BaseModel,
+    task: TaskSpec | str,
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    data: TaskData | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> Expert:
     """Train one LoRA or AdaLoRA expert for one task and save it as an expert folder.
 
     Args:
@@ -193,14 +211,7 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
         raise ConfigError("out: expected the expert folder to write, got None; pass out=PATH")
     out = check_output(out, overwrite)
     data = data or load_task(spec, config.validation_size, config.seed, config.max_train_examples)
-    train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
-    encoded = encode(spec, train, base.tokenizer, config.max_length)
-    schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
-    if config.snapshots > len(schedule):
-        raise ConfigError(f"snapshots {config.snapshots}: more than the {len(schedule)} training steps; use at most "
-                          f"{len(schedule)} or train on more examples/epochs")
-    ckpt = Checkpoint(out, {"task": spec.name, "base": base.fingerprint, "data": fingerprint_examples(train),
-                            "config": config.model_dump(mode="json")})
+    train, encoded, schedule, ckpt = _plan(base, spec, data, config, out)
     if overwrite:
         ckpt.clear()
 
@@ -212,13 +223,25 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     ends = cycle_ends(len(schedule), config.snapshots)
-    scheduler = (linear_schedule(optimizer, len(schedule), int(len(schedule) * config.warmup_ratio))
-                 if config.snapshots == 1 else cyclic_schedule(optimizer, ends))
+    scheduler = (
+        linear_schedule(optimizer, len(schedule), int(len(schedule) * config.warmup_ratio))
+        if config.snapshots == 1
+        else cyclic_schedule(optimizer, ends)
+    )
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    objective = _ExpertObjective(scorer, peft_model, spec, train, encoded, base.tokenizer.pad_token_id, config,
-                                 accelerator, ends)
-    result = run_loop(schedule, Trainable(params, optimizer, scheduler), objective, config, ckpt, callback,
-                      f"train {spec.name}" if progress else None, accelerator)
+    objective = _ExpertObjective(
+        scorer, peft_model, spec, train, encoded, base.tokenizer.pad_token_id, config, accelerator, ends
+    )
+    result = run_loop(
+        schedule,
+        Trainable(params, optimizer, scheduler),
+        objective,
+        config,
+        ckpt,
+        callback,
+        f"train {spec.name}" if progress else None,
+        accelerator,
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
         run = {"train_examples": len(train), **result.summary()}
@@ -226,8 +249,9 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
             with atomic_dir(out, overwrite) as tmp:
                 expert = _evaluate_into(peft_model, base, spec, data, config, run, tmp, out.name)
         else:
-            expert = _save_snapshots(peft_model, params, objective.snapshots, base, spec, data, config, run, out,
-                                     overwrite)
+            expert = _save_snapshots(
+                peft_model, params, objective.snapshots, base, spec, data, config, run, out, overwrite
+            )
         expert.path = out / expert.name if config.snapshots > 1 else out
         ckpt.clear()
     accelerator.wait_for_everyone()
@@ -236,9 +260,43 @@ def train_expert(base: BaseModel, task: TaskSpec | str, config: TrainConfig | No
     return Expert.load(out / f"snapshot-{config.snapshots}" if config.snapshots > 1 else out)
 
 
-def _save_snapshots(peft_model: nn.Module, trainable: dict[str, nn.Parameter], snapshots: list[dict[str, Any]],
-                    base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig, run: dict[str, Any],
-                    out: Path, overwrite: bool) -> Expert:
+def _plan(
+    base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig, out: Path
+) -> tuple[list[Example], list[list[int]], list[list[int]], Checkpoint]:
+    """The training examples, their tokens, every step's batch, and the checkpoint that can resume them.
+
+    Raises:
+        ConfigError: more snapshots than training steps.
+    """
+    train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
+    encoded = encode(spec, train, base.tokenizer, config.max_length)
+    schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
+    if config.snapshots > len(schedule):
+        raise ConfigError(
+            f"snapshots {config.snapshots}: more than the {len(schedule)} training steps; use at most "
+            f"{len(schedule)} or train on more examples/epochs"
+        )
+    identity = {
+        "task": spec.name,
+        "base": base.fingerprint,
+        "data": fingerprint_examples(train),
+        "config": config.model_dump(mode="json"),
+    }
+    return train, encoded, schedule, Checkpoint(out, identity)
+
+
+def _save_snapshots(
+    peft_model: nn.Module,
+    trainable: dict[str, nn.Parameter],
+    snapshots: list[dict[str, Any]],
+    base: BaseModel,
+    spec: TaskSpec,
+    data: TaskData,
+    config: TrainConfig,
+    run: dict[str, Any],
+    out: Path,
+    overwrite: bool,
+) -> Expert:
     """Write ``out/snapshot-1 … snapshot-N``, each a scored expert folder, in one atomic rename."""
     with atomic_dir(out, overwrite) as tmp:
         for i, snapshot in enumerate(snapshots, start=1):
@@ -246,26 +304,43 @@ def _save_snapshots(peft_model: nn.Module, trainable: dict[str, nn.Parameter], s
                 for name, tensor in snapshot.items():
                     trainable[name].copy_(tensor)
             (tmp / f"snapshot-{i}").mkdir()
-            expert = _evaluate_into(peft_model, base, spec, data, config, {**run, "snapshot": i},
-                                    tmp / f"snapshot-{i}", f"snapshot-{i}")
+            expert = _evaluate_into(
+                peft_model, base, spec, data, config, {**run, "snapshot": i}, tmp / f"snapshot-{i}", f"snapshot-{i}"
+            )
     return expert  # the last snapshot: the run's final adapter
 
 
-def _evaluate_into(peft_model: nn.Module, base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig,
-                   run: dict[str, Any], tmp: Path, name: str) -> Expert:
+def _evaluate_into(
+    peft_model: nn.Module,
+    base: BaseModel,
+    spec: TaskSpec,
+    data: TaskData,
+    config: TrainConfig,
+    run: dict[str, Any],
+    tmp: Path,
+    name: str,
+) -> Expert:
     """Score the trained adapter on validation and test, then write the expert files into ``tmp``."""
     from adapterfuse.harness import score_examples
 
     peft_model.eval()
     t0 = time.perf_counter()
     test = scored_test(data.test, config)
-    scores = {"validation": score_examples(peft_model, base.tokenizer, spec, data.validation, config)
-              if data.validation else {},
-              "test": score_examples(peft_model, base.tokenizer, spec, test, config)}
-    meta = {"task": spec.name, "method": config.method, "seed": config.seed,
-            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
-            "training": {**config.model_dump(mode="json"), **run, "eval_wall_s": round(time.perf_counter() - t0, 2)},
-            "scores": scores, "versions": versions()}
+    scores = {
+        "validation": score_examples(peft_model, base.tokenizer, spec, data.validation, config)
+        if data.validation
+        else {},
+        "test": score_examples(peft_model, base.tokenizer, spec, test, config),
+    }
+    meta = {
+        "task": spec.name,
+        "method": config.method,
+        "seed": config.seed,
+        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        "training": {**config.model_dump(mode="json"), **run, "eval_wall_s": round(time.perf_counter() - t0, 2)},
+        "scores": scores,
+        "versions": versions(),
+    }
     # Name the base by its spec (a Hub id for the default), not the local cache folder it was read from.
     peft_model.peft_config["default"].base_model_name_or_path = base.spec
     peft_model.save_pretrained(tmp)

@@ -58,8 +58,8 @@ def batch_schedule(lengths: Sequence[int], batch_size: int, epochs: float, seed:
         window = batch_size * 50
         batches: list[list[int]] = []
         for w in range(0, n, window):
-            chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(batches)
         steps += batches
         epoch += 1
@@ -69,7 +69,8 @@ def batch_schedule(lengths: Sequence[int], batch_size: int, epochs: float, seed:
 def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at step ``total``."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1)))
+    )
 
 
 def cycle_ends(total: int, cycles: int) -> list[int]:
@@ -172,9 +173,12 @@ class LoopResult:
 
     def summary(self) -> dict[str, Any]:
         """The run's numbers as trainers record them in their metadata."""
-        return {"steps": self.steps, "resumed_from_step": self.resumed_from_step,
-                "train_wall_s": round(self.wall_s, 2),
-                "train_tokens_per_s": round(self.tokens / max(self.wall_s, 1e-9), 1)}
+        return {
+            "steps": self.steps,
+            "resumed_from_step": self.resumed_from_step,
+            "train_wall_s": round(self.wall_s, 2),
+            "train_tokens_per_s": round(self.tokens / max(self.wall_s, 1e-9), 1),
+        }
 
 
 class Checkpoint:
@@ -201,14 +205,18 @@ class Checkpoint:
             return None
         saved = json.loads(state_file.read_text())["identity"]
         config, saved_config = self.identity.get("config", {}), saved.get("config", {})
-        changed = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k)
-                         and k != "config")
-        changed += [f"config.{k}" for k in sorted(set(saved_config) | set(config))
-                    if saved_config.get(k) != config.get(k)]
+        changed = sorted(
+            k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k) and k != "config"
+        )
+        changed += [
+            f"config.{k}" for k in sorted(set(saved_config) | set(config)) if saved_config.get(k) != config.get(k)
+        ]
         if changed:
-            raise ResumeError(f"checkpoint {self.dir}: was made with a different {', '.join(changed)}; expected "
-                              "the same config, base and data to resume; remove that folder (or pass "
-                              "--overwrite) to start afresh")
+            raise ResumeError(
+                f"checkpoint {self.dir}: was made with a different {', '.join(changed)}; expected "
+                "the same config, base and data to resume; remove that folder (or pass "
+                "--overwrite) to start afresh"
+            )
         return torch.load(ckpt, map_location="cpu", weights_only=True)
 
     def save(self, payload: dict[str, Any]) -> None:
@@ -237,18 +245,31 @@ def _restore(payload: dict[str, Any], trainable: Trainable, objective: Objective
 
 
 def _payload(done: int, trainable: Trainable, objective: Objective, wall_s: float, tokens: int) -> dict[str, Any]:
-    payload = {**objective.state(), "step": done,
-               "adapter": {n: p.detach().clone() for n, p in trainable.params.items()},
-               "optimizer": trainable.optimizer.state_dict(), "scheduler": trainable.scheduler.state_dict(),
-               "rng": torch.get_rng_state(), "wall_s": wall_s, "tokens": tokens}
+    payload = {
+        **objective.state(),
+        "step": done,
+        "adapter": {n: p.detach().clone() for n, p in trainable.params.items()},
+        "optimizer": trainable.optimizer.state_dict(),
+        "scheduler": trainable.scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "wall_s": wall_s,
+        "tokens": tokens,
+    }
     if torch.cuda.is_available():  # dropout on the GPU draws from its own generators
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     return payload
 
 
-def run_loop(schedule: Sequence[Any], trainable: Trainable, objective: Objective | LossFn, config: TrainConfig,
-             checkpoint: Checkpoint | None = None, callback: Callback | None = None, progress: str | None = None,
-             accelerator: Any = None) -> LoopResult:
+def run_loop(
+    schedule: Sequence[Any],
+    trainable: Trainable,
+    objective: Objective | LossFn,
+    config: TrainConfig,
+    checkpoint: Checkpoint | None = None,
+    callback: Callback | None = None,
+    progress: str | None = None,
+    accelerator: Any = None,
+) -> LoopResult:
     """Train over ``schedule`` (one batch per step), resuming from ``checkpoint`` when it holds a run.
 
     Each step: the objective's loss, backward, gradient clipping at ``config.grad_clip``, optimizer and

@@ -31,8 +31,12 @@ def _install(model: nn.Module, stacked: Stacked) -> list[str]:
     """Swap every stacked module of ``model`` for a member-weighted :class:`StackedLoRALinear`; return their names."""
     device = next(model.parameters()).device
     for module, (A, B) in stacked.items():
-        replace_linear(model, module, lambda target, a=A, b=B: StackedLoRALinear(target, a.to(device), b.to(device)),
-                       (B.shape[1], A.shape[2]))
+        replace_linear(
+            model,
+            module,
+            lambda target, a=A, b=B: StackedLoRALinear(target, a.to(device), b.to(device)),
+            (B.shape[1], A.shape[2]),
+        )
     return list(stacked)
 
 
@@ -56,8 +60,13 @@ class BatchedEnsemble:
         CompatibilityError: a module missing from the base, not linear, or of another shape.
     """
 
-    def __init__(self, model: nn.Module, members: Sequence[Expert | Deltas],
-                 names: Sequence[str] | None = None, max_rows: int = MAX_ROWS) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        members: Sequence[Expert | Deltas],
+        names: Sequence[str] | None = None,
+        max_rows: int = MAX_ROWS,
+    ) -> None:
         if max_rows < 1:
             raise ConfigError(f"max_rows: expected >= 1, got {max_rows}")
         self.max_rows = max_rows
@@ -66,8 +75,11 @@ class BatchedEnsemble:
         if hasattr(model, "get_base_model"):
             raise ConfigError("model: got a PEFT model; expected the plain base model (adapters are added here)")
         deltas = [m.deltas if isinstance(m, Expert) else m for m in members]
-        self.names = list(names) if names is not None else [
-            m.name if isinstance(m, Expert) else f"member-{i}" for i, m in enumerate(members)]
+        self.names = (
+            list(names)
+            if names is not None
+            else [m.name if isinstance(m, Expert) else f"member-{i}" for i, m in enumerate(members)]
+        )
         self.model = shared_copy(model).eval()
         self.modules = _install(self.model, stack_members(deltas, self.names))
 
@@ -82,8 +94,9 @@ class BatchedEnsemble:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def member_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      label_ids: Sequence[int]) -> torch.Tensor:
+    def member_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_ids: Sequence[int]
+    ) -> torch.Tensor:
         """Every member's next-token logits over the label words, fp32 ``[K, n, n_labels]``.
 
         Args:
@@ -94,14 +107,25 @@ class BatchedEnsemble:
         k, n = self.k, input_ids.shape[0]
         if k * n > self.max_rows and n > 1:
             step = max(1, self.max_rows // k)
-            return torch.cat([self.member_logits(input_ids[i:i + step], attention_mask[i:i + step], label_ids)
-                              for i in range(0, n, step)], dim=1)
+            return torch.cat(
+                [
+                    self.member_logits(input_ids[i : i + step], attention_mask[i : i + step], label_ids)
+                    for i in range(0, n, step)
+                ],
+                dim=1,
+            )
         return member_logits(self.model, input_ids, attention_mask, label_ids, k)
 
     @torch.no_grad()
-    def member_log_probs(self, tokenizer: PreTrainedTokenizerBase, task: TaskSpec, examples: Sequence[Example],
-                         batch_size: int = 32, autocast: bool = True,
-                         max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
+    def member_log_probs(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        task: TaskSpec,
+        examples: Sequence[Example],
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> torch.Tensor:
         """Every member's log-probabilities over the task's label words, in the input order.
 
         Args:

@@ -44,9 +44,15 @@ class MemberCache:
         return compute_metrics(self.task.metrics, predictions(self.task, probs), self.labels)["score"]
 
 
-def cache_members(batched: BatchedEnsemble, tokenizer: PreTrainedTokenizerBase, validation: Sequence[TaskData],
-                  batch_size: int = 32, autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH,
-                  max_examples: int | None = None) -> list[MemberCache]:
+def cache_members(
+    batched: BatchedEnsemble,
+    tokenizer: PreTrainedTokenizerBase,
+    validation: Sequence[TaskData],
+    batch_size: int = 32,
+    autocast: bool = True,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_examples: int | None = None,
+) -> list[MemberCache]:
     """Every member's log-probabilities on every task's validation split (one batched pass per task).
 
     Args:
@@ -68,27 +74,37 @@ def cache_members(batched: BatchedEnsemble, tokenizer: PreTrainedTokenizerBase, 
     for td in validation:
         examples = list(td.validation[:max_examples])
         if not examples:
-            raise ConfigError(f"validation: task {td.task.name} has no validation examples; expected a validation "
-                              "split carved from train (validation_size > 0)")
+            raise ConfigError(
+                f"validation: task {td.task.name} has no validation examples; expected a validation "
+                "split carved from train (validation_size > 0)"
+            )
         log_probs = batched.member_log_probs(tokenizer, td.task, examples, batch_size, autocast, max_length)
         caches.append(MemberCache(td.task, log_probs, [e.label for e in examples]))
     return caches
 
 
-def pooled_nll(pooling: str, caches: Sequence[MemberCache], weights: torch.Tensor | Sequence[float],
-               temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def pooled_nll(
+    pooling: str,
+    caches: Sequence[MemberCache],
+    weights: torch.Tensor | Sequence[float],
+    temperature: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
     """The pooled distribution's loss on the cached tasks: the mean over tasks of :func:`adapterfuse.head.task_loss`.
 
     That is the label words' cross-entropy, and for regression (STS-B) the soft-target cross-entropy
     between the two nearest score levels, exactly as experts are trained. Differentiable.
     """
-    losses = [task_loss(c.task, pooled_log_probs(pooling, c.log_probs, weights, temperature), c.labels)
-              for c in caches]
+    losses = [task_loss(c.task, pooled_log_probs(pooling, c.log_probs, weights, temperature), c.labels) for c in caches]
     return torch.stack(losses).mean()
 
 
-def pooled_score(pooling: str, caches: Sequence[MemberCache], weights: torch.Tensor | Sequence[float],
-                 temperature: float = 1.0, metric: str = "score") -> float:
+def pooled_score(
+    pooling: str,
+    caches: Sequence[MemberCache],
+    weights: torch.Tensor | Sequence[float],
+    temperature: float = 1.0,
+    metric: str = "score",
+) -> float:
     """How good the pooled distribution is on the cached tasks; higher is better.
 
     Args:

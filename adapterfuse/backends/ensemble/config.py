@@ -71,8 +71,10 @@ class EnsembleConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> EnsembleConfig:
         if isinstance(self.weights, list) and self.select is not None:
-            raise ValueError(f"weights: given weights {self.weights} cannot be combined with select={self.select!r}, "
-                             "which chooses the members; use weights='uniform' or 'learned' with a selection")
+            raise ValueError(
+                f"weights: given weights {self.weights} cannot be combined with select={self.select!r}, "
+                "which chooses the members; use weights='uniform' or 'learned' with a selection"
+            )
         return self
 
     @property
@@ -92,5 +94,7 @@ def check_ensemble(config: EnsembleConfig, names: list[str], has_validation: boo
         check_weights(config.weights, names, config.pooling)
     if config.fits and not has_validation:
         what = "weights='learned'" if config.weights == "learned" else f"select={config.select!r}"
-        raise ConfigError(f"validation: {what} needs validation data, got none; pass validation=[TaskData, ...] "
-                          "(each with a validation split), or use weights='uniform' and select=None")
+        raise ConfigError(
+            f"validation: {what} needs validation data, got none; pass validation=[TaskData, ...] "
+            "(each with a validation split), or use weights='uniform' and select=None"
+        )

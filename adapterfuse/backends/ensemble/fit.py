@@ -26,8 +26,13 @@ from adapterfuse.predictor import MultiTaskData
 from adapterfuse.tasks.spec import TaskData
 
 
-def ensemble(experts: Iterable[Expert] | ExpertLibrary, base: BaseModel, config: EnsembleConfig | None = None,
-             validation: Sequence[TaskData] | None = None, **options: Any) -> EnsemblePredictor:
+def ensemble(
+    experts: Iterable[Expert] | ExpertLibrary,
+    base: BaseModel,
+    config: EnsembleConfig | None = None,
+    validation: Sequence[TaskData] | None = None,
+    **options: Any,
+) -> EnsemblePredictor:
     """Build an ensemble of experts: pool, weigh, optionally select members on validation.
 
     Args:
@@ -58,14 +63,22 @@ def ensemble(experts: Iterable[Expert] | ExpertLibrary, base: BaseModel, config:
     settings = dict(batch_size=config.batch_size, autocast=config.autocast, max_length=config.max_length)
     if not config.fits:
         fit = resolve_weights(weights, pooling, names, temperature=temperature)
-        return EnsemblePredictor(base, members, pooling, fit.weights, fit.temperature,
-                                 name=name or _name(pooling, len(members), fit.how), info={"weights": fit.how},
-                                 **settings)
+        return EnsemblePredictor(
+            base,
+            members,
+            pooling,
+            fit.weights,
+            fit.temperature,
+            name=name or _name(pooling, len(members), fit.how),
+            info={"weights": fit.how},
+            **settings,
+        )
 
     # One batched pass over the validation split; everything below only re-pools the cached outputs.
     batched = BatchedEnsemble(base.model, members)
-    caches = cache_members(batched, base.tokenizer, validation or [], max_examples=config.max_validation_examples,
-                           **settings)
+    caches = cache_members(
+        batched, base.tokenizer, validation or [], max_examples=config.max_validation_examples, **settings
+    )
     del batched
     info: dict[str, Any] = {}
     chosen, fit = list(range(len(members))), WeightFit(uniform_weights(len(members)), temperature, "uniform")
@@ -79,12 +92,23 @@ def ensemble(experts: Iterable[Expert] | ExpertLibrary, base: BaseModel, config:
         fit = learn_weights(pooling, caches, [names[i] for i in chosen], config.seed)
         info["learned"] = fit.report
     info["weights"] = fit.how
-    info["validation"] = {"score": pooled_score(pooling, caches, fit.weights, fit.temperature),
-                          "nll": float(pooled_nll(pooling, caches, fit.weights, fit.temperature)),
-                          "tasks": [c.task.name for c in caches], "examples": sum(len(c.labels) for c in caches)}
+    info["validation"] = {
+        "score": pooled_score(pooling, caches, fit.weights, fit.temperature),
+        "nll": float(pooled_nll(pooling, caches, fit.weights, fit.temperature)),
+        "tasks": [c.task.name for c in caches],
+        "examples": sum(len(c.labels) for c in caches),
+    }
     how = f"{selection.method}+{fit.how}" if selection is not None and fit.how != selection.method else fit.how
-    return EnsemblePredictor(base, [members[i] for i in chosen], pooling, fit.weights, fit.temperature,
-                             name=name or _name(pooling, len(chosen), how), info=info, **settings)
+    return EnsemblePredictor(
+        base,
+        [members[i] for i in chosen],
+        pooling,
+        fit.weights,
+        fit.temperature,
+        name=name or _name(pooling, len(chosen), how),
+        info=info,
+        **settings,
+    )
 
 
 def ensemble_config(config: EnsembleConfig | None, options: dict[str, Any]) -> EnsembleConfig:
@@ -96,11 +120,15 @@ def ensemble_config(config: EnsembleConfig | None, options: dict[str, Any]) -> E
     if config is None:
         return validate_options(EnsembleConfig, options, "ensemble")
     if not isinstance(config, EnsembleConfig):
-        raise ConfigError(f"config: expected an EnsembleConfig or None, got {config!r}; give the options as keywords "
-                          "instead (e.g. pooling=...)")
+        raise ConfigError(
+            f"config: expected an EnsembleConfig or None, got {config!r}; give the options as keywords "
+            "instead (e.g. pooling=...)"
+        )
     if options:
-        raise ConfigError(f"ensemble: got a config and the options {sorted(options)}; give one or the other "
-                          "(config.model_copy(update=...) changes a config)")
+        raise ConfigError(
+            f"ensemble: got a config and the options {sorted(options)}; give one or the other "
+            "(config.model_copy(update=...) changes a config)"
+        )
     return config
 
 

@@ -46,8 +46,9 @@ def check_weights(weights: Sequence[float], names: Sequence[str], pooling: str) 
     check_pooling(pooling)
     values = list(weights)
     if len(values) != len(names):
-        raise ConfigError(f"weights: got {len(values)} weights for {len(names)} members {list(names)}; "
-                          "expected one weight per member")
+        raise ConfigError(
+            f"weights: got {len(values)} weights for {len(names)} members {list(names)}; expected one weight per member"
+        )
     out = []
     for name, w in zip(names, values, strict=True):
         try:
@@ -57,8 +58,10 @@ def check_weights(weights: Sequence[float], names: Sequence[str], pooling: str) 
         if not math.isfinite(w):
             raise ConfigError(f"weights: weight of member {name!r} is {w}; expected a finite number (no NaN/inf)")
         if pooling == "linear" and w < 0:
-            raise ConfigError(f"weights: weight of member {name!r} is {w}; linear pooling mixes probabilities, "
-                              "so expected weights >= 0 (use log_linear pooling for negative weights)")
+            raise ConfigError(
+                f"weights: weight of member {name!r} is {w}; linear pooling mixes probabilities, "
+                "so expected weights >= 0 (use log_linear pooling for negative weights)"
+            )
         out.append(w)
     if pooling == "linear" and sum(out) <= 0:
         raise ConfigError(f"weights: linear pooling needs a positive total weight, got {out}")
@@ -99,8 +102,9 @@ def linear(probs: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torc
     return (w * probs).sum(dim=0) / w.sum()
 
 
-def log_linear(log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float],
-               temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def log_linear(
+    log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float], temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """``softmax(Σ_k w_k log p_k / T)``: the renormalised weighted product of the members.
 
     Args:
@@ -114,8 +118,9 @@ def log_linear(log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float],
     return log_linear_log_probs(log_probs, weights, temperature).exp()
 
 
-def log_linear_log_probs(log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float],
-                         temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def log_linear_log_probs(
+    log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float], temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """Log of :func:`log_linear` (differentiable in weights and temperature)."""
     w = _column(weights, log_probs)
     # 0 · (-inf) would be NaN: a member with weight 0 must contribute nothing, however sure it is.
@@ -123,8 +128,9 @@ def log_linear_log_probs(log_probs: torch.Tensor, weights: torch.Tensor | Sequen
     return torch.log_softmax(terms.sum(dim=0) / temperature, dim=-1)
 
 
-def linear_log_probs(log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float],
-                     temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def linear_log_probs(
+    log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float], temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """Log of :func:`linear`, computed stably in log space, then tempered (``T = 1``: unchanged).
 
     Args:
@@ -142,8 +148,12 @@ def linear_log_probs(log_probs: torch.Tensor, weights: torch.Tensor | Sequence[f
     return torch.log_softmax(mixed / temperature, dim=-1)
 
 
-def pooled_log_probs(pooling: str, log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float],
-                     temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def pooled_log_probs(
+    pooling: str,
+    log_probs: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
+    temperature: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
     """The pooled log-probabilities ``[n, L]`` of ``[K, n, L]`` member log-probabilities.
 
     Raises:
@@ -154,7 +164,11 @@ def pooled_log_probs(pooling: str, log_probs: torch.Tensor, weights: torch.Tenso
     return log_linear_log_probs(log_probs, weights, temperature)
 
 
-def pool(pooling: str, log_probs: torch.Tensor, weights: torch.Tensor | Sequence[float],
-         temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def pool(
+    pooling: str,
+    log_probs: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
+    temperature: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
     """The pooled probabilities ``[n, L]`` (see :func:`pooled_log_probs`)."""
     return pooled_log_probs(pooling, log_probs, weights, temperature).exp()

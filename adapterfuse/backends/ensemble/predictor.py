@@ -72,18 +72,29 @@ class EnsemblePredictor:
         CompatibilityError / ExpertError: members not over ``base`` or not combinable.
     """
 
-    def __init__(self, base: BaseModel, experts: Sequence[Expert], pooling: str = "log_linear",
-                 weights: Sequence[float] | str | None = None, temperature: float = 1.0, batch_size: int = 32,
-                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, name: str | None = None,
-                 info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        experts: Sequence[Expert],
+        pooling: str = "log_linear",
+        weights: Sequence[float] | str | None = None,
+        temperature: float = 1.0,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        name: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
         self.pooling = check_pooling(pooling)
         self.experts = check_member_list(experts)
         names = [e.name for e in self.experts]
         if weights is None or weights == "uniform":
             weights = uniform_weights(len(self.experts))
         elif isinstance(weights, str):
-            raise ConfigError(f"weights {weights!r}: expected numbers or 'uniform' here; learn weights with "
-                              "adapterfuse.backends.ensemble.ensemble(..., weights='learned', validation=...)")
+            raise ConfigError(
+                f"weights {weights!r}: expected numbers or 'uniform' here; learn weights with "
+                "adapterfuse.backends.ensemble.ensemble(..., weights='learned', validation=...)"
+            )
         self.weights = check_weights(weights, names, self.pooling)
         self.temperature = check_temperature(temperature)
         if batch_size < 1:
@@ -102,8 +113,9 @@ class EnsemblePredictor:
 
     def member_log_probs(self, task: TaskSpec, batch: Sequence[Example]) -> torch.Tensor:
         """Every member's log-probabilities ``[K, n, n_labels]`` (one batched pass per length bucket)."""
-        return self.batched.member_log_probs(self.base.tokenizer, task, batch, self.batch_size, self.autocast,
-                                             self.max_length)
+        return self.batched.member_log_probs(
+            self.base.tokenizer, task, batch, self.batch_size, self.autocast, self.max_length
+        )
 
     def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
         """``[n, n_labels]`` pooled probabilities over the task's label words, in the input order."""
@@ -119,11 +131,17 @@ class EnsemblePredictor:
     def settings(self) -> dict[str, Any]:
         """The settings its manifest records (members and their folders, pooling, weights, temperature …)."""
         folders = _member_folders(self.names)
-        return {"members": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
-                            for e, f in zip(self.experts, folders, strict=True)],
-                "pooling": self.pooling, "weights": self.weights, "temperature": self.temperature,
-                "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
-                "info": self.info}
+        return {
+            "members": [
+                {"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
+                for e, f in zip(self.experts, folders, strict=True)
+            ],
+            "pooling": self.pooling,
+            "weights": self.weights,
+            "temperature": self.temperature,
+            "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+            "info": self.info,
+        }
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write a folder with each member's expert folder and ``manifest.json`` (kind ``ensemble``), atomically.
@@ -136,8 +154,9 @@ class EnsemblePredictor:
             for expert, entry in zip(self.experts, settings["members"], strict=True):
                 (tmp / entry["folder"]).mkdir()
                 expert.write_into(tmp / entry["folder"])
-            write_manifest(tmp, "ensemble", self.name, settings,
-                           {"spec": self.base.spec, "fingerprint": self.base.fingerprint})
+            write_manifest(
+                tmp, "ensemble", self.name, settings, {"spec": self.base.spec, "fingerprint": self.base.fingerprint}
+            )
 
     @classmethod
     def load(cls, path: str | Path, base: BaseModel, verify: bool = True, **overrides: Any) -> EnsemblePredictor:
@@ -166,8 +185,16 @@ class EnsemblePredictor:
         entries = member_entries(folder, manifest, "members")
         experts = [Expert.load(folder / m["folder"], name=m["name"]) for m in entries]
         scoring = {**settings.get("scoring", {}), **overrides}
-        return cls(base, experts, settings["pooling"], settings["weights"], settings["temperature"],
-                   name=manifest.name, info=settings.get("info"), **scoring)
+        return cls(
+            base,
+            experts,
+            settings["pooling"],
+            settings["weights"],
+            settings["temperature"],
+            name=manifest.name,
+            info=settings.get("info"),
+            **scoring,
+        )
 
 
 def _member_folders(names: Sequence[str]) -> list[str]:
@@ -177,4 +204,3 @@ def _member_folders(names: Sequence[str]) -> list[str]:
         folder = name if fsutil.SAFE_FOLDER.fullmatch(name) and name != MANIFEST else f"member-{i}"
         out.append(folder if folder not in out else f"member-{i}")
     return out
-

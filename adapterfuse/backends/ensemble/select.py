@@ -46,9 +46,13 @@ class Selection:
 
     def report(self) -> dict[str, Any]:
         """A JSON-ready summary."""
-        return {"method": self.method, "members": self.names, "weights": dict(zip(self.names, self.weights,
-                                                                                     strict=True)),
-                "validation_score": self.score, "history": self.history}
+        return {
+            "method": self.method,
+            "members": self.names,
+            "weights": dict(zip(self.names, self.weights, strict=True)),
+            "validation_score": self.score,
+            "history": self.history,
+        }
 
 
 def parse_select(spec: str | None) -> tuple[str, int] | None:
@@ -76,8 +80,10 @@ def _check(caches: Sequence[MemberCache], names: Sequence[str], pooling: str) ->
         raise ConfigError("selection: expected at least one member, got none")
     for c in caches:
         if c.log_probs.shape[0] != len(names):
-            raise ConfigError(f"selection: task {c.task.name} has outputs of {c.log_probs.shape[0]} members, "
-                              f"expected {len(names)} ({list(names)})")
+            raise ConfigError(
+                f"selection: task {c.task.name} has outputs of {c.log_probs.shape[0]} members, "
+                f"expected {len(names)} ({list(names)})"
+            )
 
 
 def single_scores(caches: Sequence[MemberCache], names: Sequence[str], metric: str = "score") -> list[float]:
@@ -90,8 +96,13 @@ def single_scores(caches: Sequence[MemberCache], names: Sequence[str], metric: s
     return out
 
 
-def greedy(caches: Sequence[MemberCache], names: Sequence[str], pooling: str = "log_linear",
-           metric: str = "score", max_steps: int = 50) -> Selection:
+def greedy(
+    caches: Sequence[MemberCache],
+    names: Sequence[str],
+    pooling: str = "log_linear",
+    metric: str = "score",
+    max_steps: int = 50,
+) -> Selection:
     """Greedy forward selection with replacement (see the module docstring).
 
     Args:
@@ -127,12 +138,14 @@ def greedy(caches: Sequence[MemberCache], names: Sequence[str], pooling: str = "
         history.append({"step": step + 1, "added": names[pick], "score": pick_score})
     chosen = list(dict.fromkeys(picks))
     total = float(counts.sum())
-    return Selection(chosen, [names[i] for i in chosen], [float(counts[i]) / total for i in chosen], best_score,
-                     "greedy", history)
+    return Selection(
+        chosen, [names[i] for i in chosen], [float(counts[i]) / total for i in chosen], best_score, "greedy", history
+    )
 
 
-def top_k(caches: Sequence[MemberCache], names: Sequence[str], k: int, pooling: str = "log_linear",
-          metric: str = "score") -> Selection:
+def top_k(
+    caches: Sequence[MemberCache], names: Sequence[str], k: int, pooling: str = "log_linear", metric: str = "score"
+) -> Selection:
     """The ``k`` best single members on validation, weighted uniformly.
 
     Args:
@@ -157,12 +170,12 @@ def top_k(caches: Sequence[MemberCache], names: Sequence[str], k: int, pooling: 
     weights[ranked] = 1.0 / len(ranked)
     score = pooled_score(pooling, caches, weights, metric=metric)
     history = [{"member": names[i], "single_score": singles[i]} for i in ranked]
-    return Selection(ranked, [names[i] for i in ranked], [1.0 / len(ranked)] * len(ranked), score,
-                     f"top{k}", history)
+    return Selection(ranked, [names[i] for i in ranked], [1.0 / len(ranked)] * len(ranked), score, f"top{k}", history)
 
 
-def select_members(spec: str | None, caches: Sequence[MemberCache], names: Sequence[str], pooling: str,
-                   metric: str = "score") -> Selection | None:
+def select_members(
+    spec: str | None, caches: Sequence[MemberCache], names: Sequence[str], pooling: str, metric: str = "score"
+) -> Selection | None:
     """Run the selection named by ``spec`` (see :func:`parse_select`); ``None`` keeps every member."""
     parsed = parse_select(spec)
     if parsed is None:

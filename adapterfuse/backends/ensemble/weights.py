@@ -61,8 +61,9 @@ def parse_weights(spec: str | Sequence[float]) -> str | list[float]:
         try:
             return [float(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise ConfigError(f"weights {spec!r}: expected 'uniform', 'learned' or comma-separated numbers "
-                              "like 0.5,0.3,0.2") from None
+            raise ConfigError(
+                f"weights {spec!r}: expected 'uniform', 'learned' or comma-separated numbers like 0.5,0.3,0.2"
+            ) from None
     if not isinstance(spec, Sequence):
         raise ConfigError(f"weights: expected 'uniform', 'learned' or a list of numbers, got {type(spec).__name__}")
     return list(spec)
@@ -70,8 +71,15 @@ def parse_weights(spec: str | Sequence[float]) -> str | list[float]:
 
 def _lbfgs(params: list[torch.Tensor], objective, max_iter: int) -> int:
     """Minimise ``objective()`` over ``params`` with L-BFGS (strong Wolfe line search); return evaluations."""
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+    )
     calls = 0
 
     def closure() -> torch.Tensor:
@@ -97,8 +105,7 @@ def _fit_linear(caches: Sequence[MemberCache], k: int, l2: float, max_iter: int)
     return torch.softmax(theta.detach(), 0).tolist(), 1.0, calls
 
 
-def _fit_log_linear(caches: Sequence[MemberCache], k: int, l2: float,
-                    max_iter: int) -> tuple[list[float], float, int]:
+def _fit_log_linear(caches: Sequence[MemberCache], k: int, l2: float, max_iter: int) -> tuple[list[float], float, int]:
     coef = torch.full((k,), 1.0 / k, requires_grad=True)
 
     def objective() -> torch.Tensor:
@@ -113,8 +120,14 @@ def _fit_log_linear(caches: Sequence[MemberCache], k: int, l2: float,
     return (c / total).tolist(), 1.0 / total, calls
 
 
-def learn_weights(pooling: str, caches: Sequence[MemberCache], names: Sequence[str], seed: int = 0,
-                  l2: float = 1e-4, max_iter: int = 200) -> WeightFit:
+def learn_weights(
+    pooling: str,
+    caches: Sequence[MemberCache],
+    names: Sequence[str],
+    seed: int = 0,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+) -> WeightFit:
     """Learn the members' weights (and, for log-linear pooling, the temperature) on cached validation outputs.
 
     Args:
@@ -138,8 +151,10 @@ def learn_weights(pooling: str, caches: Sequence[MemberCache], names: Sequence[s
     k = len(names)
     for c in caches:
         if c.log_probs.shape[0] != k:
-            raise ConfigError(f"learned weights: task {c.task.name} has outputs of {c.log_probs.shape[0]} members, "
-                              f"expected {k} ({list(names)})")
+            raise ConfigError(
+                f"learned weights: task {c.task.name} has outputs of {c.log_probs.shape[0]} members, "
+                f"expected {k} ({list(names)})"
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fit = _fit_linear if pooling == "linear" else _fit_log_linear
@@ -147,18 +162,31 @@ def learn_weights(pooling: str, caches: Sequence[MemberCache], names: Sequence[s
     with torch.no_grad():
         before = float(pooled_nll(pooling, caches, uniform_weights(k)))
         after = float(pooled_nll(pooling, caches, weights, temperature))
-    report = {"method": "lbfgs", "pooling": pooling, "seed": seed, "l2": l2, "evaluations": calls,
-              "validation_nll_uniform": before, "validation_nll_learned": after,
-              "weights": dict(zip(names, weights, strict=True)), "temperature": temperature}
+    report = {
+        "method": "lbfgs",
+        "pooling": pooling,
+        "seed": seed,
+        "l2": l2,
+        "evaluations": calls,
+        "validation_nll_uniform": before,
+        "validation_nll_learned": after,
+        "weights": dict(zip(names, weights, strict=True)),
+        "temperature": temperature,
+    }
     if not (after <= before) or not all(map(math.isfinite, [*weights, temperature])):
         report["fallback"] = "the fit did not improve on uniform weights; kept uniform"
         return WeightFit(uniform_weights(k), 1.0, "uniform", report)
     return WeightFit(weights, temperature, "learned", report)
 
 
-def resolve_weights(spec: str | Sequence[float], pooling: str, names: Sequence[str],
-                    caches: Sequence[MemberCache] | None = None, temperature: float = 1.0,
-                    seed: int = 0) -> WeightFit:
+def resolve_weights(
+    spec: str | Sequence[float],
+    pooling: str,
+    names: Sequence[str],
+    caches: Sequence[MemberCache] | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> WeightFit:
     """Turn a weights spec into weights for ``names``.
 
     Args:
@@ -181,7 +209,9 @@ def resolve_weights(spec: str | Sequence[float], pooling: str, names: Sequence[s
         return WeightFit(uniform_weights(len(names)), check_temperature(temperature), "uniform")
     if mode == "learned":
         if not caches:
-            raise ConfigError("weights 'learned': expected validation data to learn them on, got none; pass "
-                              "validation=[TaskData, ...] or use weights='uniform'")
+            raise ConfigError(
+                "weights 'learned': expected validation data to learn them on, got none; pass "
+                "validation=[TaskData, ...] or use weights='uniform'"
+            )
         return learn_weights(pooling, caches, names, seed)
     return WeightFit(check_weights(mode, names, pooling), check_temperature(temperature), "given")

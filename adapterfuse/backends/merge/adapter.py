@@ -34,9 +34,14 @@ FORMAT_VERSION = 1
 
 def expert_record(expert: Expert) -> dict[str, Any]:
     """What the merged adapter records about one source expert (name, task, hash, where it came from)."""
-    return {"name": expert.name, "task": expert.task, "peft_type": expert.peft_type,
-            "sha256": expert.weights_sha256(), "path": str(expert.path) if expert.path else None,
-            "base_fingerprint": expert.base_fingerprint}
+    return {
+        "name": expert.name,
+        "task": expert.task,
+        "peft_type": expert.peft_type,
+        "sha256": expert.weights_sha256(),
+        "path": str(expert.path) if expert.path else None,
+        "base_fingerprint": expert.base_fingerprint,
+    }
 
 
 def base_record(experts: Sequence[Expert], base: BaseModel | None) -> dict[str, Any]:
@@ -103,9 +108,16 @@ class MergedAdapter:
         return result
 
     @classmethod
-    def build(cls, result: MergeResult, experts: ExpertLibrary | Sequence[Expert], base: BaseModel | None,
-              method: str | None = None, params: dict[str, Any] | None = None,
-              search: dict[str, Any] | None = None, notes: Sequence[str] = ()) -> MergedAdapter:
+    def build(
+        cls,
+        result: MergeResult,
+        experts: ExpertLibrary | Sequence[Expert],
+        base: BaseModel | None,
+        method: str | None = None,
+        params: dict[str, Any] | None = None,
+        search: dict[str, Any] | None = None,
+        notes: Sequence[str] = (),
+    ) -> MergedAdapter:
         """Assemble a merged adapter from a merge result and the experts it merged.
 
         Args:
@@ -123,9 +135,15 @@ class MergedAdapter:
         listed = list(experts)
         shown = params if params is not None else params_json(result.params)
         all_notes = [*getattr(experts, "notes", []), *notes]
-        return cls(result=result, method=method or result.method, params=shown,
-                   sources=[expert_record(e) for e in listed], base=base_record(listed, base),
-                   search=dict(search or {}), notes=list(dict.fromkeys(all_notes)))
+        return cls(
+            result=result,
+            method=method or result.method,
+            params=shown,
+            sources=[expert_record(e) for e in listed],
+            base=base_record(listed, base),
+            search=dict(search or {}),
+            notes=list(dict.fromkeys(all_notes)),
+        )
 
     @property
     def deltas(self) -> Deltas:
@@ -159,12 +177,22 @@ class MergedAdapter:
 
     def metadata(self) -> dict[str, Any]:
         """The content of ``adapterfuse.json``."""
-        return {"format_version": FORMAT_VERSION, "kind": "merged", "method": self.method,
-                "merged_with": self.result.method, "params": self.params, "sources": self.sources,
-                "base": self.base, "truncation_error": {"overall": self.overall_error,
-                                                        "per_module": self.per_module_error},
-                "coverage": self.coverage, "search": self.search, "notes": self.notes, "evaluation": self.evaluation,
-                "adapter_params": self.num_params, "versions": versions()}
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "merged",
+            "method": self.method,
+            "merged_with": self.result.method,
+            "params": self.params,
+            "sources": self.sources,
+            "base": self.base,
+            "truncation_error": {"overall": self.overall_error, "per_module": self.per_module_error},
+            "coverage": self.coverage,
+            "search": self.search,
+            "notes": self.notes,
+            "evaluation": self.evaluation,
+            "adapter_params": self.num_params,
+            "versions": versions(),
+        }
 
     def attach(self, model: torch.nn.Module, copy_base: bool = True):
         """The merged adapter on ``model`` as a ``PeftModel`` in eval mode (the base is copied first)."""
@@ -187,8 +215,14 @@ class MergedAdapter:
             CompatibilityError: if ``base`` is not the base the experts recorded.
         """
         self.check_base(base)
-        return MergedPredictor(self, name or f"merge:{self.method}", self.attach(base.model), base.tokenizer,
-                               stored_params=self.num_params, **kwargs)
+        return MergedPredictor(
+            self,
+            name or f"merge:{self.method}",
+            self.attach(base.model),
+            base.tokenizer,
+            stored_params=self.num_params,
+            **kwargs,
+        )
 
     def check_base(self, base: BaseModel) -> None:
         """Refuse a base whose fingerprint differs from the recorded one (when both are known).
@@ -198,12 +232,20 @@ class MergedAdapter:
         """
         want = self.base.get("fingerprint")
         if want and base.fingerprint and want != base.fingerprint:
-            raise CompatibilityError(f"merged adapter: base fingerprint {base.fingerprint[:19]}… differs from the "
-                                     f"experts' base {want[:19]}…; load the base the experts were trained on")
+            raise CompatibilityError(
+                f"merged adapter: base fingerprint {base.fingerprint[:19]}… differs from the "
+                f"experts' base {want[:19]}…; load the base the experts were trained on"
+            )
 
-    def save_pretrained(self, path: str | Path, overwrite: bool = False, full: bool = False,
-                        base: BaseModel | None = None, name: str | None = None,
-                        scoring: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        path: str | Path,
+        overwrite: bool = False,
+        full: bool = False,
+        base: BaseModel | None = None,
+        name: str | None = None,
+        scoring: dict[str, Any] | None = None,
+    ) -> Path:
         """Write the merged adapter (or, with ``full``, the merged full model) atomically.
 
         The folder is a plain PEFT adapter folder (or transformers model folder) plus ``adapterfuse.json``,
@@ -249,8 +291,9 @@ class MergedAdapter:
         merged.save_pretrained(folder)
         base.tokenizer.save_pretrained(folder)
 
-    def push_to_hub(self, repo_id: str, token: str | None = None, full: bool = False,
-                    base: BaseModel | None = None, **kwargs: Any):
+    def push_to_hub(
+        self, repo_id: str, token: str | None = None, full: bool = False, base: BaseModel | None = None, **kwargs: Any
+    ):
         """Save to a temporary folder and push it with :func:`adapterfuse.io.hub.push_folder`.
 
         Args:
@@ -272,22 +315,38 @@ class MergedAdapter:
         """A Markdown model card naming the sources, method, parameters and errors."""
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()) if v is not None)
         fp = str(self.base.get("fingerprint"))
-        lines = ["---", f"library_name: {'transformers' if full else 'peft'}", f"base_model: {self.base.get('spec')}",
-                 "tags: [adapterfuse, lora, merge]", "---", "", f"# merged adapter ({self.method})", "",
-                 f"{'A full model with' if full else 'A LoRA adapter holding'} the merge of {len(self.sources)} "
-                 f"expert{'s' * (len(self.sources) != 1)} by `{self.method}` (maths: `{self.result.method}`), "
-                 "made with adapterfuse.", "",
-                 f"- base: `{self.base.get('spec')}` (fingerprint `{fp[:23]}…`)", f"- parameters: {params}",
-                 f"- adapter parameters: {self.num_params:,}",
-                 f"- relative truncation error (Frobenius, all modules): {self.overall_error:.3e}",
-                 f"- worst module: {self._worst_module()}", "", "## Sources", ""]
-        lines += [f"- `{s['name']}` (task {s['task']}, {s['peft_type']}, sha256 `{s['sha256'][:16]}…`)"
-                  for s in self.sources]
+        lines = [
+            "---",
+            f"library_name: {'transformers' if full else 'peft'}",
+            f"base_model: {self.base.get('spec')}",
+            "tags: [adapterfuse, lora, merge]",
+            "---",
+            "",
+            f"# merged adapter ({self.method})",
+            "",
+            f"{'A full model with' if full else 'A LoRA adapter holding'} the merge of {len(self.sources)} "
+            f"expert{'s' * (len(self.sources) != 1)} by `{self.method}` (maths: `{self.result.method}`), "
+            "made with adapterfuse.",
+            "",
+            f"- base: `{self.base.get('spec')}` (fingerprint `{fp[:23]}…`)",
+            f"- parameters: {params}",
+            f"- adapter parameters: {self.num_params:,}",
+            f"- relative truncation error (Frobenius, all modules): {self.overall_error:.3e}",
+            f"- worst module: {self._worst_module()}",
+            "",
+            "## Sources",
+            "",
+        ]
+        lines += [
+            f"- `{s['name']}` (task {s['task']}, {s['peft_type']}, sha256 `{s['sha256'][:16]}…`)" for s in self.sources
+        ]
         lines += self._search_lines()
         lines += [f"- note: {n}" for n in self.notes]
-        usage = ("from transformers import AutoModelForCausalLM",
-                 "model = AutoModelForCausalLM.from_pretrained('PATH')") if full else (
-                 "from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')")
+        usage = (
+            ("from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained('PATH')")
+            if full
+            else ("from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')")
+        )
         if self.evaluation:
             from adapterfuse.harness import results_table
 
@@ -311,13 +370,19 @@ class MergedAdapter:
         soup = self.search.get("soup")
         if soup:
             out += ["", "## Greedy soup", "", f"- kept: {', '.join(soup['kept'])}"]
-            out += [f"- `{c['name']}`: alone {c['alone']:.4f}, soup with it "
-                    f"{'—' if c['with'] is None else format(c['with'], '.4f')}, {'kept' if c['kept'] else 'dropped'}"
-                    for c in soup["candidates"]]
+            out += [
+                f"- `{c['name']}`: alone {c['alone']:.4f}, soup with it "
+                f"{'—' if c['with'] is None else format(c['with'], '.4f')}, {'kept' if c['kept'] else 'dropped'}"
+                for c in soup["candidates"]
+            ]
         learned = self.search.get("learned")
         if learned:
-            out += ["", f"## Learned weights ({learned['mode']})", "",
-                    f"- validation loss: uniform {learned['loss_uniform']:.4f} -> learned {learned['loss']:.4f}"]
+            out += [
+                "",
+                f"## Learned weights ({learned['mode']})",
+                "",
+                f"- validation loss: uniform {learned['loss_uniform']:.4f} -> learned {learned['loss']:.4f}",
+            ]
             out += [f"- `{n}`: {_shown(w)}" for n, w in learned["weights"].items()]
         return out
 

@@ -29,9 +29,15 @@ from adapterfuse.library import ExpertLibrary, count_experts, load_library
 from adapterfuse.tasks.spec import TaskData
 
 
-def merge(experts: Any, config: MergeConfig | None = None, *, base: BaseModel | None = None,
-          validation: Sequence[TaskData] | dict[str, TaskData] | None = None, allow_pickle: bool = False,
-          **options: Any) -> MergedAdapter:
+def merge(
+    experts: Any,
+    config: MergeConfig | None = None,
+    *,
+    base: BaseModel | None = None,
+    validation: Sequence[TaskData] | dict[str, TaskData] | None = None,
+    allow_pickle: bool = False,
+    **options: Any,
+) -> MergedAdapter:
     """Merge experts into one adapter.
 
     Args:
@@ -77,17 +83,26 @@ def merge_config(config: MergeConfig | None, options: dict[str, Any]) -> MergeCo
     if config is None:
         return validate_options(MergeConfig, options, "merge")
     if not isinstance(config, MergeConfig):
-        raise ConfigError(f"config: expected a MergeConfig or None, got {config!r}; give the options as keywords "
-                          "instead (e.g. method=...)")
+        raise ConfigError(
+            f"config: expected a MergeConfig or None, got {config!r}; give the options as keywords "
+            "instead (e.g. method=...)"
+        )
     if options:
-        raise ConfigError(f"merge: got a config and the options {sorted(options)}; give one or the other "
-                          "(config.model_copy(update=...) changes a config)")
+        raise ConfigError(
+            f"merge: got a config and the options {sorted(options)}; give one or the other "
+            "(config.model_copy(update=...) changes a config)"
+        )
     return config
 
 
-def _registry_merge(library: ExpertLibrary, config: MergeConfig, base: BaseModel | None,
-                    tasks: list[TaskData] | None, grid: tuple[float, ...] | None,
-                    options: EvalOptions) -> MergedAdapter:
+def _registry_merge(
+    library: ExpertLibrary,
+    config: MergeConfig,
+    base: BaseModel | None,
+    tasks: list[TaskData] | None,
+    grid: tuple[float, ...] | None,
+    options: EvalOptions,
+) -> MergedAdapter:
     """Run a registry method, choosing λ on validation data when asked."""
     deltas = [e.deltas for e in library]
 

@@ -48,8 +48,10 @@ class UniformParams(MergeParams):
         if weights is not None:
             bad = [i for i, w in enumerate(weights) if w < 0]
             if bad:
-                raise ValueError(f"uniform averages, so weights must be >= 0; weights{bad} are negative "
-                                 "(use task_arithmetic for negative weights)")
+                raise ValueError(
+                    f"uniform averages, so weights must be >= 0; weights{bad} are negative "
+                    "(use task_arithmetic for negative weights)"
+                )
             if weights and sum(weights) <= 0:
                 raise ValueError("uniform weights must have a positive sum, got all zeros")
         return weights
@@ -58,8 +60,7 @@ class UniformParams(MergeParams):
 class LinearParams(MergeParams):
     """Parameters of ``task_arithmetic``: adds ``lambda``, the scale of the summed task vectors."""
 
-    lam: float = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"),
-                       serialization_alias="lambda")
+    lam: float = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"), serialization_alias="lambda")
 
 
 class TiesParams(LinearParams):
@@ -119,10 +120,13 @@ def parse_params(method: str, model: type[MergeParams], raw: dict[str, Any]) -> 
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{_where(e['loc']) or 'parameters'}: {e['msg']} (got {e['input']!r})"
-                             for e in exc.errors())
-        raise ConfigError(f"merge method {method!r}: invalid parameters: {problems}. "
-                          f"Accepted parameters: {', '.join(param_names(model))}") from None
+        problems = "; ".join(
+            f"{_where(e['loc']) or 'parameters'}: {e['msg']} (got {e['input']!r})" for e in exc.errors()
+        )
+        raise ConfigError(
+            f"merge method {method!r}: invalid parameters: {problems}. "
+            f"Accepted parameters: {', '.join(param_names(model))}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,7 @@ def pooled_error(parts: list[Truncation]) -> float:
     Returns:
         ``sqrt(sum (error * norm)^2 / sum norm^2)``, 0 when every norm is 0.
     """
-    total = sum(t.norm ** 2 for t in parts)
+    total = sum(t.norm**2 for t in parts)
     if total <= 0.0:
         return 0.0
     return math.sqrt(sum((t.error * t.norm) ** 2 for t in parts) / total)

@@ -79,8 +79,10 @@ class MergeConfig(BaseModel):
         given = own.get("params", {})
         if isinstance(given, MergeParams):
             if rest or type(given) is not model:
-                raise ValueError(f"params: expected {model.__name__} for method {method!r} and no other "
-                                 f"parameters, got {type(given).__name__} and {sorted(rest)}")
+                raise ValueError(
+                    f"params: expected {model.__name__} for method {method!r} and no other "
+                    f"parameters, got {type(given).__name__} and {sorted(rest)}"
+                )
             return own
         if not isinstance(given, dict):
             raise ValueError(f"params: expected a mapping of parameters, got {type(given).__name__}")
@@ -109,5 +111,6 @@ def check_merge(config: MergeConfig, n_experts: int) -> None:
     """
     got = getattr(config.params, "weights", None)
     if got is not None and len(got) != n_experts:
-        raise ConfigError(f"got {len(got)} weights for {n_experts} experts; give exactly one weight per expert "
-                          "(or none)")
+        raise ConfigError(
+            f"got {len(got)} weights for {n_experts} experts; give exactly one weight per expert (or none)"
+        )

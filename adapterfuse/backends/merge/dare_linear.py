@@ -63,8 +63,9 @@ def dropped_stack(job: ModuleJob, params: DareParams) -> torch.Tensor:
     Returns:
         ``[K, out, in]`` fp32 stack, unweighted.
     """
-    return torch.stack([dare_drop(d.dense(), params.density, mask_generator(params.seed, job.module, d))
-                        for d in job.deltas])
+    return torch.stack(
+        [dare_drop(d.dense(), params.density, mask_generator(params.seed, job.module, d)) for d in job.deltas]
+    )
 
 
 def merge_module(job: ModuleJob, params: DareParams) -> Truncation:

@@ -143,8 +143,9 @@ def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor, weights: torch.Tenso
         CompatibilityError: if ``weights`` does not have one entry per expert.
     """
     if weights.shape != (deltas.shape[0],):
-        raise CompatibilityError(f"weights must have shape ({deltas.shape[0]},), one per expert, "
-                                 f"got {tuple(weights.shape)}")
+        raise CompatibilityError(
+            f"weights must have shape ({deltas.shape[0]},), one per expert, got {tuple(weights.shape)}"
+        )
     return agreeing_mean_(deltas * weights.to(deltas).reshape(-1, *([1] * (deltas.dim() - 1))), sign)
 
 

@@ -72,8 +72,13 @@ class AdapterHost:
             self._config = config
         return self._model
 
-    def score(self, state: dict[str, torch.Tensor], config: dict[str, Any], validation: Sequence[TaskData],
-              name: str = "candidate") -> float:
+    def score(
+        self,
+        state: dict[str, torch.Tensor],
+        config: dict[str, Any],
+        validation: Sequence[TaskData],
+        name: str = "candidate",
+    ) -> float:
         """The average validation ``score`` of an adapter over the tasks.
 
         Args:
@@ -86,8 +91,9 @@ class AdapterHost:
             The mean over tasks of each task's ``score`` (the mean of its official metrics).
         """
         model = self.load(state, config)
-        predictor = ModelPredictor(name, model, self.base.tokenizer, batch_size=self.options.batch_size,
-                                   autocast=self.options.autocast)
+        predictor = ModelPredictor(
+            name, model, self.base.tokenizer, batch_size=self.options.batch_size, autocast=self.options.autocast
+        )
         return float(evaluate(predictor, validation, split="validation")["average"])
 
 
@@ -108,20 +114,25 @@ def check_validation(validation: Any, base: BaseModel | None, method: str, requi
     """
     if validation is None:
         if required:
-            raise ConfigError(f"merge method {method!r} fits on validation data: pass validation=[TaskData, ...] "
-                              "and base= (CLI: --tasks and --base)")
+            raise ConfigError(
+                f"merge method {method!r} fits on validation data: pass validation=[TaskData, ...] "
+                "and base= (CLI: --tasks and --base)"
+            )
         return None
     tasks = list(validation.values()) if isinstance(validation, dict) else list(validation)
     if not tasks or not all(isinstance(t, TaskData) for t in tasks):
-        raise ConfigError(f"validation: expected a non-empty list of TaskData, got {type(validation).__name__} "
-                          f"of {sorted({type(t).__name__ for t in tasks})}")
+        raise ConfigError(
+            f"validation: expected a non-empty list of TaskData, got {type(validation).__name__} "
+            f"of {sorted({type(t).__name__ for t in tasks})}"
+        )
     empty = [t.task.name for t in tasks if not t.validation]
     if empty:
-        raise ConfigError(f"validation: tasks {empty} have no validation examples; load them with "
-                          "validation_size > 0")
+        raise ConfigError(f"validation: tasks {empty} have no validation examples; load them with validation_size > 0")
     if base is None:
-        raise ConfigError(f"merge method {method!r}: validation data is scored on the base model, so base= is "
-                          "needed too (CLI: --base)")
+        raise ConfigError(
+            f"merge method {method!r}: validation data is scored on the base model, so base= is "
+            "needed too (CLI: --base)"
+        )
     return tasks
 
 
@@ -137,9 +148,13 @@ def check_grid(grid: Sequence[float] | None) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def search_lambda(merge_at: Callable[[float], MergeResult], to_files: Callable[[MergeResult], tuple[Any, Any]],
-                  host: AdapterHost, validation: Sequence[TaskData],
-                  grid: Sequence[float] = DEFAULT_GRID) -> tuple[MergeResult, dict[str, Any]]:
+def search_lambda(
+    merge_at: Callable[[float], MergeResult],
+    to_files: Callable[[MergeResult], tuple[Any, Any]],
+    host: AdapterHost,
+    validation: Sequence[TaskData],
+    grid: Sequence[float] = DEFAULT_GRID,
+) -> tuple[MergeResult, dict[str, Any]]:
     """Choose λ on the grid by the merged adapter's average validation score.
 
     Args:
@@ -162,6 +177,11 @@ def search_lambda(merge_at: Callable[[float], MergeResult], to_files: Callable[[
         scores.append(host.score(state, config, validation, name=f"lambda={lam:g}"))
         results.append(result)
     best = max(range(len(grid)), key=lambda i: (scores[i], -abs(grid[i] - 1.0), -grid[i]))
-    record = {"grid": list(grid), "scores": scores, "chosen": grid[best],
-              "criterion": "average validation score", "tasks": [t.task.name for t in validation]}
+    record = {
+        "grid": list(grid),
+        "scores": scores,
+        "chosen": grid[best],
+        "criterion": "average validation score",
+        "tasks": [t.task.name for t in validation],
+    }
     return results[best], record

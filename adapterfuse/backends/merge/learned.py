@@ -120,14 +120,18 @@ class RankWeightedModel:
         self.model = Expert(name="weighted", config=config, state_dict=state).attach(base.model)
         self.model.requires_grad_(False)
         inner = self.model.base_model.model
-        self._hooks = [inner.get_submodule(m).lora_B["default"].register_forward_pre_hook(self._scaler(idx))
-                       for m, idx in index.items()]
+        self._hooks = [
+            inner.get_submodule(m).lora_B["default"].register_forward_pre_hook(self._scaler(idx))
+            for m, idx in index.items()
+        ]
 
     def _scaler(self, index: torch.Tensor):
         """A pre-hook scaling the rank-space input of one ``lora_B`` by the weights of its rank slots."""
+
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             scale = self.weights.reshape(-1)[index.to(args[0].device)]
             return (args[0] * scale.to(args[0].dtype), *args[1:])
+
         return hook
 
     def set(self, weights: torch.Tensor) -> None:
@@ -183,8 +187,9 @@ def validation_loss(wm: RankWeightedModel, batches: Sequence[Batch], autocast: b
     return sum(sums[t] / counts[t] for t in sums) / len(sums)
 
 
-def fit_gradient(wm: RankWeightedModel, batches: Sequence[Batch], params: LearnedParams,
-                 autocast: bool) -> dict[str, object]:
+def fit_gradient(
+    wm: RankWeightedModel, batches: Sequence[Batch], params: LearnedParams, autocast: bool
+) -> dict[str, object]:
     """Adam on the weights over seeded shuffles of the validation batches.
 
     Returns:
@@ -209,8 +214,9 @@ def fit_gradient(wm: RankWeightedModel, batches: Sequence[Batch], params: Learne
     return {"loss_uniform": start, "loss": best, "history": history}
 
 
-def fit_gradient_free(wm: RankWeightedModel, batches: Sequence[Batch], params: LearnedParams,
-                      autocast: bool) -> dict[str, object]:
+def fit_gradient_free(
+    wm: RankWeightedModel, batches: Sequence[Batch], params: LearnedParams, autocast: bool
+) -> dict[str, object]:
     """A seeded (1+4) evolution strategy with step-size adaptation, LoraHub's L1 penalty and box.
 
     Returns:
@@ -230,8 +236,10 @@ def fit_gradient_free(wm: RankWeightedModel, batches: Sequence[Batch], params: L
     loss_parent, evals, sigma, history = start, 1, params.lr * 4, [start]
     while evals < params.steps:
         n = min(4, params.steps - evals)
-        children = [(parent + sigma * torch.randn(parent.shape, generator=gen)).clamp(-params.bound, params.bound)
-                    for _ in range(n)]
+        children = [
+            (parent + sigma * torch.randn(parent.shape, generator=gen)).clamp(-params.bound, params.bound)
+            for _ in range(n)
+        ]
         scored = [(*evaluate(c), j) for j, c in enumerate(children)]
         evals += n
         f_child, loss_child, j = min(scored)
@@ -243,12 +251,12 @@ def fit_gradient_free(wm: RankWeightedModel, batches: Sequence[Batch], params: L
             sigma *= 0.7
         history.append(loss_parent)
     wm.set(parent)
-    return {"loss_uniform": start, "loss": loss_parent, "objective": f_parent, "evaluations": evals,
-            "history": history}
+    return {"loss_uniform": start, "loss": loss_parent, "objective": f_parent, "evaluations": evals, "history": history}
 
 
-def final_merge(experts: Sequence[Deltas], weights: torch.Tensor, groups: list[str],
-                params: LearnedParams) -> MergeResult:
+def final_merge(
+    experts: Sequence[Deltas], weights: torch.Tensor, groups: list[str], params: LearnedParams
+) -> MergeResult:
     """``task_arithmetic`` (λ = 1) at the learned weights.
 
     Per-expert weights go to the registry as weights. Per-layer weights scale each expert's ``B`` in
@@ -256,10 +264,13 @@ def final_merge(experts: Sequence[Deltas], weights: torch.Tensor, groups: list[s
     """
     w = weights.detach().double()
     if not params.per_layer:
-        return merge_deltas(list(experts), "task_arithmetic", weights=w[:, 0].tolist(), rank=params.rank,
-                            seed=params.seed, lam=1.0)
-    scaled = [{m: LowRank(d.A, d.B * float(w[i, groups.index(layer_key(m))])) for m, d in e.items()}
-              for i, e in enumerate(experts)]
+        return merge_deltas(
+            list(experts), "task_arithmetic", weights=w[:, 0].tolist(), rank=params.rank, seed=params.seed, lam=1.0
+        )
+    scaled = [
+        {m: LowRank(d.A, d.B * float(w[i, groups.index(layer_key(m))])) for m, d in e.items()}
+        for i, e in enumerate(experts)
+    ]
     return merge_deltas(scaled, "task_arithmetic", rank=params.rank, seed=params.seed, lam=1.0)
 
 
@@ -271,8 +282,9 @@ def weights_record(names: Sequence[str], weights: torch.Tensor, groups: list[str
     return {n: {g: float(w[i, j]) for j, g in enumerate(groups)} for i, n in enumerate(names)}
 
 
-def run(library: ExpertLibrary, params: LearnedParams, base: BaseModel, tasks: list[TaskData],
-        options: EvalOptions) -> MergedAdapter:
+def run(
+    library: ExpertLibrary, params: LearnedParams, base: BaseModel, tasks: list[TaskData], options: EvalOptions
+) -> MergedAdapter:
     """Learn the merge weights and return the merge at them (the runner registered as ``learned``).
 
     Args:
@@ -295,13 +307,20 @@ def run(library: ExpertLibrary, params: LearnedParams, base: BaseModel, tasks: l
     finally:
         wm.close()
     names = [e.name for e in library]
-    record = {"mode": params.mode, "per_layer": params.per_layer, "groups": wm.groups,
-              "weights": weights_record(names, weights, wm.groups, params.per_layer),
-              "mean_weights": {n: float(weights[i].mean()) for i, n in enumerate(names)},
-              "criterion": "validation loss", "tasks": [t.task.name for t in tasks], **record}
+    record = {
+        "mode": params.mode,
+        "per_layer": params.per_layer,
+        "groups": wm.groups,
+        "weights": weights_record(names, weights, wm.groups, params.per_layer),
+        "mean_weights": {n: float(weights[i].mean()) for i, n in enumerate(names)},
+        "criterion": "validation loss",
+        "tasks": [t.task.name for t in tasks],
+        **record,
+    }
     result = final_merge(experts, weights, wm.groups, params)
-    return MergedAdapter.build(result, library, base, method="learned", params=params_json(params),
-                               search={"learned": record})
+    return MergedAdapter.build(
+        result, library, base, method="learned", params=params_json(params), search={"learned": record}
+    )
 
 
 METHOD = SearchMethod(

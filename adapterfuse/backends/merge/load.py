@@ -47,20 +47,32 @@ def adapter_from_manifest(folder: Path, manifest: Manifest) -> MergedAdapter:
         ExpertError: a full model folder (no adapter to read) or unreadable files.
     """
     if manifest.settings.get("full"):
-        raise ExpertError(f"merged adapter {folder}: holds a full merged model, not an adapter; load it with "
-                          "adapterfuse.load_predictor(folder) or transformers' from_pretrained")
+        raise ExpertError(
+            f"merged adapter {folder}: holds a full merged model, not an adapter; load it with "
+            "adapterfuse.load_predictor(folder) or transformers' from_pretrained"
+        )
     expert = Expert.load(folder)
     meta = expert.meta
     names = [s.get("name") for s in meta.get("sources", [])]
     errors = meta.get("truncation_error", {})
-    result = MergeResult(method=meta["merged_with"], params=_result_params(meta, manifest.settings),
-                         deltas=deltas_from_peft(expert.state_dict, expert.config, expert.name),
-                         per_module_error=dict(errors.get("per_module", {})),
-                         overall_error=float(errors.get("overall", 0.0)),
-                         coverage={m: [names.index(n) for n in ns] for m, ns in meta.get("coverage", {}).items()})
-    return MergedAdapter(result=result, method=meta["method"], params=meta.get("params", {}),
-                         sources=meta.get("sources", []), base=meta.get("base", {}), search=meta.get("search", {}),
-                         notes=meta.get("notes", []), evaluation=meta.get("evaluation", []))
+    result = MergeResult(
+        method=meta["merged_with"],
+        params=_result_params(meta, manifest.settings),
+        deltas=deltas_from_peft(expert.state_dict, expert.config, expert.name),
+        per_module_error=dict(errors.get("per_module", {})),
+        overall_error=float(errors.get("overall", 0.0)),
+        coverage={m: [names.index(n) for n in ns] for m, ns in meta.get("coverage", {}).items()},
+    )
+    return MergedAdapter(
+        result=result,
+        method=meta["method"],
+        params=meta.get("params", {}),
+        sources=meta.get("sources", []),
+        base=meta.get("base", {}),
+        search=meta.get("search", {}),
+        notes=meta.get("notes", []),
+        evaluation=meta.get("evaluation", []),
+    )
 
 
 def _result_params(meta: dict[str, Any], settings: dict[str, Any]) -> MergeParams:
@@ -93,8 +105,9 @@ def load_merged(folder: Path, manifest: Manifest, base: BaseModel | None) -> Mod
     if manifest.settings.get("full"):
         merged = load_base(str(folder))
         meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
-        return ModelPredictor(manifest.name, merged.model, merged.tokenizer,
-                              stored_params=int(meta.get("adapter_params", 0)), **scoring)
+        return ModelPredictor(
+            manifest.name, merged.model, merged.tokenizer, stored_params=int(meta.get("adapter_params", 0)), **scoring
+        )
     if base is None:
         raise ExpertError(f"merged adapter {folder}: needs the base it was merged for; pass base=")
     predictor: MergedPredictor = adapter_from_manifest(folder, manifest).predictor(base, manifest.name, **scoring)

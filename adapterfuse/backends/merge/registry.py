@@ -18,8 +18,7 @@ from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.lowrank import Truncation
 
 METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (uniform.METHOD, task_arithmetic.METHOD, ties.METHOD, dare_linear.METHOD, dare_ties.METHOD)
+    m.name: m for m in (uniform.METHOD, task_arithmetic.METHOD, ties.METHOD, dare_linear.METHOD, dare_ties.METHOD)
 }
 """Method name -> its record, in a fixed order."""
 
@@ -57,12 +56,16 @@ def _check_factor(i: int, module: str, delta: object) -> tuple[int, int]:
     if not (A.is_floating_point() and B.is_floating_point()):
         raise CompatibilityError(f"{where}: A and B must be floating point, got {A.dtype} and {B.dtype}")
     if A.shape[0] != B.shape[1]:
-        raise CompatibilityError(f"{where}: A has rank {A.shape[0]} but B has rank {B.shape[1]}; "
-                                 "expected A [r, in] and B [out, r] with the same r")
+        raise CompatibilityError(
+            f"{where}: A has rank {A.shape[0]} but B has rank {B.shape[1]}; "
+            "expected A [r, in] and B [out, r] with the same r"
+        )
     for part, t in (("A", A), ("B", B)):
         if not bool(torch.isfinite(t).all()):
-            raise CompatibilityError(f"{where}: factor {part} contains NaN or inf; the expert is corrupt "
-                                     "(retrain it or drop it from the merge)")
+            raise CompatibilityError(
+                f"{where}: factor {part} contains NaN or inf; the expert is corrupt "
+                "(retrain it or drop it from the merge)"
+            )
     return delta.shape
 
 
@@ -82,27 +85,31 @@ def check_experts(experts: Sequence[Mapping[str, LowRank]]) -> dict[str, list[in
             experts on different devices, or experts with no module at all.
     """
     if isinstance(experts, Mapping) or not isinstance(experts, Sequence) or not experts:
-        raise ConfigError("experts must be a non-empty list of module -> LowRank mappings, got "
-                          f"{type(experts).__name__}" + (" (a single expert? wrap it in a list)"
-                                                         if isinstance(experts, Mapping) else ""))
+        raise ConfigError(
+            "experts must be a non-empty list of module -> LowRank mappings, got "
+            f"{type(experts).__name__}"
+            + (" (a single expert? wrap it in a list)" if isinstance(experts, Mapping) else "")
+        )
     shapes: dict[str, tuple[int, tuple[int, int]]] = {}
     coverage: dict[str, list[int]] = {}
     devices: set[torch.device] = set()
     for i, expert in enumerate(experts):
         if not isinstance(expert, Mapping):
-            raise ConfigError(f"expert {i}: expected a module -> LowRank mapping, "
-                              f"got {type(expert).__name__}")
+            raise ConfigError(f"expert {i}: expected a module -> LowRank mapping, got {type(expert).__name__}")
         for module, delta in expert.items():
             shape = _check_factor(i, module, delta)
             first = shapes.setdefault(module, (i, shape))
             if first[1] != shape:
-                raise CompatibilityError(f"module {module!r}: expert {i} has ΔW shape {shape}, expected "
-                                         f"{first[1]} (as in expert {first[0]}); experts must share a base")
+                raise CompatibilityError(
+                    f"module {module!r}: expert {i} has ΔW shape {shape}, expected "
+                    f"{first[1]} (as in expert {first[0]}); experts must share a base"
+                )
             coverage.setdefault(module, []).append(i)
             devices.update((delta.A.device, delta.B.device))
     if len(devices) > 1:
-        raise CompatibilityError(f"experts' factors are on several devices {sorted(map(str, devices))}; "
-                                 "move them to one device first")
+        raise CompatibilityError(
+            f"experts' factors are on several devices {sorted(map(str, devices))}; move them to one device first"
+        )
     if not coverage:
         raise CompatibilityError("no expert has any module; there is nothing to merge")
     return {m: coverage[m] for m in sorted(coverage)}
@@ -143,19 +150,31 @@ def merge_deltas(
     parsed = parse_params(method, spec.params, raw)
     coverage = check_experts(experts)
     if parsed.weights is not None and len(parsed.weights) != len(experts):
-        raise ConfigError(f"got {len(parsed.weights)} weights for {len(experts)} experts; "
-                          "give exactly one weight per expert (or none)")
+        raise ConfigError(
+            f"got {len(parsed.weights)} weights for {len(experts)} experts; "
+            "give exactly one weight per expert (or none)"
+        )
     all_weights = parsed.weights if parsed.weights is not None else (1.0,) * len(experts)
     parsed = parsed.model_copy(update={"weights": all_weights})
     out: Deltas = {}
     errors: dict[str, float] = {}
     parts: list[Truncation] = []
     for module, present in coverage.items():
-        job = ModuleJob(module=module, experts=tuple(present),
-                        deltas=tuple(experts[i][module].to(torch.float32) for i in present),
-                        weights=tuple(all_weights[i] for i in present), all_weights=all_weights)
+        job = ModuleJob(
+            module=module,
+            experts=tuple(present),
+            deltas=tuple(experts[i][module].to(torch.float32) for i in present),
+            weights=tuple(all_weights[i] for i in present),
+            all_weights=all_weights,
+        )
         result = spec.merge_module(job, parsed)
         out[module], errors[module] = result.delta, result.error
         parts.append(result)
-    return MergeResult(method=spec.name, params=parsed, deltas=out, per_module_error=errors,
-                       overall_error=pooled_error(parts), coverage=coverage)
+    return MergeResult(
+        method=spec.name,
+        params=parsed,
+        deltas=out,
+        per_module_error=errors,
+        overall_error=pooled_error(parts),
+        coverage=coverage,
+    )

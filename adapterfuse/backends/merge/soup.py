@@ -56,8 +56,9 @@ class SoupParams(MergeParams):
         return self
 
 
-def greedy_select(order: Sequence[str], alone: dict[str, float],
-                  score_with: Callable[[list[str]], float]) -> tuple[list[str], list[dict[str, Any]], float]:
+def greedy_select(
+    order: Sequence[str], alone: dict[str, float], score_with: Callable[[list[str]], float]
+) -> tuple[list[str], list[dict[str, Any]], float]:
     """The greedy-soup loop, independent of models (so it can be tested on its own).
 
     Args:
@@ -87,8 +88,9 @@ def _merge_subset(experts: Sequence[Expert], params: SoupParams) -> MergeResult:
     return merge_deltas([e.deltas for e in experts], params.combine, rank=params.rank, seed=params.seed, **extra)
 
 
-def run(library: ExpertLibrary, params: SoupParams, base: BaseModel, tasks: list[TaskData],
-        options: EvalOptions) -> MergedAdapter:
+def run(
+    library: ExpertLibrary, params: SoupParams, base: BaseModel, tasks: list[TaskData], options: EvalOptions
+) -> MergedAdapter:
     """Fit the greedy soup (the runner registered as ``greedy_soup``).
 
     Args:
@@ -112,12 +114,25 @@ def run(library: ExpertLibrary, params: SoupParams, base: BaseModel, tasks: list
     kept, records, final = greedy_select(order, alone, score_with)
     members = [library[n] for n in kept]
     result = _merge_subset(members, params)
-    record = {"order": order, "candidates": records, "kept": kept, "score": final,
-              "criterion": "average validation score", "tasks": [t.task.name for t in tasks]}
+    record = {
+        "order": order,
+        "candidates": records,
+        "kept": kept,
+        "score": final,
+        "criterion": "average validation score",
+        "tasks": [t.task.name for t in tasks],
+    }
     dropped = [n for n in order if n not in kept]
     notes = [f"greedy_soup left out {dropped}: they did not strictly improve the validation average"] * bool(dropped)
-    return MergedAdapter.build(result, members, base, method="greedy_soup", params=params_json(params),
-                               search={"soup": record}, notes=[*library.notes, *notes])
+    return MergedAdapter.build(
+        result,
+        members,
+        base,
+        method="greedy_soup",
+        params=params_json(params),
+        search={"soup": record},
+        notes=[*library.notes, *notes],
+    )
 
 
 METHOD = SearchMethod(

@@ -34,9 +34,16 @@ from adapterfuse.predictor import MultiTaskData, Predictor
 from adapterfuse.tasks.spec import TaskData
 
 
-def route(experts: Any, base: BaseModel, config: RouteConfig | None = None,
-          validation: Sequence[TaskData] | None = None, *, data: RoutingData | None = None,
-          allow_pickle: bool = False, **options: Any) -> RoutePredictor | ArrowPredictor:
+def route(
+    experts: Any,
+    base: BaseModel,
+    config: RouteConfig | None = None,
+    validation: Sequence[TaskData] | None = None,
+    *,
+    data: RoutingData | None = None,
+    allow_pickle: bool = False,
+    **options: Any,
+) -> RoutePredictor | ArrowPredictor:
     """Route each input to its top-k experts; answer with a pooled ensemble or a merge of them.
 
     Args:
@@ -68,14 +75,20 @@ def route(experts: Any, base: BaseModel, config: RouteConfig | None = None,
     across, kind = config.across(has_data), config.kind(has_data)
     pool, info = list(library), {"router": config.router}
     if config.router == "mbc":
-        pool, labels = mbc_pool(pool, base, int(config.mbc_clusters or 1), config.sketch, config.seed,
-                                config.mbc_merge)
-        info["mbc"] = {"clusters": config.mbc_clusters, "groups": {e.name: e.meta["members"] for e in pool},
-                       "labels": labels, "sketch": config.sketch, "merge": config.mbc_merge, "router": across}
+        pool, labels = mbc_pool(pool, base, int(config.mbc_clusters or 1), config.sketch, config.seed, config.mbc_merge)
+        info["mbc"] = {
+            "clusters": config.mbc_clusters,
+            "groups": {e.name: e.meta["members"] for e in pool},
+            "labels": labels,
+            "sketch": config.sketch,
+            "merge": config.mbc_merge,
+            "router": across,
+        }
     settings = dict(batch_size=config.batch_size, autocast=config.autocast, max_length=config.max_length)
     if kind == "arrow" and config.budget is None:
-        return ArrowPredictor(base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name,
-                              info=info, **settings)
+        return ArrowPredictor(
+            base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name, info=info, **settings
+        )
     data = _routing_data(data, base, validation, config, settings)
     scores = data.scores(pool)
     if config.budget is not None:
@@ -84,12 +97,24 @@ def route(experts: Any, base: BaseModel, config: RouteConfig | None = None,
         info["subset"] = subset.report()
         pool, scores = [pool[i] for i in subset.members], scores.subset(subset.members)
     if kind == "arrow":
-        return ArrowPredictor(base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name,
-                              info=info, **settings)
+        return ArrowPredictor(
+            base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name, info=info, **settings
+        )
     fitted = _fit(kind, data, scores, config, info)
     info["validation"] = validation_report(fitted, data, scores, config.top_k, config.pooling)
-    return RoutePredictor(base, pool, fitted, config.top_k, config.then, config.on, pooling=config.pooling,
-                          name=config.name, info=info, **data.extractor.spec, **settings)
+    return RoutePredictor(
+        base,
+        pool,
+        fitted,
+        config.top_k,
+        config.then,
+        config.on,
+        pooling=config.pooling,
+        name=config.name,
+        info=info,
+        **data.extractor.spec,
+        **settings,
+    )
 
 
 def route_config(config: RouteConfig | None, options: dict[str, Any]) -> RouteConfig:
@@ -101,26 +126,38 @@ def route_config(config: RouteConfig | None, options: dict[str, Any]) -> RouteCo
     if config is None:
         return validate_options(RouteConfig, options, "route")
     if not isinstance(config, RouteConfig):
-        raise ConfigError(f"config: expected a RouteConfig or None, got {config!r}; give the options as keywords "
-                          "instead (e.g. router=...)")
+        raise ConfigError(
+            f"config: expected a RouteConfig or None, got {config!r}; give the options as keywords "
+            "instead (e.g. router=...)"
+        )
     if options:
-        raise ConfigError(f"route: got a config and the options {sorted(options)}; give one or the other "
-                          "(config.model_copy(update=...) changes a config)")
+        raise ConfigError(
+            f"route: got a config and the options {sorted(options)}; give one or the other "
+            "(config.model_copy(update=...) changes a config)"
+        )
     return config
 
 
-def _routing_data(data: RoutingData | None, base: BaseModel, validation: Sequence[TaskData] | None,
-                  config: RouteConfig, settings: dict[str, Any]) -> RoutingData:
+def _routing_data(
+    data: RoutingData | None,
+    base: BaseModel,
+    validation: Sequence[TaskData] | None,
+    config: RouteConfig,
+    settings: dict[str, Any],
+) -> RoutingData:
     """The given routing data if it matches the config's ``on`` and feature settings, else new routing data."""
     features = {"layer": config.layer, "readout": config.readout, "shape": default_shape(config.on, config.shape)}
     if data is None:
-        return RoutingData(base, list(validation or []), config.on, max_examples=config.max_validation_examples,
-                           **features, **settings)
+        return RoutingData(
+            base, list(validation or []), config.on, max_examples=config.max_validation_examples, **features, **settings
+        )
     asked = {"on": config.on, **features, "layer": resolve_layer(base.model, features["layer"])}
     built = {"on": data.on, **data.extractor.spec}
     if built != asked or data.base is not base:
-        raise ConfigError(f"data: routing data was built with {built} on another or the same base; this call asks "
-                          f"for {asked}; build a matching RoutingData")
+        raise ConfigError(
+            f"data: routing data was built with {built} on another or the same base; this call asks "
+            f"for {asked}; build a matching RoutingData"
+        )
     return data
 
 
@@ -128,30 +165,36 @@ def _fit(kind: str, data: RoutingData, scores: PoolScores, config: RouteConfig, 
     """Fit the learned router or the clustered one on the cached features; record its settings in ``info``."""
     n_experts = len(scores.names)
     if kind != "learned":
-        fitted: Router = ClusterRouter.fit(data.features, scores.quality, config.clusters or n_experts, config.seed,
-                                           config.cluster_temperature)
+        fitted: Router = ClusterRouter.fit(
+            data.features, scores.quality, config.clusters or n_experts, config.seed, config.cluster_temperature
+        )
         info.update(fitted.config())
         return fitted
     fit = {**config.fit_options(), "pca_keep": data.extractor.shape_dim}
     prior_weight = config.prior_weight
     if config.target == "task_prior" and prior_weight is None:
-        prior_weight, info["prior_cv"] = choose_prior_weight(data.features, scores, [t.name for t in data.row_tasks],
-                                                             config.cv_folds, **fit)
+        prior_weight, info["prior_cv"] = choose_prior_weight(
+            data.features, scores, [t.name for t in data.row_tasks], config.cv_folds, **fit
+        )
     labels = target_labels(config.target, scores.quality, scores.own)
-    fitted = LearnedRouter.fit(data.features, labels, n_experts, target=config.target, own=scores.own,
-                               prior_weight=prior_weight or 0.0, **fit)
+    fitted = LearnedRouter.fit(
+        data.features, labels, n_experts, target=config.target, own=scores.own, prior_weight=prior_weight or 0.0, **fit
+    )
     info.update(fitted.config())
     if config.target == "task_prior":
         info["prior_weight"] = prior_weight
     if config.decision == "utility":
         fitted = UtilityRouter(fitted, utility_matrix(scores))
-        info.update(decision=config.decision, utility=[[None if math.isnan(v) else round(v, 4) for v in row]
-                                                       for row in fitted.utility.tolist()])  # JSON has no NaN
+        info.update(
+            decision=config.decision,
+            utility=[[None if math.isnan(v) else round(v, 4) for v in row] for row in fitted.utility.tolist()],
+        )  # JSON has no NaN
     return fitted
 
 
-def accuracy_report(top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | None,
-                    tasks: Sequence[str]) -> dict[str, Any]:
+def accuracy_report(
+    top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | None, tasks: Sequence[str]
+) -> dict[str, Any]:
     """Routing accuracy against the oracle assignment (and the best-expert assignment), overall and per task.
 
     Args:
@@ -160,6 +203,7 @@ def accuracy_report(top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | 
         best: ``[N]`` its best expert, if known.
         tasks: the task name of each input.
     """
+
     def acc(mask: torch.Tensor, want: torch.Tensor) -> float | None:
         return float((top1[mask] == want[mask]).float().mean()) if bool(mask.any()) else None
 
@@ -176,8 +220,9 @@ def accuracy_report(top1: torch.Tensor, own: torch.Tensor, best: torch.Tensor | 
     return out
 
 
-def validation_report(router: Router, data: RoutingData, scores: PoolScores, top_k: int,
-                      pooling: str) -> dict[str, Any]:
+def validation_report(
+    router: Router, data: RoutingData, scores: PoolScores, top_k: int, pooling: str
+) -> dict[str, Any]:
     """The router on its own validation split (in-sample): routing accuracy and the pooled score."""
     indices, weights = router.choose(data.features, top_k)
     report = accuracy_report(indices[:, 0], scores.own, scores.best, [t.name for t in data.row_tasks])
@@ -189,8 +234,13 @@ def validation_report(router: Router, data: RoutingData, scores: PoolScores, top
     return report
 
 
-def routing_accuracy(predictor: RoutePredictor, data: Sequence[TaskData], split: str = "test",
-                     max_examples: int | None = None, against_best: bool = False) -> dict[str, Any]:
+def routing_accuracy(
+    predictor: RoutePredictor,
+    data: Sequence[TaskData],
+    split: str = "test",
+    max_examples: int | None = None,
+    against_best: bool = False,
+) -> dict[str, Any]:
     """How often the predictor's top-1 expert is the oracle's (each task's own expert) on a split.
 
     Args:
@@ -214,14 +264,25 @@ def routing_accuracy(predictor: RoutePredictor, data: Sequence[TaskData], split:
     best = None
     if against_best:
         view = [TaskData(td.task, [], list(getattr(td, split)[:max_examples]), []) for td in data]
-        rd = RoutingData(predictor.base, view, predictor.on, batch_size=predictor.batch_size,
-                         autocast=predictor.autocast, **predictor.extractor.spec)
+        rd = RoutingData(
+            predictor.base,
+            view,
+            predictor.on,
+            batch_size=predictor.batch_size,
+            autocast=predictor.autocast,
+            **predictor.extractor.spec,
+        )
         best = rd.scores(predictor.experts).best
     return accuracy_report(torch.cat(top1), torch.tensor(own, dtype=torch.long), best, tasks)
 
 
-def quality_curve(values: Sequence[Any], build: Callable[[Any], Predictor], data: Sequence[TaskData],
-                  split: str = "test", max_examples: int | None = None) -> list[dict[str, Any]]:
+def quality_curve(
+    values: Sequence[Any],
+    build: Callable[[Any], Predictor],
+    data: Sequence[TaskData],
+    split: str = "test",
+    max_examples: int | None = None,
+) -> list[dict[str, Any]]:
     """Quality against a size (clusters, MBC groups, budget): build and evaluate one predictor per value.
 
     Args:
@@ -236,8 +297,15 @@ def quality_curve(values: Sequence[Any], build: Callable[[Any], Predictor], data
     out = []
     for value in values:
         result = evaluate(build(value), data, split, max_examples)
-        out.append({"value": value, "average": result["average"], "tasks": result["tasks"],
-                    "cost": result["cost"], "predictor": result["predictor"]})
+        out.append(
+            {
+                "value": value,
+                "average": result["average"],
+                "tasks": result["tasks"],
+                "cost": result["cost"],
+                "predictor": result["predictor"],
+            }
+        )
     return out
 
 

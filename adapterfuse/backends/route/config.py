@@ -144,19 +144,25 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
     @classmethod
     def _shape_version(cls, value: bool | int | None) -> bool | int | None:
         if value is not None and not isinstance(value, bool) and value not in range(len(SHAPE_DIMS)):
-            raise ValueError(f"shape: {value!r} is not a shape version; expected True, False or one of "
-                             f"0 .. {len(SHAPE_DIMS) - 1} (0: none, 1: the four counts, 2: counts and asymmetry)")
+            raise ValueError(
+                f"shape: {value!r} is not a shape version; expected True, False or one of "
+                f"0 .. {len(SHAPE_DIMS) - 1} (0: none, 1: the four counts, 2: counts and asymmetry)"
+            )
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteConfig:
         if self.decision == "utility" and (self.router != "learned" or self.target != "task"):
-            raise ValueError(f"decision 'utility': needs router='learned' with target='task' (a posterior over the "
-                             f"input's task), got router={self.router!r}, target={self.target!r}; use "
-                             "decision='probability'")
+            raise ValueError(
+                f"decision 'utility': needs router='learned' with target='task' (a posterior over the "
+                f"input's task), got router={self.router!r}, target={self.target!r}; use "
+                "decision='probability'"
+            )
         if self.router == "mbc" and self.mbc_clusters is None:
-            raise ValueError("mbc_clusters: router 'mbc' needs the number of expert groups, got none; set "
-                             "mbc_clusters to an integer in 1 .. the number of experts")
+            raise ValueError(
+                "mbc_clusters: router 'mbc' needs the number of expert groups, got none; set "
+                "mbc_clusters to an integer in 1 .. the number of experts"
+            )
         return self
 
     def across(self, has_data: bool) -> str:
@@ -188,12 +194,17 @@ def check_route(config: RouteConfig, n_experts: int, has_data: bool) -> None:
     if config.router == "mbc":
         groups = int(config.mbc_clusters or 0)
         if groups > n_experts:
-            raise ConfigError(f"mbc_clusters: expected an integer in 1 .. {n_experts} (the number of experts), "
-                              f"got {groups}")
+            raise ConfigError(
+                f"mbc_clusters: expected an integer in 1 .. {n_experts} (the number of experts), got {groups}"
+            )
         routed_to = groups
     if config.top_k > routed_to:
-        raise ConfigError(f"top_k: {config.top_k} is larger than the number of experts to route to ({routed_to}); "
-                          f"expected 1 .. {routed_to}")
+        raise ConfigError(
+            f"top_k: {config.top_k} is larger than the number of experts to route to ({routed_to}); "
+            f"expected 1 .. {routed_to}"
+        )
     if (config.kind(has_data) != "arrow" or config.budget is not None) and not has_data:
-        raise ConfigError(f"validation: router {config.router!r} fits on the validation split, got none; pass "
-                          "validation=[TaskData, ...] (or router='arrow', which needs no data)")
+        raise ConfigError(
+            f"validation: router {config.router!r} fits on the validation split, got none; pass "
+            "validation=[TaskData, ...] (or router='arrow', which needs no data)"
+        )

@@ -45,14 +45,17 @@ def stratified_folds(tasks: Sequence[str], k: int, seed: int) -> torch.Tensor:
     for name in dict.fromkeys(tasks):
         rows = torch.tensor([i for i, t in enumerate(tasks) if t == name])
         if len(rows) < k:
-            raise ConfigError(f"cv_folds: task {name} has {len(rows)} validation inputs, fewer than the {k} folds; "
-                              "lower cv_folds or give more validation inputs")
+            raise ConfigError(
+                f"cv_folds: task {name} has {len(rows)} validation inputs, fewer than the {k} folds; "
+                "lower cv_folds or give more validation inputs"
+            )
         fold[rows[torch.randperm(len(rows), generator=generator)]] = torch.arange(len(rows)) % k
     return fold
 
 
-def out_of_fold_top1(features: torch.Tensor, scores: PoolScores, fold: torch.Tensor, prior_weight: float,
-                     **fit: Any) -> torch.Tensor:
+def out_of_fold_top1(
+    features: torch.Tensor, scores: PoolScores, fold: torch.Tensor, prior_weight: float, **fit: Any
+) -> torch.Tensor:
     """Each row's top-1 expert from a ``task_prior`` router fitted on the other folds.
 
     Args:
@@ -68,14 +71,28 @@ def out_of_fold_top1(features: torch.Tensor, scores: PoolScores, fold: torch.Ten
     chosen = torch.empty(len(fold), dtype=torch.long)
     for f in fold.unique().tolist():
         train, held = fold != f, fold == f
-        router = LearnedRouter.fit(features[train], scores.quality[train], len(scores.names), target="task_prior",
-                                   own=scores.own[train], prior_weight=prior_weight, **fit)
+        router = LearnedRouter.fit(
+            features[train],
+            scores.quality[train],
+            len(scores.names),
+            target="task_prior",
+            own=scores.own[train],
+            prior_weight=prior_weight,
+            **fit,
+        )
         chosen[held] = router.probs(features[held]).argmax(dim=1)
     return chosen
 
 
-def choose_prior_weight(features: torch.Tensor, scores: PoolScores, tasks: Sequence[str], k: int = 5,
-                        grid: Sequence[float] = PRIOR_GRID, seed: int = 0, **fit: Any) -> tuple[float, dict[str, Any]]:
+def choose_prior_weight(
+    features: torch.Tensor,
+    scores: PoolScores,
+    tasks: Sequence[str],
+    k: int = 5,
+    grid: Sequence[float] = PRIOR_GRID,
+    seed: int = 0,
+    **fit: Any,
+) -> tuple[float, dict[str, Any]]:
     """The prior weight whose out-of-fold top-1 routing scores best on validation.
 
     Args:
@@ -100,8 +117,13 @@ def choose_prior_weight(features: torch.Tensor, scores: PoolScores, tasks: Seque
     rows = []
     for weight in grid:
         chosen = out_of_fold_top1(features, scores, fold, float(weight), seed=seed, **fit)
-        rows.append({"prior_weight": float(weight), "score": top1_score(scores, chosen),
-                     "oracle_accuracy": float((chosen == scores.own).float().mean())})
+        rows.append(
+            {
+                "prior_weight": float(weight),
+                "score": top1_score(scores, chosen),
+                "oracle_accuracy": float((chosen == scores.own).float().mean()),
+            }
+        )
     best = max(rows, key=lambda r: (round(r["score"], 12), r["prior_weight"]))
     report = {"folds": k, "grid": rows, "chosen": best["prior_weight"]}
     oracle = oracle_score(scores)

@@ -109,7 +109,7 @@ class PoolScores:
         caches, start = [], 0
         for cache in self.caches:
             n = cache.log_probs.shape[1]
-            mask = keep[start:start + n]
+            mask = keep[start : start + n]
             labels = [y for y, k in zip(cache.labels, mask.tolist(), strict=True) if k]
             caches.append(MemberCache(cache.task, cache.log_probs[:, mask], labels))
             start += n
@@ -121,8 +121,9 @@ class PoolScores:
         remap = torch.full((len(self.names),), -1, dtype=torch.long)
         remap[keep] = torch.arange(len(keep))
         own = torch.where(self.own >= 0, remap[self.own.clamp(min=0)], self.own)
-        return PoolScores([self.names[i] for i in keep], [c.subset(keep) for c in self.caches],
-                          self.quality[:, keep], own)
+        return PoolScores(
+            [self.names[i] for i in keep], [c.subset(keep) for c in self.caches], self.quality[:, keep], own
+        )
 
 
 def routed_score(scores: PoolScores, indices: torch.Tensor, weights: torch.Tensor, pooling: str = "linear") -> float:
@@ -140,7 +141,7 @@ def routed_score(scores: PoolScores, indices: torch.Tensor, weights: torch.Tenso
     out, start = [], 0
     for cache in scores.caches:
         n = cache.log_probs.shape[1]
-        idx, w = indices[start:start + n], weights[start:start + n]
+        idx, w = indices[start : start + n], weights[start : start + n]
         chosen = cache.log_probs[idx.T, torch.arange(n).unsqueeze(0)]  # [k, n, L]
         out.append(cache.score(pool_rows(pooling, chosen, w)))
         start += n
@@ -181,22 +182,36 @@ class RoutingData:
         ConfigError: no tasks, a task with no validation examples, an unknown ``on`` or a bad layer.
     """
 
-    def __init__(self, base: BaseModel, validation: Sequence[TaskData], on: str = "prompt",
-                 layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH, max_examples: int | None = None,
-                 shape: bool | int | None = None, readout: str = "mean") -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        validation: Sequence[TaskData],
+        on: str = "prompt",
+        layer: int = DEFAULT_LAYER,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        max_examples: int | None = None,
+        shape: bool | int | None = None,
+        readout: str = "mean",
+    ) -> None:
         if not validation:
-            raise ConfigError("validation: expected at least one task's data, got none; the learned and clustered "
-                              "routers fit on the validation split (pass validation=[TaskData, ...])")
+            raise ConfigError(
+                "validation: expected at least one task's data, got none; the learned and clustered "
+                "routers fit on the validation split (pass validation=[TaskData, ...])"
+            )
         self.base, self.on = base, check_on(on)
-        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape),
-                                          readout)
+        self.extractor = FeatureExtractor(
+            base, layer, batch_size, autocast, max_length, default_shape(on, shape), readout
+        )
         self.tasks = [td.task for td in validation]
         self.examples = [list(td.validation[:max_examples]) for td in validation]
         for task, examples in zip(self.tasks, self.examples, strict=True):
             if not examples:
-                raise ConfigError(f"validation: task {task.name} has no validation examples; expected a split "
-                                  "carved from train (validation_size > 0)")
+                raise ConfigError(
+                    f"validation: task {task.name} has no validation examples; expected a split "
+                    "carved from train (validation_size > 0)"
+                )
         self.settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
         self._scores: dict[tuple[tuple[str, str], ...], PoolScores] = {}
 
@@ -208,8 +223,12 @@ class RoutingData:
     @cached_property
     def features(self) -> torch.Tensor:
         """``[N, d]`` routing features of every validation input, task after task (computed once)."""
-        return torch.cat([self.extractor.encode(routing_texts(t, ex, self.on))
-                          for t, ex in zip(self.tasks, self.examples, strict=True)])
+        return torch.cat(
+            [
+                self.extractor.encode(routing_texts(t, ex, self.on))
+                for t, ex in zip(self.tasks, self.examples, strict=True)
+            ]
+        )
 
     @property
     def row_tasks(self) -> list[TaskSpec]:

@@ -73,8 +73,10 @@ def shape_version(shape: bool | int) -> int:
     if isinstance(shape, bool):
         return SHAPE_VERSION if shape else 0
     if shape not in range(len(SHAPE_DIMS)):
-        raise ConfigError(f"shape: {shape!r} is not a shape version; expected True, False or one of "
-                          f"0 .. {len(SHAPE_DIMS) - 1} (0: none, 1: the four counts, 2: counts and asymmetry)")
+        raise ConfigError(
+            f"shape: {shape!r} is not a shape version; expected True, False or one of "
+            f"0 .. {len(SHAPE_DIMS) - 1} (0: none, 1: the four counts, 2: counts and asymmetry)"
+        )
     return int(shape)
 
 
@@ -153,8 +155,10 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     total = n_layers(model)
     index = layer if layer >= 0 else total + 1 + layer
     if not 0 <= index <= total:
-        raise ConfigError(f"layer {layer}: out of range for a base with {total} blocks; expected "
-                          f"{-total - 1} .. {total} (0 = token embeddings, {total} = final hidden state)")
+        raise ConfigError(
+            f"layer {layer}: out of range for a base with {total} blocks; expected "
+            f"{-total - 1} .. {total} (0 = token embeddings, {total} = final hidden state)"
+        )
     return index
 
 
@@ -189,8 +193,16 @@ class FeatureExtractor:
         ConfigError: a layer out of range, a batch size below 1 or an unknown readout.
     """
 
-    def __init__(self, base: BaseModel, layer: int = DEFAULT_LAYER, batch_size: int = 32, autocast: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH, shape: bool | int = False, readout: str = "mean") -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        layer: int = DEFAULT_LAYER,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        shape: bool | int = False,
+        readout: str = "mean",
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         self.base, self.layer, self.shape = base, resolve_layer(base.model, layer), shape_version(shape)
@@ -224,7 +236,7 @@ class FeatureExtractor:
     def _tokens(self, texts: Sequence[str]) -> list[list[int]]:
         ids = self.base.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         half = self.max_length // 2
-        return [x if len(x) <= self.max_length else x[:half] + x[-(self.max_length - half):] for x in ids]
+        return [x if len(x) <= self.max_length else x[:half] + x[-(self.max_length - half) :] for x in ids]
 
     @torch.no_grad()
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

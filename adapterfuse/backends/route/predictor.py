@@ -61,8 +61,16 @@ def check_then(then: str) -> str:
 class _Saved:
     """What both routed predictors share: the pool, the scoring settings, the manifest and the folder."""
 
-    def _setup(self, base: BaseModel, pool: Sequence[Expert], name: str, info: dict[str, Any] | None,
-               batch_size: int, autocast: bool, max_length: int) -> None:
+    def _setup(
+        self,
+        base: BaseModel,
+        pool: Sequence[Expert],
+        name: str,
+        info: dict[str, Any] | None,
+        batch_size: int,
+        autocast: bool,
+        max_length: int,
+    ) -> None:
         self.base, self.experts, self.name = base, list(pool), name
         self.names = [e.name for e in self.experts]
         self.info = dict(info or {})
@@ -70,14 +78,20 @@ class _Saved:
 
     def _settings(self, router: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         folders = _folders(self.names)
-        return {"router": router,
-                "experts": [{"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
-                            for e, f in zip(self.experts, folders, strict=True)],
-                "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
-                "info": self.info, **extra}
+        return {
+            "router": router,
+            "experts": [
+                {"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
+                for e, f in zip(self.experts, folders, strict=True)
+            ],
+            "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+            "info": self.info,
+            **extra,
+        }
 
-    def _write(self, path: str | Path, kind: Kind, settings: dict[str, Any], tensors: dict[str, torch.Tensor],
-               overwrite: bool) -> None:
+    def _write(
+        self, path: str | Path, kind: Kind, settings: dict[str, Any], tensors: dict[str, torch.Tensor], overwrite: bool
+    ) -> None:
         with atomic_dir(path, overwrite) as tmp:
             (tmp / EXPERTS).mkdir()
             for expert, entry in zip(self.experts, settings["experts"], strict=True):
@@ -112,11 +126,24 @@ class RoutePredictor(_Saved):
         ConfigError: an empty pool, a router of another size, a bad top_k, then, on or pooling.
     """
 
-    def __init__(self, base: BaseModel, pool: Sequence[Expert], router: Router, top_k: int = 1,
-                 then: str = "ensemble", on: str = "prompt", layer: int = DEFAULT_LAYER, pooling: str = "linear",
-                 name: str | None = None, info: dict[str, Any] | None = None, batch_size: int = 32,
-                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH, shape: bool | int | None = None,
-                 readout: str = "mean") -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        pool: Sequence[Expert],
+        router: Router,
+        top_k: int = 1,
+        then: str = "ensemble",
+        on: str = "prompt",
+        layer: int = DEFAULT_LAYER,
+        pooling: str = "linear",
+        name: str | None = None,
+        info: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        shape: bool | int | None = None,
+        readout: str = "mean",
+    ) -> None:
         if not pool:
             raise ConfigError("experts: expected at least one expert to route to, got none")
         if router.n_experts != len(pool):
@@ -127,8 +154,9 @@ class RoutePredictor(_Saved):
         self.then, self.on, self.pooling = check_then(then), check_on(on), pooling
         shown = name or f"route {router.kind} top{top_k} {then} ({on})"
         self._setup(base, pool, shown, info, batch_size, autocast, max_length)
-        self.extractor = FeatureExtractor(base, layer, batch_size, autocast, max_length, default_shape(on, shape),
-                                          readout)
+        self.extractor = FeatureExtractor(
+            base, layer, batch_size, autocast, max_length, default_shape(on, shape), readout
+        )
         self._models: dict[tuple[str, tuple[int, ...]], BatchedEnsemble | RowMergeModel] = {}
 
     def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +172,9 @@ class RoutePredictor(_Saved):
         if key not in self._models:
             how, members = key
             if how == "merge":
-                model: BatchedEnsemble | RowMergeModel = RowMergeModel(self.base.model,
-                                                                       [self.experts[m].deltas for m in members])
+                model: BatchedEnsemble | RowMergeModel = RowMergeModel(
+                    self.base.model, [self.experts[m].deltas for m in members]
+                )
             else:
                 model = BatchedEnsemble(self.base.model, [self.experts[m] for m in members])
             if len(self._models) >= _MAX_CACHED:
@@ -153,8 +182,9 @@ class RoutePredictor(_Saved):
             self._models[key] = model
         return self._models[key]
 
-    def _run(self, task: TaskSpec, batch: Sequence[Example], indices: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self, task: TaskSpec, batch: Sequence[Example], indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """Answer each input with its chosen experts, one pass per group of equal choices."""
         out = torch.empty((len(batch), task.n_labels), dtype=torch.float32)
         order = torch.argsort(indices, dim=1, stable=True)  # a group is a *set* of experts
@@ -170,8 +200,7 @@ class RoutePredictor(_Saved):
                 model = self._model(("merge", group))
                 out[rows] = model.log_probs(self.base.tokenizer, task, examples, w[rows], *settings).exp()
             else:  # one expert is the same either way; its answer is exactly that expert's
-                lp = self._model(("ensemble", group)).member_log_probs(self.base.tokenizer, task, examples,
-                                                                       *settings)
+                lp = self._model(("ensemble", group)).member_log_probs(self.base.tokenizer, task, examples, *settings)
                 out[rows] = pool_rows(self.pooling, lp, w[rows])
         return out
 
@@ -217,13 +246,19 @@ class RoutePredictor(_Saved):
             OutputExistsError: if ``path`` exists and ``overwrite`` is false.
         """
         router = {"kind": self.router.kind, "config": self.router.config()}
-        extra = {"top_k": self.top_k, "then": self.then, "on": self.on, "pooling": self.pooling,
-                 "features": self.extractor.spec}
+        extra = {
+            "top_k": self.top_k,
+            "then": self.then,
+            "on": self.on,
+            "pooling": self.pooling,
+            "features": self.extractor.spec,
+        }
         self._write(path, "route", self._settings(router, extra), self.router.tensors(), overwrite)
 
     @classmethod
-    def load(cls, path: str | Path, base: BaseModel, verify: bool = True,
-             **overrides: Any) -> RoutePredictor | ArrowPredictor:
+    def load(
+        cls, path: str | Path, base: BaseModel, verify: bool = True, **overrides: Any
+    ) -> RoutePredictor | ArrowPredictor:
         """Load a folder written by :meth:`save` or :meth:`ArrowPredictor.save` (or as ``route.json``) onto ``base``.
 
         Args:
@@ -259,10 +294,20 @@ class ArrowPredictor(_Saved):
         ConfigError: an empty pool, a bad top_k or temperature.
     """
 
-    def __init__(self, base: BaseModel, pool: Sequence[Expert], top_k: int = 1,
-                 temperature: float | Mapping[str, float] = 1.0, prototypes: Mapping[str, torch.Tensor] | None = None,
-                 seed: int = 0, name: str | None = None, info: dict[str, Any] | None = None, batch_size: int = 32,
-                 autocast: bool = True, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        pool: Sequence[Expert],
+        top_k: int = 1,
+        temperature: float | Mapping[str, float] = 1.0,
+        prototypes: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        info: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
         if not pool:
             raise ConfigError("experts: expected at least one expert to route to, got none")
         self.top_k, self.temperature, self.seed = check_top_k(top_k, len(pool)), temperature, seed
@@ -273,8 +318,9 @@ class ArrowPredictor(_Saved):
         """``[n, n_labels]`` probabilities over the task's label words, in the input order."""
         if not batch:
             return torch.empty((0, task.n_labels))
-        return predict_proba(self.arrow.model, self.base.tokenizer, task, batch, self.batch_size, self.autocast,
-                             self.max_length)
+        return predict_proba(
+            self.arrow.model, self.base.tokenizer, task, batch, self.batch_size, self.autocast, self.max_length
+        )
 
     def cost(self) -> Cost:
         """Every expert's adapter and the prototypes stored; one (fused) forward pass per input."""
@@ -324,14 +370,33 @@ def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: 
     scoring = {**settings.get("scoring", {}), **overrides}
     router = settings["router"]
     if manifest.kind == "arrow":
-        protos = {k[len("proto."):]: v for k, v in tensors.items() if k.startswith("proto.")}
+        protos = {k[len("proto.") :]: v for k, v in tensors.items() if k.startswith("proto.")}
         cfg = router["config"]
-        return ArrowPredictor(base, experts, cfg["top_k"], cfg["temperature"], prototypes=protos,
-                              seed=cfg.get("seed", 0), name=manifest.name, info=settings.get("info"), **scoring)
+        return ArrowPredictor(
+            base,
+            experts,
+            cfg["top_k"],
+            cfg["temperature"],
+            prototypes=protos,
+            seed=cfg.get("seed", 0),
+            name=manifest.name,
+            info=settings.get("info"),
+            **scoring,
+        )
     # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
     # before shape versions (``"shape": true``) on the four counts of version 1.
     features = {"shape": False, "readout": "mean", **settings["features"]}
     features["shape"] = 1 if features["shape"] is True else features["shape"]
-    return RoutePredictor(base, experts, load_router(router["kind"], router["config"], tensors), settings["top_k"],
-                          settings["then"], settings["on"], pooling=settings["pooling"], name=manifest.name,
-                          info=settings.get("info"), **features, **scoring)
+    return RoutePredictor(
+        base,
+        experts,
+        load_router(router["kind"], router["config"], tensors),
+        settings["top_k"],
+        settings["then"],
+        settings["on"],
+        pooling=settings["pooling"],
+        name=manifest.name,
+        info=settings.get("info"),
+        **features,
+        **scoring,
+    )

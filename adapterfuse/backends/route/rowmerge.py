@@ -49,15 +49,28 @@ class RowMergeModel:
                 continue
             stacked, slots = slot_factors(factors)
             # The low-rank part runs in fp32 even under autocast: each row's merge in full precision.
-            self.layers.append(replace_linear(
-                self.model, module, lambda target, lr=stacked, s=slots: StackedLoRALinear(
-                    target, lr.A.to(device), lr.B.to(device), s.to(device), weighting="row", fp32=True),
-                stacked.shape))
+            self.layers.append(
+                replace_linear(
+                    self.model,
+                    module,
+                    lambda target, lr=stacked, s=slots: StackedLoRALinear(
+                        target, lr.A.to(device), lr.B.to(device), s.to(device), weighting="row", fp32=True
+                    ),
+                    stacked.shape,
+                )
+            )
 
     @torch.no_grad()
-    def log_probs(self, tokenizer: PreTrainedTokenizerBase, task: TaskSpec, examples: Sequence[Example],
-                  weights: torch.Tensor, batch_size: int = 32, autocast: bool = True,
-                  max_length: int = 256) -> torch.Tensor:
+    def log_probs(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        task: TaskSpec,
+        examples: Sequence[Example],
+        weights: torch.Tensor,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = 256,
+    ) -> torch.Tensor:
         """Each input's log-probabilities over the label words under its own merge.
 
         Args:

@@ -80,6 +80,12 @@ def greedy_subset(scores: PoolScores, budget: int, probs: torch.Tensor | None = 
             if value > best_score:
                 best, best_score = cand, value
         kept.append(best)
-        curve.append({"budget": step + 1, "added": scores.names[best], "members": [scores.names[i] for i in kept],
-                      "score": best_score})
+        curve.append(
+            {
+                "budget": step + 1,
+                "added": scores.names[best],
+                "members": [scores.names[i] for i in kept],
+                "score": best_score,
+            }
+        )
     return Subset(kept, [scores.names[i] for i in kept], curve)

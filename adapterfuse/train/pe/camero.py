@@ -36,8 +36,9 @@ def shared_layer_count(model: nn.Module, requested: int | None) -> int:
     total = n_layers(model)
     count = total // 2 if requested is None else requested
     if count > total:
-        raise ConfigError(f"camero_shared_layers {count}: the base has only {total} decoder layers; expected "
-                          f"0 .. {total}")
+        raise ConfigError(
+            f"camero_shared_layers {count}: the base has only {total} decoder layers; expected 0 .. {total}"
+        )
     return count
 
 

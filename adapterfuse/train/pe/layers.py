@@ -48,8 +48,10 @@ def target_modules(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
     """
     names = linear_modules(model, tuple(suffixes))
     if not names:
-        raise ConfigError(f"target_modules {list(suffixes)}: no linear module of the base matches; expected "
-                          "names such as q_proj, v_proj")
+        raise ConfigError(
+            f"target_modules {list(suffixes)}: no linear module of the base matches; expected "
+            "names such as q_proj, v_proj"
+        )
     return names
 
 
@@ -66,8 +68,9 @@ class MemberLoRALinear(nn.Module):
         generator: the seeded generator ``A`` is drawn from (``B`` starts at zero, as in LoRA).
     """
 
-    def __init__(self, base: nn.Linear, mode: str, k: int, rank: int, scale: float, dropout: float,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, base: nn.Linear, mode: str, k: int, rank: int, scale: float, dropout: float, generator: torch.Generator
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -96,8 +99,10 @@ class MemberLoRALinear(nn.Module):
                 low = blockwise_lowrank(h, self.A, self.B)
             else:
                 if x.shape[0] % self.k:
-                    raise ConfigError(f"member forward: {x.shape[0]} rows is not a multiple of K={self.k}; "
-                                      "expected member-contiguous rows")
+                    raise ConfigError(
+                        f"member forward: {x.shape[0]} rows is not a multiple of K={self.k}; "
+                        "expected member-contiguous rows"
+                    )
                 h = h.reshape(self.k, -1, h.shape[-1])
                 low = ((h * self.r[:, None, :]) @ self.A.T) @ self.B.T * self.s[:, None, :]
         return y + (low * self.scale).reshape(y.shape).to(y.dtype)
@@ -129,8 +134,7 @@ def member_factors(mode: str, tensors: Mapping[str, torch.Tensor], k: int, scale
     return [LowRank((A * r[i][None, :]).contiguous(), (s[i][:, None] * B).contiguous()) for i in range(k)]
 
 
-def member_deltas(layout: Mapping[str, str], tensors: Mapping[str, torch.Tensor], k: int,
-                  scale: float) -> list[Deltas]:
+def member_deltas(layout: Mapping[str, str], tensors: Mapping[str, torch.Tensor], k: int, scale: float) -> list[Deltas]:
     """Every member as ``module -> LowRank`` from flat tensors named ``<module>.<A|B|r|s>``.
 
     Raises:
@@ -141,15 +145,18 @@ def member_deltas(layout: Mapping[str, str], tensors: Mapping[str, torch.Tensor]
         names = ("A", "B", "r", "s") if mode == "batchensemble" else ("A", "B")
         missing = [f"{module}.{n}" for n in names if f"{module}.{n}" not in tensors]
         if missing:
-            raise CompatibilityError(f"module {module!r}: tensors {missing} missing; the saved weights do not "
-                                     "match the layout in the manifest")
+            raise CompatibilityError(
+                f"module {module!r}: tensors {missing} missing; the saved weights do not "
+                "match the layout in the manifest"
+            )
         for i, d in enumerate(member_factors(mode, {n: tensors[f"{module}.{n}"] for n in names}, k, scale)):
             out[i][module] = d
     return out
 
 
-def install(model: nn.Module, layout: Mapping[str, str], k: int, rank: int, scale: float, dropout: float,
-            seed: int) -> dict[str, MemberLoRALinear]:
+def install(
+    model: nn.Module, layout: Mapping[str, str], k: int, rank: int, scale: float, dropout: float, seed: int
+) -> dict[str, MemberLoRALinear]:
     """Swap every module of ``layout`` for a :class:`MemberLoRALinear` of its mode (seeded init).
 
     Args:
@@ -168,15 +175,21 @@ def install(model: nn.Module, layout: Mapping[str, str], k: int, rank: int, scal
     device = next(model.parameters()).device
     layers: dict[str, MemberLoRALinear] = {}
     for module in sorted(layout):
-        layers[module] = replace_linear(model, module, lambda target, mode=layout[module]: MemberLoRALinear(
-            target, mode, k, rank, scale, dropout, gen).to(device))
+        layers[module] = replace_linear(
+            model,
+            module,
+            lambda target, mode=layout[module]: MemberLoRALinear(target, mode, k, rank, scale, dropout, gen).to(device),
+        )
     return layers
 
 
 def flat_tensors(layers: Mapping[str, MemberLoRALinear]) -> Tensors:
     """The installed layers' trainable tensors as ``<module>.<name>`` (detached fp32 copies)."""
-    return {f"{m}.{n}": t.detach().float().clone().contiguous()
-            for m, layer in layers.items() for n, t in layer.tensors().items()}
+    return {
+        f"{m}.{n}": t.detach().float().clone().contiguous()
+        for m, layer in layers.items()
+        for n, t in layer.tensors().items()
+    }
 
 
 @torch.no_grad()

@@ -22,8 +22,9 @@ from torch import nn
 from adapterfuse.head import causal_lm, read_labels
 
 
-def pack(slots: Sequence[Sequence[Sequence[int]]], separator: Sequence[int],
-         pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack(
+    slots: Sequence[Sequence[Sequence[int]]], separator: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack K token lists per row into one right-padded sequence.
 
     Args:
@@ -54,8 +55,13 @@ def pack(slots: Sequence[Sequence[Sequence[int]]], separator: Sequence[int],
     return ids, mask, positions
 
 
-def slot_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                label_ids: Sequence[int]) -> torch.Tensor:
+def slot_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    label_ids: Sequence[int],
+) -> torch.Tensor:
     """Label-word logits at each slot's answer position, fp32 ``[K, n, n_labels]``.
 
     Args:

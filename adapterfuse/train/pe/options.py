@@ -90,22 +90,29 @@ def parse_options(kind: str, members: int, config: TrainConfig, options: dict[st
             split batch too small to give every member a row.
     """
     check_kind(kind, members)
-    foreign = sorted(k for k in options if any(k.startswith(p) for p in _PREFIX.values())
-                     and not k.startswith(_PREFIX[kind]))
+    foreign = sorted(
+        k for k in options if any(k.startswith(p) for p in _PREFIX.values()) and not k.startswith(_PREFIX[kind])
+    )
     if foreign:
-        raise ConfigError(f"options {foreign}: belong to another kind than {kind!r} (its options start with "
-                          f"{_PREFIX[kind]!r})")
+        raise ConfigError(
+            f"options {foreign}: belong to another kind than {kind!r} (its options start with {_PREFIX[kind]!r})"
+        )
     try:
         opts = PEOptions(**options)
     except ValidationError as e:
-        raise ConfigError(f"ensemble options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}; expected one of "
-                          f"{sorted(PEOptions.model_fields)} with a valid value") from None
+        raise ConfigError(
+            f"ensemble options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}; expected one of "
+            f"{sorted(PEOptions.model_fields)} with a valid value"
+        ) from None
     if config.method != "lora":
-        raise ConfigError(f"method {config.method!r}: parameter-efficient ensembles train LoRA factors; "
-                          "expected method='lora'")
+        raise ConfigError(
+            f"method {config.method!r}: parameter-efficient ensembles train LoRA factors; expected method='lora'"
+        )
     if kind == "batchensemble" and opts.be_data == "split" and config.batch_size < members:
-        raise ConfigError(f"batch_size {config.batch_size} < members {members}: be_data='split' gives each "
-                          "member a share of the batch; expected batch_size >= members")
+        raise ConfigError(
+            f"batch_size {config.batch_size} < members {members}: be_data='split' gives each "
+            "member a share of the batch; expected batch_size >= members"
+        )
     if opts.pooling not in POOLINGS:  # pragma: no cover - the Literal already enforces it
         raise ConfigError(f"pooling {opts.pooling!r}: unknown")
     return opts

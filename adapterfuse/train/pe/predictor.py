@@ -128,16 +128,21 @@ class PEEnsemble:
             result = merge_deltas(self.member_deltas(), method, **params)
             deltas, error = result.deltas, result.overall_error
         state, config = peft_from_deltas(deltas, self.manifest["base"]["spec"])
-        meta = {"task": self.manifest["task"], "method": f"pe_{self.kind}+{method}", "base": self.manifest["base"],
-                "merged_from": {"kind": self.kind, "members": self.k, "overall_error": error}}
+        meta = {
+            "task": self.manifest["task"],
+            "method": f"pe_{self.kind}+{method}",
+            "base": self.manifest["base"],
+            "merged_from": {"kind": self.kind, "members": self.k, "overall_error": error},
+        }
         return Expert(name=name, config=config, state_dict=state, meta=meta)
 
     def predictor(self, base: BaseModel, **scoring: Any) -> PEEnsemblePredictor:
         """A :class:`~adapterfuse.predictor.Predictor` over ``base`` (scoring: batch_size, autocast, max_length)."""
         return PEEnsemblePredictor(self, base, **scoring)
 
-    def save(self, path: str | Path, overwrite: bool = False, name: str | None = None,
-             scoring: dict[str, Any] | None = None) -> Path:
+    def save(
+        self, path: str | Path, overwrite: bool = False, name: str | None = None, scoring: dict[str, Any] | None = None
+    ) -> Path:
         """Write ``weights.safetensors`` and ``manifest.json`` (kind ``pe_ensemble``) atomically.
 
         Args:
@@ -156,8 +161,11 @@ class PEEnsemble:
 
     def write_into(self, folder: Path, name: str | None = None, scoring: dict[str, Any] | None = None) -> None:
         """Write the files, then the manifest, into an existing folder (callers provide atomicity)."""
-        save_file({k: v.detach().contiguous().cpu() for k, v in sorted(self.tensors.items())}, str(folder / WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in sorted(self.tensors.items())},
+            str(folder / WEIGHTS),
+            metadata={"format": "pt"},
+        )
         settings = {"pe": self.manifest, **({"scoring": scoring} if scoring else {})}
         write_manifest(folder, "pe_ensemble", name or f"{self.kind} K={self.k}", settings, self.manifest.get("base"))
 
@@ -176,8 +184,10 @@ class PEEnsemble:
         """The ensemble of a checked manifest (see :meth:`load`)."""
         record = manifest.settings.get("pe")
         if not isinstance(record, dict) or "method" not in record:
-            raise ExpertError(f"pe ensemble {folder}: the manifest's settings lack the ensemble's record ('pe'); "
-                              "train or save the ensemble again")
+            raise ExpertError(
+                f"pe ensemble {folder}: the manifest's settings lack the ensemble's record ('pe'); "
+                "train or save the ensemble again"
+            )
         if not (folder / WEIGHTS).is_file():
             raise ExpertError(f"pe ensemble {folder}: {WEIGHTS} not found; the folder is incomplete")
         return cls(record, load_file(str(folder / WEIGHTS)), folder)
@@ -197,12 +207,20 @@ class PEEnsemblePredictor:
         ConfigError: a batch size below 1.
     """
 
-    def __init__(self, ensemble: PEEnsemble, base: BaseModel, batch_size: int = 32, autocast: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH, name: str | None = None) -> None:
+    def __init__(
+        self,
+        ensemble: PEEnsemble,
+        base: BaseModel,
+        batch_size: int = 32,
+        autocast: bool = True,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        name: str | None = None,
+    ) -> None:
         want = ensemble.manifest["base"]["fingerprint"]
         if want != base.fingerprint:
-            raise CompatibilityError(f"pe ensemble: trained on base {want[:19]}…, got {base.fingerprint[:19]}…; "
-                                     "expected the same base model")
+            raise CompatibilityError(
+                f"pe ensemble: trained on base {want[:19]}…, got {base.fingerprint[:19]}…; expected the same base model"
+            )
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         self.ensemble, self.base = ensemble, base
@@ -212,13 +230,27 @@ class PEEnsemblePredictor:
         if ensemble.kind == "mimo":
             self.inner = None
             self.model = shared_copy(base.model)
-            layers = install(self.model, ensemble.manifest["layout"], 1, ensemble.manifest["rank"],
-                             ensemble.manifest["scale"], 0.0, 0)
+            layers = install(
+                self.model,
+                ensemble.manifest["layout"],
+                1,
+                ensemble.manifest["rank"],
+                ensemble.manifest["scale"],
+                0.0,
+                0,
+            )
             load_flat(layers, ensemble.tensors)
             self.model.eval()
         else:
-            self.inner = EnsemblePredictor(base, ensemble.experts(), self.pooling, batch_size=batch_size,
-                                           autocast=autocast, max_length=max_length, name=self.name)
+            self.inner = EnsemblePredictor(
+                base,
+                ensemble.experts(),
+                self.pooling,
+                batch_size=batch_size,
+                autocast=autocast,
+                max_length=max_length,
+                name=self.name,
+            )
 
     def member_log_probs(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
         """Every member's log-probabilities, ``[K, n, n_labels]``, in the input order."""
@@ -257,8 +289,12 @@ class PEEnsemblePredictor:
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write the ensemble's folder (see :meth:`PEEnsemble.save`) with this predictor's name and scoring."""
-        self.ensemble.save(path, overwrite, self.name,
-                           {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length})
+        self.ensemble.save(
+            path,
+            overwrite,
+            self.name,
+            {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+        )
 
 
 def load_pe_ensemble(path: str | Path, base: BaseModel, verify: bool = True, **scoring: Any) -> PEEnsemblePredictor:

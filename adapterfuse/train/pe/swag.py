@@ -41,7 +41,7 @@ def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Tensors
     out, start = {}, 0
     for k in sorted(like):
         n = like[k].numel()
-        out[k] = vector[start:start + n].reshape(like[k].shape).clone()
+        out[k] = vector[start : start + n].reshape(like[k].shape).clone()
         start += n
     return out
 
@@ -78,7 +78,7 @@ class SwagPosterior:
         self.sq_mean = (self.sq_mean * n + theta * theta) / (n + 1)
         self.count = n + 1
         if self.rank > 0:
-            rows = [*list(self.deviations), theta - self.mean][-self.rank:]
+            rows = [*list(self.deviations), theta - self.mean][-self.rank :]
             self.deviations = torch.stack(rows)
 
     @property
@@ -93,15 +93,17 @@ class SwagPosterior:
             ConfigError: no snapshot was taken.
         """
         if self.count == 0:
-            raise ConfigError("SWAG: no snapshot was collected; expected training to run past swag_start "
-                              "(lower swag_start or swag_every, or train for more steps)")
+            raise ConfigError(
+                "SWAG: no snapshot was collected; expected training to run past swag_start "
+                "(lower swag_start or swag_every, or train for more steps)"
+            )
         gen = torch.Generator().manual_seed(seed)
         size = self.mean.numel()
         std = self.variance.sqrt()
         out = []
         for _ in range(k):
             z1 = torch.randn(size, generator=gen)
-            noise = std * z1 / 2 ** 0.5
+            noise = std * z1 / 2**0.5
             cols = self.deviations.shape[0]
             if cols >= 2:
                 z2 = torch.randn(cols, generator=gen)
@@ -111,14 +113,22 @@ class SwagPosterior:
 
     def state(self) -> Tensors:
         """Tensors to save (``swag.mean``, ``swag.sq_mean``, ``swag.deviations``)."""
-        return {"swag.mean": self.mean.contiguous(), "swag.sq_mean": self.sq_mean.contiguous(),
-                "swag.deviations": self.deviations.contiguous()}
+        return {
+            "swag.mean": self.mean.contiguous(),
+            "swag.sq_mean": self.sq_mean.contiguous(),
+            "swag.deviations": self.deviations.contiguous(),
+        }
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, torch.Tensor], count: int, rank: int) -> SwagPosterior:
         """Rebuild from :meth:`state`."""
-        return cls(tensors["swag.mean"].float(), tensors["swag.sq_mean"].float(),
-                   tensors["swag.deviations"].float(), count, rank)
+        return cls(
+            tensors["swag.mean"].float(),
+            tensors["swag.sq_mean"].float(),
+            tensors["swag.deviations"].float(),
+            count,
+            rank,
+        )
 
 
 def lr_factor(step: int, total: int, warmup: int, start: int, ratio: float) -> float:

@@ -73,8 +73,13 @@ from adapterfuse.train.pe.predictor import FORMAT_VERSION, PEEnsemble
 from adapterfuse.train.pe.swag import SwagPosterior, flatten, lr_factor, snapshot_steps
 
 
-def members_loss(task: TaskSpec, logits: torch.Tensor, labels: Sequence[Sequence[float]],
-                 class_weights: torch.Tensor | None = None, consistency: float = 0.0) -> torch.Tensor:
+def members_loss(
+    task: TaskSpec,
+    logits: torch.Tensor,
+    labels: Sequence[Sequence[float]],
+    class_weights: torch.Tensor | None = None,
+    consistency: float = 0.0,
+) -> torch.Tensor:
     """The mean of the members' label-word losses, plus ``consistency`` × CAMERO's consistency term.
 
     Args:
@@ -145,15 +150,19 @@ class _PEObjective(Objective):
             elif self.kind == "batchensemble" and self.opts.be_data == "split":
                 member_rows = batchensemble.split_rows(rows, self.k)
                 ids, mask = pad([self.encoded[i] for i in member_rows], self.pad_id)
-                logits = member_logits(self.model, ids.to(device), mask.to(device), self.label_ids, self.k,
-                                       replicate=False)
+                logits = member_logits(
+                    self.model, ids.to(device), mask.to(device), self.label_ids, self.k, replicate=False
+                )
                 size = len(member_rows) // self.k
-                labels = [[self.train[i].label for i in member_rows[j * size:(j + 1) * size]] for j in range(self.k)]
+                labels = [[self.train[i].label for i in member_rows[j * size : (j + 1) * size]] for j in range(self.k)]
             else:
                 k = self.k if self.kind in ("batchensemble", "camero") else 1
                 ids, mask = pad([self.encoded[i] for i in rows], self.pad_id)
-                noise = (self.opts.camero_perturbation, self.opts.camero_perturbation_scale) \
-                    if self.kind == "camero" else ("none", 0.0)
+                noise = (
+                    (self.opts.camero_perturbation, self.opts.camero_perturbation_scale)
+                    if self.kind == "camero"
+                    else ("none", 0.0)
+                )
                 with camero.perturbation(self.model, self.shared_layers, *noise):
                     logits = member_logits(self.model, ids.to(device), mask.to(device), self.label_ids, k)
                 labels = [[self.train[i].label for i in rows]] * k
@@ -183,12 +192,14 @@ def _scheduler(kind: str, opts: PEOptions, optimizer: torch.optim.Optimizer, tot
     if kind == "swag":
         start = int(total * opts.swag_start)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total, warmup, start, opts.swag_lr_ratio))
+            optimizer, lambda s: lr_factor(s, total, warmup, start, opts.swag_lr_ratio)
+        )
     return linear_schedule(optimizer, total, warmup)
 
 
-def prepare_model(base: BaseModel, kind: str, members: int, config: TrainConfig,
-                  opts: PEOptions) -> tuple[nn.Module, dict[str, MemberLoRALinear], dict[str, str]]:
+def prepare_model(
+    base: BaseModel, kind: str, members: int, config: TrainConfig, opts: PEOptions
+) -> tuple[nn.Module, dict[str, MemberLoRALinear], dict[str, str]]:
     """A private copy of the base with the kind's trainable layers installed and initialised (seeded).
 
     Returns:
@@ -197,17 +208,25 @@ def prepare_model(base: BaseModel, kind: str, members: int, config: TrainConfig,
     model = shared_copy(base.model)
     layout = build_layout(kind, model, target_modules(model, config.target_modules), opts)
     k_rows = members if kind in ("batchensemble", "camero") else 1
-    layers = install(model, layout, k_rows, config.rank, config.lora_alpha / config.rank, config.dropout,
-                     config.seed)
+    layers = install(model, layout, k_rows, config.rank, config.lora_alpha / config.rank, config.dropout, config.seed)
     if kind == "batchensemble":
         batchensemble.init_rank1(layers, opts.be_jitter, config.seed)
     return model, layers, layout
 
 
-def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batchensemble", members: int = 4,
-                      config: TrainConfig | None = None, out: str | Path | None = None, overwrite: bool = False,
-                      data: TaskData | None = None, callback: Callback | None = None, progress: bool = True,
-                      **options: Any) -> PEEnsemble:
+def train_pe_ensemble(
+    base: BaseModel,
+    task: TaskSpec | str,
+    kind: str = "batchensemble",
+    members: int = 4,
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    data: TaskData | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> PEEnsemble:
     """Train a parameter-efficient ensemble of ``members`` members for one task and save it as a folder.
 
     Args:
@@ -241,9 +260,8 @@ def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batche
     train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
     encoded = encode(spec, train, base.tokenizer, config.max_length)
     schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
-    ckpt = Checkpoint(out, {"kind": kind, "members": members, "options": opts.model_dump(mode="json"),
-                            "task": spec.name, "base": base.fingerprint, "data": fingerprint_examples(train),
-                            "config": config.model_dump(mode="json")})
+    identity = {"kind": kind, "members": members, "options": opts.model_dump(mode="json")}
+    ckpt = _checkpoint(out, base, spec, train, config, identity)
     if overwrite:
         ckpt.clear()
 
@@ -255,10 +273,30 @@ def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batche
     total = len(schedule)
     scheduler = _scheduler(kind, opts, optimizer, total, int(total * config.warmup_ratio))
     shared = camero.shared_layer_count(model, opts.camero_shared_layers) if kind == "camero" else 0
-    objective = _PEObjective(kind, members, opts, spec, train, encoded, label_token_ids(spec, base.tokenizer), base,
-                             config, model, layers, total, shared)
-    result = run_loop(schedule, Trainable(params, optimizer, scheduler), objective, config, ckpt, callback,
-                      f"train {kind} {spec.name}" if progress else None)
+    objective = _PEObjective(
+        kind,
+        members,
+        opts,
+        spec,
+        train,
+        encoded,
+        label_token_ids(spec, base.tokenizer),
+        base,
+        config,
+        model,
+        layers,
+        total,
+        shared,
+    )
+    result = run_loop(
+        schedule,
+        Trainable(params, optimizer, scheduler),
+        objective,
+        config,
+        ckpt,
+        callback,
+        f"train {kind} {spec.name}" if progress else None,
+    )
     ensemble = _ensemble(objective, layout, base, len(train), result, opts)
     ensemble.manifest["scores"] = _scores(ensemble, base, data, config)
     ensemble.save(out, overwrite)
@@ -266,21 +304,56 @@ def train_pe_ensemble(base: BaseModel, task: TaskSpec | str, kind: str = "batche
     return ensemble
 
 
-def _ensemble(objective: _PEObjective, layout: dict[str, str], base: BaseModel, train_examples: int,
-              result: LoopResult, opts: PEOptions) -> PEEnsemble:
+def _checkpoint(
+    out: Path, base: BaseModel, spec: TaskSpec, train: list[Example], config: TrainConfig, identity: dict[str, Any]
+) -> Checkpoint:
+    """The checkpoint of a run: it resumes only the same kind, members, options, task, base, data and config."""
+    return Checkpoint(
+        out,
+        {
+            **identity,
+            "task": spec.name,
+            "base": base.fingerprint,
+            "data": fingerprint_examples(train),
+            "config": config.model_dump(mode="json"),
+        },
+    )
+
+
+def _ensemble(
+    objective: _PEObjective,
+    layout: dict[str, str],
+    base: BaseModel,
+    train_examples: int,
+    result: LoopResult,
+    opts: PEOptions,
+) -> PEEnsemble:
     """The trained ensemble with its manifest (SWAG: the posterior's statistics in place of the adapter)."""
     config, layers = objective.config, objective.layers
     tensors = flat_tensors(layers)
     run = result.summary()
-    manifest = {"kind": "pe_ensemble", "format_version": FORMAT_VERSION, "method": objective.kind,
-                "members": objective.k, "task": objective.spec.name, "layout": layout, "rank": config.rank,
-                "scale": config.lora_alpha / config.rank, "options": opts.model_dump(mode="json"),
-                "base": {"spec": base.spec, "fingerprint": base.fingerprint},
-                "training": {**config.model_dump(mode="json"), "train_examples": train_examples,
-                             "steps": run["steps"], "resumed_from_step": run["resumed_from_step"],
-                             "trained_params": trained_params(layers), "train_wall_s": run["train_wall_s"],
-                             "train_tokens_per_s": run["train_tokens_per_s"]},
-                "versions": versions()}
+    manifest = {
+        "kind": "pe_ensemble",
+        "format_version": FORMAT_VERSION,
+        "method": objective.kind,
+        "members": objective.k,
+        "task": objective.spec.name,
+        "layout": layout,
+        "rank": config.rank,
+        "scale": config.lora_alpha / config.rank,
+        "options": opts.model_dump(mode="json"),
+        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        "training": {
+            **config.model_dump(mode="json"),
+            "train_examples": train_examples,
+            "steps": run["steps"],
+            "resumed_from_step": run["resumed_from_step"],
+            "trained_params": trained_params(layers),
+            "train_wall_s": run["train_wall_s"],
+            "train_tokens_per_s": run["train_tokens_per_s"],
+        },
+        "versions": versions(),
+    }
     swag = objective.swag
     if swag is not None:
         manifest["shapes"] = {n: list(t.shape) for n, t in tensors.items()}
@@ -292,8 +365,9 @@ def _ensemble(objective: _PEObjective, layout: dict[str, str], base: BaseModel, 
 
 def _scores(ensemble: PEEnsemble, base: BaseModel, data: TaskData, config: TrainConfig) -> dict[str, Any]:
     """Validation and test metrics of the pooled members, on the examples train_expert scores for an expert."""
-    predictor = ensemble.predictor(base, batch_size=config.eval_batch_size, autocast=config.autocast,
-                                   max_length=config.max_length)
+    predictor = ensemble.predictor(
+        base, batch_size=config.eval_batch_size, autocast=config.autocast, max_length=config.max_length
+    )
     out: dict[str, Any] = {}
     for split, examples in (("validation", data.validation), ("test", scored_test(data.test, config))):
         if examples:

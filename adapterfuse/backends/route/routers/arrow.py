@@ -27,8 +27,7 @@ from adapterfuse.lowrank import slot_factors
 from adapterfuse.surgery import StackedLoRALinear, replace_linear, shared_copy
 
 
-def power_prototypes(factors: Sequence[LowRank], iters: int = 2000, tol: float = 1e-12,
-                     seed: int = 0) -> torch.Tensor:
+def power_prototypes(factors: Sequence[LowRank], iters: int = 2000, tol: float = 1e-12, seed: int = 0) -> torch.Tensor:
     """Top right singular vectors of several ``ΔW = B A`` of one input size, by power iteration.
 
     Args:
@@ -121,8 +120,14 @@ class ArrowLinear(StackedLoRALinear):
         fused: ``True`` (default) runs the rank-``R`` fused form; ``False`` the per-expert reference.
     """
 
-    def __init__(self, base: nn.Linear, factors: Sequence[LowRank | None], prototypes: torch.Tensor, top_k: int,
-                 temperature: float) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        factors: Sequence[LowRank | None],
+        prototypes: torch.Tensor,
+        top_k: int,
+        temperature: float,
+    ) -> None:
         stacked, slots = slot_factors(factors)
         device = base.weight.device
         super().__init__(base, stacked.A.to(device), stacked.B.to(device), slots.to(device), weighting="token")
@@ -148,9 +153,9 @@ class ArrowLinear(StackedLoRALinear):
         out = torch.zeros(flat.shape[0], self.B.shape[0], dtype=flat.dtype, device=flat.device)
         start = 0
         for e, r in self.ranks:
-            a, b = self.A[start:start + r], self.B[:, start:start + r]
+            a, b = self.A[start : start + r], self.B[:, start : start + r]
             part = (flat @ a.T) @ b.T
-            out = out + w[:, e:e + 1].to(part.dtype) * part
+            out = out + w[:, e : e + 1].to(part.dtype) * part
             start += r
         return out
 
@@ -161,8 +166,11 @@ def layer_temperature(temperature: float | Mapping[str, float], module: str) -> 
     Raises:
         ConfigError: a missing or non-positive temperature.
     """
-    t = temperature if not isinstance(temperature, Mapping) else temperature.get(module,
-                                                                                 temperature.get("default", 1.0))
+    t = (
+        temperature
+        if not isinstance(temperature, Mapping)
+        else temperature.get(module, temperature.get("default", 1.0))
+    )
     if not float(t) > 0:
         raise ConfigError(f"temperature of {module!r}: expected > 0, got {t}")
     return float(t)
@@ -184,9 +192,15 @@ class ArrowModel:
         CompatibilityError: a module missing from the base, not linear, or of another shape.
     """
 
-    def __init__(self, model: nn.Module, pool: Sequence[Deltas], top_k: int = 1,
-                 temperature: float | Mapping[str, float] = 1.0, prototypes: Mapping[str, torch.Tensor] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: Sequence[Deltas],
+        top_k: int = 1,
+        temperature: float | Mapping[str, float] = 1.0,
+        prototypes: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
         if not pool:
             raise ConfigError("arrow: expected at least one expert, got none")
         if top_k < 1 or top_k > len(pool):
@@ -202,9 +216,12 @@ class ArrowModel:
 
     def _install(self, module: str, factors: list[LowRank | None], top_k: int, temperature: float) -> ArrowLinear:
         shape = next(f.shape for f in factors if f is not None)
-        return replace_linear(self.model, module,
-                              lambda target: ArrowLinear(target, factors, self.prototypes[module], top_k, temperature),
-                              shape)
+        return replace_linear(
+            self.model,
+            module,
+            lambda target: ArrowLinear(target, factors, self.prototypes[module], top_k, temperature),
+            shape,
+        )
 
     def set_fused(self, fused: bool) -> None:
         """Switch every layer between the fused form and the per-expert reference."""

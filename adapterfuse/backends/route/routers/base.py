@@ -24,8 +24,9 @@ def check_top_k(top_k: int, n_experts: int | None = None) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"top_k: expected an integer >= 1, got {top_k!r}")
     if n_experts is not None and top_k > n_experts:
-        raise ConfigError(f"top_k: {top_k} is larger than the number of experts to route to ({n_experts}); "
-                          f"expected 1 .. {n_experts}")
+        raise ConfigError(
+            f"top_k: {top_k} is larger than the number of experts to route to ({n_experts}); expected 1 .. {n_experts}"
+        )
     return top_k
 
 
@@ -116,10 +117,12 @@ class Projection:
         """
         n, d = features.shape
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, d - keep):
-            raise ConfigError(f"pca: expected an integer in 1 .. {min(n, d - keep)} (validation inputs and projected "
-                              f"features), got {k!r}")
+            raise ConfigError(
+                f"pca: expected an integer in 1 .. {min(n, d - keep)} (validation inputs and projected "
+                f"features), got {k!r}"
+            )
         scaler = Standardizer.fit(features)
-        content = scaler(features)[:, :d - keep]
+        content = scaler(features)[:, : d - keep]
         _, _, vh = torch.linalg.svd(content - content.mean(dim=0), full_matrices=False)
         top = vh[:k]
         signs = torch.sign(top.gather(1, top.abs().argmax(dim=1, keepdim=True)))
@@ -138,14 +141,18 @@ class Projection:
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Named tensors to save."""
-        return {f"{prefix}mean": self.scaler.mean, f"{prefix}std": self.scaler.std,
-                f"{prefix}components": self.components}
+        return {
+            f"{prefix}mean": self.scaler.mean,
+            f"{prefix}std": self.scaler.std,
+            f"{prefix}components": self.components,
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, keep: int) -> Projection:
         """Rebuild from :meth:`tensors`."""
-        return cls(Standardizer(tensors[f"{prefix}mean"], tensors[f"{prefix}std"]), tensors[f"{prefix}components"],
-                   keep)
+        return cls(
+            Standardizer(tensors[f"{prefix}mean"], tensors[f"{prefix}std"]), tensors[f"{prefix}components"], keep
+        )
 
 
 class Router:

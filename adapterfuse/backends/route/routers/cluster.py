@@ -20,8 +20,9 @@ from adapterfuse.backends.route.routers.base import Router, Standardizer, regist
 from adapterfuse.errors import ConfigError
 
 
-def kmeans_labels(features: torch.Tensor, clusters: int, seed: int = 0, n_init: int = 10) -> tuple[np.ndarray,
-                                                                                                    np.ndarray]:
+def kmeans_labels(
+    features: torch.Tensor, clusters: int, seed: int = 0, n_init: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded k-means.
 
     Args:
@@ -40,8 +41,9 @@ def kmeans_labels(features: torch.Tensor, clusters: int, seed: int = 0, n_init: 
 
     n = int(features.shape[0])
     if isinstance(clusters, bool) or not isinstance(clusters, int) or not 1 <= clusters <= n:
-        raise ConfigError(f"clusters: expected an integer in 1 .. {n} (the number of validation inputs), "
-                          f"got {clusters!r}")
+        raise ConfigError(
+            f"clusters: expected an integer in 1 .. {n} (the number of validation inputs), got {clusters!r}"
+        )
     km = KMeans(n_clusters=clusters, random_state=seed, n_init=n_init)
     labels = km.fit_predict(features.double().numpy())
     return labels, km.cluster_centers_
@@ -109,12 +111,23 @@ class ClusterRouter(Router):
 
     @classmethod
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ClusterRouter:
-        return cls(Standardizer(tensors["mean"], tensors["std"]), tensors["centroids"], tensors["table"],
-                   int(config.get("seed", 0)))
+        return cls(
+            Standardizer(tensors["mean"], tensors["std"]),
+            tensors["centroids"],
+            tensors["table"],
+            int(config.get("seed", 0)),
+        )
 
     @classmethod
-    def fit(cls, features: torch.Tensor, quality: torch.Tensor, clusters: int, seed: int = 0,
-            temperature: float = 1.0, n_init: int = 10) -> ClusterRouter:
+    def fit(
+        cls,
+        features: torch.Tensor,
+        quality: torch.Tensor,
+        clusters: int,
+        seed: int = 0,
+        temperature: float = 1.0,
+        n_init: int = 10,
+    ) -> ClusterRouter:
         """Cluster the validation features and give each cluster its experts' distribution.
 
         Args:

@@ -48,8 +48,9 @@ class LearnedRouter(Router):
 
     kind = "learned"
 
-    def __init__(self, scaler: Standardizer, net: nn.Sequential, hidden: int, target: str,
-                 projection: Projection | None = None) -> None:
+    def __init__(
+        self, scaler: Standardizer, net: nn.Sequential, hidden: int, target: str, projection: Projection | None = None
+    ) -> None:
         self.scaler, self.net, self.hidden, self.target = scaler, net.eval(), hidden, target
         self.projection = projection
         self.net.requires_grad_(False)
@@ -61,8 +62,12 @@ class LearnedRouter(Router):
         return torch.softmax(self.net(self.scaler(x)), dim=-1)
 
     def config(self) -> dict[str, Any]:
-        out = {"hidden": self.hidden, "target": self.target, "n_experts": self.n_experts,
-               "dim": int(self.scaler.mean.shape[0])}
+        out = {
+            "hidden": self.hidden,
+            "target": self.target,
+            "n_experts": self.n_experts,
+            "dim": int(self.scaler.mean.shape[0]),
+        }
         if self.projection is not None:
             out.update(pca=int(self.projection.components.shape[1]), pca_keep=self.projection.keep)
         return out
@@ -77,14 +82,27 @@ class LearnedRouter(Router):
         net = make_net(int(config["dim"]), int(config["n_experts"]), int(config["hidden"]))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         projection = Projection.from_tensors(tensors, "proj.", int(config["pca_keep"])) if config.get("pca") else None
-        return cls(Standardizer(tensors["mean"], tensors["std"]), net, int(config["hidden"]), str(config["target"]),
-                   projection)
+        return cls(
+            Standardizer(tensors["mean"], tensors["std"]), net, int(config["hidden"]), str(config["target"]), projection
+        )
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, n_experts: int, hidden: int = 0,
-            target: str = "best_expert", epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-3,
-            seed: int = 0, own: torch.Tensor | None = None, prior_weight: float = 0.0, pca: int = 0,
-            pca_keep: int = 0) -> LearnedRouter:
+    def fit(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        n_experts: int,
+        hidden: int = 0,
+        target: str = "best_expert",
+        epochs: int = 300,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-3,
+        seed: int = 0,
+        own: torch.Tensor | None = None,
+        prior_weight: float = 0.0,
+        pca: int = 0,
+        pca_keep: int = 0,
+    ) -> LearnedRouter:
         """Train on labelled features (full batch, Adam, cross-entropy).
 
         Args:
@@ -112,12 +130,16 @@ class LearnedRouter(Router):
             ConfigError: no labelled row, bad sizes.
         """
         if hidden < 0 or epochs < 1 or lr <= 0 or not prior_weight >= 0:
-            raise ConfigError(f"learned router: expected hidden >= 0, epochs >= 1, lr > 0, prior_weight >= 0; got "
-                              f"hidden={hidden}, epochs={epochs}, lr={lr}, prior_weight={prior_weight}")
+            raise ConfigError(
+                f"learned router: expected hidden >= 0, epochs >= 1, lr > 0, prior_weight >= 0; got "
+                f"hidden={hidden}, epochs={epochs}, lr={lr}, prior_weight={prior_weight}"
+            )
         keep = labels.isfinite().all(dim=1) if labels.dim() == 2 else labels >= 0
         if not bool(keep.any()):
-            raise ConfigError("learned router: no validation input has a target expert; with target='task' every "
-                              "task needs an expert of its own (check the experts' recorded tasks)")
+            raise ConfigError(
+                "learned router: no validation input has a target expert; with target='task' every "
+                "task needs an expert of its own (check the experts' recorded tasks)"
+            )
         x, y = features[keep].float(), labels[keep]
         prior = own[keep] if own is not None and prior_weight > 0 else None
         projection = Projection.fit(x, pca, pca_keep) if pca else None
@@ -135,8 +157,9 @@ class LearnedRouter(Router):
         return cls(scaler, net, hidden, target, projection)
 
 
-def routing_loss(logits: torch.Tensor, targets: torch.Tensor, own: torch.Tensor | None = None,
-                 prior_weight: float = 0.0) -> torch.Tensor:
+def routing_loss(
+    logits: torch.Tensor, targets: torch.Tensor, own: torch.Tensor | None = None, prior_weight: float = 0.0
+) -> torch.Tensor:
     """The router's training loss.
 
     Args:

@@ -101,8 +101,12 @@ def cluster_experts(cosine: torch.Tensor, clusters: int) -> list[int]:
     return [order.index(int(x)) for x in raw]
 
 
-def merge_clusters(experts: Sequence[Expert], labels: Sequence[int], base: BaseModel, method: str = "uniform",
-                   ) -> list[Expert]:
+def merge_clusters(
+    experts: Sequence[Expert],
+    labels: Sequence[int],
+    base: BaseModel,
+    method: str = "uniform",
+) -> list[Expert]:
     """One merged expert per cluster (a linear merge of its members' ΔW).
 
     Args:
@@ -126,15 +130,25 @@ def merge_clusters(experts: Sequence[Expert], labels: Sequence[int], base: BaseM
         merged = merge_deltas([e.deltas for e in members], method).deltas
         state, config = peft_from_deltas(merged, base.spec)
         tasks = sorted(set().union(*(serves(e) for e in members)))
-        meta = {"task": tasks[0] if len(tasks) == 1 else None, "tasks": tasks, "method": f"mbc-{method}",
-                "members": [e.name for e in members],
-                "base": {"spec": base.spec, "fingerprint": base.fingerprint}}
+        meta = {
+            "task": tasks[0] if len(tasks) == 1 else None,
+            "tasks": tasks,
+            "method": f"mbc-{method}",
+            "members": [e.name for e in members],
+            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        }
         out.append(Expert(name=f"cluster-{c}", config=config, state_dict=state, meta=meta))
     return out
 
 
-def mbc_pool(experts: Sequence[Expert], base: BaseModel, clusters: int, sketch_size: int | None = None,
-             seed: int = 0, method: str = "uniform") -> tuple[list[Expert], list[int]]:
+def mbc_pool(
+    experts: Sequence[Expert],
+    base: BaseModel,
+    clusters: int,
+    sketch_size: int | None = None,
+    seed: int = 0,
+    method: str = "uniform",
+) -> tuple[list[Expert], list[int]]:
     """Cluster the experts and merge each cluster.
 
     Returns:

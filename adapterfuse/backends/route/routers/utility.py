@@ -108,5 +108,5 @@ class UtilityRouter(Router):
 
     @classmethod
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> UtilityRouter:
-        inner = {k[len("inner."):]: v for k, v in tensors.items() if k.startswith("inner.")}
+        inner = {k[len("inner.") :]: v for k, v in tensors.items() if k.startswith("inner.")}
         return cls(load_router(config["inner"]["kind"], config["inner"]["config"], inner), tensors["utility"])
