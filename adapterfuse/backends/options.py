@@ -93,3 +93,37 @@ def validate_options(model: type[Config], options: Mapping[str, Any], backend: s
             key = str(err["loc"][0]) if err["loc"] else ""
             seen.setdefault(key, _describe(model, backend, err))
         raise ConfigError("; ".join(seen.values())) from None
+
+
+def given_or_built(
+    model: type[Config], config: Config | None, options: Mapping[str, Any], backend: str, example: str
+) -> Config:
+    """The config given, or one built from keyword options (not both).
+
+    Args:
+        model: the backend's config model.
+        config: a config the caller built, or ``None``.
+        options: keyword options (used only when ``config`` is ``None``).
+        backend: the backend's name, for messages.
+        example: an option to show in the fix (e.g. ``"method"``).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: both given, a config of another type, or a bad option.
+    """
+    if config is None:
+        return validate_options(model, options, backend)
+    if not isinstance(config, model):
+        article = "an" if model.__name__[0] in "AEIOU" else "a"
+        raise ConfigError(
+            f"config: expected {article} {model.__name__} or None, got {config!r}; give the options as keywords "
+            f"instead (e.g. {example}=...)"
+        )
+    if options:
+        raise ConfigError(
+            f"{backend}: got a config and the options {sorted(options)}; give one or the other "
+            "(config.model_copy(update=...) changes a config)"
+        )
+    return config

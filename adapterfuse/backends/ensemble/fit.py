@@ -17,9 +17,8 @@ from adapterfuse.backends.ensemble.config import EnsembleConfig, check_ensemble
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor, check_member_list, check_members
 from adapterfuse.backends.ensemble.select import select_members
 from adapterfuse.backends.ensemble.weights import WeightFit, learn_weights, resolve_weights, uniform_weights
-from adapterfuse.backends.options import validate_options
+from adapterfuse.backends.options import given_or_built
 from adapterfuse.base import BaseModel
-from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import MultiTaskData
@@ -54,7 +53,7 @@ def ensemble(
             without validation data.
         CompatibilityError / ExpertError: members from different bases, or not over ``base``.
     """
-    config = ensemble_config(config, options)
+    config = given_or_built(EnsembleConfig, config, options, "ensemble", "pooling")
     members = check_member_list(list(experts))
     names = [e.name for e in members]
     check_ensemble(config, names, bool(validation))
@@ -109,27 +108,6 @@ def ensemble(
         info=info,
         **settings,
     )
-
-
-def ensemble_config(config: EnsembleConfig | None, options: dict[str, Any]) -> EnsembleConfig:
-    """The config given, or one built from keyword options (not both).
-
-    Raises:
-        ConfigError: both given, or a bad option.
-    """
-    if config is None:
-        return validate_options(EnsembleConfig, options, "ensemble")
-    if not isinstance(config, EnsembleConfig):
-        raise ConfigError(
-            f"config: expected an EnsembleConfig or None, got {config!r}; give the options as keywords "
-            "instead (e.g. pooling=...)"
-        )
-    if options:
-        raise ConfigError(
-            f"ensemble: got a config and the options {sorted(options)}; give one or the other "
-            "(config.model_copy(update=...) changes a config)"
-        )
-    return config
 
 
 def _name(pooling: str, k: int, how: str) -> str:

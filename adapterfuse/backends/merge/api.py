@@ -22,9 +22,8 @@ from adapterfuse.backends.merge.lambda_search import (
     search_lambda,
 )
 from adapterfuse.backends.merge.registry import merge_deltas
-from adapterfuse.backends.options import validate_options
+from adapterfuse.backends.options import given_or_built
 from adapterfuse.base import BaseModel
-from adapterfuse.errors import ConfigError
 from adapterfuse.library import ExpertLibrary, count_experts, load_library
 from adapterfuse.tasks.spec import TaskData
 
@@ -63,7 +62,7 @@ def merge(
         ExpertError: a missing or corrupt expert, NaN/inf weights.
         CompatibilityError: experts from different bases, or not from ``base``.
     """
-    config = merge_config(config, options)
+    config = given_or_built(MergeConfig, config, options, "merge", "method")
     check_merge(config, count_experts(experts))
     tasks = check_validation(validation, base, config.method, required=config.search is not None)
     grid = check_grid(config.lambda_grid) if config.lambda_search and tasks else None
@@ -72,27 +71,6 @@ def merge(
     if config.search is not None:
         return config.search.run(library, config.params, base, tasks, eval_options)
     return _registry_merge(library, config, base, tasks, grid, eval_options)
-
-
-def merge_config(config: MergeConfig | None, options: dict[str, Any]) -> MergeConfig:
-    """The config given, or one built from keyword options (not both).
-
-    Raises:
-        ConfigError: both given, or a bad option.
-    """
-    if config is None:
-        return validate_options(MergeConfig, options, "merge")
-    if not isinstance(config, MergeConfig):
-        raise ConfigError(
-            f"config: expected a MergeConfig or None, got {config!r}; give the options as keywords "
-            "instead (e.g. method=...)"
-        )
-    if options:
-        raise ConfigError(
-            f"merge: got a config and the options {sorted(options)}; give one or the other "
-            "(config.model_copy(update=...) changes a config)"
-        )
-    return config
 
 
 def _registry_merge(

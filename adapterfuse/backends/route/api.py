@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adapterfuse.backends.options import validate_options
+from adapterfuse.backends.options import given_or_built
 from adapterfuse.backends.route.config import RouteConfig, check_route
 from adapterfuse.backends.route.crossval import choose_prior_weight
 from adapterfuse.backends.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score, top1_score
@@ -67,7 +67,7 @@ def route(
             validation data.
         CompatibilityError / ExpertError: experts from different bases, or not from ``base``.
     """
-    config = route_config(config, options)
+    config = given_or_built(RouteConfig, config, options, "route", "router")
     n = count_experts(experts)
     has_data = bool(validation) or data is not None
     check_route(config, n, has_data)
@@ -115,27 +115,6 @@ def route(
         **data.extractor.spec,
         **settings,
     )
-
-
-def route_config(config: RouteConfig | None, options: dict[str, Any]) -> RouteConfig:
-    """The config given, or one built from keyword options (not both).
-
-    Raises:
-        ConfigError: both given, or a bad option.
-    """
-    if config is None:
-        return validate_options(RouteConfig, options, "route")
-    if not isinstance(config, RouteConfig):
-        raise ConfigError(
-            f"config: expected a RouteConfig or None, got {config!r}; give the options as keywords "
-            "instead (e.g. router=...)"
-        )
-    if options:
-        raise ConfigError(
-            f"route: got a config and the options {sorted(options)}; give one or the other "
-            "(config.model_copy(update=...) changes a config)"
-        )
-    return config
 
 
 def _routing_data(
