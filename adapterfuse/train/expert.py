@@ -37,8 +37,8 @@ from adapterfuse.train.loop import (
     batch_schedule,
     cycle_ends,
     cyclic_schedule,
-    fingerprint_examples,
     linear_schedule,
+    run_checkpoint,
     run_loop,
     scored_test,
 )
@@ -276,13 +276,7 @@ def _plan(
             f"snapshots {config.snapshots}: more than the {len(schedule)} training steps; use at most "
             f"{len(schedule)} or train on more examples/epochs"
         )
-    identity = {
-        "task": spec.name,
-        "base": base.fingerprint,
-        "data": fingerprint_examples(train),
-        "config": config.model_dump(mode="json"),
-    }
-    return train, encoded, schedule, Checkpoint(out, identity)
+    return train, encoded, schedule, run_checkpoint(out, spec.name, base.fingerprint, train, config)
 
 
 def _save_snapshots(

@@ -232,6 +232,22 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def run_checkpoint(
+    out: Path, task: str, base_fingerprint: str, train: Sequence[Example], config: TrainConfig, **identity: Any
+) -> Checkpoint:
+    """The checkpoint of one training run: it resumes only the same task, base, data, config and ``identity``."""
+    return Checkpoint(
+        out,
+        {
+            **identity,
+            "task": task,
+            "base": base_fingerprint,
+            "data": fingerprint_examples(train),
+            "config": config.model_dump(mode="json"),
+        },
+    )
+
+
 def _restore(payload: dict[str, Any], trainable: Trainable, objective: Objective) -> None:
     with torch.no_grad():
         for name, tensor in payload["adapter"].items():

@@ -50,13 +50,12 @@ from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.loop import (
     Callback,
-    Checkpoint,
     LoopResult,
     Objective,
     Trainable,
     batch_schedule,
-    fingerprint_examples,
     linear_schedule,
+    run_checkpoint,
     run_loop,
     scored_test,
 )
@@ -260,8 +259,8 @@ def train_pe_ensemble(
     train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
     encoded = encode(spec, train, base.tokenizer, config.max_length)
     schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
-    identity = {"kind": kind, "members": members, "options": opts.model_dump(mode="json")}
-    ckpt = _checkpoint(out, base, spec, train, config, identity)
+    options = opts.model_dump(mode="json")
+    ckpt = run_checkpoint(out, spec.name, base.fingerprint, train, config, kind=kind, members=members, options=options)
     if overwrite:
         ckpt.clear()
 
@@ -302,22 +301,6 @@ def train_pe_ensemble(
     ensemble.save(out, overwrite)
     ckpt.clear()
     return ensemble
-
-
-def _checkpoint(
-    out: Path, base: BaseModel, spec: TaskSpec, train: list[Example], config: TrainConfig, identity: dict[str, Any]
-) -> Checkpoint:
-    """The checkpoint of a run: it resumes only the same kind, members, options, task, base, data and config."""
-    return Checkpoint(
-        out,
-        {
-            **identity,
-            "task": spec.name,
-            "base": base.fingerprint,
-            "data": fingerprint_examples(train),
-            "config": config.model_dump(mode="json"),
-        },
-    )
 
 
 def _ensemble(
