@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "tasks.metrics": 1,
     "delta": 1,
     "io.atomic": 1,
+    "progress": 1,
     # 2: one model, one expert, one task
     "base": 2,
     "tasks.glue": 2,

@@ -1,0 +1,63 @@
+"""How much adapterfuse says while it works: progress bars and one-line status messages, on stderr.
+
+Every step longer than a few seconds (training, fits, feature passes, evaluation) reports through
+``bar``; every recipe step through ``status``. The CLI's ``-q`` and ``-v`` set the level; library
+users call ``set_verbosity``. Output goes to stderr so that stdout stays for results.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
+
+Verbosity = Literal["quiet", "normal", "verbose"]
+_ORDER: dict[Verbosity, int] = {"quiet": 0, "normal": 1, "verbose": 2}
+_level: Verbosity = "normal"
+
+
+def set_verbosity(level: Verbosity) -> None:
+    """Set how much is reported: ``quiet`` (errors only), ``normal`` (bars and status), ``verbose``.
+
+    Raises:
+        ValueError: ``level`` is not one of the three.
+    """
+    global _level
+    if level not in _ORDER:
+        raise ValueError(f"verbosity must be one of {sorted(_ORDER)}, got {level!r}")
+    _level = level
+
+
+def verbosity() -> Verbosity:
+    """The current level."""
+    return _level
+
+
+def shows(level: Verbosity = "normal") -> bool:
+    """Whether messages of ``level`` are shown at the current verbosity."""
+    return _ORDER[_level] >= _ORDER[level]
+
+
+def status(message: str, level: Verbosity = "normal") -> None:
+    """Print one status line on stderr when ``level`` is shown."""
+    if shows(level):
+        print(message, file=sys.stderr, flush=True)
+
+
+def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Iterate with a progress bar (with rate and ETA) on stderr, hidden when quiet.
+
+    Args:
+        iterable: what to iterate over.
+        desc: the bar's title, e.g. ``"features sst2"``.
+        total: the number of items when ``iterable`` has no length.
+        unit: the name of one item.
+
+    Returns:
+        An iterator over ``iterable``'s items.
+    """
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=not shows(), leave=False))
