@@ -110,6 +110,8 @@ def test_the_defaults_live_in_the_models():
     route_config = RouteConfig()
     assert route_config.router == "learned" and route_config.target == "task" and route_config.top_k == 1
     assert RouteConfig(target="best_expert").target == "best_expert"  # the older choice is still accepted
+    # MBC takes the options of the router it routes across groups with (learned with data, Arrow without).
+    assert RouteConfig(router="mbc", mbc_clusters=2, hidden=4, temperature=2.0).hidden == 4
     assert EnsembleConfig().pooling == "log_linear" and EnsembleConfig(weights="0.5,0.5").weights == [0.5, 0.5]
     merge_config = MergeConfig(method="ties", density=0.5, **{"lambda": 1.2})
     assert isinstance(merge_config.params, TiesParams) and merge_config.params.lam == 1.2
@@ -126,6 +128,14 @@ def test_the_defaults_live_in_the_models():
         (RouteConfig, {"hidden": -1}, "hidden: expected an integer >= 0, got -1"),
         (RouteConfig, {"lr": float("nan")}, "lr: expected a finite number, got nan"),
         (RouteConfig, {"temperature": 0}, r"temperature: expected numbers > 0"),
+        (RouteConfig, {"router": "arrow", "hidden": 8}, "hidden: an option of router 'learned', but router is 'arrow'"),
+        (RouteConfig, {"clusters": 3}, "clusters: an option of router 'clustered', but router is 'learned'"),
+        (RouteConfig, {"router": "clustered", "temperature": 2.0}, "temperature: an option of router 'arrow'"),
+        (
+            RouteConfig,
+            {"router": "mbc", "mbc_clusters": 2, "mbc_router": "arrow", "epochs": 5},
+            r"epochs: an option of router 'learned', but router is 'mbc' across \['arrow'\]",
+        ),
         (EnsembleConfig, {"weights": [1.0, 2.0], "select": "top2"}, "cannot be combined with select"),
         (EnsembleConfig, {"metric": "auc"}, "metric 'auc': unknown; expected one of score, nll"),
         (MergeConfig, {"method": "mean"}, "unknown merge method 'mean'; known methods: uniform"),

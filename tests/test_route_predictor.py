@@ -102,21 +102,13 @@ def test_merge_is_the_linear_merge_of_the_chosen_experts_at_each_inputs_weights(
         torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
 
 
+ROUTER_OPTIONS = {"learned": {"hidden": 8}, "clustered": {"clusters": 3}, "mbc": {"mbc_clusters": 2, "hidden": 8}}
+
+
 @pytest.mark.parametrize("router", ["learned", "clustered", "mbc"])
 def test_save_load_round_trip_gives_identical_probabilities(tiny_base, experts, data, tmp_path, router):
-    predictor = route(
-        experts,
-        tiny_base,
-        router=router,
-        top_k=2,
-        validation=data,
-        on="fields",
-        autocast=False,
-        clusters=3,
-        mbc_clusters=2,
-        hidden=8,
-        readout="mean_last",
-    )
+    options = {"top_k": 2, "on": "fields", "autocast": False, "readout": "mean_last", **ROUTER_OPTIONS[router]}
+    predictor = route(experts, tiny_base, router=router, validation=data, **options)
     assert isinstance(predictor, Predictor)
     predictor.save(tmp_path / "r")
     written = json.loads((tmp_path / "r" / "manifest.json").read_text())

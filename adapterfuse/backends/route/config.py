@@ -152,6 +152,7 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteConfig:
+        self._own_kind_only()
         if self.decision == "utility" and (self.router != "learned" or self.target != "task"):
             raise ValueError(
                 f"decision 'utility': needs router='learned' with target='task' (a posterior over the "
@@ -165,6 +166,21 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
             )
         return self
 
+    def _own_kind_only(self) -> None:
+        # One sub-model per router kind: an option given for a kind this config does not fit is refused, so a
+        # misplaced option is never silently ignored. MBC takes the options of the router it routes with.
+        kinds = {self.router} if self.router != "mbc" else {"mbc", self.mbc_router or "learned"}
+        if self.router == "mbc" and self.mbc_router is None:
+            kinds.add("arrow")  # MBC without validation data routes with Arrow
+        for kind, options in ROUTER_OPTIONS.items():
+            given = sorted(set(options.model_fields) & self.model_fields_set)
+            if given and kind not in kinds:
+                raise ValueError(
+                    f"{given[0]}: an option of router {kind!r}, but router is {self.router!r}"
+                    + (f" across {sorted(kinds - {'mbc'})}" if self.router == "mbc" else "")
+                    + f"; remove {given[0]} or set router={kind!r}"
+                )
+
     def across(self, has_data: bool) -> str:
         """The router MBC routes across groups with: ``mbc_router``, else learned with data, arrow without."""
         return self.mbc_router or ("learned" if has_data else "arrow")
@@ -176,6 +192,15 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
     def fit_options(self) -> dict[str, Any]:
         """The learned router's training settings (hidden, epochs, lr, seed, pca)."""
         return {"hidden": self.hidden, "epochs": self.epochs, "lr": self.lr, "seed": self.seed, "pca": self.pca or 0}
+
+
+ROUTER_OPTIONS: dict[str, type[_Options]] = {
+    "learned": LearnedOptions,
+    "clustered": ClusteredOptions,
+    "mbc": MBCOptions,
+    "arrow": ArrowOptions,
+}
+"""Each router kind's own options: a :class:`RouteConfig` refuses those of a kind it does not fit."""
 
 
 def check_route(config: RouteConfig, n_experts: int, has_data: bool) -> None:
