@@ -27,6 +27,7 @@ from adapterfuse.predictor import Cost, Predictor
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
+from adapterfuse.uncertainty import ECE_BINS, uncertainty_metrics
 
 
 def score_examples(
@@ -239,8 +240,9 @@ def evaluate(
         max_examples: evaluate at most this many examples per task (the first ones).
 
     Returns:
-        ``{"predictor", "tasks": {task: metrics + n + seconds + examples_per_s}, "average",
-        "examples_per_s", "cost"}``; ``average`` is the mean of the per-task ``score``.
+        ``{"predictor", "tasks": {task: metrics + nll, brier, ece + n + seconds + examples_per_s}, "average",
+        "examples_per_s", "cost", "ece_bins"}``; ``average`` is the mean of the per-task ``score``; ``ece``
+        (classification tasks) uses ``ece_bins`` equal-mass bins.
 
     Raises:
         ConfigError: for an unknown split or no tasks.
@@ -256,9 +258,11 @@ def evaluate(
         t0 = time.perf_counter()
         probs = predictor.predict_proba(td.task, list(examples))
         seconds = time.perf_counter() - t0
-        metrics = compute_metrics(td.task.metrics, predictions(td.task, probs), [e.label for e in examples])
+        labels = [e.label for e in examples]
+        metrics = compute_metrics(td.task.metrics, predictions(td.task, probs), labels)
         tasks[td.task.name] = {
             **metrics,
+            **uncertainty_metrics(td.task, probs, labels),
             "n": len(examples),
             "seconds": round(seconds, 3),
             "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2),
@@ -271,6 +275,7 @@ def evaluate(
         "average": statistics.fmean(t["score"] for t in tasks.values()),
         "examples_per_s": round(total_n / max(total_s, 1e-9), 2),
         "cost": predictor.cost().as_dict(),
+        "ece_bins": ECE_BINS,
     }
 
 
@@ -293,5 +298,30 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
             f"{cost['stored_params']:,}",
             f"{cost['forward_passes']:g}",
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def uncertainty_table(results: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of how sure each predictor is: per task ``NLL / ECE / Brier`` (lower is better).
+
+    Regression tasks have no ECE (shown as ``—``); ECE uses the equal-mass bins the results record.
+    """
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    bins = next((r["ece_bins"] for r in results if "ece_bins" in r), ECE_BINS)
+    head = ["predictor", *[f"{t} NLL / ECE / Brier" for t in tasks], "mean NLL"]
+    lines = [f"ECE over {bins} equal-mass bins; lower is better throughout.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells, nlls = [r["predictor"]], []
+        for t in tasks:
+            m = r["tasks"].get(t, {})
+            if "nll" not in m:
+                cells.append("—")
+                continue
+            nlls.append(m["nll"])
+            ece_cell = f"{m['ece']:.3f}" if "ece" in m else "—"
+            cells.append(f"{m['nll']:.3f} / {ece_cell} / {m['brier']:.3f}")
+        cells.append(f"{statistics.fmean(nlls):.3f}" if nlls else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

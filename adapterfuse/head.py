@@ -262,11 +262,19 @@ def task_loss(
     logp = torch.log_softmax(logits.float(), dim=-1)
     if not task.regression:
         return F.nll_loss(logp, torch.tensor(labels, dtype=torch.long), weight=class_weights)
+    return -(soft_targets(task, labels).to(logp.device) * logp).sum(dim=1).mean()
+
+
+def soft_targets(task: TaskSpec, labels: Sequence[float]) -> torch.Tensor:
+    """The target distribution over the label words, ``[n, n_labels]`` fp32: one-hot for classification,
+    for regression ``1 - frac`` and ``frac`` on the label's two nearest score levels."""
+    target = torch.zeros(len(labels), task.n_labels, dtype=torch.float32)
+    if not task.regression:
+        return target.scatter_(1, torch.tensor([int(v) for v in labels], dtype=torch.long)[:, None], 1.0)
     lo, hi, frac = _soft_levels(task, labels)
-    target = torch.zeros_like(logp)
     target.scatter_add_(1, lo[:, None], (1 - frac)[:, None])
     target.scatter_add_(1, hi[:, None], frac[:, None])
-    return -(target * logp).sum(dim=1).mean()
+    return target
 
 
 def label_log_likelihood(task: TaskSpec, log_probs: torch.Tensor, labels: Sequence[float]) -> torch.Tensor:

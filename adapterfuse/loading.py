@@ -14,6 +14,7 @@ from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.backends.merge.load import load_merged
 from adapterfuse.backends.route.predictor import load_routed
 from adapterfuse.base import BaseModel, load_base
+from adapterfuse.calibration import TemperatureScaled
 from adapterfuse.errors import CompatibilityError
 from adapterfuse.harness import load_model_predictor
 from adapterfuse.io.manifest import Kind, Manifest, read_manifest
@@ -29,6 +30,9 @@ LOADERS: dict[Kind, Callable[[Path, Manifest, Any], Predictor]] = {
     "route": load_routed,
     "arrow": load_routed,
     "pe_ensemble": load_pe,
+    "temperature_scaled": lambda folder, manifest, base: TemperatureScaled(
+        load_predictor(folder / manifest.settings["inner"], base), manifest.settings["temperatures"], manifest.name
+    ),
 }
 """Kind -> ``(folder, manifest, base) -> predictor``; one entry per kind of :data:`~adapterfuse.io.manifest.Kind`."""
 

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "tasks.glue": 2,
     "lowrank": 2,
     "head": 2,
+    "uncertainty": 2,
     "surgery": 2,
     "expert": 2,
     "io.manifest": 2,
@@ -52,6 +53,7 @@ LAYERS: dict[str, int] = {
     "library": 3,
     "predictor": 3,
     "harness": 3,
+    "calibration": 3,
     # 4: the backends (they combine trained experts; nothing in them trains one)
     "backends": 4,
     # 5: training, which may build on the backends (distilling an ensemble, parameter-efficient

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.harness import uncertainty_table
 from adapterfuse.tasks.glue import get_task
 
 REFERENCES = ("base zero-shot", "oracle")
@@ -165,6 +166,8 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
         f"# {name}: results\n\nAverage of each task's official score on the test split (GLUE dev); cost "
         "measured on this machine. Bold: on the accuracy-vs-cost Pareto front.\n\n" + table + "\n"
     )
+    if any("nll" in m for r in results for m in r["tasks"].values()):
+        text += "\n## How sure each predictor is\n\n" + uncertainty_table(results) + "\n"
     tmp = out / f".results.md.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, out / "results.md")
