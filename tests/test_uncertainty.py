@@ -89,3 +89,29 @@ def test_the_harness_reports_uncertainty_and_a_scaled_predictor_round_trips(tiny
         assert torch.equal(loaded.predict_proba(td.task, td.test), scaled.predict_proba(td.task, td.test))
     with pytest.raises(ConfigError, match="no temperature for task 'rte'"):
         scaled.predict_proba(get_task("rte"), data[0].test)
+
+
+def test_bootstrap_resamples_are_seeded_and_drawn_with_replacement():
+    from adapterfuse.tasks.spec import Example
+    from adapterfuse.train.config import TrainConfig
+    from adapterfuse.train.expert import bootstrap_sample
+
+    examples = [Example(fields=(str(i),), label=i % 2, idx=i) for i in range(50)]
+    one, again, other = bootstrap_sample(examples, 0), bootstrap_sample(examples, 0), bootstrap_sample(examples, 1)
+    assert one == again and one != other and len(one) == len(examples)
+    assert len({e.idx for e in one}) < len(examples)  # with replacement: some drawn twice
+    assert TrainConfig(bootstrap=True).bootstrap and not TrainConfig().bootstrap
+
+
+def test_a_bagged_expert_is_reproducible_and_differs_from_the_plain_one(tiny_base, tmp_path):
+    from adapterfuse.train.expert import train_expert
+    from tests.helpers import tiny_config
+
+    root = write_glue_dir(tmp_path / "glue", n_train=40, n_dev=6)
+    data = load_task("sst2", validation_size=8, max_train=24, glue_dir=root)
+    weights = {}
+    for name, bootstrap in (("a", True), ("b", True), ("plain", False)):
+        config = tiny_config(max_train_examples=24, max_eval_examples=4, bootstrap=bootstrap)
+        train_expert(tiny_base, "sst2", config, out=tmp_path / name, data=data, progress=False)
+        weights[name] = (tmp_path / name / "adapter_model.safetensors").read_bytes()
+    assert weights["a"] == weights["b"] and weights["a"] != weights["plain"]

@@ -31,6 +31,11 @@ def register(subparsers: Any) -> None:
     train.add_argument("--batch-size", type=positive_int, default=16)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
+    train.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="train on a bootstrap resample of the training examples (seeded by --seed; bagging)",
+    )
     train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
     train.add_argument(
         "--snapshots",
@@ -65,6 +70,7 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size,
         seed=args.seed,
         balance_classes=args.balance_classes,
+        bootstrap=args.bootstrap,
         autocast=not args.no_autocast,
         validation_size=args.validation_size,
         adalora_init_r=max(12, args.rank),

@@ -34,6 +34,11 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0)
     autocast: bool = True
     balance_classes: bool = Field(False, description="weight the loss by inverse class frequency")
+    bootstrap: bool = Field(
+        False,
+        description="train on a bootstrap resample of the training examples (drawn with replacement, "
+        "seeded by seed): members of different seeds form a bagged ensemble",
+    )
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     snapshots: int = Field(

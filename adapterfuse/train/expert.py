@@ -260,6 +260,25 @@ def train_expert(
     return Expert.load(out / f"snapshot-{config.snapshots}" if config.snapshots > 1 else out)
 
 
+def bootstrap_sample(examples: list[Example], seed: int) -> list[Example]:
+    """A bootstrap resample: as many examples as given, drawn with replacement, seeded (bagging).
+
+    Args:
+        examples: the training examples.
+        seed: the draw's seed (the run's seed: members of a bagged ensemble differ by seed).
+
+    Returns:
+        The resampled list; the same seed gives the same list.
+    """
+    generator = torch.Generator().manual_seed(BOOTSTRAP_SEED_OFFSET + seed)
+    return [examples[i] for i in torch.randint(len(examples), (len(examples),), generator=generator).tolist()]
+
+
+# Kept apart from the seeds of the data split, the batch order and the adapter's initialisation, so that
+# bagging changes which examples are drawn and nothing else.
+BOOTSTRAP_SEED_OFFSET = 7919
+
+
 def _plan(
     base: BaseModel, spec: TaskSpec, data: TaskData, config: TrainConfig, out: Path
 ) -> tuple[list[Example], list[list[int]], list[list[int]], Checkpoint]:
@@ -269,6 +288,8 @@ def _plan(
         ConfigError: more snapshots than training steps.
     """
     train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
+    if config.bootstrap:
+        train = bootstrap_sample(train, config.seed)
     encoded = encode(spec, train, base.tokenizer, config.max_length)
     schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
     if config.snapshots > len(schedule):
