@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.backends.ensemble.mc_dropout import MCDropoutPredictor
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.backends.merge.load import load_merged
 from adapterfuse.backends.route.predictor import load_routed
@@ -30,6 +31,7 @@ LOADERS: dict[Kind, Callable[[Path, Manifest, Any], Predictor]] = {
     "route": load_routed,
     "arrow": load_routed,
     "pe_ensemble": load_pe,
+    "mc_dropout": MCDropoutPredictor.from_manifest,
     "temperature_scaled": lambda folder, manifest, base: TemperatureScaled(
         load_predictor(folder / manifest.settings["inner"], base), manifest.settings["temperatures"], manifest.name
     ),

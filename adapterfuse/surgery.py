@@ -152,6 +152,9 @@ class StackedLoRALinear(nn.Module):
 
     Attributes:
         weights: ``[n, K]`` the rows' weights for ``"row"``; ``None`` until set.
+        dropout: ``"member"`` only: the probability of zeroing each input of the low-rank part (test-time
+            dropout, one mask per row); 0 (the default) leaves the layer deterministic.
+        generator: the random generator of those masks (seeded by the caller).
 
     Raises:
         ConfigError: an unknown weighting, or ``slots`` missing for a weighted layer.
@@ -177,6 +180,9 @@ class StackedLoRALinear(nn.Module):
         self.register_buffer("B", B, persistent=False)
         self.register_buffer("slots", slots, persistent=False)
         self.weights: torch.Tensor | None = None
+        # Test-time dropout on the low-rank input ("member" weighting): off unless an MC-dropout predictor sets it.
+        self.dropout: float = 0.0
+        self.generator: torch.Generator | None = None
 
     @property
     def k(self) -> int:
@@ -190,6 +196,9 @@ class StackedLoRALinear(nn.Module):
         with context:
             if self.weighting == "member":
                 h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
+                if self.dropout:  # MC-dropout: each row's own mask on the adapter's input, as PEFT's lora_dropout
+                    keep = 1.0 - self.dropout
+                    h = h * torch.empty_like(h).bernoulli_(keep, generator=self.generator).div_(keep)
                 low = blockwise_lowrank(h, self.A, self.B)
             else:
                 # [n, T, in] for weights per row, [n*T, in] for weights per token

@@ -115,3 +115,29 @@ def test_a_bagged_expert_is_reproducible_and_differs_from_the_plain_one(tiny_bas
         train_expert(tiny_base, "sst2", config, out=tmp_path / name, data=data, progress=False)
         weights[name] = (tmp_path / name / "adapter_model.safetensors").read_bytes()
     assert weights["a"] == weights["b"] and weights["a"] != weights["plain"]
+
+
+def test_mc_dropout_at_p_0_is_the_expert_and_is_seeded_above_it(tiny_base, tmp_path):
+    from adapterfuse.backends.ensemble.mc_dropout import MCDropoutPredictor
+
+    root = write_glue_dir(tmp_path / "glue", n_train=40, n_dev=6)
+    td = load_task("sst2", validation_size=8, max_train=16, glue_dir=root)
+    expert = random_expert(tiny_base, "x", rank=4, seed=0, scale=4.0, task="sst2")
+    plain = ExpertPredictor(tiny_base, expert, autocast=False).predict_proba(td.task, td.test)
+    off = MCDropoutPredictor(tiny_base, expert, samples=3, p=0.0, autocast=False)
+    torch.testing.assert_close(off.predict_proba(td.task, td.test), plain, rtol=0, atol=1e-5)
+    on = MCDropoutPredictor(tiny_base, expert, samples=4, p=0.5, seed=1, autocast=False)
+    first, again = on.member_log_probs(td.task, td.test), on.member_log_probs(td.task, td.test)
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])  # seeded; one mask per sample
+    assert (mutual_information(first.exp()) > 0).all()
+    other = MCDropoutPredictor(tiny_base, expert, samples=4, p=0.5, seed=2, autocast=False)
+    assert not torch.equal(other.member_log_probs(td.task, td.test), first)
+    assert on.cost().forward_passes == 4 and on.cost().stored_params == off.cost().stored_params
+    on.save(tmp_path / "mc")
+    loaded = load_predictor(tmp_path / "mc", tiny_base)
+    assert isinstance(loaded, MCDropoutPredictor) and (loaded.samples, loaded.p, loaded.seed) == (4, 0.5, 1)
+    assert torch.equal(loaded.predict_proba(td.task, td.test), on.predict_proba(td.task, td.test))
+    with pytest.raises(ConfigError, match="was trained without dropout"):
+        MCDropoutPredictor(tiny_base, expert)
+    with pytest.raises(ConfigError, match=r"p: expected a dropout probability in \[0, 1\), got 1.0"):
+        MCDropoutPredictor(tiny_base, expert, p=1.0)

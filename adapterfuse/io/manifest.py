@@ -26,7 +26,16 @@ from adapterfuse.io.atomic import read_manifest as read_legacy
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 Kind = Literal[
-    "zero_shot", "oracle", "expert", "merged", "ensemble", "route", "arrow", "pe_ensemble", "temperature_scaled"
+    "zero_shot",
+    "oracle",
+    "expert",
+    "merged",
+    "ensemble",
+    "route",
+    "arrow",
+    "pe_ensemble",
+    "temperature_scaled",
+    "mc_dropout",
 ]
 KINDS: tuple[str, ...] = get_args(Kind)
 _FIX = "save the predictor again with adapterfuse's save(), or load it with load_predictor(folder, verify=False)"
