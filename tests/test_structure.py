@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "predictor": 3,
     "harness": 3,
     "calibration": 3,
+    "detection": 3,
     # 4: the backends (they combine trained experts; nothing in them trains one)
     "backends": 4,
     # 5: training, which may build on the backends (distilling an ensemble, parameter-efficient

@@ -141,3 +141,26 @@ def test_mc_dropout_at_p_0_is_the_expert_and_is_seeded_above_it(tiny_base, tmp_p
         MCDropoutPredictor(tiny_base, expert)
     with pytest.raises(ConfigError, match=r"p: expected a dropout probability in \[0, 1\), got 1.0"):
         MCDropoutPredictor(tiny_base, expert, p=1.0)
+
+
+def test_out_of_task_auroc_scores_every_uncertainty_of_a_predictor(tiny_base, tmp_path):
+    from adapterfuse.backends.ensemble.mc_dropout import MCDropoutPredictor
+    from adapterfuse.detection import out_of_task_auroc, uncertainty_scores
+    from adapterfuse.tasks.glue import load_held_out
+
+    root = write_glue_dir(tmp_path / "glue", n_train=40, n_dev=8)
+    inside = [load_task("sst2", validation_size=8, max_train=16, glue_dir=root)]
+    outside = [load_held_out("rte", glue_dir=root)]
+    expert = random_expert(tiny_base, "x", rank=4, seed=0, scale=4.0, task="sst2")
+    one = ExpertPredictor(tiny_base, expert, autocast=False)
+    assert set(out_of_task_auroc(one, inside, outside)) == {"entropy"}
+    mc = MCDropoutPredictor(tiny_base, expert, samples=4, p=0.3, autocast=False)
+    found = out_of_task_auroc(mc, inside, outside)
+    want = auroc(
+        uncertainty_scores(mc, inside[0].task, inside[0].test)["mutual_information"],
+        uncertainty_scores(mc, outside[0].task, outside[0].test)["mutual_information"],
+    )
+    assert set(found) == {"entropy", "mutual_information"} and found["mutual_information"] == want
+    assert all(0.0 <= v <= 1.0 for v in found.values())
+    with pytest.raises(ConfigError, match="got 1 and 0"):
+        out_of_task_auroc(one, inside, [])
