@@ -296,3 +296,22 @@ def truncate_dense(delta: torch.Tensor, rank: int, exact: bool = True, seed: int
         raise ConfigError(f"truncate_dense needs an [out, in] matrix, got shape {tuple(delta.shape)}")
     t = dense_truncation(delta, rank, exact=exact, seed=seed)
     return t.delta, t.error
+
+
+def thin_svd(lr: LowRank, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact SVD of ``B @ A`` from a QR of each factor and an SVD of the ``[R, R]`` core, in fp32.
+
+    Args:
+        lr: the update.
+        tol: singular values at or below ``tol`` times the largest are dropped (numerically zero: a
+            stacked update's rank can be below its stacked rank).
+
+    Returns:
+        ``(U [out, k], S [k], Vh [k, in])`` with ``B @ A = U diag(S) Vh`` and ``S`` descending.
+    """
+    lr = lr.to(torch.float32)
+    qb, rb = torch.linalg.qr(lr.B)
+    qa, ra = torch.linalg.qr(lr.A.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    k = int((s > tol * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
+    return qb @ u[:, :k], s[:k], vh[:k] @ qa.T

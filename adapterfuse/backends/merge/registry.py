@@ -11,14 +11,23 @@ from typing import Any
 
 import torch
 
-from adapterfuse.backends.merge import dare_linear, dare_ties, task_arithmetic, ties, uniform
+from adapterfuse.backends.merge import dare_linear, dare_ties, iso_c, task_arithmetic, ties, tsv, uniform
 from adapterfuse.backends.merge.common import MergeMethod, MergeResult, ModuleJob, parse_params, pooled_error
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.lowrank import Truncation
 
 METHODS: dict[str, MergeMethod] = {
-    m.name: m for m in (uniform.METHOD, task_arithmetic.METHOD, ties.METHOD, dare_linear.METHOD, dare_ties.METHOD)
+    m.name: m
+    for m in (
+        uniform.METHOD,
+        task_arithmetic.METHOD,
+        ties.METHOD,
+        dare_linear.METHOD,
+        dare_ties.METHOD,
+        iso_c.METHOD,
+        tsv.METHOD,
+    )
 }
 """Method name -> its record, in a fixed order."""
 
