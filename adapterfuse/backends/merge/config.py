@@ -12,14 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
-from adapterfuse.backends.merge import learned, soup
+from adapterfuse.backends.merge import learned, regmean, soup
 from adapterfuse.backends.merge.adapter import SearchMethod
 from adapterfuse.backends.merge.common import MergeParams, parse_params
 from adapterfuse.backends.merge.lambda_search import LAMBDA_METHODS
 from adapterfuse.backends.merge.registry import METHODS
 from adapterfuse.errors import ConfigError
 
-SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (soup.METHOD, learned.METHOD)}
+SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (soup.METHOD, learned.METHOD, regmean.METHOD)}
 """Methods that fit on validation data; they need ``base`` and ``validation``."""
 
 DEFAULT_METHOD = "ties"
@@ -46,8 +46,8 @@ class MergeConfig(BaseModel):
     """Everything :func:`~adapterfuse.backends.merge.api.merge` is told besides the experts, base and data.
 
     Attributes:
-        method: ``uniform``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``greedy_soup`` or
-            ``learned`` (see :func:`all_methods`).
+        method: ``uniform``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``iso_c``, ``tsv``,
+            ``greedy_soup``, ``learned`` or ``regmean`` (see :func:`all_methods`).
         params: the method's parameters, validated by its own model (``weights``, ``rank``, ``seed``;
             ``lambda``, ``density``, ``exact_svd`` …). Given flat, every key that is not a field of this
             model is one of them.
