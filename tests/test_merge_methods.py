@@ -201,7 +201,16 @@ def test_dare_mask_of_an_expert_ignores_the_other_experts() -> None:
 
 
 def test_registry_records() -> None:
-    assert available_methods() == ["uniform", "task_arithmetic", "ties", "dare_linear", "dare_ties", "iso_c", "tsv"]
+    assert available_methods() == [
+        "uniform",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "iso_c",
+        "tsv",
+        "knots",
+    ]
     for name, spec in METHODS.items():
         assert spec.name == name and spec.paper.startswith("https://arxiv.org/abs/")
         params = spec.params()

@@ -84,3 +84,31 @@ def test_an_all_zero_module_merges_to_rank_zero():
     for method in ("iso_c", "tsv"):
         out = merge_deltas([zero, zero], method).deltas["q"]
         assert out.rank == 0 and out.shape == (16, 12)
+
+
+def _knots_ref(ds: list[torch.Tensor], weights: list[float], lam: float, density: float) -> torch.Tensor:
+    from tests.test_merge_methods import _sign_mean_ref, _trim_ref
+
+    side = torch.cat([w * d for w, d in zip(weights, ds, strict=True)], dim=1)
+    u, s, vh = _svd(side)
+    n_in = ds[0].shape[1]
+    vts = [_trim_ref(vh[:, i * n_in : (i + 1) * n_in], density) for i in range(len(ds))]
+    return lam * (u * s) @ _sign_mean_ref(vts, [1.0] * len(ds))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_knots_matches_its_dense_float64_reference(density):
+    experts, weights = _experts(), [0.5, 2.0, 1.0]
+    result = merge_deltas(experts, "knots", weights=weights, lam=0.8, density=density)
+    for module in MODULES:
+        present = [i for i, e in enumerate(experts) if module in e]
+        dense = [_dense(experts[i], module) for i in present]
+        want = _knots_ref(dense, [weights[i] for i in present], 0.8, density)
+        got = result.deltas[module].dense(torch.float64)
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_knots_of_one_expert_at_density_1_is_that_expert():
+    one = {"q": _lr(9, 3)}
+    got = merge_deltas([one], "knots", density=1.0).deltas["q"].dense(torch.float64)
+    torch.testing.assert_close(got, one["q"].dense(torch.float64), rtol=0, atol=1e-5)

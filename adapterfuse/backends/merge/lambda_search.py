@@ -22,7 +22,7 @@ from adapterfuse.harness import ModelPredictor, evaluate
 from adapterfuse.tasks.spec import TaskData
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-LAMBDA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "iso_c", "tsv")
+LAMBDA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "iso_c", "tsv", "knots")
 """The registered methods that take ``lambda`` and so get a λ search when it is not given."""
 
 

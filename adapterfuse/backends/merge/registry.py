@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from adapterfuse.backends.merge import dare_linear, dare_ties, iso_c, task_arithmetic, ties, tsv, uniform
+from adapterfuse.backends.merge import dare_linear, dare_ties, iso_c, knots, task_arithmetic, ties, tsv, uniform
 from adapterfuse.backends.merge.common import MergeMethod, MergeResult, ModuleJob, parse_params, pooled_error
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import CompatibilityError, ConfigError
@@ -27,6 +27,7 @@ METHODS: dict[str, MergeMethod] = {
         dare_ties.METHOD,
         iso_c.METHOD,
         tsv.METHOD,
+        knots.METHOD,
     )
 }
 """Method name -> its record, in a fixed order."""
