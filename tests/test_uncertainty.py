@@ -164,3 +164,42 @@ def test_out_of_task_auroc_scores_every_uncertainty_of_a_predictor(tiny_base, tm
     assert all(0.0 <= v <= 1.0 for v in found.values())
     with pytest.raises(ConfigError, match="got 1 and 0"):
         out_of_task_auroc(one, inside, [])
+
+
+def test_stacked_snapshots_are_the_exact_mean_of_their_delta_w():
+    from adapterfuse.train.average import average_steps, stack_snapshots
+
+    g = torch.Generator().manual_seed(0)
+    key_a, key_b = "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"
+    snaps = [{key_a: torch.randn(3, 10, generator=g), key_b: torch.randn(7, 3, generator=g)} for _ in range(4)]
+    stacked = stack_snapshots(snaps)
+    want = sum(s[key_b].double() @ s[key_a].double() for s in snaps) / 4
+    torch.testing.assert_close(stacked[key_b].double() @ stacked[key_a].double(), want, rtol=1e-6, atol=1e-6)
+    assert stacked[key_a].shape == (12, 10) and average_steps(20, 3, 4) == [12, 16, 20]
+    with pytest.raises(ConfigError, match="average_last 3: needs 9 training steps at checkpoint_every 4, got 8"):
+        average_steps(8, 3, 4)
+
+
+def test_an_averaged_run_saves_the_mean_of_its_last_checkpoints(tiny_base, tmp_path):
+    from adapterfuse.expert import Expert
+    from adapterfuse.train.expert import train_expert
+    from tests.helpers import tiny_config
+
+    root = write_glue_dir(tmp_path / "glue", n_train=40, n_dev=6)
+    data = load_task("sst2", validation_size=8, max_train=24, glue_dir=root)
+    config = tiny_config(max_train_examples=24, max_eval_examples=4, checkpoint_every=2, average_last=2, rank=2)
+    averaged = train_expert(tiny_base, "sst2", config, out=tmp_path / "avg", data=data, progress=False)
+    final = train_expert(
+        tiny_base,
+        "sst2",
+        config.model_copy(update={"average_last": 1}),
+        out=tmp_path / "last",
+        data=data,
+        progress=False,
+    )
+    assert Expert.load(tmp_path / "avg").config["r"] == 4 and averaged.meta["training"]["averaged_steps"] == [4, 6]
+    for module, delta in averaged.deltas.items():
+        # mean of steps 4 and 6, and step 6 alone: 2·mean - last is step 4's ΔW, a rank-2 update
+        earlier = 2 * delta.dense(torch.float64) - final.deltas[module].dense(torch.float64)
+        s = torch.linalg.svdvals(earlier)
+        assert float(s[2]) < 1e-5 * float(s[0]) and float(s[1]) > 1e-3 * float(s[0])

@@ -36,6 +36,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="train on a bootstrap resample of the training examples (seeded by --seed; bagging)",
     )
+    train.add_argument(
+        "--average-last",
+        type=positive_int,
+        default=1,
+        help="save the exact mean of the adapter's ΔW at its last N checkpoints (50 steps apart); 1: the final one",
+    )
     train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
     train.add_argument(
         "--snapshots",
@@ -71,6 +77,7 @@ def _config(args: argparse.Namespace):
         seed=args.seed,
         balance_classes=args.balance_classes,
         bootstrap=args.bootstrap,
+        average_last=args.average_last,
         autocast=not args.no_autocast,
         validation_size=args.validation_size,
         adalora_init_r=max(12, args.rank),

@@ -48,6 +48,13 @@ class TrainConfig(BaseModel):
         description="save this many adapters along one run, each at the end of "
         "a cosine learning-rate cycle (snapshot ensembles); 1: one expert, linear schedule",
     )
+    average_last: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="save the exact mean of the adapter's ΔW at the last N checkpoints (checkpoint_every "
+        "steps apart), written as one LoRA of rank N x rank; 1: the final adapter",
+    )
     eval_batch_size: int = Field(32, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     adalora_init_r: int = Field(12, ge=1, description="AdaLoRA's initial rank per module")
@@ -68,6 +75,8 @@ class TrainConfig(BaseModel):
                 raise ValueError("adalora_tinit_ratio + adalora_tfinal_ratio must be < 1 to leave steps for pruning")
         if self.snapshots > 1 and self.method == "adalora":
             raise ValueError("snapshots > 1 needs method 'lora': AdaLoRA's rank budget follows one schedule")
+        if self.average_last > 1 and (self.method != "lora" or self.snapshots > 1):
+            raise ValueError("average_last > 1 needs method 'lora' and snapshots 1 (one run, one averaged adapter)")
         if not self.target_modules:
             raise ValueError("target_modules: expected at least one module name")
         return self

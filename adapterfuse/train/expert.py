@@ -28,6 +28,7 @@ from adapterfuse.head import autocast_context, class_weights, encode, label_logi
 from adapterfuse.io.atomic import atomic_dir, check_output
 from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
+from adapterfuse.train.average import average_steps, stack_snapshots
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.loop import (
     Callback,
@@ -157,7 +158,7 @@ class _ExpertObjective(Objective):
         """AdaLoRA's allocation (it needs this step's gradients); a snapshot at each cycle's end."""
         if self.config.method == "adalora":
             self.peft_model.base_model.update_and_allocate(step)
-        if self.config.snapshots > 1 and step + 1 in self.ends:
+        if (self.config.snapshots > 1 or self.config.average_last > 1) and step + 1 in self.ends:
             self.snapshots.append({n: p.detach().clone() for n, p in self.trainable.items()})
 
     def state(self) -> dict[str, Any]:
@@ -222,7 +223,11 @@ def train_expert(
     scorer = LabelScorer(peft_model, label_token_ids(spec, base.tokenizer))
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    ends = cycle_ends(len(schedule), config.snapshots)
+    ends = (
+        average_steps(len(schedule), config.average_last, config.checkpoint_every)
+        if config.average_last > 1
+        else cycle_ends(len(schedule), config.snapshots)
+    )
     scheduler = (
         linear_schedule(optimizer, len(schedule), int(len(schedule) * config.warmup_ratio))
         if config.snapshots == 1
@@ -245,7 +250,12 @@ def train_expert(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
         run = {"train_examples": len(train), **result.summary()}
-        if config.snapshots == 1:
+        if config.average_last > 1:
+            averaged = _averaged_model(base, config, objective.snapshots, len(schedule))
+            with atomic_dir(out, overwrite) as tmp:
+                run = {**run, "averaged_steps": ends}
+                expert = _evaluate_into(averaged, base, spec, data, config, run, tmp, out.name)
+        elif config.snapshots == 1:
             with atomic_dir(out, overwrite) as tmp:
                 expert = _evaluate_into(peft_model, base, spec, data, config, run, tmp, out.name)
         else:
@@ -298,6 +308,21 @@ def _plan(
             f"{len(schedule)} or train on more examples/epochs"
         )
     return train, encoded, schedule, run_checkpoint(out, spec.name, base.fingerprint, train, config)
+
+
+def _averaged_model(base: BaseModel, config: TrainConfig, snapshots: list[dict[str, Any]], steps: int) -> nn.Module:
+    """A PEFT model of rank ``N·rank`` (alpha ``N·alpha``) holding the exact mean of the snapshots' ΔW."""
+    from peft import get_peft_model
+
+    n = len(snapshots)
+    wide = config.model_copy(update={"rank": n * config.rank, "alpha": n * config.lora_alpha})
+    model = get_peft_model(copy.deepcopy(base.model), _peft_config(wide, steps))
+    stacked = stack_snapshots(snapshots)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in stacked:
+                param.copy_(stacked[name])
+    return model
 
 
 def _save_snapshots(
