@@ -51,6 +51,14 @@ def register(subparsers: Any) -> None:
     )
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="train one expert per combination (a hyperparameter ensemble) into --out/<name>; repeatable, "
+        "e.g. --grid lr=1e-3,3e-3 --grid rank=4,8; a finished member is reused",
+    )
+    train.add_argument(
         "--ensemble",
         default=None,
         choices=["batchensemble", "mimo", "camero", "swag"],
@@ -85,6 +93,34 @@ def _config(args: argparse.Namespace):
     )
 
 
+def _value(text: str) -> int | float | bool | str:
+    """A grid value as the type it reads as: int, float, true/false, else the text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _grid(specs: list[str]) -> dict[str, list]:
+    """``["lr=1e-3,3e-3", "rank=4,8"]`` -> ``{"lr": [0.001, 0.003], "rank": [4, 8]}``.
+
+    Raises:
+        ConfigError: a spec without ``=`` or values, or a field given twice.
+    """
+    grid: dict[str, list] = {}
+    for spec in specs:
+        field, _, values = spec.partition("=")
+        field = field.strip().replace("-", "_")
+        if not field or not values:
+            raise ConfigError(f"--grid {spec!r}: expected FIELD=V1,V2 (e.g. lr=1e-3,3e-3)")
+        if field in grid:
+            raise ConfigError(f"--grid {field}: given twice; give all its values in one --grid")
+        grid[field] = [_value(v.strip()) for v in values.split(",")]
+    return grid
+
+
 def _check_ensemble(args: argparse.Namespace) -> None:
     from adapterfuse.train.pe.options import check_kind
 
@@ -110,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
     task, config = get_task(args.task), _config(args)
     if args.ensemble:
         _check_ensemble(args)
-    check_output(args.out, args.overwrite)  # before the base is loaded
+    if args.grid:  # a grid's folder is reused on a rerun (finished members are kept); check the grid now
+        from adapterfuse.train.grid import grid_configs
+
+        grid_configs(config, _grid(args.grid))
+    else:
+        check_output(args.out, args.overwrite)  # before the base is loaded
     base = load_base(args.base)
     if args.ensemble:
         from adapterfuse.train.pe.train import train_pe_ensemble
@@ -132,6 +173,11 @@ def run(args: argparse.Namespace) -> int:
             "scores": ens.manifest["scores"],
             "train_wall_s": ens.manifest["training"]["train_wall_s"],
         }
+    elif args.grid:
+        from adapterfuse.train.grid import train_grid
+
+        members = train_grid(base, task, config, _grid(args.grid), args.out)
+        record = {"members": [str(e.path) for e in members], "scores": {e.path.name: e.meta["scores"] for e in members}}
     else:
         expert = train_expert(base, task, config, out=args.out, overwrite=args.overwrite)
         record = {
