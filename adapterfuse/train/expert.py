@@ -223,11 +223,7 @@ def train_expert(
     scorer = LabelScorer(peft_model, label_token_ids(spec, base.tokenizer))
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    ends = (
-        average_steps(len(schedule), config.average_last, config.checkpoint_every)
-        if config.average_last > 1
-        else cycle_ends(len(schedule), config.snapshots)
-    )
+    ends = _kept_steps(config, len(schedule))
     scheduler = (
         linear_schedule(optimizer, len(schedule), int(len(schedule) * config.warmup_ratio))
         if config.snapshots == 1
@@ -250,12 +246,10 @@ def train_expert(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
         run = {"train_examples": len(train), **result.summary()}
-        if config.average_last > 1:
-            averaged = _averaged_model(base, config, objective.snapshots, len(schedule))
-            with atomic_dir(out, overwrite) as tmp:
-                run = {**run, "averaged_steps": ends}
-                expert = _evaluate_into(averaged, base, spec, data, config, run, tmp, out.name)
-        elif config.snapshots == 1:
+        if config.snapshots == 1:
+            if config.average_last > 1:  # the adapter saved is the mean of the kept steps' adapters
+                run["averaged_steps"] = ends
+                peft_model = _averaged_model(base, config, objective.snapshots, len(schedule))
             with atomic_dir(out, overwrite) as tmp:
                 expert = _evaluate_into(peft_model, base, spec, data, config, run, tmp, out.name)
         else:
@@ -268,6 +262,13 @@ def train_expert(
     if accelerator.is_main_process:
         return expert
     return Expert.load(out / f"snapshot-{config.snapshots}" if config.snapshots > 1 else out)
+
+
+def _kept_steps(config: TrainConfig, total: int) -> list[int]:
+    """The steps whose adapters are kept: the last ones to average, or the ends of the snapshot cycles."""
+    if config.average_last > 1:
+        return average_steps(total, config.average_last, config.checkpoint_every)
+    return cycle_ends(total, config.snapshots)
 
 
 def bootstrap_sample(examples: list[Example], seed: int) -> list[Example]:
