@@ -70,7 +70,7 @@ def _check_rank(config: Mapping[str, Any], field: str, name: str) -> None:
         raise _fail(
             name,
             f"has no {field!r}, expected a positive integer (the rank the adapter was trained with; PEFT would "
-            f"fall back to its default, which need not be it); add \"{field}\": N",
+            f'fall back to its default, which need not be it); add "{field}": N',
         )
     value = config[field]
     if not _is_int(value) or value < 1:

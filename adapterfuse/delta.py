@@ -72,16 +72,28 @@ _VARIANT_TENSORS = {
 }
 
 
+def _refuse_variants(state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+    """Name the variant a tensor belongs to (embedding LoRA, DoRA, lora_bias) before anything else is said."""
+    for key in state_dict:
+        module, part = _split_key(key)
+        variant = _VARIANT_TENSORS.get(part) if part != "bias" or module.endswith(".lora_B") else None
+        variant = variant or _VARIANT_TENSORS.get(module.rpartition(".")[2])
+        if variant:
+            raise ExpertError(
+                f"expert {name!r}: tensor {key!r} belongs to {variant}, which cannot be folded into ΔW "
+                "exactly; expected a plain LoRA or AdaLoRA adapter on linear modules"
+            )
+
+
 def _group(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors by module and part; refuses any tensor that is not a LoRA/AdaLoRA factor."""
+    """The tensors by module and part; refuses any tensor that is not a floating LoRA/AdaLoRA factor."""
+    _refuse_variants(state_dict, name)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         module, part = _split_key(key)
         if part not in ("lora_A", "lora_B", "lora_E"):
-            variant = _VARIANT_TENSORS.get(part) or _VARIANT_TENSORS.get(module.rpartition(".")[2])
-            what = f"{variant}, which cannot be folded into ΔW exactly" if variant else "not a LoRA factor"
             raise ExpertError(
-                f"expert {name!r}: tensor {key!r} is {what}; expected only lora_A, lora_B (and lora_E "
+                f"expert {name!r}: unexpected tensor {key!r}; expected only lora_A, lora_B (and lora_E "
                 "for AdaLoRA) tensors of linear modules"
             )
         if not tensor.is_floating_point():
