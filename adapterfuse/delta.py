@@ -230,3 +230,8 @@ def peft_from_deltas(
         "inference_mode": True,
     }
     return state, config
+
+
+def module_names(state_dict: Mapping[str, torch.Tensor]) -> set[str]:
+    """The modules a saved adapter has tensors for (named as in the base model)."""
+    return {_split_key(key)[0] for key in state_dict}

@@ -13,7 +13,7 @@ from adapterfuse.backends.ensemble.pooling import check_pooling, check_temperatu
 from adapterfuse.backends.ensemble.weights import uniform_weights
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
-from adapterfuse.expert import Expert
+from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import DEFAULT_MAX_LENGTH
 from adapterfuse.io import atomic as fsutil
@@ -183,7 +183,7 @@ class EnsemblePredictor:
         """Rebuild the predictor from its checked manifest (see :meth:`load`)."""
         settings = manifest.settings
         entries = member_entries(folder, manifest, "members")
-        experts = [Expert.load(folder / m["folder"], name=m["name"]) for m in entries]
+        experts = [load_member(folder / m["folder"], m, manifest) for m in entries]
         scoring = {**settings.get("scoring", {}), **overrides}
         return cls(
             base,
