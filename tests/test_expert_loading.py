@@ -212,3 +212,21 @@ def test_ensemble_member_changed_in_an_unhashed_manifest_is_refused(tiny_base, t
     save_file({k: v * 2 for k, v in state.items()}, str(weights))
     with pytest.raises(ExpertError, match=r"ensemble member .* tensors hash .* weights changed after saving"):
         load_predictor(folder, tiny_base)
+
+
+def test_merge_command_verifies_expert_folders_unless_no_verify(two_experts, tmp_path):
+    import argparse
+
+    from adapterfuse.cli.merge import register, run
+
+    folders = [e.save(tmp_path / e.name) for e in two_experts]
+    state = load_file(str(folders[0] / "adapter_model.safetensors"))
+    save_file({k: v * 2 for k, v in state.items()}, str(folders[0] / "adapter_model.safetensors"))
+    parser = argparse.ArgumentParser(prog="adapterfuse")
+    register(parser.add_subparsers(dest="command", required=True))
+    argv = ["merge", "--experts", *map(str, folders), "--method", "uniform", "--out", str(tmp_path / "out")]
+    with pytest.raises(ExpertError, match="changed after saving"):
+        run(parser.parse_args(argv))
+    assert not (tmp_path / "out").exists()
+    assert run(parser.parse_args([*argv, "--no-verify"])) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -19,7 +19,7 @@ from adapterfuse.head import DEFAULT_MAX_LENGTH
 from adapterfuse.io import atomic as fsutil
 from adapterfuse.io.atomic import atomic_dir
 from adapterfuse.io.manifest import MANIFEST, Manifest, member_entries, read_manifest, write_manifest
-from adapterfuse.library import ExpertLibrary
+from adapterfuse.library import ExpertLibrary, check_against_base
 from adapterfuse.predictor import Cost
 from adapterfuse.tasks.spec import Example, TaskSpec
 
@@ -46,7 +46,10 @@ def check_members(experts: Sequence[Expert], base: BaseModel | None = None) -> E
         ConfigError: see :func:`check_member_list`.
         CompatibilityError / ExpertError: see :meth:`ExpertLibrary.check`.
     """
-    return ExpertLibrary(check_member_list(experts), base.fingerprint if base is not None else None)
+    library = ExpertLibrary(check_member_list(experts), base.fingerprint if base is not None else None)
+    if base is not None:
+        check_against_base(library, base)
+    return library
 
 
 class EnsemblePredictor:
