@@ -242,7 +242,7 @@ def check_task_names(experts: Sequence[Expert]) -> None:
             )
 
 
-def _same_name(recorded: str, base: BaseModel) -> bool:
+def same_base_name(recorded: str, base: BaseModel) -> bool:
     """Whether a recorded base name is the loaded base's: the same spec or source, or the same last path part
     (a Hub id and a local copy of it)."""
     last = recorded.rstrip("/").rpartition("/")[2].lower()
@@ -262,7 +262,7 @@ def check_against_base(library: ExpertLibrary, base: BaseModel) -> None:
 
     modules = dict(base.model.named_modules())
     for e in library:
-        if e.base_fingerprint is None and e.base_name and not _same_name(e.base_name, base):
+        if e.base_fingerprint is None and e.base_name and not same_base_name(e.base_name, base):
             raise CompatibilityError(
                 f"expert {e.name!r}: adapter_config.json names base {e.base_name!r}, the loaded base is "
                 f"{base.spec!r}; expected an adapter trained on this base: load {e.base_name!r} as the base, "

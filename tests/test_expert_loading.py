@@ -230,3 +230,13 @@ def test_merge_command_verifies_expert_folders_unless_no_verify(two_experts, tmp
     assert not (tmp_path / "out").exists()
     assert run(parser.parse_args([*argv, "--no-verify"])) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_full_save_compares_the_recorded_base_name(folder, tiny_base, tmp_path):
+    from adapterfuse import merge
+
+    _edit_json(_plain(folder) / "adapter_config.json", base_model_name_or_path="other/base")
+    merged = merge([folder], method="uniform")  # no base given: nothing to compare yet
+    with pytest.raises(CompatibilityError, match=r"experts name base 'other/base', got base 'tiny"):
+        merged.save_pretrained(tmp_path / "full", full=True, base=tiny_base)
+    assert not (tmp_path / "full").exists()
