@@ -123,7 +123,7 @@ def _check_shapes(module: str, got: dict[str, torch.Tensor], spec: AdapterConfig
         shape = tuple(got[part].shape)
         fits = len(shape) == 2 and all(w is None or w == s for w, s in zip(want, shape, strict=True))
         if not fits:
-            shown = "x".join("*" if w is None else str(w) for w in want)
+            shown = ", ".join("*" if w is None else str(w) for w in want)
             raise ExpertError(
                 f"expert {name!r}: module {module!r}: {part} has shape {list(shape)}, expected [{shown}] "
                 f"for the rank {r} that adapter_config.json gives this module; fix r/rank_pattern or "

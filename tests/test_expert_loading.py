@@ -107,7 +107,7 @@ def test_rank_8_tensors_under_r_4_are_refused(tiny_base, tmp_path):
         tmp_path / "x"
     )
     _edit_json(_plain(folder) / "adapter_config.json", r=4, lora_alpha=4)
-    with pytest.raises(ExpertError, match=r"lora_A has shape \[8, 32\], expected \[4x\*\] for the rank 4"):
+    with pytest.raises(ExpertError, match=r"lora_A has shape \[8, 32\], expected \[4, \*\] for the rank 4"):
         ExpertLibrary.load([folder])
 
 
