@@ -8,13 +8,13 @@ has to know which adapter type it came from.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from adapterfuse.adapter_config import AdapterConfig, read_adapter_config
 from adapterfuse.errors import ExpertError
 
 PEFT_PREFIX = "base_model.model."
@@ -55,29 +55,6 @@ Deltas = dict[str, LowRank]
 """Module name (as in the base model, e.g. ``model.layers.0.self_attn.q_proj``) -> its update."""
 
 
-def _module_pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's rank/alpha patterns: the longest pattern key that the module name ends with wins."""
-    if not pattern:
-        return default
-    hits = [k for k in pattern if module == k or module.endswith("." + k)]
-    return pattern[max(hits, key=len)] if hits else default
-
-
-def lora_scale(config: Mapping[str, Any], module: str) -> float:
-    """The scale PEFT applies to ``B @ A`` for one LoRA module.
-
-    Args:
-        config: the adapter's ``adapter_config.json`` as a dict.
-        module: the module's name inside the base model.
-
-    Returns:
-        ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, honouring rank and alpha patterns.
-    """
-    r = _module_pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = _module_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
 def _split_key(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.lora_A[.weight]`` -> (module, "lora_A")."""
     stem = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
@@ -86,10 +63,82 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, part
 
 
+# Tensors of the variants that cannot be folded exactly, named so the refusal says which one it is.
+_VARIANT_TENSORS = {
+    "lora_embedding_A": "LoRA on an embedding",
+    "lora_embedding_B": "LoRA on an embedding",
+    "lora_magnitude_vector": "DoRA (a magnitude vector)",
+    "bias": "lora_bias (a bias on lora_B)",
+}
+
+
+def _refuse_variants(state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+    """Name the variant a tensor belongs to (embedding LoRA, DoRA, lora_bias) before anything else is said."""
+    for key in state_dict:
+        module, part = _split_key(key)
+        variant = _VARIANT_TENSORS.get(part) if part != "bias" or module.endswith(".lora_B") else None
+        variant = variant or _VARIANT_TENSORS.get(module.rpartition(".")[2])
+        if variant:
+            raise ExpertError(
+                f"expert {name!r}: tensor {key!r} belongs to {variant}, which cannot be folded into ΔW "
+                "exactly; expected a plain LoRA or AdaLoRA adapter on linear modules"
+            )
+
+
+def _group(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors by module and part; refuses any tensor that is not a floating LoRA/AdaLoRA factor."""
+    _refuse_variants(state_dict, name)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module, part = _split_key(key)
+        if part not in ("lora_A", "lora_B", "lora_E"):
+            raise ExpertError(
+                f"expert {name!r}: unexpected tensor {key!r}; expected only lora_A, lora_B (and lora_E "
+                "for AdaLoRA) tensors of linear modules"
+            )
+        if not tensor.is_floating_point():
+            raise ExpertError(
+                f"expert {name!r}: tensor {key!r} has dtype {tensor.dtype}, expected a floating-point "
+                "factor; re-save the adapter with PEFT"
+            )
+        parts.setdefault(module, {})[part] = tensor.detach().to(torch.float32)
+    return parts
+
+
+def _check_shapes(module: str, got: dict[str, torch.Tensor], spec: AdapterConfig) -> None:
+    """The factors' shapes must agree with each other and with the rank PEFT resolves for the module."""
+    name = spec.name
+    need = ("lora_A", "lora_B", "lora_E") if spec.peft_type == "ADALORA" else ("lora_A", "lora_B")
+    missing = [p for p in need if p not in got]
+    if missing:
+        raise ExpertError(
+            f"expert {name!r}: module {module!r} has {sorted(got)}, expected {list(need)}; "
+            "the adapter file is incomplete"
+        )
+    r = spec.rank(module)
+    wants = {"lora_A": (r, None), "lora_B": (None, r)}
+    if spec.peft_type == "ADALORA":
+        wants["lora_E"] = (r, 1)
+    for part, want in wants.items():
+        shape = tuple(got[part].shape)
+        fits = len(shape) == 2 and all(w is None or w == s for w, s in zip(want, shape, strict=True))
+        if not fits:
+            shown = ", ".join("*" if w is None else str(w) for w in want)
+            raise ExpertError(
+                f"expert {name!r}: module {module!r}: {part} has shape {list(shape)}, expected [{shown}] "
+                f"for the rank {r} that adapter_config.json gives this module; fix r/rank_pattern or "
+                "re-save the adapter with PEFT"
+            )
+
+
 def deltas_from_peft(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str = "adapter"
 ) -> Deltas:
-    """Fold a saved PEFT LoRA or AdaLoRA adapter into per-module ΔW factors, in fp32.
+    """Fold a saved PEFT LoRA or AdaLoRA adapter into per-module ΔW factors, in fp32, exactly as PEFT scales it.
+
+    The config is read by :func:`~adapterfuse.adapter_config.read_adapter_config` (PEFT's own pattern
+    matching, rsLoRA, ``lora_alpha = 0``, AdaLoRA budgets); every module's factors must have the rank
+    PEFT resolves for it, and every module must be one the config targets.
 
     Args:
         state_dict: the adapter's tensors as saved by PEFT (``adapter_model.safetensors``).
@@ -101,57 +150,37 @@ def deltas_from_peft(
         (``E == 0``) are dropped, so each module keeps only its allocated rank.
 
     Raises:
-        ExpertError: for an unsupported adapter type (DoRA, embeddings, other PEFT methods) or a
-            module whose factors are missing or of mismatched shapes.
+        ExpertError: an unsupported adapter type or variant (DoRA, embeddings, ``lora_bias``, other PEFT
+            methods), a bad config field, a module the config does not target, or factors that are missing,
+            not floating point, or of another shape than the resolved rank.
     """
-    raw_type = config.get("peft_type", "")
-    peft_type = str(getattr(raw_type, "value", raw_type)).upper()  # a PeftType enum or its JSON string
-    if peft_type not in ("LORA", "ADALORA"):
-        raise ExpertError(
-            f"expert {name!r}: peft_type must be LORA or ADALORA, got {peft_type!r}; "
-            "only LoRA-family adapters can be folded into ΔW"
-        )
-    if config.get("use_dora"):
-        raise ExpertError(
-            f"expert {name!r}: DoRA adapters are not supported (use_dora=true); "
-            "train a plain LoRA or AdaLoRA adapter instead"
-        )
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module, part = _split_key(key)
-        if part not in ("lora_A", "lora_B", "lora_E"):
-            raise ExpertError(
-                f"expert {name!r}: unexpected tensor {key!r}; expected only lora_A, "
-                "lora_B (and lora_E for AdaLoRA) tensors of linear modules"
-            )
-        parts.setdefault(module, {})[part] = tensor.detach().to(torch.float32)
+    spec = read_adapter_config(config, name)
+    parts = _group(state_dict, name)
     # fan_in_fan_out (Conv1D bases) only transposes the *base* weight; lora_A is [r, in] and lora_B
     # [out, r] either way, so B @ A is ΔW in the nn.Linear orientation for every base.
     deltas: Deltas = {}
     for module in sorted(parts):
+        if spec.targets(module) is False:
+            raise ExpertError(
+                f"expert {name!r}: has tensors for module {module!r}, which target_modules "
+                f"{_shown(spec.peft.target_modules)} does not cover; expected tensors only for targeted "
+                "modules (add it to target_modules or remove its tensors)"
+            )
         got = parts[module]
-        if "lora_A" not in got or "lora_B" not in got:
-            raise ExpertError(
-                f"expert {name!r}: module {module!r} has {sorted(got)}, expected both "
-                "lora_A and lora_B; the adapter file is incomplete"
-            )
+        _check_shapes(module, got, spec)
         A, B = got["lora_A"], got["lora_B"]
-        if peft_type == "ADALORA":
-            E = got.get("lora_E")
-            if E is None:
-                raise ExpertError(f"expert {name!r}: AdaLoRA module {module!r} lacks lora_E")
+        if spec.peft_type == "ADALORA":
+            E = got["lora_E"]
             keep = E.flatten() != 0
-            scale = config["lora_alpha"] / (config["init_r"] + 1e-5)
-            A, B = (A * E)[keep], B[:, keep] * scale
+            A, B = (A * E)[keep], B[:, keep] * spec.scale(module)
         else:
-            B = B * lora_scale(config, module)
-        if A.shape[0] != B.shape[1]:
-            raise ExpertError(
-                f"expert {name!r}: module {module!r} has lora_A rank {A.shape[0]} but "
-                f"lora_B rank {B.shape[1]}; expected equal ranks"
-            )
+            B = B * spec.scale(module)
         deltas[module] = LowRank(A.contiguous(), B.contiguous())
     return deltas
+
+
+def _shown(target: Any) -> str:
+    return repr(sorted(target)) if isinstance(target, (set, list, tuple)) else repr(target)
 
 
 def peft_from_deltas(
@@ -201,3 +230,8 @@ def peft_from_deltas(
         "inference_mode": True,
     }
     return state, config
+
+
+def module_names(state_dict: Mapping[str, torch.Tensor]) -> set[str]:
+    """The modules a saved adapter has tensors for (named as in the base model)."""
+    return {_split_key(key)[0] for key in state_dict}

@@ -25,7 +25,7 @@ from adapterfuse._version import __version__
 from adapterfuse.delta import Deltas, deltas_from_peft, peft_from_deltas
 from adapterfuse.errors import ExpertError
 from adapterfuse.io.atomic import atomic_dir, write_json
-from adapterfuse.io.manifest import write_manifest
+from adapterfuse.io.manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
 WEIGHTS = "adapter_model.safetensors"
 PICKLED = "adapter_model.bin"
@@ -63,6 +63,11 @@ def _read_json(path: Path, what: str, name: str) -> dict[str, Any]:
 
 def _load_weights(folder: Path, name: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """Read the adapter's tensors: safetensors, or (only if allowed) a pickle with ``weights_only``."""
+    if (folder / WEIGHTS).is_file() and (folder / PICKLED).is_file():
+        raise ExpertError(
+            f"expert {name!r}: {folder} holds both {WEIGHTS} and {PICKLED}, expected one weight file; "
+            "it is ambiguous which one is current: delete the stale one"
+        )
     if (folder / WEIGHTS).is_file():
         try:
             return load_file(str(folder / WEIGHTS))
@@ -83,6 +88,30 @@ def _load_weights(folder: Path, name: str, allow_pickle: bool) -> dict[str, torc
         except Exception as e:  # weights_only refuses arbitrary objects with several error types
             raise ExpertError(f"expert {name!r}: {folder / PICKLED} could not be loaded safely ({e})") from None
     raise ExpertError(f"expert {name!r}: no {WEIGHTS} (or {PICKLED}) in {folder}; expected a PEFT adapter folder")
+
+
+def _check_meta(meta: dict[str, Any], path: Path, name: str) -> dict[str, Any]:
+    """The fields of ``adapterfuse.json`` that loading relies on, checked by type."""
+
+    def bad(field: str, value: Any, want: str) -> ExpertError:
+        return ExpertError(
+            f"expert {name!r}: {path} field {field!r} is {value!r}, expected {want}; restore the file "
+            f"(or delete {META} to load the folder as a plain PEFT adapter)"
+        )
+
+    if meta.get("task") is not None and not isinstance(meta["task"], str):
+        raise bad("task", meta["task"], "a task name (a string)")
+    if "base" in meta:
+        base = meta["base"]
+        if not isinstance(base, dict):
+            raise bad("base", base, "an object with the base's 'spec' and 'fingerprint'")
+        for key in ("spec", "fingerprint"):
+            if base.get(key) is not None and not isinstance(base[key], str):
+                raise bad(f"base.{key}", base[key], "a string")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise bad("format_version", version, f"an integer up to {FORMAT_VERSION} (a newer adapterfuse wrote it?)")
+    return meta
 
 
 @dataclass
@@ -111,12 +140,12 @@ class Expert:
     @property
     def base_fingerprint(self) -> str | None:
         """The fingerprint of the base it was trained on, if recorded."""
-        return self.meta.get("base", {}).get("fingerprint")
+        return (self.meta.get("base") or {}).get("fingerprint")
 
     @property
     def base_name(self) -> str | None:
         """The base's spec as recorded by us, else PEFT's ``base_model_name_or_path``."""
-        return self.meta.get("base", {}).get("spec") or self.config.get("base_model_name_or_path")
+        return (self.meta.get("base") or {}).get("spec") or self.config.get("base_model_name_or_path")
 
     @property
     def peft_type(self) -> str:
@@ -153,26 +182,33 @@ class Expert:
         _ = self.deltas  # folding checks the adapter type and the factor shapes
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None, allow_pickle: bool = False) -> Expert:
+    def load(cls, path: str | Path, name: str | None = None, allow_pickle: bool = False, verify: bool = True) -> Expert:
         """Load an expert folder (ours, or a plain PEFT adapter folder).
 
         Args:
             path: the folder.
             name: the expert's name; defaults to the folder name.
             allow_pickle: accept ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+            verify: when the folder has a ``manifest.json`` (every folder adapterfuse writes), check each
+                file's sha256 against it before reading anything (``False`` checks only that they exist).
 
         Returns:
             The expert (not yet validated; :class:`~adapterfuse.library.ExpertLibrary` does that).
 
         Raises:
-            ExpertError: a missing folder or file, invalid JSON, unreadable or refused weights.
+            ExpertError: a missing folder or file, a file changed since saving, invalid JSON, a malformed
+                ``adapterfuse.json``, both weight files, unreadable or refused weights.
         """
         folder = Path(path)
         name = name or folder.name
         if not folder.is_dir():
             raise ExpertError(f"expert {name!r}: folder {folder} not found; expected a PEFT adapter folder")
+        if (folder / MANIFEST).is_file():
+            read_manifest(folder, verify, kinds=("expert", "merged"))
         config = _read_json(folder / CONFIG, CONFIG, name)
-        meta = _read_json(folder / META, META, name) if (folder / META).is_file() else {}
+        meta = (
+            _check_meta(_read_json(folder / META, META, name), folder / META, name) if (folder / META).is_file() else {}
+        )
         state = _load_weights(folder, name, allow_pickle)
         return cls(name=name, config=config, state_dict=state, meta=meta, path=folder)
 
@@ -296,3 +332,39 @@ def attach_experts(
             )
     peft_model.set_adapter(names[0])
     return peft_model.eval()
+
+
+def load_member(folder: Path, entry: dict[str, Any], manifest: Manifest) -> Expert:
+    """A member expert of a saved predictor, checked against what the predictor's manifest recorded for it.
+
+    The member's files are covered by the predictor's own manifest (checked by its loader), so they are not
+    hashed again; a manifest in an older format lists no files, and then the member's recorded tensor hash
+    (``sha256``) is compared instead. The recorded task must be the one the member's ``adapterfuse.json`` says.
+
+    Args:
+        folder: the member's folder.
+        entry: its entry in the manifest (``name``, and optionally ``task`` and ``sha256``).
+        manifest: the predictor's manifest.
+
+    Returns:
+        The member expert, named as recorded.
+
+    Raises:
+        ExpertError: the member does not load, answers another task, or its tensors changed since saving.
+    """
+    expert = Expert.load(folder, name=entry["name"], verify=not manifest.files)
+    recorded = entry.get("task")
+    if recorded is not None and expert.task is not None and recorded != expert.task:
+        raise ExpertError(
+            f"{manifest.kind} member {expert.name!r} at {folder}: saved as the expert for task {recorded!r}, "
+            f"but its {META} says task {expert.task!r}; the folder was changed after saving: restore it "
+            "or save the predictor again"
+        )
+    want = entry.get("sha256")
+    if not manifest.files and want is not None and expert.weights_sha256() != want:
+        raise ExpertError(
+            f"{manifest.kind} member {expert.name!r} at {folder}: tensors hash {expert.weights_sha256()[:16]}…, "
+            f"expected {str(want)[:16]}… (recorded when saved); the weights changed after saving: restore "
+            "them or save the predictor again"
+        )
+    return expert

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError
 from adapterfuse.expert import Expert
@@ -42,10 +44,15 @@ class ExpertLibrary:
 
     @classmethod
     def load(
-        cls, paths: Sequence[str | Path], base_fingerprint: str | None = None, allow_pickle: bool = False
+        cls,
+        paths: Sequence[str | Path],
+        base_fingerprint: str | None = None,
+        allow_pickle: bool = False,
+        verify: bool = True,
     ) -> ExpertLibrary:
-        """Load expert folders and check them together (see :meth:`check`)."""
-        return cls([Expert.load(p, allow_pickle=allow_pickle) for p in paths], base_fingerprint)
+        """Load expert folders (each checked against its manifest unless ``verify`` is false) and check
+        them together (see :meth:`check`)."""
+        return cls([Expert.load(p, allow_pickle=allow_pickle, verify=verify) for p in paths], base_fingerprint)
 
     def __iter__(self) -> Iterator[Expert]:
         return iter(self.experts)
@@ -79,6 +86,7 @@ class ExpertLibrary:
         """
         for e in self.experts:
             e.validate()
+        check_task_names(self.experts)
         ref = self.experts[0]
         want = base_fingerprint or ref.base_fingerprint
         for e in self.experts:
@@ -177,33 +185,104 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
-def load_one(item: Expert | str | Path, allow_pickle: bool) -> Expert:
-    """An :class:`Expert` from an expert, a folder or a Hub id."""
+def load_one(item: Expert | str | Path, allow_pickle: bool, verify: bool = True) -> Expert:
+    """An :class:`Expert` from an expert, a folder or a Hub id (see :meth:`Expert.load` for ``verify``)."""
     if isinstance(item, Expert):
         return item
     if is_hub_id(item):
-        return Expert.load(download(str(item)), name=str(item), allow_pickle=allow_pickle)
-    return Expert.load(Path(item).expanduser(), allow_pickle=allow_pickle)
+        return Expert.load(download(str(item)), name=str(item), allow_pickle=allow_pickle, verify=verify)
+    return Expert.load(Path(item).expanduser(), allow_pickle=allow_pickle, verify=verify)
 
 
-def load_library(experts: Any, base: BaseModel | None = None, allow_pickle: bool = False) -> ExpertLibrary:
+def load_library(
+    experts: Any, base: BaseModel | None = None, allow_pickle: bool = False, verify: bool = True
+) -> ExpertLibrary:
     """Load and check the experts together (the library's compatibility check).
 
     Args:
         experts: an :class:`ExpertLibrary`, or a list of experts, folders and Hub ids.
         base: when given, every expert that records a base fingerprint must match it.
         allow_pickle: accept ``adapter_model.bin`` files (loaded with ``weights_only``).
+        verify: check each expert folder's files against its manifest before reading them.
 
     Returns:
         The checked library.
 
     Raises:
-        ConfigError, ExpertError, CompatibilityError: see :class:`ExpertLibrary`.
+        ConfigError, ExpertError, CompatibilityError: see :class:`ExpertLibrary` and :func:`check_against_base`.
     """
     fingerprint = base.fingerprint if base is not None else None
     if isinstance(experts, ExpertLibrary):
-        experts.check(fingerprint)
-        return experts
-    count_experts(experts)
-    check_sources(experts)
-    return ExpertLibrary([load_one(item, allow_pickle) for item in experts], fingerprint)
+        library = experts
+        library.check(fingerprint)
+    else:
+        count_experts(experts)
+        check_sources(experts)
+        library = ExpertLibrary([load_one(item, allow_pickle, verify) for item in experts], fingerprint)
+    if base is not None:
+        check_against_base(library, base)
+    return library
+
+
+def check_task_names(experts: Sequence[Expert]) -> None:
+    """An expert named after one task must not record another (a folder ``rte`` holding an sst2 expert).
+
+    Raises:
+        CompatibilityError: naming the expert, the task its name says and the task it records.
+    """
+    from adapterfuse.tasks.glue import TASKS
+
+    for e in experts:
+        named = TASKS.get(e.name)
+        if named is not None and e.task is not None and named.train_task != e.task:
+            raise CompatibilityError(
+                f"expert {e.name!r}: named after task {e.name!r}, but its adapterfuse.json records task "
+                f"{e.task!r}; expected the expert of {named.train_task!r}: use that task's folder, or rename "
+                "this one after the task it was trained on"
+            )
+
+
+def same_base_name(recorded: str, base: BaseModel) -> bool:
+    """Whether a recorded base name is the loaded base's: the same spec or source, or the same last path part
+    (a Hub id and a local copy of it)."""
+    last = recorded.rstrip("/").rpartition("/")[2].lower()
+    return any(recorded == n or last == n.rstrip("/").rpartition("/")[2].lower() for n in (base.spec, base.source))
+
+
+def check_against_base(library: ExpertLibrary, base: BaseModel) -> None:
+    """Each expert against the loaded base: the recorded base name (experts with no fingerprint), every
+    module it has tensors for present with the same shape, and every module its config targets covered.
+
+    Raises:
+        CompatibilityError: another base name, a module the base lacks or of another shape.
+        ExpertError: a module the config targets in this base without tensors (an incomplete adapter).
+    """
+    from adapterfuse.adapter_config import read_adapter_config
+    from adapterfuse.delta import module_names
+
+    modules = dict(base.model.named_modules())
+    for e in library:
+        if e.base_fingerprint is None and e.base_name and not same_base_name(e.base_name, base):
+            raise CompatibilityError(
+                f"expert {e.name!r}: adapter_config.json names base {e.base_name!r}, the loaded base is "
+                f"{base.spec!r}; expected an adapter trained on this base: load {e.base_name!r} as the base, "
+                "or correct base_model_name_or_path if it is the same model under another name"
+            )
+        for module, d in e.deltas.items():
+            weight = getattr(modules.get(module), "weight", None)
+            if weight is None or tuple(weight.shape) != d.shape:
+                got = "no such module" if weight is None else f"weight shape {tuple(weight.shape)}"
+                raise CompatibilityError(
+                    f"expert {e.name!r}: module {module!r} has ΔW shape {d.shape}, the base {base.spec!r} has "
+                    f"{got}; expected an adapter trained on this base"
+                )
+        spec = read_adapter_config(e.config, e.name)
+        have = module_names(e.state_dict)
+        linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+        missing = [n for n in linear if n not in have and spec.targets(n)]
+        if missing:
+            raise ExpertError(
+                f"expert {e.name!r}: target_modules covers {len(missing)} module(s) of the base with no tensors "
+                f"(e.g. {missing[:3]}); expected tensors for every targeted module: the adapter file is "
+                "incomplete, re-save it with PEFT"
+            )

@@ -68,8 +68,10 @@ def test_existing_output_is_refused_before_any_work(trained, tiny_base):
 
 
 def _copy(expert: Expert, tmp_path, name: str):
+    """The expert's folder as a plain PEFT folder would arrive: its files, without our manifest of hashes."""
     target = tmp_path / name
     shutil.copytree(expert.path, target)
+    (target / "manifest.json").unlink()
     return target
 
 

@@ -209,6 +209,7 @@ def test_plain_peft_folder_is_accepted_with_a_note(lib, tmp_path):
     folder = tmp_path / "plain"
     shutil.copytree(experts["lora4"].path, folder)
     (folder / "adapterfuse.json").unlink()
+    (folder / "manifest.json").unlink()  # a plain PEFT folder carries neither
     merged = merge([folder, experts["lora2"].path], method="uniform")
     assert any("no base fingerprint" in n for n in merged.notes)
     assert [s["name"] for s in merged.sources] == ["plain", "lora2"]
@@ -216,6 +217,7 @@ def test_plain_peft_folder_is_accepted_with_a_note(lib, tmp_path):
 
 def _nan_copy(expert: Expert, target):
     shutil.copytree(expert.path, target)
+    (target / "manifest.json").unlink()  # weights written by something other than adapterfuse
     state = load_file(str(target / "adapter_model.safetensors"))
     state[sorted(state)[0]][0, 0] = float("nan")
     save_file(state, str(target / "adapter_model.safetensors"))

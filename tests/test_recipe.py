@@ -197,6 +197,18 @@ def test_a_reused_expert_trained_differently_is_refused(tmp_path, glue_dir, tiny
         run_recipe(load_recipe(other), out, base=tiny_base, log=lambda _: None)
 
 
+def test_a_reused_expert_recording_another_task_is_refused(tmp_path, glue_dir, tiny_base):
+    out = tmp_path / "out"
+    recipe = load_recipe(_recipe(tmp_path, combiners=[], outputs={}))
+    run_recipe(recipe, out, base=tiny_base, log=lambda _: None)
+    folder = out / "experts" / "sst2-lora-r4-s0"
+    meta = json.loads((folder / "adapterfuse.json").read_text())
+    (folder / "adapterfuse.json").write_text(json.dumps({**meta, "task": "rte"}))
+    (folder / "manifest.json").unlink()  # past the file hashes, to reach the task check
+    with pytest.raises(ConfigError, match=r"sst2-lora-r4-s0.*records task 'rte', the recipe uses it for task 'sst2'"):
+        run_recipe(recipe, out, base=tiny_base, log=lambda _: None)
+
+
 def test_headers_tell_experts_of_different_bases_apart(tmp_path, glue_dir, tiny_base):
     out = tmp_path / "out"
     run_recipe(load_recipe(_recipe(tmp_path, combiners=[], outputs={})), out, base=tiny_base, log=lambda _: None)

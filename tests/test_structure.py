@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     # 1: plain data and file handling
     "tasks.spec": 1,
     "tasks.metrics": 1,
+    "adapter_config": 1,
     "delta": 1,
     "io.atomic": 1,
     "progress": 1,

@@ -55,6 +55,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
     p.add_argument("--max-eval-examples", type=positive_int, default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
     group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         EnsembleConfig, {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields}, "ensemble"
     )
     check_output(args.out, args.overwrite)
-    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
+    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle, verify=not args.no_verify)
     check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
     for note in [*library.notes, *_carve_notes(library, args.validation_size, args.data_seed)]:
         print(note, file=sys.stderr)

@@ -24,6 +24,11 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--split", default="test", choices=["test", "validation"])
     ev.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    ev.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
+    )
     ev.add_argument("--out", type=Path, default=None, help="results.json to write")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(handler=run)
@@ -33,16 +38,21 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.base import load_base
     from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate, results_table
     from adapterfuse.io.atomic import check_output, write_json
-    from adapterfuse.library import ExpertLibrary
+    from adapterfuse.library import ExpertLibrary, check_against_base
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)
     if args.out is not None:
         check_output(args.out, args.overwrite)
-    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle) if args.experts else None
+    library = (
+        ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle, verify=not args.no_verify)
+        if args.experts
+        else None
+    )
     base = load_base(args.base)
     if library is not None:
         library.check(base.fingerprint)
+        check_against_base(library, base)
     data = [load_task(t, args.validation_size, max_test=args.max_eval_examples) for t in tasks]
     predictor = OraclePredictor(base, library) if library is not None else ZeroShotPredictor(base)
     result = evaluate(predictor, data, split=args.split, max_examples=args.max_eval_examples)

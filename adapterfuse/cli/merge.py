@@ -74,6 +74,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
+    )
     p.add_argument("--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
     p.add_argument(
         "--eval",
@@ -184,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         base=base,
         validation=validation if uses_validation else None,
         allow_pickle=args.allow_pickle,
+        verify=not args.no_verify,
     )
     if args.eval:
         adapter.evaluate_on(base, validation)

@@ -73,6 +73,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
     p.add_argument("--max-eval-examples", type=positive_int, default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     config = validate_options(RouteConfig, given, "route")
     check_route(config, len(args.experts), has_data=True)
     check_output(args.out, args.overwrite)
-    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
+    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle, verify=not args.no_verify)
     for note in library.notes:
         print(note, file=sys.stderr)
     base = load_base(args.base)

@@ -116,6 +116,11 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
         folder = expert_folder(recipe, out, name)
         if (folder / "adapterfuse.json").is_file():
             expert = Expert.load(folder)
+            if expert.task != task:
+                raise ConfigError(
+                    f"expert {name!r} at {folder} records task {expert.task!r}, the recipe uses it for task "
+                    f"{task!r}; delete that folder to retrain, or point the recipe at the right one"
+                )
             _check_reused(expert, cfg)
             log(f"expert {name}: reused")
         else:

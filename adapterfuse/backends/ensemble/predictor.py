@@ -13,13 +13,13 @@ from adapterfuse.backends.ensemble.pooling import check_pooling, check_temperatu
 from adapterfuse.backends.ensemble.weights import uniform_weights
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
-from adapterfuse.expert import Expert
+from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import DEFAULT_MAX_LENGTH
 from adapterfuse.io import atomic as fsutil
 from adapterfuse.io.atomic import atomic_dir
 from adapterfuse.io.manifest import MANIFEST, Manifest, member_entries, read_manifest, write_manifest
-from adapterfuse.library import ExpertLibrary
+from adapterfuse.library import ExpertLibrary, check_against_base
 from adapterfuse.predictor import Cost
 from adapterfuse.tasks.spec import Example, TaskSpec
 
@@ -46,7 +46,10 @@ def check_members(experts: Sequence[Expert], base: BaseModel | None = None) -> E
         ConfigError: see :func:`check_member_list`.
         CompatibilityError / ExpertError: see :meth:`ExpertLibrary.check`.
     """
-    return ExpertLibrary(check_member_list(experts), base.fingerprint if base is not None else None)
+    library = ExpertLibrary(check_member_list(experts), base.fingerprint if base is not None else None)
+    if base is not None:
+        check_against_base(library, base)
+    return library
 
 
 class EnsemblePredictor:
@@ -183,7 +186,7 @@ class EnsemblePredictor:
         """Rebuild the predictor from its checked manifest (see :meth:`load`)."""
         settings = manifest.settings
         entries = member_entries(folder, manifest, "members")
-        experts = [Expert.load(folder / m["folder"], name=m["name"]) for m in entries]
+        experts = [load_member(folder / m["folder"], m, manifest) for m in entries]
         scoring = {**settings.get("scoring", {}), **overrides}
         return cls(
             base,

@@ -27,7 +27,7 @@ from adapterfuse.expert import CARD, CONFIG, META, WEIGHTS, Expert, versions
 from adapterfuse.harness import ModelPredictor
 from adapterfuse.io.atomic import atomic_dir, check_output, write_json
 from adapterfuse.io.manifest import write_manifest
-from adapterfuse.library import ExpertLibrary
+from adapterfuse.library import ExpertLibrary, same_base_name
 
 FORMAT_VERSION = 1
 
@@ -225,12 +225,18 @@ class MergedAdapter:
         )
 
     def check_base(self, base: BaseModel) -> None:
-        """Refuse a base whose fingerprint differs from the recorded one (when both are known).
+        """Refuse a base whose fingerprint differs from the recorded one (when both are known), or, with no
+        recorded fingerprint (plain PEFT experts), whose name is not the recorded base name.
 
         Raises:
-            CompatibilityError: naming both fingerprints.
+            CompatibilityError: naming both fingerprints, or both names.
         """
-        want = self.base.get("fingerprint")
+        want, spec = self.base.get("fingerprint"), self.base.get("spec")
+        if not want and spec and not same_base_name(spec, base):
+            raise CompatibilityError(
+                f"merged adapter: the experts name base {spec!r}, got base {base.spec!r}; load the base the "
+                "experts were trained on"
+            )
         if want and base.fingerprint and want != base.fingerprint:
             raise CompatibilityError(
                 f"merged adapter: base fingerprint {base.fingerprint[:19]}… differs from the "

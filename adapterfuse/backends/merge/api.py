@@ -35,6 +35,7 @@ def merge(
     base: BaseModel | None = None,
     validation: Sequence[TaskData] | dict[str, TaskData] | None = None,
     allow_pickle: bool = False,
+    verify: bool = True,
     **options: Any,
 ) -> MergedAdapter:
     """Merge experts into one adapter.
@@ -51,6 +52,7 @@ def merge(
         base: the frozen base; checked against the experts' fingerprints; needed with validation data.
         validation: tasks whose ``validation`` split fits λ, the soup or the learned weights.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``weights_only``).
+        verify: check each expert folder's files against its ``manifest.json`` before reading them.
         **options: the options, when no ``config`` is given.
 
     Returns:
@@ -67,7 +69,7 @@ def merge(
     tasks = check_validation(validation, base, config.method, required=config.search is not None)
     grid = check_grid(config.lambda_grid) if config.lambda_search and tasks else None
     eval_options = EvalOptions(autocast=config.autocast, batch_size=config.batch_size)
-    library = load_library(experts, base, allow_pickle)
+    library = load_library(experts, base, allow_pickle, verify)
     if config.search is not None:
         return config.search.run(library, config.params, base, tasks, eval_options)
     return _registry_merge(library, config, base, tasks, grid, eval_options)

@@ -33,7 +33,7 @@ from adapterfuse.backends.route.routers.base import Router, check_top_k, load_ro
 from adapterfuse.backends.route.rowmerge import RowMergeModel
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
-from adapterfuse.expert import Expert
+from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba
 from adapterfuse.io import atomic as fsutil
@@ -364,7 +364,7 @@ def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: 
     """
     settings = manifest.settings
     entries = member_entries(folder, manifest, "experts")
-    experts = [Expert.load(folder / EXPERTS / m["folder"], name=m["name"]) for m in entries]
+    experts = [load_member(folder / EXPERTS / m["folder"], m, manifest) for m in entries]
     check_members(experts, base)
     tensors = load_file(str(folder / TENSORS))
     scoring = {**settings.get("scoring", {}), **overrides}
