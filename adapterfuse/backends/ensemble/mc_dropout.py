@@ -17,7 +17,7 @@ from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.pooling import linear
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
-from adapterfuse.expert import Expert
+from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import DEFAULT_MAX_LENGTH
 from adapterfuse.io.atomic import atomic_dir
@@ -103,7 +103,12 @@ class MCDropoutPredictor:
         Raises:
             OutputExistsError: if ``path`` exists and ``overwrite`` is false.
         """
-        member = {"name": self.expert.name, "folder": "expert", "sha256": self.expert.weights_sha256()}
+        member = {
+            "name": self.expert.name,
+            "folder": "expert",
+            "task": self.expert.task,
+            "sha256": self.expert.weights_sha256(),
+        }
         scoring = {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length}
         settings = {"members": [member], "samples": self.samples, "p": self.p, "seed": self.seed, "scoring": scoring}
         with atomic_dir(path, overwrite) as tmp:
@@ -116,6 +121,6 @@ class MCDropoutPredictor:
     def from_manifest(cls, folder: Path, manifest: Manifest, base: BaseModel) -> MCDropoutPredictor:
         """Rebuild the predictor from its checked manifest."""
         (entry,) = member_entries(folder, manifest, "members")
-        expert = Expert.load(folder / entry["folder"], name=entry["name"])
+        expert = load_member(folder / entry["folder"], entry, manifest)
         s = manifest.settings
         return cls(base, expert, s["samples"], s["p"], s["seed"], name=manifest.name, **s["scoring"])
