@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -71,3 +71,18 @@ class TrainConfig(BaseModel):
     def lora_alpha(self) -> float:
         """The alpha actually used."""
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+def stable_adapter_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT adapter config with its module list sorted, so that one training run writes the same bytes
+    in every process (PEFT keeps ``target_modules`` as a set and writes it in the set's order, which
+    depends on the process's hash seed).
+
+    Args:
+        config: the ``adapter_config.json`` content.
+
+    Returns:
+        The same config, ``target_modules`` sorted when it is a list.
+    """
+    modules = config.get("target_modules")
+    return {**config, "target_modules": sorted(modules)} if isinstance(modules, list) else config
