@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
+from adapterfuse.backends.route.features import n_layers
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
@@ -31,7 +32,7 @@ from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.io.atomic import write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
-from adapterfuse.recipe.checks import check_expert_headers, check_recipe
+from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_recipe
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
 from adapterfuse.tasks.glue import load_task
@@ -227,6 +228,7 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
     base = base or load_base(recipe.base)
+    check_layers(recipe, n_layers(base.model))  # before any expert is trained
     h = recipe.harness
     data = {}
     for task, entry in recipe.tasks.items():

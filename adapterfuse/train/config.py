@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapterfuse.backends.options import MAX_SEED
+
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -16,7 +18,7 @@ class TrainConfig(BaseModel):
     recipe says otherwise (caps and epochs per task).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["lora", "adalora"] = "lora"
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank; AdaLoRA's average target rank")
@@ -31,7 +33,7 @@ class TrainConfig(BaseModel):
     max_train_examples: int | None = Field(2000, ge=1)
     validation_size: int = Field(200, ge=0)
     max_length: int = Field(256, ge=8)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     autocast: bool = True
     balance_classes: bool = Field(False, description="weight the loss by inverse class frequency")
     grad_clip: float = Field(1.0, gt=0)
