@@ -131,7 +131,9 @@ def test_a_kill_mid_save_leaves_debris_that_the_next_write_removes(tmp_path):
     child.communicate(timeout=60)
     left = _debris(tmp_path)
     assert len(left) == 1 and left[0].startswith(f".out.tmp-{child.pid}-") and not out.exists()
-    with pytest.warns(AdapterFuseWarning, match=r"removed 1 unfinished folder\(s\) beside .*out"):
+    with pytest.warns(
+        AdapterFuseWarning, match=r"out: removed 1 unfinished folder\(s\) left beside it by interrupted runs"
+    ):
         with atomic_dir(out) as tmp:
             (tmp / "weights.bin").write_text("complete")
     assert (out / "weights.bin").read_text() == "complete" and _debris(tmp_path) == []
@@ -161,7 +163,7 @@ def test_a_kill_between_the_renames_of_overwrite_is_restored_by_the_next_run(tmp
     with pytest.warns(AdapterFuseWarning) as warned, pytest.raises(OutputExistsError):
         check_output(out, overwrite=False)
     messages = [str(w.message) for w in warned]
-    assert any(f"restored {out} from .out.old-{child.pid}" in m for m in messages)
+    assert any(f"output {out}: restored from .out.old-{child.pid}" in m for m in messages)
     assert any("removed 1 unfinished folder(s)" in m for m in messages)
     assert (out / "version").read_text() == "old" and _debris(tmp_path) == []
 
@@ -194,3 +196,18 @@ def test_a_dangling_symlink_as_output_is_refused_in_one_line(experts, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a symbolic link to" in err and "Traceback" not in err
     assert out.is_symlink() and not (tmp_path / "nowhere").exists() and _debris(tmp_path) == []
+
+
+def test_the_cli_reports_what_it_tidied_as_one_warning_line(experts, tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".merged.tmp-{int(gone.stdout)}-abc").mkdir()  # left by a process that is gone
+    out = tmp_path / "merged"
+    script = "import sys; from adapterfuse.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    child = _child(script, "merge", "--experts", *map(str, experts), "--method", "uniform", "--out", str(out))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    ours = [line for line in err.splitlines() if line.startswith("adapterfuse merge:")]
+    assert ours == [
+        f"adapterfuse merge: warning: output {out}: removed 1 unfinished folder(s) left beside it by interrupted runs"
+    ]
+    assert "Warning" not in err and (out / "adapter_model.safetensors").is_file() and _debris(tmp_path) == []

@@ -98,23 +98,29 @@ def recover(target: Path) -> list[str]:
     if not target.parent.is_dir():
         return []
     old_prefix, tmp_prefix = f".{target.name}.old-", f".{target.name}.tmp-"
-    siblings = sorted(target.parent.iterdir(), key=lambda p: p.lstat().st_mtime, reverse=True)
-    olds = [p for p in siblings if p.name.startswith(old_prefix) and _stale(p, old_prefix)]
-    tmps = [p for p in siblings if p.name.startswith(tmp_prefix) and _stale(p, tmp_prefix)]
+    try:
+        found = [p for p in target.parent.iterdir() if p.name.startswith((old_prefix, tmp_prefix))]
+        found.sort(key=lambda p: p.lstat().st_mtime, reverse=True)
+        olds = [p for p in found if p.name.startswith(old_prefix) and _stale(p, old_prefix)]
+        tmps = [p for p in found if p.name.startswith(tmp_prefix) and _stale(p, tmp_prefix)]
+    except FileNotFoundError:  # another process is tidying the same folder
+        return []
     done = []
     if olds and not os.path.lexists(target):
         try:
             os.replace(olds[0], target)
-            done.append(f"restored {target} from {olds[0].name}, left by an interrupted --overwrite")
+            done.append(f"output {target}: restored from {olds[0].name}, left by an interrupted --overwrite")
             olds = olds[1:]
         except OSError:  # another process restored it first
             pass
     for entry in olds + tmps:
         _remove(entry)
     if olds or tmps:
-        done.append(f"removed {len(olds) + len(tmps)} unfinished folder(s) beside {target} left by interrupted runs")
+        done.append(
+            f"output {target}: removed {len(olds) + len(tmps)} unfinished folder(s) left beside it by interrupted runs"
+        )
     for line in done:
-        warnings.warn(f"output {line}", AdapterFuseWarning, stacklevel=3)
+        warnings.warn(line, AdapterFuseWarning, stacklevel=3)
     return done
 
 
