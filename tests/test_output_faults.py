@@ -8,6 +8,7 @@ limit on a child process, or a writer that raises the OS error.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import signal
@@ -211,3 +212,27 @@ def test_the_cli_reports_what_it_tidied_as_one_warning_line(experts, tmp_path):
         f"adapterfuse merge: warning: output {out}: removed 1 unfinished folder(s) left beside it by interrupted runs"
     ]
     assert "Warning" not in err and (out / "adapter_model.safetensors").is_file() and _debris(tmp_path) == []
+
+
+def test_a_results_line_cut_short_by_a_kill_is_measured_again(tmp_path):
+    from adapterfuse.recipe.runner import _finished_results
+
+    whole = json.dumps({"predictor": "oracle", "average": 0.5})
+    (tmp_path / "results.jsonl").write_text(whole + "\n" + whole.replace("oracle", "ens")[:20])
+    with pytest.warns(AdapterFuseWarning, match=r"results\.jsonl:2: an incomplete result \(an interrupted run\)"):
+        assert list(_finished_results(tmp_path)) == ["oracle"]
+
+
+def test_a_full_disk_while_a_result_is_appended_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    from adapterfuse.recipe import runner
+
+    log = tmp_path / "results.jsonl"
+    log.write_text('{"predictor": "oracle"}\n')
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner.os, "fsync", full_disk)
+    with pytest.raises(SaveError, match=rf"output {log}: could not be written \(No space left on device\)"):
+        runner._append_line(log, '{"predictor": "ens"}')
+    assert log.read_text() == '{"predictor": "oracle"}\n'

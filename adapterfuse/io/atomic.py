@@ -225,10 +225,19 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     Raises:
         SaveError: the file could not be written (nothing is left half-written).
     """
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename.
+
+    Raises:
+        SaveError: the file could not be written (nothing is left half-written).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.io.atomic import write_text
 from adapterfuse.tasks.glue import get_task
 
 REFERENCES = ("base zero-shot", "oracle")
@@ -165,9 +166,7 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
         f"# {name}: results\n\nAverage of each task's official score on the test split (GLUE dev); cost "
         "measured on this machine. Bold: on the accuracy-vs-cost Pareto front.\n\n" + table + "\n"
     )
-    tmp = out / f".results.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
+    write_text(out / "results.md", text)
     files = ["results.md"]
     if plots and results:
         _plot_cost(results, out / "accuracy_vs_cost.png", f"{name}: accuracy vs cost")
