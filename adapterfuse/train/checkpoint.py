@@ -71,6 +71,7 @@ class Checkpoint:
     def __init__(self, out: Path, identity: dict[str, Any]) -> None:
         self.dir = out.with_name(f".{out.name}.partial")
         self.identity = identity
+        self._written: dict[str, Any] | None = None  # the state this object wrote last (known complete)
 
     def _state(self, name: str) -> dict[str, Any]:
         try:
@@ -176,17 +177,20 @@ class Checkpoint:
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         data = buffer.getvalue()
-        current = self._complete(*_CURRENT)
-        if current is not None:  # keep it as the previous one: a hard link, then the state beside it
+        current, self._written = self._written or self._complete(*_CURRENT), None
+        if current is not None:  # keep it as the previous one: a hard link (or a copy), then the state beside it
             link = self.dir / f"{_PREVIOUS[0]}.tmp"
             link.unlink(missing_ok=True)
-            os.link(self.dir / _CURRENT[0], link)
+            try:
+                os.link(self.dir / _CURRENT[0], link)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.dir / _CURRENT[0], link)
             os.replace(link, self.dir / _PREVIOUS[0])
             write_json(self.dir / _PREVIOUS[1], current)
         _write_bytes(self.dir / _CURRENT[0], data)
-        write_json(
-            self.dir / _CURRENT[1], {"identity": self.identity, "step": payload["step"], "sha256": _sha256(data)}
-        )
+        state = {"identity": self.identity, "step": payload["step"], "sha256": _sha256(data)}
+        write_json(self.dir / _CURRENT[1], state)
+        self._written = state
 
     def clear(self) -> None:
         """Remove the folder (after the output is in place, or to start afresh)."""
