@@ -69,7 +69,7 @@ def _alive(pid: int) -> bool:
 
 def _stale(entry: Path, prefix: str) -> bool:
     """Whether the debris ``entry`` (named ``prefix`` + pid …) belongs to a process that is gone."""
-    pid = re.match(r"\d+", entry.name[len(prefix) :])
+    pid = re.match(r"\d+(?=-|$)", entry.name[len(prefix) :])  # "<pid>-<random>" (folders) or "<pid>" (files)
     if pid is None:
         return time.time() - entry.lstat().st_mtime > _LEGACY_TMP_AGE_S
     return not _alive(int(pid.group()))
