@@ -37,3 +37,15 @@ class OutputExistsError(AdapterFuseError):
 
 class ResumeError(AdapterFuseError):
     """A checkpoint cannot be resumed because its config or base changed."""
+
+
+class SaveError(AdapterFuseError, OSError):
+    """An output could not be written (disk full, no permission …); nothing half-written is left.
+
+    Also an ``OSError``, so callers that already catch ``OSError`` around a save keep working.
+    """
+
+
+class AdapterFuseWarning(UserWarning):
+    """Something was recovered or skipped and the run went on (a checkpoint fallen back to, debris
+    removed, malformed rows skipped); the message says what and where."""

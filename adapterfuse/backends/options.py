@@ -18,6 +18,9 @@ from adapterfuse.errors import ConfigError
 
 Config = TypeVar("Config", bound=BaseModel)
 
+MAX_SEED = 2**32 - 1
+"""The largest seed any config accepts (seeds are ``0 .. MAX_SEED``, what numpy's and torch's generators take)."""
+
 _EXPECTED = {
     "int_type": "an integer",
     "int_parsing": "an integer",

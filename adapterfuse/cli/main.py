@@ -1,7 +1,8 @@
 """The ``adapterfuse`` command line: train, evaluate, merge, ensemble, route, run recipes, push.
 
-Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error exits 1 with
-its one-line message; neither prints a traceback (``ADAPTERFUSE_DEBUG=1`` shows it).
+Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error, or a file that
+cannot be read or written, exits 1 with one line; neither prints a traceback (``ADAPTERFUSE_DEBUG=1``
+shows it). adapterfuse's warnings (something recovered or skipped) are one line each too.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
 from adapterfuse.cli import ensemble, evaluate, merge, push, route, run, train
 from adapterfuse.cli.common import Parser
-from adapterfuse.errors import AdapterFuseError, ConfigError
+from adapterfuse.errors import AdapterFuseError, AdapterFuseWarning, ConfigError
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -45,12 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     for noise in _LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=noise)
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning(args.command)
     try:
         return args.handler(args)
-    except (AdapterFuseError, ValidationError) as e:
+    except (AdapterFuseError, ValidationError, OSError) as e:
         if os.environ.get("ADAPTERFUSE_DEBUG"):
             raise
-        message = str(e).splitlines()[0] if isinstance(e, AdapterFuseError) else _pydantic_line(e)
+        if isinstance(e, AdapterFuseError):
+            message = str(e).splitlines()[0]
+        elif isinstance(e, OSError):
+            message = _os_line(e)
+        else:
+            message = _pydantic_line(e)
         print(f"adapterfuse {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -61,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        warnings.formatwarning = previous_format
 
 
 # Outputs are written to a temporary folder and renamed into place, so an interrupted command leaves no
@@ -70,6 +80,25 @@ _AFTER_INTERRUPT = {
     "train": "the last checkpoint is kept; run the same command again to resume from it",
     "run": "finished experts and results are kept; run the same command again to resume where it stopped",
 }
+
+
+def _os_line(e: OSError) -> str:
+    """An OS error (a file not readable or writable) as one line naming the path and the error."""
+    reason = e.strerror or str(e) or type(e).__name__
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{reason}; check that path (free disk space, permissions), then run the command again"
+
+
+def _one_line_warning(command: str) -> Callable[..., str]:
+    """A ``warnings.formatwarning`` that prints adapterfuse's own warnings as one line."""
+    default = warnings.formatwarning
+
+    def format_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+        if issubclass(category, AdapterFuseWarning):
+            return f"adapterfuse {command}: warning: {message}\n"
+        return default(message, category, *args, **kwargs)
+
+    return format_warning
 
 
 def _pydantic_line(e: ValidationError) -> str:

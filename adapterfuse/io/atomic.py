@@ -1,32 +1,187 @@
-"""Atomic outputs: write into a temporary sibling folder, then rename it into place."""
+"""Atomic outputs: write into a temporary sibling folder, then rename it into place.
+
+Temporary folders are named ``.<out>.tmp-<pid>-<random>`` and an overwritten folder is moved aside to
+``.<out>.old-<pid>`` until the new one is in place, so a process killed at any moment leaves its output
+either complete or untouched, and the next write to the same path (:func:`check_output`) tidies up
+what the killed process left: a folder moved aside is put back when the output is missing, and
+temporary and moved-aside folders of processes that are gone are removed.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.errors import ExpertError, OutputExistsError
+from adapterfuse.errors import AdapterFuseWarning, ConfigError, ExpertError, OutputExistsError, SaveError
+
+# OS errors that mean "this file could not be written" (not a bug, not a network error): the user can act.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_LEGACY_TMP_AGE_S = 3600.0  # a temporary folder without a pid (older versions) is stale after an hour
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The reason, when ``exc`` says a file could not be written (disk full, read-only, no permission …).
+
+    Returns:
+        ``"No space left on device: 'path'"`` and the like, or ``None`` for any other exception.
+    """
+    if isinstance(exc, SaveError):
+        return None
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        reason = exc.strerror or os.strerror(exc.errno)
+        return f"{reason}: {exc.filename!r}" if exc.filename else reason
+    # safetensors writes in Rust and reports an OS error as its own type, with the OS message inside
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+        return str(exc).split("I/O error: ", 1)[-1]
+    return None
+
+
+def save_error(target: Path, reason: str) -> SaveError:
+    """The one-line error of a failed write to ``target``."""
+    return SaveError(
+        f"output {target}: could not be written ({reason}); nothing was left half-written; free disk space "
+        "or fix the permissions of that folder, then run the command again"
+    )
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this process counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _stale(entry: Path, prefix: str) -> bool:
+    """Whether the debris ``entry`` (named ``prefix`` + pid …) belongs to a process that is gone."""
+    pid = re.match(r"\d+(?=-|$)", entry.name[len(prefix) :])  # "<pid>-<random>" (folders) or "<pid>" (files)
+    if pid is None:
+        return time.time() - entry.lstat().st_mtime > _LEGACY_TMP_AGE_S
+    return not _alive(int(pid.group()))
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def recover(target: Path) -> list[str]:
+    """Tidy what interrupted writes to ``target`` left beside it (see the module docstring).
+
+    A moved-aside folder of a process that is gone is renamed back when ``target`` is missing (the
+    newest one, if there are several), else removed; temporary folders of processes that are gone are
+    removed. Debris of a process still running is left alone.
+
+    Args:
+        target: the output path.
+
+    Returns:
+        What was done, one phrase each (also reported as an :class:`AdapterFuseWarning`).
+    """
+    if not target.parent.is_dir():
+        return []
+    old_prefix, tmp_prefix = f".{target.name}.old-", f".{target.name}.tmp-"
+    try:
+        found = [p for p in target.parent.iterdir() if p.name.startswith((old_prefix, tmp_prefix))]
+        found.sort(key=lambda p: p.lstat().st_mtime, reverse=True)
+        olds = [p for p in found if p.name.startswith(old_prefix) and _stale(p, old_prefix)]
+        tmps = [p for p in found if p.name.startswith(tmp_prefix) and _stale(p, tmp_prefix)]
+    except FileNotFoundError:  # another process is tidying the same folder
+        return []
+    done = []
+    if olds and not os.path.lexists(target):
+        try:
+            os.replace(olds[0], target)
+            done.append(f"output {target}: restored from {olds[0].name}, left by an interrupted --overwrite")
+            olds = olds[1:]
+        except OSError:  # another process restored it first
+            pass
+    for entry in olds + tmps:
+        _remove(entry)
+    if olds or tmps:
+        done.append(
+            f"output {target}: removed {len(olds) + len(tmps)} unfinished folder(s) left beside it by interrupted runs"
+        )
+    for line in done:
+        warnings.warn(line, AdapterFuseWarning, stacklevel=3)
+    return done
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing output unless ``overwrite``; call it before any expensive work.
 
+    First tidies what interrupted writes to ``path`` left (:func:`recover`).
+
     Raises:
         OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        ConfigError: ``path`` is a symbolic link to nothing.
     """
     target = Path(path)
+    if target.is_symlink() and not target.exists():
+        raise ConfigError(
+            f"output {target}: is a symbolic link to {os.readlink(target)!r}, which does not exist; expected a "
+            "new path or a folder; remove the link or give another path"
+        )
+    recover(target)
     if target.exists() and not overwrite:
         raise OutputExistsError(
             f"output {target}: already exists; expected a new path, or pass --overwrite (overwrite=True) to replace it"
         )
     return target
+
+
+def _raced(target: Path) -> OutputExistsError:
+    return OutputExistsError(
+        f"output {target}: was written by another process while this one ran; that output is kept and this "
+        "one discarded; give each run its own path (or pass --overwrite to replace it)"
+    )
+
+
+def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``target``; with ``overwrite``, the old one moves aside until then."""
+    if not overwrite:
+        if os.path.lexists(target):
+            raise _raced(target)
+        try:
+            os.rename(tmp, target)  # onto a folder that appeared meanwhile: fails (unless it is empty)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise _raced(target) from None
+            raise
+        return
+    old = None
+    if os.path.lexists(target):
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        _remove(old)  # a leftover of a gone process that had this pid
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError as e:
+        if old is not None and not os.path.lexists(target):
+            os.replace(old, target)
+        elif old is not None and e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            shutil.rmtree(old, ignore_errors=True)
+            raise _raced(target) from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
@@ -37,31 +192,59 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     ``overwrite``, the old folder is moved aside first and deleted only after the new one is in place.
 
     Raises:
-        OutputExistsError: see :func:`check_output`.
+        OutputExistsError: see :func:`check_output`; also when another process wrote ``path`` meanwhile.
+        ConfigError: see :func:`check_output`.
+        SaveError: a file could not be written (disk full, read-only, no permission), naming the
+            path and the OS error.
     """
     target = check_output(path, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise save_error(target, reason) from e
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _commit(tmp, target, overwrite)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(e, SaveError) and str(tmp) in str(e):  # name the output, not the temporary folder
+            raise SaveError(str(e).replace(str(tmp), str(target))) from e
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise save_error(target, reason.replace(str(tmp), str(target))) from e
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON (sorted keys, indented) through a temporary file and a rename."""
+    """Write JSON (sorted keys, indented) through a temporary file and a rename.
+
+    Raises:
+        SaveError: the file could not be written (nothing is left half-written).
+    """
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename.
+
+    Raises:
+        SaveError: the file could not be written (nothing is left half-written).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise save_error(path, reason) from e
 
 
 SAFE_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -17,6 +17,7 @@ from adapterfuse.backends.base import backend_config
 from adapterfuse.backends.ensemble.config import check_ensemble
 from adapterfuse.backends.merge.config import check_merge
 from adapterfuse.backends.route.config import check_route
+from adapterfuse.backends.route.features import layer_index
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
 
@@ -41,10 +42,10 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
             f"combiner {entry.label!r}: members {missing} are not experts of this recipe; expected some of {names}"
         )
     members, opts = entry.members or names, dict(entry.options)
-    if entry.backend == "pe_ensemble":
-        _check_pe(entry, recipe, opts)
-        return
     try:
+        if entry.backend == "pe_ensemble":
+            _check_pe(entry, recipe, opts)
+            return
         config = backend_config(entry.backend, opts)
         if entry.backend == "merge":
             check_merge(config, len(members))  # type: ignore[arg-type]
@@ -62,8 +63,8 @@ def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> Non
 
     if recipe.experts.paths:
         raise ConfigError(
-            f"combiner {entry.label!r}: pe_ensemble trains its own members per task, so it "
-            "needs the recipe to train experts; remove experts.paths or this combiner"
+            "pe_ensemble trains its own members per task, so it needs the recipe to train experts; remove "
+            "experts.paths or this combiner"
         )
     rest = {k: v for k, v in opts.items() if k not in ("kind", "members")}
     task = next(iter(recipe.tasks))
@@ -76,13 +77,51 @@ def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> Non
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Validate every combiner of a recipe (see :func:`check_combiner`).
+    """Validate every combiner of a recipe (see :func:`check_combiner`), and the routing layers against
+    the base's block count when its config can be read without its weights (see :func:`base_layers`).
 
     Raises:
         ConfigError: the first combiner at fault, named.
     """
     for entry in recipe.combiners:
         check_combiner(entry, recipe)
+    check_layers(recipe, base_layers(recipe.base))
+
+
+def base_layers(spec: str | None) -> int | None:
+    """The block count of a recipe's base read from its ``config.json`` alone, when the base is a local
+    model folder; ``None`` otherwise (the run checks the layers as soon as the base is loaded, before
+    any expert is trained)."""
+    folder = Path(spec).expanduser() if spec else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(str(folder)).num_hidden_layers)
+    except (OSError, ValueError, AttributeError, TypeError):  # not a config we can read: checked after loading
+        return None
+
+
+def check_layers(recipe: Recipe, n_layers: int | None) -> None:
+    """Check every route combiner's feature ``layer`` against a base of ``n_layers`` blocks (as the API does).
+
+    Args:
+        recipe: the recipe.
+        n_layers: the base's block count; ``None`` (unknown yet): nothing is checked.
+
+    Raises:
+        ConfigError: a layer out of range, naming the combiner, the layer and the valid range.
+    """
+    if n_layers is None:
+        return
+    for entry in recipe.combiners:
+        if entry.backend != "route":
+            continue
+        try:
+            layer_index(backend_config("route", entry.options).layer, n_layers)  # type: ignore[attr-defined]
+        except ConfigError as e:
+            raise ConfigError(f"combiner {entry.label!r}: {e}") from None
 
 
 def expert_header(folder: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.harness import uncertainty_table
+from adapterfuse.io.atomic import write_text
 from adapterfuse.tasks.glue import get_task
 
 REFERENCES = ("base zero-shot", "oracle")
@@ -168,9 +169,7 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
     )
     if any("nll" in m for r in results for m in r["tasks"].values()):
         text += "\n## How sure each predictor is\n\n" + uncertainty_table(results) + "\n"
-    tmp = out / f".results.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
+    write_text(out / "results.md", text)
     files = ["results.md"]
     if plots and results:
         _plot_cost(results, out / "accuracy_vs_cost.png", f"{name}: accuracy vs cost")

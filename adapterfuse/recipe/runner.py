@@ -18,20 +18,23 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
+from adapterfuse.backends.route.features import n_layers
 from adapterfuse.base import BaseModel, load_base
-from adapterfuse.errors import ConfigError
+from adapterfuse.errors import AdapterFuseWarning, ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
-from adapterfuse.io.atomic import write_json
+from adapterfuse.io.atomic import save_error, write_failure, write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
-from adapterfuse.recipe.checks import check_expert_headers, check_recipe
+from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_recipe
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
 from adapterfuse.tasks.glue import load_task
@@ -88,10 +91,46 @@ def plan(recipe: Recipe, out: Path) -> list[str]:
 
 
 def _finished_results(out: Path) -> dict[str, dict[str, Any]]:
+    """The results recorded so far; a line a killed run left incomplete is measured again (with a warning)."""
     log = out / "results.jsonl"
     if not log.is_file():
         return {}
-    return {r["predictor"]: r for r in (json.loads(line) for line in log.read_text().splitlines() if line.strip())}
+    results = {}
+    for i, line in enumerate(log.read_text().splitlines(), start=1):
+        try:
+            result = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            result = None
+        if isinstance(result, dict) and "predictor" in result:
+            results[result["predictor"]] = result
+        elif line.strip():
+            warnings.warn(
+                f"{log}:{i}: an incomplete result (an interrupted run); that predictor is measured again",
+                AdapterFuseWarning,
+                stacklevel=2,
+            )
+    return results
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line whole: on a failed write the file is cut back to what it was.
+
+    Raises:
+        SaveError: the line could not be written.
+    """
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as e:
+        with open(path, "r+") as fh:
+            fh.truncate(size)
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise save_error(path, reason) from e
 
 
 def _check_reused(expert: Expert, config: TrainConfig) -> None:
@@ -232,6 +271,7 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
     base = base or load_base(recipe.base)
+    check_layers(recipe, n_layers(base.model))  # before any expert is trained
     h = recipe.harness
     data = {}
     for task, entry in recipe.tasks.items():
@@ -262,8 +302,7 @@ def run_recipe(
             predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
         if label in {p.predictor for p in recipe.outputs.push}:
             _push(recipe, label, predictor, log)
-        with open(out / "results.jsonl", "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+        _append_line(out / "results.jsonl", json.dumps(result))
         log(
             f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
             f"(fit {fit_s:.0f} s)"

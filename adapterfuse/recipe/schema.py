@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from adapterfuse.backends.base import BACKENDS as CONFIGURED
 from adapterfuse.backends.base import backend_config
+from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.errors import ConfigError
+from adapterfuse.io.atomic import SAFE_FOLDER
 from adapterfuse.tasks.glue import TASKS
 from adapterfuse.train.config import TrainConfig
 
@@ -23,7 +25,7 @@ BASELINES = ("zero_shot", "oracle")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TaskEntry(_Strict):
@@ -67,8 +69,8 @@ class ExpertsSection(_Strict):
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value) or min(value) < 0:
-            raise ValueError(f"expected distinct seeds >= 0, got {value}")
+        if len(set(value)) != len(value) or min(value) < 0 or max(value) > MAX_SEED:
+            raise ValueError(f"expected distinct seeds in 0 .. {MAX_SEED}")
         return value
 
 
@@ -79,6 +81,13 @@ class CombinerEntry(_Strict):
     name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
     members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the backend's config model")
+
+    @field_validator("name")
+    @classmethod
+    def _not_hidden(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("."):
+            raise ValueError("a combiner's name must not start with '.': it also names its folder under OUT/predictors")
+        return value
 
     @field_validator("options")
     @classmethod
@@ -138,6 +147,16 @@ class Recipe(_Strict):
     combiners: list[CombinerEntry] = Field(default_factory=list)
     harness: HarnessSection = Field(default_factory=HarnessSection)
     outputs: OutputsSection = Field(default_factory=OutputsSection)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not SAFE_FOLDER.fullmatch(value):
+            raise ValueError(
+                "a recipe's name is its run folder under runs/, so it must be a plain file name (letters, digits, "
+                "'.', '_' and '-', not starting with '.')"
+            )
+        return value
 
     @field_validator("tasks")
     @classmethod

@@ -9,12 +9,14 @@ split, and a seeded validation split is carved out of ``train``.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 
-from adapterfuse.errors import ConfigError, DataError
+from adapterfuse.errors import AdapterFuseWarning, ConfigError, DataError
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, capped_subset
 
 HUB_DATASET = "nyu-mll/glue"
@@ -166,28 +168,81 @@ def parse_tasks(names: str | list[str]) -> list[TaskSpec]:
     return out
 
 
+MAX_MALFORMED_SHARE = 0.01
+"""Rows with too few columns are skipped with a warning up to this share of a file; above it, refused."""
+
+
 def _parse_label(task: TaskSpec, raw: str, where: str) -> int | float:
     raw = raw.strip()
     try:
         if task.regression:
-            return float(raw)
-        if raw in task.text_labels:
+            score = float(raw)
+        elif raw in task.text_labels:
             return task.text_labels[raw]
-        value = int(raw)
+        else:
+            value = int(raw)
     except ValueError:
         raise DataError(
             f"{where}: label {raw!r} is not valid for task {task.name}; expected "
-            f"{sorted(task.text_labels) or 'an integer class id'}"
+            f"{sorted(task.text_labels) or ('a number' if task.regression else 'an integer class id')}"
         ) from None
-    if not 0 <= value < task.n_labels:
-        raise DataError(f"{where}: label {value} out of range for task {task.name}; expected 0..{task.n_labels - 1}")
+    top = task.n_labels - 1
+    if task.regression:
+        if not 0 <= score <= top:  # also refuses nan and inf
+            raise DataError(
+                f"{where}: score {raw!r} out of range for task {task.name}; expected a number in 0 .. {top}"
+            )
+        return score
+    if not 0 <= value <= top:
+        raise DataError(f"{where}: label {value} out of range for task {task.name}; expected 0..{top}")
     return value
 
 
+def _tsv_rows(path: Path) -> list[list[str]]:
+    """The rows of a tab-separated file (no quoting).
+
+    Raises:
+        DataError: the file is not UTF-8 text, or holds NUL bytes (a binary file), or is empty.
+    """
+    layout = "expected the tab-separated text file of the GLUE download script"
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # newlines as they are: the csv reader splits rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded); {layout}") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: holds NUL bytes, so it is a binary file; {layout}")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise DataError(f"{path}: empty; {layout}")
+    return rows
+
+
+def _skip_malformed(path: Path, malformed: list[int], total: int) -> None:
+    """Warn once about rows with too few columns, or refuse the file when there are too many."""
+    if not malformed:
+        return
+    lines = ", ".join(map(str, malformed[:5])) + (" …" if len(malformed) > 5 else "")
+    if len(malformed) > MAX_MALFORMED_SHARE * total:
+        raise DataError(
+            f"{path}: {len(malformed)} of {total} rows have too few columns (lines {lines}); expected at most "
+            f"{MAX_MALFORMED_SHARE:.0%} malformed rows; fix or re-download the file"
+        )
+    warnings.warn(
+        f"{path}: skipped {len(malformed)} of {total} rows with too few columns (lines {lines})",
+        AdapterFuseWarning,
+        stacklevel=4,
+    )
+
+
 def _read_tsv(task: TaskSpec, path: Path) -> list[Example]:
-    """Read one GLUE download-script file (tab-separated, no quoting)."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    """Read one GLUE download-script file (tab-separated, no quoting).
+
+    Raises:
+        DataError: an unreadable, empty or example-less file, a missing column, a bad label, or too
+            many malformed rows.
+    """
+    rows = _tsv_rows(path)
+    first = 2 if task.has_header else 1  # the file line of rows[0] after the header
     if task.has_header:
         header, rows = rows[0], rows[1:]
         try:
@@ -199,14 +254,21 @@ def _read_tsv(task: TaskSpec, path: Path) -> list[Example]:
             ) from None
     else:
         cols = [int(c) for c in (*task.tsv_fields, task.tsv_label)]
-    out = []
+    out, malformed = [], []
     for i, row in enumerate(rows):
         if len(row) <= max(cols):
-            continue  # a few GLUE files carry malformed rows; the official scripts skip them too
+            malformed.append(i + first)  # a few GLUE files carry such rows; the official scripts skip them too
+            continue
         label = row[cols[-1]]
         if label.strip() in ("", "-"):
             continue  # MNLI rows without a gold label
-        out.append(Example(tuple(row[c] for c in cols[:-1]), _parse_label(task, label, f"{path}:{i + 2}"), i))
+        out.append(Example(tuple(row[c] for c in cols[:-1]), _parse_label(task, label, f"{path}:{i + first}"), i))
+    _skip_malformed(path, malformed, len(rows))
+    if not out:
+        raise DataError(
+            f"{path}: no examples ({len(rows)} rows after the header, none usable); expected the GLUE "
+            "download-script file of the task"
+        )
     return out
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapterfuse.backends.options import MAX_SEED
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -16,7 +18,7 @@ class TrainConfig(BaseModel):
     recipe says otherwise (caps and epochs per task).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["lora", "adalora"] = "lora"
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank; AdaLoRA's average target rank")
@@ -31,7 +33,7 @@ class TrainConfig(BaseModel):
     max_train_examples: int | None = Field(2000, ge=1)
     validation_size: int = Field(200, ge=0)
     max_length: int = Field(256, ge=8)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     autocast: bool = True
     balance_classes: bool = Field(False, description="weight the loss by inverse class frequency")
     bootstrap: bool = Field(
@@ -85,3 +87,18 @@ class TrainConfig(BaseModel):
     def lora_alpha(self) -> float:
         """The alpha actually used."""
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+def stable_adapter_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT adapter config with its module list sorted, so that one training run writes the same bytes
+    in every process (PEFT keeps ``target_modules`` as a set and writes it in the set's order, which
+    depends on the process's hash seed).
+
+    Args:
+        config: the ``adapter_config.json`` content.
+
+    Returns:
+        The same config, ``target_modules`` sorted when it is a list.
+    """
+    modules = config.get("target_modules")
+    return {**config, "target_modules": sorted(modules)} if isinstance(modules, list) else config

@@ -29,7 +29,7 @@ from adapterfuse.expert import Expert, versions
 from adapterfuse.head import autocast_context, encode, label_logits, label_token_ids, pad
 from adapterfuse.io.atomic import atomic_dir, check_output
 from adapterfuse.tasks.spec import TaskData
-from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.config import TrainConfig, stable_adapter_config
 from adapterfuse.train.loop import (
     Callback,
     Checkpoint,
@@ -264,6 +264,7 @@ def _save(
     with atomic_dir(out, overwrite) as tmp:
         student.save_pretrained(tmp)
         expert = Expert.load(tmp, name=out.name)
+        expert.config = stable_adapter_config(expert.config)
         expert.meta = meta
         expert.write_into(tmp)
     expert.path = out

@@ -29,7 +29,7 @@ from adapterfuse.io.atomic import atomic_dir, check_output
 from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.average import average_steps, stack_snapshots
-from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.config import TrainConfig, stable_adapter_config
 from adapterfuse.train.loop import (
     Callback,
     Checkpoint,
@@ -386,6 +386,7 @@ def _evaluate_into(
     peft_model.peft_config["default"].base_model_name_or_path = base.spec
     peft_model.save_pretrained(tmp)
     expert = Expert.load(tmp, name=name)
+    expert.config = stable_adapter_config(expert.config)
     expert.meta = meta
     if config.method == "adalora":
         expert.meta["adalora_ranks"] = {m: d.rank for m, d in expert.deltas.items()}

@@ -5,8 +5,9 @@ trainable parameters with their optimizer and schedule, and an :class:`Objective
 batch, plus optional hooks (tokens counted, work after each update, extra state to checkpoint). The
 loop does the rest the same way for all of them: the gradient step with clipping, the progress bar,
 a checkpoint every ``checkpoint_every`` steps of the parameters, optimizer, scheduler, RNG, step and
-the objective's state into ``.<out>.partial/`` (atomic writes), and the resume from there when the
-run's identity (config, base, data …) is unchanged, so a resumed run ends with the same bytes as an
+the objective's state into ``.<out>.partial/`` (atomic writes; the previous checkpoint is kept, see
+:mod:`adapterfuse.train.checkpoint`), and the resume from the latest complete one when the run's
+identity (config, base, data …) is unchanged, so a resumed run ends with the same bytes as an
 uninterrupted one. The frozen base runs under the objective's bf16 autocast; adapter maths stays fp32.
 
 Also here: the pieces the trainers share (the seeded length-bucketed batch schedule, the linear and
@@ -18,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -31,10 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterfuse.errors import ResumeError
-from adapterfuse.io.atomic import write_json
 from adapterfuse.tasks.glue import dev_subset_seed
 from adapterfuse.tasks.spec import Example, capped_subset
+from adapterfuse.train.checkpoint import Checkpoint
 from adapterfuse.train.config import TrainConfig
 
 Callback = Callable[[int, float], None]
@@ -181,57 +179,6 @@ class LoopResult:
         }
 
 
-class Checkpoint:
-    """The partial-run folder ``.<out>.partial/`` beside ``out``: what would be resumed, and the refusal
-    when the run changed.
-
-    Args:
-        out: the run's final output path.
-        identity: what must match to resume (JSON-able; its ``config`` entry is compared key by key).
-    """
-
-    def __init__(self, out: Path, identity: dict[str, Any]) -> None:
-        self.dir = out.with_name(f".{out.name}.partial")
-        self.identity = identity
-
-    def load(self) -> dict[str, Any] | None:
-        """The saved payload, or ``None`` when there is none.
-
-        Raises:
-            ResumeError: the checkpoint was made with another identity (names what changed).
-        """
-        state_file, ckpt = self.dir / "state.json", self.dir / "checkpoint.pt"
-        if not state_file.is_file() or not ckpt.is_file():
-            return None
-        saved = json.loads(state_file.read_text())["identity"]
-        config, saved_config = self.identity.get("config", {}), saved.get("config", {})
-        changed = sorted(
-            k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k) and k != "config"
-        )
-        changed += [
-            f"config.{k}" for k in sorted(set(saved_config) | set(config)) if saved_config.get(k) != config.get(k)
-        ]
-        if changed:
-            raise ResumeError(
-                f"checkpoint {self.dir}: was made with a different {', '.join(changed)}; expected "
-                "the same config, base and data to resume; remove that folder (or pass "
-                "--overwrite) to start afresh"
-            )
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
-
-    def save(self, payload: dict[str, Any]) -> None:
-        """Write ``payload`` (it has a ``step``) so that a kill at any moment leaves the last complete one."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "checkpoint.pt.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.dir / "checkpoint.pt")
-        write_json(self.dir / "state.json", {"identity": self.identity, "step": payload["step"]})
-
-    def clear(self) -> None:
-        """Remove the folder (after the output is in place, or to start afresh)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def run_checkpoint(
     out: Path, task: str, base_fingerprint: str, train: Sequence[Example], config: TrainConfig, **identity: Any
 ) -> Checkpoint:
@@ -308,6 +255,7 @@ def run_loop(
 
     Raises:
         ResumeError: the checkpoint was made by a different run.
+        SaveError: a checkpoint could not be written (disk full …); the complete ones already there are kept.
     """
     from tqdm.auto import tqdm
 

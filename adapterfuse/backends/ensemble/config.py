@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from adapterfuse.backends.ensemble.pooling import check_temperature, check_weights
 from adapterfuse.backends.ensemble.select import parse_select
 from adapterfuse.backends.ensemble.weights import parse_weights
+from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH
 
@@ -44,7 +45,7 @@ class EnsembleConfig(BaseModel):
     select: str | None = None
     temperature: float = 1.0
     metric: Literal["score", "nll"] = "score"
-    seed: int = Field(0, strict=True)
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
     batch_size: int = Field(32, ge=1, strict=True)
     autocast: bool = True
     max_length: int = Field(DEFAULT_MAX_LENGTH, ge=1, strict=True)

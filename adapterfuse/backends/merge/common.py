@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import ConfigError
 from adapterfuse.lowrank import Truncation, dense_truncation, factor_truncation, stack_factors
@@ -35,7 +36,7 @@ class MergeParams(BaseModel):
 
     weights: tuple[float, ...] | None = None
     rank: int | None = Field(default=None, ge=1, strict=True)
-    seed: int = Field(default=0, strict=True)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, strict=True)
 
 
 class UniformParams(MergeParams):

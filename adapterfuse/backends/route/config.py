@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.backends.route.features import DEFAULT_LAYER, SHAPE_DIMS
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH
@@ -133,7 +134,7 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
     readout: Literal["mean", "mean_last"] = "mean"
     pooling: Literal["linear", "log_linear"] = "linear"
     budget: int | None = Field(None, ge=1, strict=True)
-    seed: int = Field(0, strict=True)
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
     batch_size: int = Field(32, ge=1, strict=True)
     autocast: bool = True
     max_length: int = Field(DEFAULT_MAX_LENGTH, ge=1, strict=True)

@@ -152,7 +152,15 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     Raises:
         ConfigError: for an index out of range.
     """
-    total = n_layers(model)
+    return layer_index(layer, n_layers(model))
+
+
+def layer_index(layer: int, total: int) -> int:
+    """:func:`resolve_layer` for a base of ``total`` blocks (known, e.g., from its config alone).
+
+    Raises:
+        ConfigError: for an index out of range.
+    """
     index = layer if layer >= 0 else total + 1 + layer
     if not 0 <= index <= total:
         raise ConfigError(

@@ -11,10 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapterfuse.backends.ensemble.pooling import POOLINGS
+from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.errors import ConfigError
 from adapterfuse.train.config import TrainConfig
 
 KINDS = ("batchensemble", "mimo", "camero", "swag")
+MAX_MEMBERS = 64
+"""The most members a parameter-efficient ensemble may have (each one is a copy of the adapter's state)."""
 _PREFIX = {"batchensemble": "be_", "mimo": "mimo_", "camero": "camero_", "swag": "swag_"}
 
 
@@ -42,7 +45,7 @@ class PEOptions(BaseModel):
         sample_seed: the seed of the SWAG samples (default: the training seed).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     pooling: Literal["linear", "log_linear"] = "linear"
     be_data: Literal["all", "split"] = "all"
@@ -57,19 +60,23 @@ class PEOptions(BaseModel):
     swag_rank: int = Field(10, ge=0)
     swag_scale: float = Field(0.5, ge=0)
     swag_lr_ratio: float = Field(0.5, gt=0, le=1)
-    sample_seed: int | None = Field(None, ge=0)
+    sample_seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
 def check_kind(kind: str, members: int) -> str:
     """Return ``kind`` if it is known and ``members`` is valid.
 
     Raises:
-        ConfigError: an unknown kind (listing the known ones), or members below 1 / not an int.
+        ConfigError: an unknown kind (listing the known ones), or members not an int in 1 .. MAX_MEMBERS.
     """
     if kind not in KINDS:
         raise ConfigError(f"ensemble kind {kind!r}: unknown; expected one of {', '.join(KINDS)}")
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ConfigError(f"members: expected an integer >= 1, got {members!r}")
+    if members > MAX_MEMBERS:
+        raise ConfigError(
+            f"members: expected an integer <= {MAX_MEMBERS}, got {members}; each member is one more copy of the adapter"
+        )
     return kind
 
 
