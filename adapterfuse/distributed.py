@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 _depth = 0  # how many map_rows calls are running in this process (only the outermost splits)
@@ -32,6 +33,7 @@ def world() -> tuple[int, int]:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
+    import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -46,6 +48,8 @@ def is_main() -> bool:
 def barrier() -> None:
     """Wait until every process gets here (nothing with one process)."""
     if world()[1] > 1:
+        import torch.distributed
+
         torch.distributed.barrier()
 
 
@@ -77,6 +81,9 @@ def map_rows(fn: Callable[[list[T]], torch.Tensor], items: Sequence[T], dim: int
     rank, size = world()
     if size == 1 or _depth > 0:
         return fn(items)
+    import torch
+    import torch.distributed
+
     with _inside():
         part = fn(items[rank::size]).detach().cpu()
     parts: list[torch.Tensor | None] = [None] * size

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
     for note in [*library.notes, *_carve_notes(library, args.validation_size, args.data_seed)]:
         print(note, file=sys.stderr)
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = ensemble(library, base, config, validation=data if config.fits else None)

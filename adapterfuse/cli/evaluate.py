@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from adapterfuse.base import load_base
+    from adapterfuse.distributed import is_main
     from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate, results_table
     from adapterfuse.io.atomic import check_output, write_json
     from adapterfuse.library import ExpertLibrary
@@ -40,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output(args.out, args.overwrite)
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle) if args.experts else None
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     if library is not None:
         library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, max_test=args.max_eval_examples) for t in tasks]
     predictor = OraclePredictor(base, library) if library is not None else ZeroShotPredictor(base)
     result = evaluate(predictor, data, split=args.split, max_examples=args.max_eval_examples)
     print(results_table([result]))
-    if args.out is not None:
+    if args.out is not None and is_main():  # every process has the whole result; one writes it
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result)
     return 0

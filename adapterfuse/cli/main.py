@@ -7,16 +7,20 @@ its one-line message; neither prints a traceback (``ADAPTERFUSE_DEBUG=1`` shows 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext, redirect_stdout
 
 from pydantic import ValidationError
 
 from adapterfuse.cli import ensemble, evaluate, merge, push, route, run, train
-from adapterfuse.cli.common import Parser
+from adapterfuse.cli.common import Parser, add_device_option
+from adapterfuse.distributed import is_main
 from adapterfuse.errors import AdapterFuseError, ConfigError
+from adapterfuse.progress import set_verbosity
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -24,6 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in (train, evaluate, merge, ensemble, route, run, push):
         command.register(sub)
+    for name in ("train", "eval", "merge", "ensemble", "route"):
+        add_device_option(sub.choices[name])
+    add_device_option(sub.choices["run"], default=None)
     return parser
 
 
@@ -45,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     for noise in _LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=noise)
+    if not is_main():  # under a multi-process launch every process computes; the main one reports
+        set_verbosity("quiet")
     try:
-        return args.handler(args)
+        with nullcontext() if is_main() else redirect_stdout(io.StringIO()):
+            return args.handler(args)
     except (AdapterFuseError, ValidationError) as e:
         if os.environ.get("ADAPTERFUSE_DEBUG"):
             raise

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
         if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
             validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
-        base = load_base(args.base)
+        base = load_base(args.base, device=args.device)
     adapter = merge(
         args.experts,
         config,

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle)
     for note in library.notes:
         print(note, file=sys.stderr)
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = route(library, base, config, validation=data)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ensemble:
         _check_ensemble(args)
     check_output(args.out, args.overwrite)  # before the base is loaded
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     if args.ensemble:
         from adapterfuse.train.pe.train import train_pe_ensemble
 
