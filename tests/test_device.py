@@ -3,7 +3,11 @@ end to end on a base loaded onto a device (the CPU here; every device this machi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +124,15 @@ def test_every_backend_runs_end_to_end_on_the_bases_device(device, base_folder, 
         result = evaluate(predictor, data)
         assert {t: r["n"] for t, r in result["tasks"].items()} == {d.task.name: len(d.test) for d in data}
         assert torch.isfinite(torch.tensor(result["average"]))
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_every_piece_on_this_machines_device(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("GLUE_DIR", None)  # synthetic prompts
+    command = [sys.executable, "benchmarks/device_check.py", "--base", "tiny", "--examples", "8", "--k", "2"]
+    done = subprocess.run([*command, "--steps", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for work in ("| scoring |", "| ensemble K=2 |", "| router (arrow top-2) |", "| training (tokens/s) |"):
+        assert work in done.stdout
