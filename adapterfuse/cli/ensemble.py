@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.ensemble.config import EnsembleConfig
-from adapterfuse.cli.common import add_config_options, positive_int
+from adapterfuse.cli.common import add_config_options, add_device_option, positive_int
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "pooling": (str, "how the members' distributions are pooled"),
@@ -66,6 +66,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="score in fp32 instead of bf16 autocast",
     )
+    add_device_option(p)
     p.set_defaults(handler=run)
     return p
 

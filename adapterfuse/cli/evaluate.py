@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import positive_int
+from adapterfuse.cli.common import add_device_option, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -26,6 +26,7 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     ev.add_argument("--out", type=Path, default=None, help="results.json to write")
     ev.add_argument("--overwrite", action="store_true")
+    add_device_option(ev)
     ev.set_defaults(handler=run)
 
 

@@ -17,7 +17,7 @@ from contextlib import nullcontext, redirect_stdout
 from pydantic import ValidationError
 
 from adapterfuse.cli import ensemble, evaluate, merge, push, route, run, train
-from adapterfuse.cli.common import Parser, add_device_option
+from adapterfuse.cli.common import Parser
 from adapterfuse.distributed import is_main
 from adapterfuse.errors import AdapterFuseError, ConfigError
 from adapterfuse.progress import set_verbosity
@@ -28,9 +28,6 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in (train, evaluate, merge, ensemble, route, run, push):
         command.register(sub)
-    for name in ("train", "eval", "merge", "ensemble", "route"):
-        add_device_option(sub.choices[name])
-    add_device_option(sub.choices["run"], default=None)
     return parser
 
 

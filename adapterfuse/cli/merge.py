@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from adapterfuse.backends.merge.config import MergeConfig, all_methods
+from adapterfuse.cli.common import add_device_option
 from adapterfuse.errors import ConfigError
 
 HELP = "merge experts into one adapter (uniform, task_arithmetic, ties, dare_*, greedy_soup, learned)"
@@ -82,6 +83,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "and put the harness table in adapterfuse.json and the card",
     )
     p.add_argument("--max-eval-examples", type=int, default=None, help="cap on test examples per task with --eval")
+    add_device_option(p)
     p.set_defaults(handler=run)
     return p
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.route.config import RouteConfig
-from adapterfuse.cli.common import add_config_options, optional_int, positive_int
+from adapterfuse.cli.common import add_config_options, add_device_option, optional_int, positive_int
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "router": (str, "how inputs are routed"),
@@ -84,6 +84,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="score in fp32 instead of bf16 autocast",
     )
+    add_device_option(p)
     p.set_defaults(handler=run)
     return p
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.cli.common import add_device_option
+
 
 def register(subparsers: Any) -> None:
     """Add the ``run`` subcommand to an ``add_subparsers()`` object."""
@@ -25,6 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; load nothing")
+    add_device_option(p, default=None)
     p.set_defaults(handler=run)
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import positive_int
+from adapterfuse.cli.common import add_device_option, positive_int
 from adapterfuse.errors import ConfigError
 
 
@@ -48,6 +48,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
     train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
 
+    add_device_option(train)
     train.set_defaults(handler=run)
 
 
