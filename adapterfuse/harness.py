@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapterfuse.base import BaseModel
+from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, attach_experts, load_member
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba, predictions
@@ -233,6 +235,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a predictor over tasks.
 
+    Under a multi-process launch the inputs are split over the processes and every process gets the
+    whole result (see :mod:`adapterfuse.distributed`).
+
     Args:
         predictor: anything with ``predict_proba`` and ``cost``.
         data: the tasks' splits.
@@ -256,7 +261,7 @@ def evaluate(
     for td in data:
         examples = getattr(td, split)[:max_examples]
         t0 = time.perf_counter()
-        probs = predictor.predict_proba(td.task, list(examples))
+        probs = map_rows(partial(predictor.predict_proba, td.task), examples)
         seconds = time.perf_counter() - t0
         labels = [e.label for e in examples]
         metrics = compute_metrics(td.task.metrics, predictions(td.task, probs), labels)

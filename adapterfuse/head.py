@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from adapterfuse.device import autocast_dtype, model_device
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.spec import Example, TaskSpec
 
@@ -88,9 +89,10 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def autocast_context(enabled: bool, device: torch.device | str = "cpu"):
-    """bf16 autocast for the frozen base on CPU (or GPU); fp32 when disabled."""
-    dev = torch.device(device).type
-    return torch.autocast(dev, dtype=torch.bfloat16) if enabled else nullcontext()
+    """bf16 autocast for the frozen base where ``device`` supports it (see :func:`adapterfuse.device.autocast_dtype`);
+    fp32 when disabled or unsupported."""
+    dtype = autocast_dtype(device) if enabled else None
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -217,7 +219,7 @@ def predict_proba(
         raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
     labels = label_token_ids(task, tokenizer)
     out = torch.empty((len(examples), len(labels)), dtype=torch.float32)
-    device = next(model.parameters()).device
+    device = model_device(model)
     for idx, ids, mask in iter_batches(task, examples, tokenizer, batch_size, max_length):
         with autocast_context(autocast, device):
             logits = label_logits(model, ids.to(device), mask.to(device), labels)
@@ -233,13 +235,15 @@ def predictions(task: TaskSpec, probs: torch.Tensor) -> list[float]:
     return probs.argmax(dim=1).tolist()
 
 
-def _soft_levels(task: TaskSpec, labels: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _soft_levels(
+    task: TaskSpec, labels: Sequence[float], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A regression label as weights on its two nearest score levels: ``(lo, hi, frac)``.
 
     The target puts ``1 - frac`` on level ``lo`` and ``frac`` on ``hi = lo + 1`` (labels clamped to the
-    levels' range; at the top level ``hi == lo`` and ``frac == 0``).
+    levels' range; at the top level ``hi == lo`` and ``frac == 0``), on ``device`` (the CPU by default).
     """
-    y = torch.tensor(labels, dtype=torch.float32).clamp(0, task.n_labels - 1)
+    y = torch.tensor(labels, dtype=torch.float32, device=device).clamp(0, task.n_labels - 1)
     lo = y.floor().long()
     hi = (lo + 1).clamp(max=task.n_labels - 1)
     return lo, hi, y - lo
@@ -260,18 +264,20 @@ def task_loss(
         A scalar fp32 loss, differentiable in ``logits``.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
-    if not task.regression:
-        return F.nll_loss(logp, torch.tensor(labels, dtype=torch.long), weight=class_weights)
-    return -(soft_targets(task, labels).to(logp.device) * logp).sum(dim=1).mean()
+    if not task.regression:  # targets and weights go to the logits' device, so the loss is computed there
+        weight = class_weights.to(logp.device) if class_weights is not None else None
+        return F.nll_loss(logp, torch.tensor(labels, dtype=torch.long, device=logp.device), weight=weight)
+    return -(soft_targets(task, labels, logp.device) * logp).sum(dim=1).mean()
 
 
-def soft_targets(task: TaskSpec, labels: Sequence[float]) -> torch.Tensor:
-    """The target distribution over the label words, ``[n, n_labels]`` fp32: one-hot for classification,
-    for regression ``1 - frac`` and ``frac`` on the label's two nearest score levels."""
-    target = torch.zeros(len(labels), task.n_labels, dtype=torch.float32)
+def soft_targets(task: TaskSpec, labels: Sequence[float], device: torch.device | None = None) -> torch.Tensor:
+    """The target distribution over the label words, ``[n, n_labels]`` fp32 on ``device`` (the CPU by default):
+    one-hot for classification, for regression ``1 - frac`` and ``frac`` on the label's two nearest levels."""
+    target = torch.zeros(len(labels), task.n_labels, dtype=torch.float32, device=device)
     if not task.regression:
-        return target.scatter_(1, torch.tensor([int(v) for v in labels], dtype=torch.long)[:, None], 1.0)
-    lo, hi, frac = _soft_levels(task, labels)
+        ids = torch.tensor([int(v) for v in labels], dtype=torch.long, device=device)
+        return target.scatter_(1, ids[:, None], 1.0)
+    lo, hi, frac = _soft_levels(task, labels, device)
     target.scatter_add_(1, lo[:, None], (1 - frac)[:, None])
     target.scatter_add_(1, hi[:, None], frac[:, None])
     return target
@@ -289,10 +295,10 @@ def label_log_likelihood(task: TaskSpec, log_probs: torch.Tensor, labels: Sequen
         ``[..., n]``; higher is better.
     """
     lp = log_probs.float()
-    rows = torch.arange(len(labels))
+    rows = torch.arange(len(labels), device=lp.device)
     if not task.regression:
-        return lp[..., rows, torch.tensor([int(v) for v in labels], dtype=torch.long)]
-    lo, hi, frac = _soft_levels(task, labels)
+        return lp[..., rows, torch.tensor([int(v) for v in labels], dtype=torch.long, device=lp.device)]
+    lo, hi, frac = _soft_levels(task, labels, lp.device)
     return (1 - frac) * lp[..., rows, lo] + frac * lp[..., rows, hi]
 
 

@@ -40,6 +40,8 @@ LAYERS: dict[str, int] = {
     "delta": 1,
     "io.atomic": 1,
     "progress": 1,
+    "device": 1,
+    "distributed": 1,
     # 2: one model, one expert, one task
     "base": 2,
     "tasks.glue": 2,

@@ -63,3 +63,18 @@ def add_config_options(
             default=argparse.SUPPRESS,
             help=f"{text} ({shown}default {info.default})",
         )
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """Add ``--device``: where the base runs (checked when the base is loaded, see :mod:`adapterfuse.device`).
+
+    Args:
+        parser: the subcommand's parser.
+        default: the value when the flag is left out (``None``: the command takes it from elsewhere).
+    """
+    shown = default or "the recipe's device (auto unless set)"
+    parser.add_argument(
+        "--device",
+        default=default,
+        help=f"where the base runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default {shown})",
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.ensemble.config import EnsembleConfig
-from adapterfuse.cli.common import add_config_options, positive_int
+from adapterfuse.cli.common import add_config_options, add_device_option, positive_int
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "pooling": (str, "how the members' distributions are pooled"),
@@ -71,6 +71,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="score in fp32 instead of bf16 autocast",
     )
+    add_device_option(p)
     p.set_defaults(handler=run)
     return p
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
     for note in [*library.notes, *_carve_notes(library, args.validation_size, args.data_seed)]:
         print(note, file=sys.stderr)
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = ensemble(library, base, config, validation=data if config.fits else None)

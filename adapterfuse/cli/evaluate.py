@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import positive_int
+from adapterfuse.cli.common import add_device_option, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -31,11 +31,13 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--out", type=Path, default=None, help="results.json to write")
     ev.add_argument("--overwrite", action="store_true")
+    add_device_option(ev)
     ev.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from adapterfuse.base import load_base
+    from adapterfuse.distributed import is_main
     from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate, results_table
     from adapterfuse.io.atomic import check_output, write_json
     from adapterfuse.library import ExpertLibrary, check_against_base
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if args.experts
         else None
     )
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     if library is not None:
         library.check(base.fingerprint)
         check_against_base(library, base)
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = OraclePredictor(base, library) if library is not None else ZeroShotPredictor(base)
     result = evaluate(predictor, data, split=args.split, max_examples=args.max_eval_examples)
     print(results_table([result]))
-    if args.out is not None:
+    if args.out is not None and is_main():  # every process has the whole result; one writes it
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result)
     return 0

@@ -8,17 +8,21 @@ shows it). adapterfuse's warnings (something recovered or skipped) are one line 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext, redirect_stdout
 from typing import Any
 
 from pydantic import ValidationError
 
 from adapterfuse.cli import ensemble, evaluate, merge, push, route, run, train
 from adapterfuse.cli.common import Parser
+from adapterfuse.distributed import is_main
 from adapterfuse.errors import AdapterFuseError, AdapterFuseWarning, ConfigError
+from adapterfuse.progress import set_verbosity
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -48,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noise in _LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=noise)
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning(args.command)
+    if not is_main():  # under a multi-process launch every process computes; the main one reports
+        set_verbosity("quiet")
     try:
-        return args.handler(args)
+        with nullcontext() if is_main() else redirect_stdout(io.StringIO()):
+            return args.handler(args)
     except (AdapterFuseError, ValidationError, OSError) as e:
         if os.environ.get("ADAPTERFUSE_DEBUG"):
             raise

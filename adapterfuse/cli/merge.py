@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from adapterfuse.backends.merge.config import MergeConfig, all_methods
+from adapterfuse.cli.common import add_device_option
 from adapterfuse.errors import ConfigError
 
 HELP = "merge experts into one adapter (uniform, task_arithmetic, ties, dare_*, greedy_soup, learned)"
@@ -87,6 +88,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "and put the harness table in adapterfuse.json and the card",
     )
     p.add_argument("--max-eval-examples", type=int, default=None, help="cap on test examples per task with --eval")
+    add_device_option(p)
     p.set_defaults(handler=run)
     return p
 
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
         if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
             validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
-        base = load_base(args.base)
+        base = load_base(args.base, device=args.device)
     adapter = merge(
         args.experts,
         config,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfuse.backends.route.config import RouteConfig
-from adapterfuse.cli.common import add_config_options, optional_int, positive_int
+from adapterfuse.cli.common import add_config_options, add_device_option, optional_int, positive_int
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "router": (str, "how inputs are routed"),
@@ -89,6 +89,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="score in fp32 instead of bf16 autocast",
     )
+    add_device_option(p)
     p.set_defaults(handler=run)
     return p
 
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle, verify=not args.no_verify)
     for note in library.notes:
         print(note, file=sys.stderr)
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     library.check(base.fingerprint)
     data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
     predictor = route(library, base, config, validation=data)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adapterfuse.cli.common import add_device_option
+
 
 def register(subparsers: Any) -> None:
     """Add the ``run`` subcommand to an ``add_subparsers()`` object."""
@@ -25,6 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; load nothing")
+    add_device_option(p, default=None)
     p.set_defaults(handler=run)
 
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"recipe {recipe.name}: valid; run folder {out}")
         print("\n".join(f"  {s}" for s in steps))
         return 0
-    summary = run_recipe(recipe, out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = run_recipe(recipe, out, log=lambda line: print(line, file=sys.stderr, flush=True), device=args.device)
     print((out / "results.md").read_text())
     print(f"wall time {summary['wall_s']:.0f} s; wrote {', '.join(str(out / f) for f in summary['files'])}")
     return 0

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import positive_int
+from adapterfuse.cli.common import add_device_option, positive_int
 from adapterfuse.errors import ConfigError
 
 
@@ -67,6 +67,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
     train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
 
+    add_device_option(train)
     train.set_defaults(handler=run)
 
 
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         grid_configs(config, _grid(args.grid))
     else:
         check_output(args.out, args.overwrite)  # before the base is loaded
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device)
     if args.ensemble:
         from adapterfuse.train.pe.train import train_pe_ensemble
 

@@ -28,6 +28,7 @@ from typing import Any
 from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
 from adapterfuse.backends.route.features import n_layers
 from adapterfuse.base import BaseModel, load_base
+from adapterfuse.distributed import barrier, is_main
 from adapterfuse.errors import AdapterFuseWarning, ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
@@ -210,8 +211,12 @@ def _pe_ensembles(
         folder = out / "pe" / f"{task}-{kind}-k{members}-{_digest(cfg.model_dump(), opts)}"
         if (folder / MANIFEST).is_file():
             ens = PEEnsemble.load(folder)
-        else:
-            ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], **opts)
+        else:  # not split over processes: the main one trains it, the others then load it
+            if is_main():
+                ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], **opts)
+            barrier()
+            if not is_main():
+                ens = PEEnsemble.load(folder)
         by_task[task] = ens.predictor(base)
     return TaskwisePredictor(entry.label, by_task)
 
@@ -246,16 +251,34 @@ def _setting(entry: CombinerEntry) -> dict[str, Any]:
     return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
 
 
+def _task_data(recipe: Recipe) -> tuple[dict[str, TaskData], dict[str, TaskData]]:
+    """Every task's splits, and the validation examples the combiners fit on."""
+    h, data = recipe.harness, {}
+    for task, entry in recipe.tasks.items():
+        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
+        data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
+    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
+    return data, validation
+
+
 def run_recipe(
-    recipe: Recipe, out: str | Path, base: BaseModel | None = None, log: Callable[[str], None] = print
+    recipe: Recipe,
+    out: str | Path,
+    base: BaseModel | None = None,
+    log: Callable[[str], None] = print,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Do everything a recipe asks, resuming what an earlier run under ``out`` finished.
+
+    Under a multi-process launch every process runs the recipe: training and evaluation are split over
+    them (see :mod:`adapterfuse.distributed`), and the main process alone writes results and logs.
 
     Args:
         recipe: a validated recipe (see :func:`~adapterfuse.recipe.schema.load_recipe`).
         out: the run folder.
-        base: an already loaded base (default: load ``recipe.base``).
+        base: an already loaded base (default: load ``recipe.base`` onto the device).
         log: where progress lines go.
+        device: where the base runs (default: ``recipe.device``); ignored when ``base`` is given.
 
     Returns:
         ``{"recipe", "results": [harness result + "fit_seconds" …], "wall_s", "files"}`` (also written
@@ -269,15 +292,14 @@ def run_recipe(
     check_recipe(recipe)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
-    base = base or load_base(recipe.base)
+    main = is_main()
+    log = log if main else _silent
+    if main:
+        write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
+    base = base or load_base(recipe.base, device=device or recipe.device)
     check_layers(recipe, n_layers(base.model))  # before any expert is trained
     h = recipe.harness
-    data = {}
-    for task, entry in recipe.tasks.items():
-        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
-        data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
-    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
+    data, validation = _task_data(recipe)
     library = ExpertLibrary(_experts(recipe, out, base, data, log), base.fingerprint)
     setting = _digest(
         h.model_dump(),
@@ -298,6 +320,9 @@ def run_recipe(
         fit_s = time.perf_counter() - t0
         result = evaluate(predictor, list(data.values()))
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
+        results.append(result)
+        if not main:
+            return
         if label in recipe.outputs.save:
             predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
         if label in {p.predictor for p in recipe.outputs.push}:
@@ -307,7 +332,6 @@ def run_recipe(
             f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
             f"(fit {fit_s:.0f} s)"
         )
-        results.append(result)
         del predictor
         gc.collect()
 
@@ -318,9 +342,15 @@ def run_recipe(
     for entry in recipe.combiners:
         measure(entry.label, _setting(entry), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
-    summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
-    write_json(out / "results.json", summary)
+    summary["files"] = write_report(summary, out, plots=recipe.outputs.plots) if main else []
+    if main:
+        write_json(out / "results.json", summary)
+    barrier()  # the other processes return once the results are on disk
     return summary
+
+
+def _silent(line: str) -> None:
+    """The log of the processes other than the main one."""
 
 
 def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None]) -> None:

@@ -142,6 +142,11 @@ class Recipe(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
     base: str | None = Field(None, description="Hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="where the base runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
+    )
     tasks: dict[str, TaskEntry] = Field(min_length=1)
     experts: ExpertsSection = Field(default_factory=ExpertsSection)
     combiners: list[CombinerEntry] = Field(default_factory=list)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adapterfuse.base import BaseModel
+from adapterfuse.device import model_device
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, versions
 from adapterfuse.head import autocast_context, class_weights, encode, label_logits, label_token_ids, pad, task_loss
@@ -59,7 +60,7 @@ class LabelScorer(nn.Module):
 
 def orth_regularizer(model: nn.Module) -> torch.Tensor:
     """AdaLoRA's orthogonality penalty: mean ||PᵀP - I||_F over the trainable A and B factors."""
-    total, count = torch.zeros(()), 0
+    total, count = torch.zeros((), device=model_device(model)), 0
     for name, p in model.named_parameters():
         if p.requires_grad and ("lora_A" in name or "lora_B" in name):
             cov = p @ p.T if "lora_A" in name else p.T @ p
@@ -131,7 +132,7 @@ class _ExpertObjective(Objective):
     snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.device = self.accelerator.device
+        self.device = model_device(self.peft_model)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.weights = class_weights(self.spec, self.train, self.config.balance_classes)
         self.trainable = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
@@ -149,7 +150,7 @@ class _ExpertObjective(Objective):
         ids, mask = pad([self.encoded[i] for i in rows], self.pad_id)
         with autocast_context(self.config.autocast, self.device):
             logits = self.scorer(ids.to(self.device), mask.to(self.device))
-        loss = task_loss(self.spec, logits.cpu(), [self.train[i].label for i in rows], self.weights)
+        loss = task_loss(self.spec, logits, [self.train[i].label for i in rows], self.weights)
         if self.config.method == "adalora":
             loss = loss + self.config.adalora_orth_reg * orth_regularizer(self.peft_model)
         return loss
@@ -216,7 +217,9 @@ def train_expert(
     if overwrite:
         ckpt.clear()
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # The base's device decides: the copy trains where the base is (a base loaded on the CPU trains there
+    # even when a GPU is present; under a multi-GPU launch each process's base is on its own GPU).
+    accelerator = Accelerator(cpu=base.device.type == "cpu", device_placement=False)
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(copy.deepcopy(base.model), _peft_config(config, len(schedule)))
     peft_model.train()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.pooling import pooled_log_probs
+from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predictions, task_loss
 from adapterfuse.tasks.metrics import compute_metrics
@@ -71,6 +73,7 @@ def cache_members(
     if not validation:
         raise ConfigError("validation: expected at least one task's data, got none")
     caches = []
+    settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
     for td in validation:
         examples = list(td.validation[:max_examples])
         if not examples:
@@ -78,7 +81,8 @@ def cache_members(
                 f"validation: task {td.task.name} has no validation examples; expected a validation "
                 "split carved from train (validation_size > 0)"
             )
-        log_probs = batched.member_log_probs(tokenizer, td.task, examples, batch_size, autocast, max_length)
+        # Split over the processes of a multi-process launch (members' rows are dimension 1).
+        log_probs = map_rows(partial(batched.member_log_probs, tokenizer, td.task, **settings), examples, dim=1)
         caches.append(MemberCache(td.task, log_probs, [e.label for e in examples]))
     return caches
 

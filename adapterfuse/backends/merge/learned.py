@@ -129,8 +129,9 @@ class RankWeightedModel:
         """A pre-hook scaling the rank-space input of one ``lora_B`` by the weights of its rank slots."""
 
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            scale = self.weights.reshape(-1)[index.to(args[0].device)]
-            return (args[0] * scale.to(args[0].dtype), *args[1:])
+            # The weights (and their optimiser) stay on the CPU; their slots go to the activations' device.
+            scale = self.weights.reshape(-1)[index].to(args[0].device, args[0].dtype)
+            return (args[0] * scale, *args[1:])
 
         return hook
 

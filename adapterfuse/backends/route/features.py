@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from adapterfuse.base import BaseModel
+from adapterfuse.device import model_device
+from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH, autocast_context, length_batches, pad
 from adapterfuse.tasks.spec import Example, TaskSpec
@@ -273,6 +275,16 @@ class FeatureExtractor:
         last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
         return torch.cat([mean, hidden[torch.arange(hidden.shape[0], device=hidden.device), last]], dim=1)
 
+    def _pooled_texts(self, texts: list[str]) -> torch.Tensor:
+        """:meth:`pooled` of ``texts``, in their order, fp32 on the CPU (length-sorted batches on the base's device)."""
+        out = torch.empty((len(texts), self.dim - self.shape_dim))
+        device = model_device(self.base.model)
+        tokens = self._tokens(texts)
+        for idx in length_batches([len(x) for x in tokens], self.batch_size):
+            ids, mask = pad([tokens[i] for i in idx], self.base.tokenizer.pad_token_id)
+            out[idx] = self.pooled(ids.to(device), mask.to(device)).cpu()
+        return out
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Features of ``texts`` in their order, ``[n, d]`` fp32 on the CPU; known texts come from the cache.
 
@@ -283,15 +295,9 @@ class FeatureExtractor:
             One row per text.
         """
         todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if todo:
-            device = next(self.base.model.parameters()).device
-            tokens = self._tokens(todo)
-            pad_id = self.base.tokenizer.pad_token_id
-            for idx in length_batches([len(x) for x in tokens], self.batch_size):
-                ids, mask = pad([tokens[i] for i in idx], pad_id)
-                rows = self.pooled(ids.to(device), mask.to(device)).cpu()
-                for row, i in enumerate(idx):
-                    self.cache[todo[i]] = rows[row]
+        if todo:  # split over the processes of a multi-process launch
+            for text, row in zip(todo, map_rows(self._pooled_texts, todo), strict=True):
+                self.cache[text] = row
         if not texts:
             return torch.empty((0, self.dim))
         pooled = torch.stack([self.cache[t] for t in texts])

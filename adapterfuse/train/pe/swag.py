@@ -72,7 +72,7 @@ class SwagPosterior:
 
     def collect(self, theta: torch.Tensor) -> None:
         """Add one snapshot (running first and second moments; a deviation column if ``rank > 0``)."""
-        theta = theta.detach().float()
+        theta = theta.detach().float().cpu()  # the statistics live on the CPU, whatever device trains
         n = self.count
         self.mean = (self.mean * n + theta) / (n + 1)
         self.sq_mean = (self.sq_mean * n + theta * theta) / (n + 1)
