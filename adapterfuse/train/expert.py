@@ -236,16 +236,9 @@ def train_expert(
     objective = _ExpertObjective(
         scorer, peft_model, spec, train, encoded, base.tokenizer.pad_token_id, config, accelerator, ends
     )
-    result = run_loop(
-        schedule,
-        Trainable(params, optimizer, scheduler),
-        objective,
-        config,
-        ckpt,
-        callback,
-        f"train {spec.name}" if progress else None,
-        accelerator,
-    )
+    title = f"train {spec.name}" if progress else None
+    trainable = Trainable(params, optimizer, scheduler)
+    result = run_loop(schedule, trainable, objective, config, ckpt, callback, title, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one process evaluates and writes; the others wait, then load it
         run = {"train_examples": len(train), **result.summary()}
