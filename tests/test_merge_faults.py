@@ -10,7 +10,10 @@ import math
 
 import pytest
 import torch
+import yaml
 
+import adapterfuse.recipe.runner as runner
+import adapterfuse.train.expert
 from adapterfuse.backends.ensemble.fit import ensemble
 from adapterfuse.backends.merge.api import merge
 from adapterfuse.backends.merge.lambda_search import choose_lambda
@@ -19,6 +22,7 @@ from adapterfuse.backends.route.api import route
 from adapterfuse.base import wrap_base
 from adapterfuse.cli.merge import register, run
 from adapterfuse.errors import ConfigError
+from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.spec import TaskData, check_disjoint
 from tests.helpers import make_tiny_model, random_expert, tiny_data
 
@@ -151,3 +155,30 @@ def test_expert_folders_in_two_orders_give_the_same_bytes(experts, tmp_path):
     one = merge(paths, method="ties", density=0.5).save_pretrained(tmp_path / "one")
     two = merge([paths[2], paths[0], paths[1]], method="ties", density=0.5).save_pretrained(tmp_path / "two")
     assert _folder_bytes(one) == _folder_bytes(two)
+
+
+def test_a_recipe_whose_validation_overlaps_the_test_split_stops_before_training(
+    tmp_path, glue_dir, tiny_base, monkeypatch
+):
+    real_load = runner.load_task
+
+    def leaky_load(*args, **kwargs):  # a carve that put two test rows into validation
+        data = real_load(*args, **kwargs)
+        return TaskData(data.task, data.train, [*data.test[:2], *data.validation], data.test)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an expert was trained")
+
+    monkeypatch.setattr(runner, "load_task", leaky_load)
+    monkeypatch.setattr(adapterfuse.train.expert, "train_expert", refuse)
+    raw = {
+        "name": "leak",
+        "tasks": {"sst2": {}},
+        "experts": {"rank": 4, "max_train": 16, "epochs": 1.0},
+        "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 12},
+        "combiners": [{"backend": "merge", "options": {"method": "uniform"}}],
+    }
+    path = tmp_path / "leak.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"validation: 2 of 8 validation examples of task sst2 also appear"):
+        runner.run_recipe(load_recipe(path), tmp_path / "out", base=tiny_base, log=lambda line: None)
