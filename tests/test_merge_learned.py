@@ -43,7 +43,7 @@ def pair(tiny_base, tmp_path_factory):
     bad = train_expert(
         tiny_base, TASK, cfg, out=root / "flipped", data=TaskData(TASK, flipped, val, val), progress=False
     )
-    return good, bad, TaskData(TASK, train, val, val)
+    return good, bad, TaskData(TASK, train, val, _examples(16, 2))  # a test split apart from validation
 
 
 def _loss(predictor, data: TaskData) -> float:

@@ -41,7 +41,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             "--tasks is ignored by methods that fit nothing."
         ),
     )
-    p.add_argument("--experts", nargs="+", required=True, help="expert folders or Hub ids (owner/name)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--experts", nargs="+", help="expert folders or Hub ids (owner/name)")
+    given.add_argument("--config", type=Path, help="a mergekit YAML of LoRA adapters (replaces --experts, --method)")
     p.add_argument(
         "--method",
         default=argparse.SUPPRESS,
@@ -174,7 +176,10 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: bad arguments, experts or base (nothing is written then).
     """
     from adapterfuse.backends.merge.api import merge
+    from adapterfuse.backends.merge.mergekit_yaml import mergekit_args
 
+    if getattr(args, "config", None) is not None:  # the file's adapters and options, as the flags they stand for
+        args = mergekit_args(args)
     config, uses_validation = _check_args(args)
     base = validation = None
     if args.eval and not args.tasks:

@@ -39,7 +39,7 @@ from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
 from adapterfuse.tasks.glue import load_task
-from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
+from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, check_disjoint
 from adapterfuse.train.config import TrainConfig
 
 # Fields recorded by training that are measurements, not settings.
@@ -258,6 +258,7 @@ def _task_data(recipe: Recipe) -> tuple[dict[str, TaskData], dict[str, TaskData]
         cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
         data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
     validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
+    check_disjoint(TaskData(d.task, [], validation[t].validation, d.test) for t, d in data.items())
     return data, validation
 
 

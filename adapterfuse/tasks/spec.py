@@ -7,7 +7,10 @@ token each, in class-id order); a regression task reads its score as the expecta
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from adapterfuse.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,32 @@ class TaskData:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+
+
+def check_disjoint(tasks: Iterable[TaskData] | None) -> None:
+    """Refuse validation examples whose input also appears in the same task's test split.
+
+    Whatever a combiner fits on validation (λ, a soup, weights, a router) must not have seen the test
+    inputs it is scored on. Examples are compared by their text fields, so a copy of a test row
+    carried into validation under another index or label is caught too.
+
+    Args:
+        tasks: the tasks given as validation data (``None`` or an empty test split: nothing to check).
+
+    Raises:
+        ConfigError: naming the task, how many validation examples overlap the test split, and the fix.
+    """
+    for data in tasks or []:
+        if not isinstance(data, TaskData) or not data.test or not data.validation:
+            continue
+        test_inputs = {e.fields for e in data.test}
+        overlap = sum(e.fields in test_inputs for e in data.validation)
+        if overlap:
+            raise ConfigError(
+                f"validation: {overlap} of {len(data.validation)} validation examples of task {data.task.name} "
+                "also appear in its test split, expected none (a combiner fitted on them is scored on what it "
+                "saw); carve validation from train (load_task) or drop those examples"
+            )
 
 
 def capped_subset(examples: list[Example], cap: int | None, seed: int) -> list[Example]:

@@ -22,7 +22,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import MultiTaskData
-from adapterfuse.tasks.spec import TaskData
+from adapterfuse.tasks.spec import TaskData, check_disjoint
 
 
 def ensemble(
@@ -50,13 +50,14 @@ def ensemble(
     Raises:
         ConfigError: empty members, an unknown or invalid option (naming it), both ``config`` and options,
             weights of the wrong count or NaN, negative linear weights, or learned weights/selection
-            without validation data.
+            without validation data, or validation examples that also appear in the test split.
         CompatibilityError / ExpertError: members from different bases, or not over ``base``.
     """
     config = given_or_built(EnsembleConfig, config, options, "ensemble", "pooling")
     members = check_member_list(list(experts))
     names = [e.name for e in members]
     check_ensemble(config, names, bool(validation))
+    check_disjoint(validation)
     pooling, weights, temperature, name = config.pooling, config.weights, config.temperature, config.name
     check_members(members, base)
     settings = dict(batch_size=config.batch_size, autocast=config.autocast, max_length=config.max_length)

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel as PydanticModel
 from safetensors.torch import save_file
 
-from adapterfuse.backends.merge.common import MergeResult
+from adapterfuse.backends.merge.common import MergeResult, check_finite_deltas, check_finite_weights
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import CompatibilityError, ConfigError
@@ -270,10 +270,11 @@ class MergedAdapter:
 
         Raises:
             OutputExistsError: ``path`` exists and ``overwrite`` is false (nothing is written).
-            ConfigError: ``full`` without a base.
+            ConfigError: ``full`` without a base; a NaN/inf merged update or full-model weight (naming it).
             CompatibilityError: a base other than the experts' one.
         """
         check_output(path, overwrite)
+        check_finite_deltas(self.deltas)
         if full:
             if base is None:
                 raise ConfigError("full=True writes base weights + ΔW, so it needs the base model; pass base=")
@@ -294,6 +295,7 @@ class MergedAdapter:
     def _write_full(self, folder: Path, base: BaseModel) -> None:
         """Fold ΔW into a copy of the base's weights and save model and tokenizer."""
         merged = self.attach(base.model).merge_and_unload()
+        check_finite_weights(merged)
         merged.save_pretrained(folder)
         base.tokenizer.save_pretrained(folder)
 

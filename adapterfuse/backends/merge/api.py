@@ -56,11 +56,13 @@ def merge(
         **options: the options, when no ``config`` is given.
 
     Returns:
-        The :class:`MergedAdapter`.
+        The :class:`MergedAdapter`. Experts are merged in the order of :func:`canonical_order` (its
+        ``sources`` follow it), so the same experts given in any order give the same bytes.
 
     Raises:
         ConfigError: a bad method, parameter, weight count, grid or validation data (before any weight
-            is read); a validation-fitted method without ``base``/``validation``; both ``config`` and options.
+            is read; validation overlapping the test split included); a validation-fitted method without
+            ``base``/``validation``; both ``config`` and options; a merged module that overflows float32.
         ExpertError: a missing or corrupt expert, NaN/inf weights.
         CompatibilityError: experts from different bases, or not from ``base``.
     """
@@ -69,10 +71,38 @@ def merge(
     tasks = check_validation(validation, base, config.method, required=config.search is not None)
     grid = check_grid(config.lambda_grid) if config.lambda_search and tasks else None
     eval_options = EvalOptions(autocast=config.autocast, batch_size=config.batch_size)
-    library = load_library(experts, base, allow_pickle, verify)
+    library, config = canonical_order(load_library(experts, base, allow_pickle, verify), config, base)
     if config.search is not None:
         return config.search.run(library, config.params, base, tasks, eval_options)
     return _registry_merge(library, config, base, tasks, grid, eval_options)
+
+
+def canonical_order(
+    library: ExpertLibrary, config: MergeConfig, base: BaseModel | None = None
+) -> tuple[ExpertLibrary, MergeConfig]:
+    """The experts sorted by their weights' sha256 (then name), with their weights permuted alike.
+
+    Float sums depend on the order of their terms, so merging the same experts given in another order
+    would change the output in its last bits; in this order the same inputs give the same bytes.
+
+    Args:
+        library: the checked experts, in the order given.
+        config: the merge options (``weights``, if given, in the same order).
+        base: the loaded base, if any (the sorted library is checked against it again).
+
+    Returns:
+        ``(library, config)`` in the canonical order; the inputs themselves when already in it.
+    """
+    experts = list(library)
+    order = sorted(range(len(experts)), key=lambda i: (experts[i].weights_sha256(), experts[i].name))
+    if order == list(range(len(experts))):
+        return library, config
+    weights = getattr(config.params, "weights", None)
+    if weights is not None:
+        params = config.params.model_copy(update={"weights": tuple(weights[i] for i in order)})
+        config = config.model_copy(update={"params": params})
+    sorted_library = ExpertLibrary([experts[i] for i in order], base.fingerprint if base is not None else None)
+    return sorted_library, config
 
 
 def _registry_merge(

@@ -212,6 +212,7 @@ class MergeResult:
         """
         params = self.params.model_copy(update={"lam": self.params.lam * lam})
         deltas = {m: LowRank(d.A, d.B * lam) for m, d in self.deltas.items()}
+        check_finite_deltas(deltas, f"merged ΔW at lambda {lam:g}")
         return MergeResult(self.method, params, deltas, self.per_module_error, self.overall_error, self.coverage)
 
 
@@ -230,17 +231,71 @@ def pooled_error(parts: list[Truncation]) -> float:
     return math.sqrt(sum((t.error * t.norm) ** 2 for t in parts) / total)
 
 
-def linear_output(items: list[tuple[float, LowRank]], rank: int | None) -> Truncation:
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_finite(module: str, values: torch.Tensor | LowRank, what: str = "merged ΔW") -> None:
+    """Refuse a merged update with NaN or inf entries, before it is truncated or written.
+
+    A merge of finite experts overflows float32 only when weights or λ are huge; every later step (the
+    SVD, the saved file, a full model) would then fail or carry the non-finite values silently.
+
+    Args:
+        module: the module's name, for the message.
+        values: a dense ΔW, or a factored update (its factors and ``B @ A`` are checked).
+        what: what ``values`` is, for the message.
+
+    Raises:
+        ConfigError: naming the module, how many entries are not finite and the fix.
+    """
+    parts = [values.A, values.B, values.dense()] if isinstance(values, LowRank) else [values]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in parts)
+    if bad:
+        raise ConfigError(
+            f"module {module!r}: the {what} has {bad} NaN/inf entries, expected all finite: the weights or "
+            f"lambda overflow float32 (largest {FLOAT32_MAX:.3g}); use smaller weights or lambda (nothing was written)"
+        )
+
+
+def check_finite_deltas(deltas: Deltas, what: str = "merged ΔW") -> None:
+    """:func:`check_finite` on every module, in sorted order (the first bad module is named)."""
+    for module in sorted(deltas):
+        check_finite(module, deltas[module], what)
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse a full merged model with NaN or inf weights (``W + ΔW`` can overflow a half-precision base).
+
+    Raises:
+        ConfigError: naming the first bad weight, its dtype, how many entries are not finite and the fix.
+    """
+    for name, weight in sorted(model.state_dict().items()):
+        if weight.is_floating_point():
+            bad = int((~torch.isfinite(weight)).sum())
+            if bad:
+                raise ConfigError(
+                    f"full model: weight {name!r} ({weight.dtype}) has {bad} NaN/inf entries after adding ΔW, "
+                    "expected all finite; save the adapter instead of the full model, load the base in float32, "
+                    "or use smaller weights or lambda (nothing was written)"
+                )
+
+
+def linear_output(items: list[tuple[float, LowRank]], rank: int | None, module: str = "") -> Truncation:
     """The exact weighted sum of updates in factored form, truncated to ``rank`` if one is asked.
 
     Args:
         items: ``(weight, update)`` pairs of one module.
         rank: the output rank, or ``None`` to keep the exact stacked rank ``sum(r_i)``.
+        module: the module's name, for the message of an overflow.
 
     Returns:
         The (possibly truncated) sum with its error and untruncated norm.
+
+    Raises:
+        ConfigError: the weighted sum is not finite (see :func:`check_finite`).
     """
     stacked = stack_factors(items)
+    check_finite(module, stacked)
     # Truncating to the stacked rank itself returns the factors untouched but still measures the norm,
     # which the pooled error over all modules needs.
     return factor_truncation(stacked, stacked.rank if rank is None else rank)
@@ -249,4 +304,5 @@ def linear_output(items: list[tuple[float, LowRank]], rank: int | None) -> Trunc
 def truncate_output(merged: torch.Tensor, job: ModuleJob, params: TiesParams | DareParams) -> Truncation:
     """Truncate a dense merged ΔW to the output rank (default: the largest rank among the module's experts)."""
     rank = job.max_rank if params.rank is None else params.rank
+    check_finite(job.module, merged)  # an SVD of inf/NaN fails with a LinAlgError deep in torch
     return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)

@@ -19,7 +19,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, evaluate
-from adapterfuse.tasks.spec import TaskData
+from adapterfuse.tasks.spec import TaskData, check_disjoint
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 LAMBDA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "iso_c", "tsv", "knots")
@@ -110,7 +110,8 @@ def check_validation(validation: Any, base: BaseModel | None, method: str, requi
         The tasks, or ``None`` when none were given.
 
     Raises:
-        ConfigError: missing data when required, data without a base, a task without validation examples.
+        ConfigError: missing data when required, data without a base, a task without validation examples,
+            validation examples that also appear in the task's test split.
     """
     if validation is None:
         if required:
@@ -125,6 +126,7 @@ def check_validation(validation: Any, base: BaseModel | None, method: str, requi
             f"validation: expected a non-empty list of TaskData, got {type(validation).__name__} "
             f"of {sorted({type(t).__name__ for t in tasks})}"
         )
+    check_disjoint(tasks)
     empty = [t.task.name for t in tasks if not t.validation]
     if empty:
         raise ConfigError(f"validation: tasks {empty} have no validation examples; load them with validation_size > 0")
@@ -148,6 +150,30 @@ def check_grid(grid: Sequence[float] | None) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
+def choose_lambda(grid: Sequence[float], scores: Sequence[float]) -> int:
+    """The index of the best grid point: highest score, ties to the λ closest to 1, then to the smaller λ.
+
+    A NaN score is no score (a candidate whose outputs went non-finite): it never wins.
+
+    Args:
+        grid: the λ values tried.
+        scores: their validation scores, in the same order.
+
+    Returns:
+        The chosen index.
+
+    Raises:
+        ConfigError: when no score is finite.
+    """
+    valid = [i for i in range(len(grid)) if math.isfinite(scores[i])]
+    if not valid:
+        raise ConfigError(
+            f"lambda search: every grid point {list(grid)} scored NaN on validation, expected at least one "
+            "finite score; check the validation data and the experts, or give lambda"
+        )
+    return max(valid, key=lambda i: (scores[i], -abs(grid[i] - 1.0), -grid[i]))
+
+
 def search_lambda(
     merge_at: Callable[[float], MergeResult],
     to_files: Callable[[MergeResult], tuple[Any, Any]],
@@ -166,7 +192,10 @@ def search_lambda(
 
     Returns:
         ``(best result, record)``; the record holds the grid, each point's score and the chosen λ.
-        Ties go to the λ closest to 1 (the unscaled sum), then to the smaller λ.
+        The choice is :func:`choose_lambda`'s.
+
+    Raises:
+        ConfigError: every grid point scored NaN, or a λ at which the merge overflows float32.
     """
     scores: list[float] = []
     results: list[MergeResult] = []
@@ -176,7 +205,7 @@ def search_lambda(
         state, config = to_files(result)
         scores.append(host.score(state, config, validation, name=f"lambda={lam:g}"))
         results.append(result)
-    best = max(range(len(grid)), key=lambda i: (scores[i], -abs(grid[i] - 1.0), -grid[i]))
+    best = choose_lambda(grid, scores)
     record = {
         "grid": list(grid),
         "scores": scores,

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from adapterfuse.backends.merge import dare_linear, dare_ties, iso_c, knots, task_arithmetic, ties, tsv, uniform
-from adapterfuse.backends.merge.common import MergeMethod, MergeResult, ModuleJob, parse_params, pooled_error
+from adapterfuse.backends.merge.common import (
+    MergeMethod,
+    MergeResult,
+    ModuleJob,
+    check_finite,
+    parse_params,
+    pooled_error,
+)
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.lowrank import Truncation
@@ -152,7 +159,8 @@ def merge_deltas(
 
     Raises:
         ConfigError: unknown method, unknown or invalid parameter (density outside ``(0, 1]``, NaN or inf
-            weight or lambda, rank < 1), or a weight count that differs from the expert count.
+            weight or lambda, rank < 1), a weight count that differs from the expert count, or a merged
+            module that overflows float32 (naming the module).
         CompatibilityError: see :func:`check_experts`.
     """
     spec = get_method(method)
@@ -178,6 +186,7 @@ def merge_deltas(
             all_weights=all_weights,
         )
         result = spec.merge_module(job, parsed)
+        check_finite(module, result.delta)  # per module, so nothing non-finite is ever written
         out[module], errors[module] = result.delta, result.error
         parts.append(result)
     return MergeResult(

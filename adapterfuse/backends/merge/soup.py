@@ -7,6 +7,7 @@ merge (``uniform`` by default) only if the soup's validation average strictly im
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from adapterfuse.backends.merge.lambda_search import AdapterHost, EvalOptions
 from adapterfuse.backends.merge.registry import METHODS, merge_deltas
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import peft_from_deltas
+from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.tasks.spec import TaskData
@@ -62,25 +64,42 @@ def greedy_select(
     """The greedy-soup loop, independent of models (so it can be tested on its own).
 
     Args:
-        order: candidate names, best first.
+        order: candidate names, best first (NaN scores last: :func:`soup_order`).
         alone: each candidate's score alone; the first one's is the soup's starting score.
         score_with: the score of the soup made of the given names.
 
     Returns:
         ``(kept names, one record per candidate, final soup score)``; a record holds ``name``,
-        ``alone``, ``with`` (the soup's score with it; ``None`` for the first) and ``kept``.
+        ``alone``, ``with`` (the soup's score with it; ``None`` for the first and for a NaN candidate)
+        and ``kept``.
+
+    Raises:
+        ConfigError: no candidate has a finite score alone.
     """
+    if not order or not math.isfinite(alone[order[0]]):
+        raise ConfigError(
+            f"greedy_soup: every candidate {list(order)} scored NaN alone on validation, expected at least one "
+            "finite score; check the validation data and the experts"
+        )
     kept = [order[0]]
     best = alone[order[0]]
     records: list[dict[str, Any]] = [{"name": order[0], "alone": alone[order[0]], "with": None, "kept": True}]
     for name in order[1:]:
+        if not math.isfinite(alone[name]):  # a NaN candidate is never tried, so it can never win
+            records.append({"name": name, "alone": alone[name], "with": None, "kept": False})
+            continue
         score = score_with([*kept, name])
-        improves = score > best  # strictly: an expert that changes nothing is left out
+        improves = score > best  # strictly (and never NaN): an expert that changes nothing is left out
         records.append({"name": name, "alone": alone[name], "with": score, "kept": improves})
         if improves:
             kept.append(name)
             best = score
     return kept, records, best
+
+
+def soup_order(alone: dict[str, float]) -> list[str]:
+    """Candidates best first, ties by name, NaN scores last (a plain sort misplaces NaN anywhere)."""
+    return sorted(alone, key=lambda n: (not math.isfinite(alone[n]), -alone[n] if math.isfinite(alone[n]) else 0, n))
 
 
 def _merge_subset(experts: Sequence[Expert], params: SoupParams) -> MergeResult:
@@ -105,7 +124,7 @@ def run(
     """
     host = AdapterHost(base, options)
     alone = {e.name: host.score(*e.as_lora(), tasks, name=e.name) for e in library}
-    order = sorted(alone, key=lambda n: (-alone[n], n))
+    order = soup_order(alone)
 
     def score_with(names: list[str]) -> float:
         result = _merge_subset([library[n] for n in names], params)

@@ -31,7 +31,7 @@ from adapterfuse.expert import Expert
 from adapterfuse.harness import evaluate
 from adapterfuse.library import ExpertLibrary, count_experts, load_library
 from adapterfuse.predictor import MultiTaskData, Predictor
-from adapterfuse.tasks.spec import TaskData
+from adapterfuse.tasks.spec import TaskData, check_disjoint
 
 
 def route(
@@ -64,13 +64,14 @@ def route(
     Raises:
         ConfigError: an empty expert list, an unknown or invalid option (naming it), both ``config`` and
             options, ``top_k`` larger than the experts (or MBC groups), a fitted router without
-            validation data.
+            validation data, validation examples that also appear in the test split.
         CompatibilityError / ExpertError: experts from different bases, or not from ``base``.
     """
     config = given_or_built(RouteConfig, config, options, "route", "router")
     n = count_experts(experts)
     has_data = bool(validation) or data is not None
     check_route(config, n, has_data)
+    check_disjoint(validation)
     library = load_library(experts, base, allow_pickle)
     across, kind = config.across(has_data), config.kind(has_data)
     pool, info = list(library), {"router": config.router}
