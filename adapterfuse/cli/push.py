@@ -40,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"push: folder {args.folder} not found; expected a saved expert or adapter folder")
     result = push_folder(args.folder, args.repo_id, private=args.private, endpoint=args.endpoint)
     record = dataclasses.asdict(result)
-    emit(args, "\n".join(f"{k}: {v}" for k, v in record.items()), record)
+    emit(args, f"pushed {args.folder} to {result.repo_id}: {result.commit_url} ({len(result.files)} files)", record)
     return 0
