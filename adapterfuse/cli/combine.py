@@ -25,11 +25,17 @@ def recipe_of(args: argparse.Namespace, backend: str, options: dict[str, Any]) -
 
     Returns:
         The :class:`~adapterfuse.recipe.schema.Recipe`; every combiner fits on the whole validation carve.
+
+    Raises:
+        ConfigError: a ``--validation-size`` below 1, or an unknown task.
     """
+    from adapterfuse.errors import ConfigError
     from adapterfuse.recipe.schema import Recipe
     from adapterfuse.tasks.glue import parse_tasks
 
     size = args.validation_size
+    if size < 1:  # every combiner fits on (or is checked against) the validation carve
+        raise ConfigError(f"--validation-size: expected >= 1, got {size}")
     return Recipe(
         name=backend,
         base=args.base,
