@@ -12,7 +12,7 @@ GLUE_DIR ?= $(abspath ../shared/glue_data)
 export GLUE_DIR
 DEMO ?= runs/demo
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean cli-fields
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,3 +43,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The defaults and choices `--help` shows, read from the config models (tests/test_cli_help.py checks them).
+cli-fields: setup
+	$(PY) -m adapterfuse.cli.fields
+	$(VENV)/bin/ruff format adapterfuse/cli/fields.py

@@ -70,6 +70,7 @@ def test_train_then_eval_end_to_end(tiny_folder, tmp_path, capsys, glue_dir):
             "--validation-size",
             "8",
             "--no-autocast",
+            "--json",
         ]
     )
     assert code == 0 and (out / "adapterfuse.json").is_file()
@@ -141,6 +142,7 @@ def test_train_a_parameter_efficient_ensemble(tiny_folder, tmp_path, capsys, glu
             "--validation-size",
             "8",
             "--no-autocast",
+            "--json",
         ]
     )
     assert code == 0 and json.loads((out / "manifest.json").read_text())["kind"] == "pe_ensemble"

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(*argv: str) -> int:
-    return run(_parser().parse_args(["merge", *argv]))
+    return run(_parser().parse_args(["merge", "--json", *argv]))
 
 
 @pytest.fixture(scope="module")

@@ -269,7 +269,7 @@ def test_push_command_uploads_a_folder_and_refuses_a_missing_one(tmp_path, monke
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_TOKEN", "hf_cliTOKEN")
     with FakeHub(require_token="hf_cliTOKEN") as hub:
-        assert cli.main(["push", str(folder), "alice/x", "--endpoint", hub.endpoint]) == 0
+        assert cli.main(["push", str(folder), "alice/x", "--endpoint", hub.endpoint, "--json"]) == 0
         assert hub.files("alice/x") == {"adapter_config.json": b'{"peft_type": "LORA"}'}
     assert json.loads(capsys.readouterr().out)["repo_id"] == "alice/x"
     assert cli.main(["push", str(tmp_path / "nope"), "alice/x"]) == 1

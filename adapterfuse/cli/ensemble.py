@@ -1,23 +1,28 @@
 """``adapterfuse ensemble``: fit an ensemble of experts, evaluate it on the tasks' test split, save it.
 
-Wired into ``adapterfuse.cli`` by ``register(subparsers)``; :func:`run` raises adapterfuse errors for
-``cli.main`` to print as one line.
+Wired into ``adapterfuse.cli`` by ``register(subparsers)``; :func:`run` runs a one-combiner recipe
+through the recipe runner and raises adapterfuse errors for ``cli.main`` to print as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.backends.ensemble.config import EnsembleConfig
-from adapterfuse.cli.common import add_config_options, add_device_option, positive_int
+from adapterfuse.cli.common import (
+    add_command,
+    add_config_options,
+    add_device_option,
+    positive_int,
+    set_verbosity,
+    source,
+)
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "pooling": (str, "how the members' distributions are pooled"),
     "weights": (str, "uniform | learned | w1,w2,... (one per expert)"),
-    "select": (str, "greedy | topK (e.g. top3); chosen on the validation split"),
+    "select": (str, "greedy | topK (e.g. top3); chosen on the validation split; none: every member"),
     "temperature": (float, "pooling temperature (uniform or given weights)"),
     "metric": (str, "what selection maximises"),
     "batch_size": (int, "inputs per batch (x K rows)"),
@@ -36,7 +41,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The new sub-parser (its ``handler`` default is :func:`run`).
     """
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "ensemble",
         help="pool several experts in one batched pass",
         description="Ensemble experts (linear or log-linear pooling; uniform, given or learned weights; optional "
@@ -45,7 +51,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders (the candidate members)")
     p.add_argument("--tasks", required=True, help="comma-separated task names (fit on validation, score on test)")
     p.add_argument("--out", required=True, type=Path, help="ensemble folder to write")
-    p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
+    p.add_argument("--base", default=None, help="base model: folder, .gguf file or Hub id (default SmolLM2-135M)")
     p.add_argument(
         "--validation-size",
         type=int,
@@ -53,7 +59,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="examples carved from train for validation; keep the experts' value so they never trained on it",
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
-    p.add_argument("--max-eval-examples", type=positive_int, default=None)
+    p.add_argument(
+        "--max-eval-examples",
+        type=positive_int,
+        default=None,
+        help="a seeded subset of each task's test split (default: all)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     p.add_argument(
         "--no-verify",
@@ -63,7 +74,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
     group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")
-    add_config_options(group, EnsembleConfig, OPTIONS)
+    add_config_options(group, "ensemble", OPTIONS)
     group.add_argument(
         "--no-autocast",
         dest="autocast",
@@ -92,7 +103,7 @@ def _carve_notes(experts: Any, validation_size: int, seed: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fit, evaluate (printing ``harness.results_table``) and save an ensemble.
+    """Fit, evaluate (printing ``harness.results_table``, or ``--json``) and save an ensemble.
 
     Returns:
         0 on success.
@@ -101,29 +112,26 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: bad arguments (checked before the base is loaded), incompatible experts,
             missing data, or an existing ``--out`` without ``--overwrite``.
     """
-    from adapterfuse.backends.ensemble.config import check_ensemble
-    from adapterfuse.backends.ensemble.fit import ensemble
+    from adapterfuse.backends.ensemble.config import EnsembleConfig, check_ensemble
     from adapterfuse.backends.options import validate_options
-    from adapterfuse.base import load_base
-    from adapterfuse.harness import evaluate, results_table
-    from adapterfuse.io.atomic import check_output, write_json
-    from adapterfuse.library import ExpertLibrary
-    from adapterfuse.tasks.glue import load_task, parse_tasks
+    from adapterfuse.cli.combine import fit_and_evaluate, load_experts, recipe_of, save_and_print
+    from adapterfuse.io.atomic import check_output
+    from adapterfuse.tasks.glue import parse_tasks
 
-    tasks = parse_tasks(args.tasks)
-    config = validate_options(
-        EnsembleConfig, {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields}, "ensemble"
-    )
+    set_verbosity(args)
+    parse_tasks(args.tasks)
+    given = {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields}
+    config = validate_options(EnsembleConfig, given, "ensemble")
+    recipe = recipe_of(args, "ensemble", given)
+    source(args.base, "--base")
     check_output(args.out, args.overwrite)
-    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle, verify=not args.no_verify)
-    check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
-    for note in [*library.notes, *_carve_notes(library, args.validation_size, args.data_seed)]:
-        print(note, file=sys.stderr)
-    base = load_base(args.base, device=args.device)
-    library.check(base.fingerprint)
-    data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
-    predictor = ensemble(library, base, config, validation=data if config.fits else None)
-    result = evaluate(predictor, data, split="test", max_examples=args.max_eval_examples)
+
+    def check(library: Any) -> list[str]:
+        check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded
+        return _carve_notes(library, args.validation_size, args.data_seed)
+
+    done, _ = fit_and_evaluate(args, recipe, load_experts(args, check))
+    predictor, result = done.predictor, done.result
     result["ensemble"] = {
         "members": predictor.names,
         "pooling": predictor.pooling,
@@ -131,12 +139,6 @@ def run(args: argparse.Namespace) -> int:
         "temperature": predictor.temperature,
         "info": predictor.info,
     }
-    print(results_table([result]))
-    print(
-        f"members: {', '.join(f'{n} {w:+.3f}' for n, w in zip(predictor.names, predictor.weights, strict=True))}"
-        f"; temperature {predictor.temperature:.3g}"
-    )
-    predictor.save(args.out, overwrite=args.overwrite)
-    write_json(args.out / "results.json", result)
-    print(f"saved {args.out}")
+    members = ", ".join(f"{n} {w:+.3f}" for n, w in zip(predictor.names, predictor.weights, strict=True))
+    save_and_print(args, predictor, result, [f"members: {members}; temperature {predictor.temperature:.3g}"])
     return 0

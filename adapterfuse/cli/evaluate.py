@@ -6,22 +6,29 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import add_device_option, positive_int
+from adapterfuse.cli.common import add_command, add_device_option, emit, positive_int, set_verbosity, source
 
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` subcommand to an ``add_subparsers()`` object."""
-    ev = subparsers.add_parser(
+    ev = add_command(
+        subparsers,
         "eval",
         help="evaluate experts (or the base zero-shot) on tasks",
         description="Evaluate the oracle of the given experts (each task by its own expert), "
         "or the base zero-shot when no expert is given; prints a table.",
     )
-    ev.add_argument("--experts", nargs="*", default=[], type=Path, help="expert folders (none: base zero-shot)")
+    ev.add_argument(
+        "--experts", nargs="*", default=[], type=Path, help="expert folders (default: none, the base zero-shot)"
+    )
     ev.add_argument("--tasks", required=True, help="comma-separated task names")
-    ev.add_argument("--base", default=None)
-    ev.add_argument("--max-eval-examples", type=positive_int, default=None)
-    ev.add_argument("--split", default="test", choices=["test", "validation"])
+    ev.add_argument("--base", default=None, help="base model: folder, .gguf file or Hub id (default SmolLM2-135M)")
+    ev.add_argument(
+        "--max-eval-examples", type=positive_int, default=None, help="a seeded subset of each split (default: all)"
+    )
+    ev.add_argument(
+        "--split", default="test", choices=["test", "validation"], help="test (GLUE dev) or the validation carve"
+    )
     ev.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     ev.add_argument(
@@ -29,13 +36,21 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="load expert folders whose files no longer match their manifest.json (changed after saving)",
     )
-    ev.add_argument("--out", type=Path, default=None, help="results.json to write")
-    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--out", type=Path, default=None, help="results.json to write (default: none)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_device_option(ev)
     ev.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``adapterfuse eval``: print the harness table (or ``--json``), and write ``--out`` if given.
+
+    Returns:
+        0 on success.
+
+    Raises:
+        AdapterFuseError: an unknown task, missing data, incompatible experts or an existing ``--out``.
+    """
     from adapterfuse.base import load_base
     from adapterfuse.distributed import is_main
     from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate, results_table
@@ -43,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.library import ExpertLibrary, check_against_base
     from adapterfuse.tasks.glue import load_task, parse_tasks
 
+    set_verbosity(args)
     tasks = parse_tasks(args.tasks)
+    source(args.base, "--base")
     if args.out is not None:
         check_output(args.out, args.overwrite)
     library = (
@@ -51,15 +68,15 @@ def run(args: argparse.Namespace) -> int:
         if args.experts
         else None
     )
-    base = load_base(args.base, device=args.device)
+    base = load_base(source(args.base, "--base"), device=args.device)
     if library is not None:
         library.check(base.fingerprint)
         check_against_base(library, base)
     data = [load_task(t, args.validation_size, max_test=args.max_eval_examples) for t in tasks]
     predictor = OraclePredictor(base, library) if library is not None else ZeroShotPredictor(base)
     result = evaluate(predictor, data, split=args.split, max_examples=args.max_eval_examples)
-    print(results_table([result]))
     if args.out is not None and is_main():  # every process has the whole result; one writes it
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result)
+    emit(args, results_table([result]), result)
     return 0

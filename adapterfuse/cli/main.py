@@ -3,6 +3,9 @@
 Bad arguments exit with status 2 and one line naming the argument; an adapterfuse error, or a file that
 cannot be read or written, exits 1 with one line; neither prints a traceback (``ADAPTERFUSE_DEBUG=1``
 shows it). adapterfuse's warnings (something recovered or skipped) are one line each too.
+
+Building the parser imports no torch, transformers or peft (each command imports them in its ``run``),
+so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapterfuse._version import __version__
 from adapterfuse.cli import ensemble, evaluate, merge, push, route, run, train
 from adapterfuse.cli.common import Parser
 from adapterfuse.distributed import is_main
@@ -25,9 +29,19 @@ from adapterfuse.errors import AdapterFuseError, AdapterFuseWarning, ConfigError
 from adapterfuse.progress import set_verbosity
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="adapterfuse", description="Train, combine and evaluate LoRA/AdaLoRA experts.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``adapterfuse`` parser with every command (imports no model library).
+
+    Returns:
+        The parser; each command's parser is in its ``add_subparsers`` action's ``choices``.
+    """
+    parser = Parser(
+        prog="adapterfuse",
+        description="Train, combine and evaluate LoRA/AdaLoRA experts. Every command prints its results on "
+        "stdout (a table or summary; --json for one JSON document) and progress on stderr (-q: errors only).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     for command in (train, evaluate, merge, ensemble, route, run, push):
         command.register(sub)
     return parser
@@ -48,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 ok, 1 an adapterfuse error, 2 bad arguments, 130 interrupted (Ctrl-C).
     """
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     for noise in _LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=noise)
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning(args.command)

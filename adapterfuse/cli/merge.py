@@ -2,22 +2,22 @@
 
 ``register(subparsers)`` adds the subcommand; ``run(args)`` executes it. Every check that needs no
 weight (method, parameters, weight count, output folder) runs before the experts or the base are
-read; the base is loaded only when something needs it (``--full``, or validation data for a λ search,
-a greedy soup or learned weights). Errors are :mod:`adapterfuse.errors` exceptions, which the main
-CLI prints as one line with exit status 1.
+read; the base is loaded only when something needs it (``--full``, ``--eval``, or validation data for a
+λ search, a greedy soup or learned weights). A merge that reads task data runs as a one-combiner
+recipe through the recipe runner, like ``ensemble`` and ``route``. Errors are
+:mod:`adapterfuse.errors` exceptions, which the main CLI prints as one line with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from adapterfuse.backends.merge.config import MergeConfig, all_methods
-from adapterfuse.cli.common import add_device_option
+from adapterfuse.cli.common import add_command, add_device_option, emit, positive_int, set_verbosity, source
+from adapterfuse.cli.fields import FIELDS
 from adapterfuse.errors import ConfigError
 
 HELP = "merge experts into one adapter (uniform, task_arithmetic, ties, dare_*, greedy_soup, learned)"
@@ -32,7 +32,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The ``merge`` parser (its default ``handler`` is :func:`run`).
     """
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "merge",
         help=HELP,
         description=(
@@ -42,25 +43,76 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--experts", nargs="+", help="expert folders or Hub ids (owner/name)")
-    given.add_argument("--config", type=Path, help="a mergekit YAML of LoRA adapters (replaces --experts, --method)")
+    given.add_argument("--experts", nargs="+", help="expert folders or Hub ids (owner/name, or hf://owner/name)")
+    given.add_argument(
+        "--config", type=Path, default=None, help="a mergekit YAML of LoRA adapters (replaces --experts, --method)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    _add_method_options(p)
+    p.add_argument("--full", action="store_true", help="write the merged full model instead of an adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--base", default=None, help="base model: folder, .gguf file or Hub id (default SmolLM2-135M)")
+    _add_data_options(p)
+    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
+    )
+    p.add_argument(
+        "--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo (default: no push)"
+    )
+    add_device_option(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """The method and its parameters: only those given reach the namespace; each method's parameter model
+    holds the defaults and the checks."""
+    method = FIELDS["merge"]["method"]
     p.add_argument(
         "--method",
         default=argparse.SUPPRESS,
-        help=f"one of {', '.join(all_methods())} (default {MergeConfig.model_fields['method'].default})",
+        help=f"one of {', '.join(method['choices'])} (default {method['default']})",
     )
-    p.add_argument("--out", required=True, type=Path, help="folder to write")
-    # Method parameters: only those given reach the namespace; each method's parameter model holds the
-    # defaults and the checks.
-    p.add_argument("--weights", default=argparse.SUPPRESS, help="comma-separated weights, one per expert")
-    p.add_argument("--density", type=float, default=argparse.SUPPRESS, help="kept fraction for TIES/DARE, in (0, 1]")
-    p.add_argument("--lambda", dest="lam", type=float, default=argparse.SUPPRESS, help="scale λ of the summed update")
-    p.add_argument("--rank", type=int, default=argparse.SUPPRESS, help="output rank per module")
+    p.add_argument(
+        "--weights", default=argparse.SUPPRESS, help="comma-separated weights, one per expert (default: the method's)"
+    )
+    p.add_argument(
+        "--density",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="kept fraction for TIES/DARE, in (0, 1] (default: the method's)",
+    )
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="scale λ of the summed update (default: chosen on the validation split of --tasks, else 1)",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="output rank per module (default: exact for linear methods, the largest expert rank for TIES/DARE)",
+    )
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of every random choice (default 0)")
-    p.add_argument("--full", action="store_true", help="write the merged full model instead of an adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
-    p.add_argument("--tasks", default=None, help="comma-separated tasks whose validation split fits λ/soup/weights")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false (repeatable)",
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """The task data a merge may fit on (validation split) and be scored on (test split)."""
+    p.add_argument(
+        "--tasks", default=None, help="comma-separated tasks whose validation split fits λ/soup/weights (default: none)"
+    )
     p.add_argument("--validation-size", type=int, default=200, help="validation examples per task")
     p.add_argument(
         "--data-seed",
@@ -70,29 +122,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "training seed (default 0) so that no validation example was trained on",
     )
     p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="another method parameter, e.g. mode=gradient_free, per_layer=true, exact_svd=false",
-    )
-    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
-    )
-    p.add_argument("--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
-    p.add_argument(
         "--eval",
         action="store_true",
         help="score the merge on the test split of --tasks (GLUE dev) "
         "and put the harness table in adapterfuse.json and the card",
     )
-    p.add_argument("--max-eval-examples", type=int, default=None, help="cap on test examples per task with --eval")
-    add_device_option(p)
-    p.set_defaults(handler=run)
-    return p
+    p.add_argument(
+        "--max-eval-examples",
+        type=positive_int,
+        default=None,
+        help="cap on test examples per task with --eval (default: all)",
+    )
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -136,13 +176,13 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_args(args: argparse.Namespace) -> tuple[MergeConfig, bool]:
+def _check_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], bool]:
     """Everything that needs no file: the options (by :class:`MergeConfig`), weight count, the output folder.
 
     Returns:
-        ``(config, uses_validation)``; the last says whether ``--tasks`` will be used.
+        ``(config, options, uses_validation)``: the options as given, and whether ``--tasks`` will be used.
     """
-    from adapterfuse.backends.merge.config import check_merge
+    from adapterfuse.backends.merge.config import MergeConfig, check_merge
     from adapterfuse.backends.options import validate_options
     from adapterfuse.io.atomic import check_output
 
@@ -155,16 +195,21 @@ def _check_args(args: argparse.Namespace) -> tuple[MergeConfig, bool]:
         raise ConfigError(f"--param: {twice} also given as flags; give each parameter once")
     if args.validation_size < 1:
         raise ConfigError(f"--validation-size: expected >= 1, got {args.validation_size}")
-    config = validate_options(MergeConfig, {**options, **params}, "merge")
+    given = {**options, **params}
+    config = validate_options(MergeConfig, given, "merge")
     check_merge(config, len(args.experts))
     if config.search is not None and not args.tasks:
         raise ConfigError(f"--method {config.method} fits on validation data: give --tasks (and --base)")
+    if args.eval and not args.tasks:
+        raise ConfigError("--eval: scores the merge on the test split of --tasks; give --tasks T1,T2,...")
+    args.experts = [source(str(e), "--experts") for e in args.experts]
+    source(args.base, "--base")
     check_output(args.out, args.overwrite)
-    return config, bool(args.tasks) and (config.search is not None or config.lambda_search)
+    return config, given, bool(args.tasks) and (config.search is not None or config.lambda_search)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``adapterfuse merge``.
+    """Run ``adapterfuse merge``: print a summary (or ``--json``), save the adapter (and push it).
 
     Args:
         args: the parsed arguments of the ``merge`` subcommand.
@@ -175,43 +220,43 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         AdapterFuseError: bad arguments, experts or base (nothing is written then).
     """
-    from adapterfuse.backends.merge.api import merge
     from adapterfuse.backends.merge.mergekit_yaml import mergekit_args
 
+    set_verbosity(args)
     if getattr(args, "config", None) is not None:  # the file's adapters and options, as the flags they stand for
         args = mergekit_args(args)
-    config, uses_validation = _check_args(args)
-    base = validation = None
-    if args.eval and not args.tasks:
-        raise ConfigError("--eval: scores the merge on the test split of --tasks; give --tasks T1,T2,...")
-    if args.full or uses_validation or args.eval:
+    config, given, uses_validation = _check_args(args)
+    if uses_validation or args.eval:
+        adapter, base = _fit(args, given)
+    else:  # a plain weight merge: no task data; the base only to write a full model
+        from adapterfuse.backends.merge.api import merge
         from adapterfuse.base import load_base
 
-        if uses_validation or args.eval:  # data first: a missing GLUE file fails before the base is loaded
-            validation = _load_validation(args.tasks, args.validation_size, args.data_seed, args.max_eval_examples)
-        base = load_base(args.base, device=args.device)
-    adapter = merge(
-        args.experts,
-        config,
-        base=base,
-        validation=validation if uses_validation else None,
-        allow_pickle=args.allow_pickle,
-        verify=not args.no_verify,
-    )
-    if args.eval:
-        adapter.evaluate_on(base, validation)
+        base = load_base(source(args.base, "--base"), device=args.device) if args.full else None
+        adapter = merge(args.experts, config, base=base, allow_pickle=args.allow_pickle, verify=not args.no_verify)
     path = adapter.save_pretrained(args.out, overwrite=args.overwrite, full=args.full, base=base)
     pushed = None
     if args.push:
         pushed = adapter.push_to_hub(args.push, full=args.full, base=base)
-    print(json.dumps(summary(adapter, path, args.push if pushed is not None else None), indent=2, default=str))
+    record = summary(adapter, path, args.push if pushed is not None else None)
+    emit(args, summary_text(record), record)
     return 0
 
 
-def _load_validation(tasks: str, size: int, seed: int, max_test: int | None = None):
-    from adapterfuse.tasks.glue import load_task, parse_tasks
+def _fit(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, Any]:
+    """A merge that reads task data, as a one-combiner recipe through the runner.
 
-    return [load_task(t, validation_size=size, seed=seed, max_test=max_test) for t in parse_tasks(tasks)]
+    λ, the soup or the weights are fitted on the validation split of ``--tasks`` when the method does;
+    with ``--eval`` the harness result on their test split goes into the adapter's card and metadata.
+    """
+    from adapterfuse.cli.combine import fit_and_evaluate, load_experts, recipe_of
+
+    recipe = recipe_of(args, "merge", options)
+    run, base = fit_and_evaluate(args, recipe, load_experts(args), score=args.eval)
+    adapter = run.predictor.adapter
+    if run.result is not None:
+        adapter.evaluation.append(run.result)
+    return adapter, base
 
 
 def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str, Any]:
@@ -242,3 +287,15 @@ def summary(adapter: Any, path: Path, pushed_to: str | None = None) -> dict[str,
     if pushed_to:
         out["pushed_to"] = pushed_to
     return out
+
+
+def summary_text(record: dict[str, Any]) -> str:
+    """The human-readable form of :func:`summary`: one ``key: value`` line each."""
+    lines = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)

@@ -1,18 +1,25 @@
 """``adapterfuse route``: fit a router over experts, evaluate it on the tasks' test split, save it.
 
-Wired into ``adapterfuse.cli`` by ``register(subparsers)``; :func:`run` raises adapterfuse errors for
-``cli.main`` to print as one line. Every check that needs no weight runs before the base is loaded.
+Wired into ``adapterfuse.cli`` by ``register(subparsers)``; :func:`run` runs a one-combiner recipe
+through the recipe runner and raises adapterfuse errors for ``cli.main`` to print as one line. Every
+check that needs no weight runs before the base is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.backends.route.config import RouteConfig
-from adapterfuse.cli.common import add_config_options, add_device_option, optional_int, positive_int
+from adapterfuse.cli.common import (
+    add_command,
+    add_config_options,
+    add_device_option,
+    optional_int,
+    positive_int,
+    set_verbosity,
+    source,
+)
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "router": (str, "how inputs are routed"),
@@ -56,7 +63,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The new sub-parser (its ``handler`` default is :func:`run`).
     """
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "route",
         help=HELP,
         description=(
@@ -66,12 +74,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--experts", nargs="+", required=True, type=Path, help="expert folders")
     p.add_argument("--tasks", required=True, help="comma-separated tasks (fit on validation, score on test)")
-    p.add_argument("--eval-tasks", default=None, help="extra tasks scored on their dev split only (held out)")
+    p.add_argument(
+        "--eval-tasks", default=None, help="extra tasks scored on their dev split only (held out; default: none)"
+    )
     p.add_argument("--out", required=True, type=Path, help="route folder to write")
-    p.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
+    p.add_argument("--base", default=None, help="base model: folder, .gguf file or Hub id (default SmolLM2-135M)")
     p.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (the experts' --seed)")
-    p.add_argument("--max-eval-examples", type=positive_int, default=None)
+    p.add_argument(
+        "--max-eval-examples",
+        type=positive_int,
+        default=None,
+        help="a seeded subset of each task's test split (default: all)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
     p.add_argument(
         "--no-verify",
@@ -81,7 +96,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
-    add_config_options(group, RouteConfig, OPTIONS)
+    add_config_options(group, "route", OPTIONS)
     group.add_argument(
         "--no-autocast",
         dest="autocast",
@@ -94,15 +109,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _held_out(names: str | None, max_examples: int | None, seed: int) -> list[Any]:
-    """Tasks evaluated on their dev split only (their train split is never read)."""
-    from adapterfuse.tasks.glue import load_held_out, parse_tasks
-
-    return [load_held_out(task, max_examples, seed) for task in (parse_tasks(names) if names else [])]
-
-
 def run(args: argparse.Namespace) -> int:
-    """Fit, evaluate (printing ``harness.results_table`` and routing accuracy) and save a router.
+    """Fit, evaluate (printing ``harness.results_table`` and routing accuracy, or ``--json``) and save a router.
 
     Returns:
         0 on success.
@@ -112,37 +120,30 @@ def run(args: argparse.Namespace) -> int:
             missing data, or an existing ``--out`` without ``--overwrite``.
     """
     from adapterfuse.backends.options import validate_options
-    from adapterfuse.backends.route.api import route, routing_accuracy
-    from adapterfuse.backends.route.config import check_route
+    from adapterfuse.backends.route.api import routing_accuracy
+    from adapterfuse.backends.route.config import RouteConfig, check_route
     from adapterfuse.backends.route.predictor import RoutePredictor
-    from adapterfuse.base import load_base
-    from adapterfuse.harness import evaluate, results_table
-    from adapterfuse.io.atomic import check_output, write_json
-    from adapterfuse.library import ExpertLibrary
-    from adapterfuse.tasks.glue import load_task, parse_tasks
+    from adapterfuse.cli.combine import fit_and_evaluate, load_experts, recipe_of, save_and_print
+    from adapterfuse.io.atomic import check_output
+    from adapterfuse.tasks.glue import parse_tasks
 
-    tasks = parse_tasks(args.tasks)
+    set_verbosity(args)
+    parse_tasks(args.tasks)
+    held_out = [t.name for t in parse_tasks(args.eval_tasks)] if args.eval_tasks else []
     given = {k: v for k, v in vars(args).items() if k in RouteConfig.model_fields}
     config = validate_options(RouteConfig, given, "route")
     check_route(config, len(args.experts), has_data=True)
+    recipe = recipe_of(args, "route", given)
+    source(args.base, "--base")
     check_output(args.out, args.overwrite)
-    library = ExpertLibrary.load(args.experts, allow_pickle=args.allow_pickle, verify=not args.no_verify)
-    for note in library.notes:
-        print(note, file=sys.stderr)
-    base = load_base(args.base, device=args.device)
-    library.check(base.fingerprint)
-    data = [load_task(t, args.validation_size, args.data_seed, max_test=args.max_eval_examples) for t in tasks]
-    predictor = route(library, base, config, validation=data)
-    scored = data + _held_out(args.eval_tasks, args.max_eval_examples, args.data_seed)
-    result = evaluate(predictor, scored, split="test", max_examples=args.max_eval_examples)
+    done, _ = fit_and_evaluate(args, recipe, load_experts(args), held_out)
+    predictor, result = done.predictor, done.result
     result["route"] = {"experts": predictor.names, "info": predictor.info}
-    print(results_table([result]))
+    lines = []
     if isinstance(predictor, RoutePredictor):
-        accuracy = routing_accuracy(predictor, scored, "test", args.max_eval_examples)
+        accuracy = routing_accuracy(predictor, done.scored, "test", args.max_eval_examples)
         result["routing_accuracy"] = accuracy
         shown = "n/a" if accuracy["oracle"] is None else f"{accuracy['oracle']:.3f}"
-        print(f"routing accuracy against the oracle (test): {shown}")
-    predictor.save(args.out, overwrite=args.overwrite)
-    write_json(args.out / "results.json", result)
-    print(f"saved {args.out}")
+        lines.append(f"routing accuracy against the oracle (test): {shown}")
+    save_and_print(args, predictor, result, lines)
     return 0

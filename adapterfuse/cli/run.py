@@ -7,16 +7,16 @@ before loading anything; ``--dry-run`` stops there and prints the plan.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import add_device_option
+from adapterfuse.cli.common import add_command, add_device_option, emit, set_verbosity
 
 
 def register(subparsers: Any) -> None:
     """Add the ``run`` subcommand to an ``add_subparsers()`` object."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "run",
         help="run a YAML recipe: experts, every backend, one comparison",
         description="Train (or reuse) the recipe's experts, fit each combiner on the "
@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
         "resumes: finished experts and results are reused.",
     )
     p.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; load nothing")
     add_device_option(p, default=None)
     p.set_defaults(handler=run)
@@ -40,17 +40,20 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         AdapterFuseError: an invalid recipe, incompatible experts, or a failing step.
     """
+    from adapterfuse.progress import status
     from adapterfuse.recipe.runner import plan, run_recipe
     from adapterfuse.recipe.schema import load_recipe
 
+    set_verbosity(args)
     recipe = load_recipe(args.recipe)
     out = args.out or Path("runs") / recipe.name
     steps = plan(recipe, out)
     if args.dry_run:
-        print(f"recipe {recipe.name}: valid; run folder {out}")
-        print("\n".join(f"  {s}" for s in steps))
+        text = "\n".join([f"recipe {recipe.name}: valid; run folder {out}", *(f"  {s}" for s in steps)])
+        emit(args, text, {"recipe": recipe.name, "valid": True, "out": str(out), "plan": steps})
         return 0
-    summary = run_recipe(recipe, out, log=lambda line: print(line, file=sys.stderr, flush=True), device=args.device)
-    print((out / "results.md").read_text())
-    print(f"wall time {summary['wall_s']:.0f} s; wrote {', '.join(str(out / f) for f in summary['files'])}")
+    summary = run_recipe(recipe, out, log=status, device=args.device)
+    wrote = ", ".join(str(out / f) for f in summary["files"])
+    text = f"{(out / 'results.md').read_text()}\nwall time {summary['wall_s']:.0f} s; wrote {wrote}"
+    emit(args, text, {**summary, "out": str(out)})
     return 0

@@ -3,33 +3,43 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import add_device_option, positive_int
+from adapterfuse.cli.common import add_command, add_device_option, emit, positive_int, set_verbosity, source
 from adapterfuse.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
     """Add the ``train`` subcommand to an ``add_subparsers()`` object."""
-    train = subparsers.add_parser(
+    train = add_command(
+        subparsers,
         "train",
         help="train one expert for one task",
         description="Train a LoRA or AdaLoRA expert on one GLUE task and save it.",
     )
     train.add_argument("--task", required=True, help="GLUE task: cola, sst2, mrpc, qqp, stsb, rte, wnli, qnli, mnli")
     train.add_argument("--out", required=True, type=Path, help="expert folder to write")
-    train.add_argument("--base", default=None, help="base model: Hub id, folder, .gguf file (default SmolLM2-135M)")
-    train.add_argument("--method", default="lora", choices=["lora", "adalora"])
-    train.add_argument("--rank", type=positive_int, default=8)
-    train.add_argument("--max-train-examples", type=positive_int, default=2000)
-    train.add_argument("--max-eval-examples", type=positive_int, default=None)
+    train.add_argument("--base", default=None, help="base model: folder, .gguf file or Hub id (default SmolLM2-135M)")
+    train.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "adalora"],
+        help="adapter kind (AdaLoRA's initial rank: max(12, --rank))",
+    )
+    train.add_argument("--rank", type=positive_int, default=8, help="LoRA rank; AdaLoRA's average target rank")
+    train.add_argument("--max-train-examples", type=positive_int, default=2000, help="a seeded subset of train")
+    train.add_argument(
+        "--max-eval-examples",
+        type=positive_int,
+        default=None,
+        help="score a seeded subset of the test split (default: all)",
+    )
     train.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=positive_int, default=16)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=float, default=1.0, help="epochs (fractions allowed)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, then decay to 0)")
+    train.add_argument("--batch-size", type=positive_int, default=16, help="examples per step")
+    train.add_argument("--seed", type=int, default=0, help="seed of training, of the validation carve and of the caps")
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
     train.add_argument(
         "--bootstrap",
@@ -62,7 +72,7 @@ def register(subparsers: Any) -> None:
         "--ensemble",
         default=None,
         choices=["batchensemble", "mimo", "camero", "swag"],
-        help="train a parameter-efficient ensemble of --members members instead of one expert",
+        help="train a parameter-efficient ensemble of --members members instead of one expert (default: none)",
     )
     train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
     train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
@@ -134,7 +144,7 @@ def _check_ensemble(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``adapterfuse train``: print the output folder, its scores and the training time as JSON.
+    """Run ``adapterfuse train``: print the output folder, its scores and the training time (``--json``: as JSON).
 
     Raises:
         AdapterFuseError: a bad setting (before the base is loaded), an existing ``--out``, bad data.
@@ -144,16 +154,18 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.tasks.glue import get_task
     from adapterfuse.train.expert import train_expert
 
+    set_verbosity(args)
     task, config = get_task(args.task), _config(args)
     if args.ensemble:
         _check_ensemble(args)
+    base_spec = source(args.base, "--base")
     if args.grid:  # a grid's folder is reused on a rerun (finished members are kept); check the grid now
         from adapterfuse.train.grid import grid_configs
 
         grid_configs(config, _grid(args.grid))
     else:
         check_output(args.out, args.overwrite)  # before the base is loaded
-    base = load_base(args.base, device=args.device)
+    base = load_base(base_spec, device=args.device)
     if args.ensemble:
         from adapterfuse.train.pe.train import train_pe_ensemble
 
@@ -186,5 +198,17 @@ def run(args: argparse.Namespace) -> int:
             "scores": expert.meta["scores"],
             "train_wall_s": expert.meta["training"]["train_wall_s"],
         }
-    print(json.dumps(record, indent=2))
+    emit(args, _text(record), record)
     return 0
+
+
+def _text(record: dict[str, Any]) -> str:
+    """The human-readable summary of a training run."""
+    what = f"{record['kind']} ensemble of {record['members']}" if "kind" in record else "expert"
+    folder = record.get("expert") or record.get("ensemble")
+    scores = record.get("scores") or {}
+    lines = [f"{what} saved to {folder}; trained in {record['train_wall_s']:.0f} s"]
+    for split, value in scores.items():
+        shown = value.get("score", value) if isinstance(value, dict) else value
+        lines.append(f"{split}: {shown:.4f}" if isinstance(shown, float) else f"{split}: {shown}")
+    return "\n".join(lines)

@@ -21,7 +21,8 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from adapterfuse.predictor import Cost, Predictor
 from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_recipe
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
-from adapterfuse.tasks.glue import load_task
+from adapterfuse.tasks.glue import load_held_out, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, check_disjoint
 from adapterfuse.train.config import TrainConfig
 
@@ -227,6 +228,32 @@ def _options(entry: CombinerEntry) -> dict[str, Any]:
     return {**entry.options, "name": entry.label} if "name" in model.model_fields else dict(entry.options)
 
 
+def fit_combiner(
+    entry: CombinerEntry,
+    base: BaseModel,
+    library: ExpertLibrary,
+    validation: dict[str, TaskData],
+    options: dict[str, Any] | None = None,
+) -> Predictor:
+    """Fit one merge, ensemble or route combiner on the validation split.
+
+    Args:
+        entry: the combiner's recipe entry.
+        base: the frozen base.
+        library: the experts.
+        validation: task -> its data (only the validation split is read).
+        options: the options to build the backend's config from (default: the entry's, named after its label).
+
+    Returns:
+        The fitted predictor.
+
+    Raises:
+        ConfigError: a bad option; the backends' errors.
+    """
+    options = _options(entry) if options is None else options
+    return make_combiner(entry.backend, base, options, entry.members).fit(library, validation)
+
+
 def _fit(
     entry: CombinerEntry,
     recipe: Recipe,
@@ -238,9 +265,84 @@ def _fit(
 ) -> Predictor:
     if entry.backend == "pe_ensemble":
         return _pe_ensembles(entry, recipe, out, base, data)
-    predictor = make_combiner(entry.backend, base, _options(entry), entry.members).fit(library, validation)
+    predictor = fit_combiner(entry, base, library, validation)
     predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
     return predictor
+
+
+def load_data(recipe: Recipe, seed: int = DATA_SEED) -> tuple[dict[str, TaskData], dict[str, TaskData]]:
+    """A recipe's tasks, and the validation split every combiner fits on.
+
+    Args:
+        recipe: the recipe (its tasks, harness caps and the experts' training caps).
+        seed: the seed of the validation carve and of the test subset.
+
+    Returns:
+        ``(data, validation)``: task -> its splits (test capped by ``max_test``), and task -> the first
+        ``harness.validation_per_task`` examples of its validation split alone.
+
+    Raises:
+        DataError / ConfigError: see :func:`~adapterfuse.tasks.glue.load_task`.
+    """
+    h = recipe.harness
+    data = {}
+    for task, entry in recipe.tasks.items():
+        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
+        data[task] = load_task(task, h.validation_size, seed, cap, entry.max_test or h.max_test)
+    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
+    check_disjoint(TaskData(d.task, [], validation[t].validation, d.test) for t, d in data.items())
+    return data, validation
+
+
+@dataclass
+class SingleRun:
+    """What :func:`run_single` gives back."""
+
+    predictor: Predictor
+    result: dict[str, Any] | None
+    """The harness result on the test split (None when not scored)."""
+    scored: list[TaskData]
+    """The tasks the result was scored on (the recipe's, then the held-out ones)."""
+
+
+def run_single(
+    recipe: Recipe,
+    library: ExpertLibrary,
+    base: BaseModel,
+    data: tuple[dict[str, TaskData], dict[str, TaskData]] | None = None,
+    seed: int = DATA_SEED,
+    held_out: Sequence[str] = (),
+    score: bool = True,
+) -> SingleRun:
+    """Fit a one-combiner recipe on a loaded library and evaluate it on the test split.
+
+    This is what the ``merge``, ``ensemble`` and ``route`` commands run: the predictor keeps the name its
+    backend gives it, and the combiner's options are taken as written (no row label is added).
+
+    Args:
+        recipe: a recipe with exactly one merge, ensemble or route combiner.
+        library: its experts, already checked against ``base``.
+        base: the frozen base.
+        data: what :func:`load_data` gave for this recipe and ``seed`` (default: load it now).
+        seed: the seed of the validation carve and of the test subset (the experts' training seed).
+        held_out: more tasks scored on their test split only (their train split is never read).
+        score: evaluate on the test split; without it the predictor is only fitted (a merge that is saved).
+
+    Returns:
+        The predictor, its harness result and the tasks it was scored on.
+
+    Raises:
+        ConfigError: a recipe with another number of combiners, or a bad option; the backends' errors.
+    """
+    if len(recipe.combiners) != 1 or recipe.combiners[0].backend not in BACKENDS:
+        raise ConfigError(f"run_single: expected one merge, ensemble or route combiner, got {len(recipe.combiners)}")
+    entry, cap = recipe.combiners[0], recipe.harness.max_test
+    tasks, validation = data or load_data(recipe, seed)
+    predictor = fit_combiner(entry, base, library, validation, dict(entry.options))
+    if not score:
+        return SingleRun(predictor, None, [])
+    scored = [*tasks.values(), *(load_held_out(task, cap, seed) for task in held_out)]
+    return SingleRun(predictor, evaluate(predictor, scored, split="test", max_examples=cap), scored)
 
 
 def _setting(entry: CombinerEntry) -> dict[str, Any]:
@@ -249,17 +351,6 @@ def _setting(entry: CombinerEntry) -> dict[str, Any]:
     if entry.backend not in BACKENDS:
         return entry.model_dump()
     return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
-
-
-def _task_data(recipe: Recipe) -> tuple[dict[str, TaskData], dict[str, TaskData]]:
-    """Every task's splits, and the validation examples the combiners fit on."""
-    h, data = recipe.harness, {}
-    for task, entry in recipe.tasks.items():
-        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
-        data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
-    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
-    check_disjoint(TaskData(d.task, [], validation[t].validation, d.test) for t, d in data.items())
-    return data, validation
 
 
 def run_recipe(
@@ -300,7 +391,7 @@ def run_recipe(
     base = base or load_base(recipe.base, device=device or recipe.device)
     check_layers(recipe, n_layers(base.model))  # before any expert is trained
     h = recipe.harness
-    data, validation = _task_data(recipe)
+    data, validation = load_data(recipe)
     library = ExpertLibrary(_experts(recipe, out, base, data, log), base.fingerprint)
     setting = _digest(
         h.model_dump(),
