@@ -41,6 +41,23 @@ def register(subparsers: Any) -> None:
     train.add_argument("--batch-size", type=positive_int, default=16, help="examples per step")
     train.add_argument("--seed", type=int, default=0, help="seed of training, of the validation carve and of the caps")
     train.add_argument("--balance-classes", action="store_true", help="weight the loss by inverse class frequency")
+    train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
+    _add_ensemble_options(train)
+    train.add_argument(
+        "--ensemble",
+        default=None,
+        choices=["batchensemble", "mimo", "camero", "swag"],
+        help="train a parameter-efficient ensemble of --members members instead of one expert (default: none)",
+    )
+    train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
+    train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
+
+    add_device_option(train)
+    train.set_defaults(handler=run)
+
+
+def _add_ensemble_options(train: argparse.ArgumentParser) -> None:
+    """The ways one command trains more than one plain adapter: bagging, averaging, snapshots, grids."""
     train.add_argument(
         "--bootstrap",
         action="store_true",
@@ -52,7 +69,6 @@ def register(subparsers: Any) -> None:
         default=1,
         help="save the exact mean of the adapter's ΔW at its last N checkpoints (50 steps apart); 1: the final one",
     )
-    train.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
     train.add_argument(
         "--snapshots",
         type=positive_int,
@@ -68,17 +84,6 @@ def register(subparsers: Any) -> None:
         help="train one expert per combination (a hyperparameter ensemble) into --out/<name>; repeatable, "
         "e.g. --grid lr=1e-3,3e-3 --grid rank=4,8; a finished member is reused",
     )
-    train.add_argument(
-        "--ensemble",
-        default=None,
-        choices=["batchensemble", "mimo", "camero", "swag"],
-        help="train a parameter-efficient ensemble of --members members instead of one expert (default: none)",
-    )
-    train.add_argument("--members", type=positive_int, default=4, help="members of --ensemble")
-    train.add_argument("--pooling", default="linear", choices=["linear", "log_linear"], help="how --ensemble pools")
-
-    add_device_option(train)
-    train.set_defaults(handler=run)
 
 
 def _config(args: argparse.Namespace):
