@@ -22,7 +22,9 @@ def merge_module(job: ModuleJob, params: UniformParams) -> Truncation:
         The mean in factored form; with one expert of weight 1, that expert's factors exactly.
     """
     total = sum(job.all_weights)
-    return linear_output([(w / total, d) for w, d in zip(job.weights, job.deltas, strict=True)], params.rank)
+    return linear_output(
+        [(w / total, d) for w, d in zip(job.weights, job.deltas, strict=True)], params.rank, params.energy
+    )
 
 
 METHOD = MergeMethod(
