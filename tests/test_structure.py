@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "tasks.spec": 1,
     "tasks.metrics": 1,
     "delta": 1,
+    "serving": 1,
     "io.atomic": 1,
     "progress": 1,
     # 2: one model, one expert, one task

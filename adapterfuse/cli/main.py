@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from adapterfuse.cli import ensemble, evaluate, merge, push, route, run, train
+from adapterfuse.cli import check_serving, ensemble, evaluate, merge, push, route, run, train
 from adapterfuse.cli.common import Parser
 from adapterfuse.errors import AdapterFuseError, ConfigError
 
@@ -22,7 +22,7 @@ from adapterfuse.errors import AdapterFuseError, ConfigError
 def _build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="adapterfuse", description="Train, combine and evaluate LoRA/AdaLoRA experts.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (train, evaluate, merge, ensemble, route, run, push):
+    for command in (train, evaluate, merge, ensemble, route, run, push, check_serving):
         command.register(sub)
     return parser
 
