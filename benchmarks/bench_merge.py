@@ -7,7 +7,9 @@ Usage::
 For K random rank-r LoRA experts on every linear layer of the base (seeded), it times:
 - our ``task_arithmetic`` to rank r and to the exact rank K·r, against PEFT ``svd`` at the same rank;
 - our ``ties`` (density 0.2, rank r; exact SVD, and the seeded randomized SVD of ``exact_svd=False``)
-  against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD).
+  against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD);
+- our ``ties`` at ``rank="auto"`` (the default: per module the smallest rank keeping 90% of ΔW's energy),
+  its label giving the mean rank it chose, against the same PEFT ``ties_svd`` at rank r.
 Only the merge itself is timed (each output's dense ΔW is formed afterwards, for the error). Peak
 memory is the largest rise of the process's resident memory during the call (the kernel's high-water
 mark, see ``benchmarks.memory``). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F
@@ -65,7 +67,7 @@ def ties_reference(dense: list[torch.Tensor], weights: list[float], density: flo
     """TIES in float64, written out here: trim by magnitude, elect sign by mass, disjoint mean."""
     trimmed = []
     for d in dense:
-        keep = max(1, math.floor(density * d.numel() + 0.5))
+        keep = max(1, math.floor(density * d.numel()))  # PEFT's and mergekit's count
         thresh = d.abs().flatten().kthvalue(d.numel() - keep + 1).values
         trimmed.append(torch.where(d.abs() >= thresh, d, torch.zeros_like(d)))
     stack = torch.stack([w * t for w, t in zip(weights, trimmed, strict=True)])
@@ -131,7 +133,7 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
     def ref_ties(m: str) -> torch.Tensor:
         return ties_reference([e[m].dense(torch.float64) for e in experts], w, density)
 
-    def ours(method: str, rank: int | None, **kw):
+    def ours(method: str, rank: int | str | None, **kw):
         return merge_deltas(experts, method, weights=w, rank=rank, **kw).deltas
 
     cases = [
@@ -143,8 +145,14 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
             ref_ta,
         ),
         (
-            "ties, rank r (randomized SVD, the default)",
+            "ties, rank r (randomized SVD)",
             lambda: ours("ties", r, density=density),
+            lambda: peft_merge(model, k, "ties_svd", r, density),
+            ref_ties,
+        ),
+        (
+            "ties, rank auto (the default)",
+            lambda: ours("ties", "auto", density=density),
             lambda: peft_merge(model, k, "ties_svd", r, density),
             ref_ties,
         ),
@@ -163,6 +171,8 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
         s_o, m_o, out_o = timed(fn_ours, repeats)
         s_p, m_p, out_p = timed(fn_peft, repeats)
         # Errors are computed after the clock stops, module by module.
+        if "auto" in label:
+            label += f", mean rank {statistics.mean(d.rank for d in out_o.values()):.0f}"
         rows.append(
             (
                 k,

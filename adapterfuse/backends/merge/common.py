@@ -231,11 +231,6 @@ class ModuleJob:
     weights: tuple[float, ...]
     all_weights: tuple[float, ...]
 
-    @property
-    def max_rank(self) -> int:
-        """The largest rank among the experts that have this module."""
-        return max(d.rank for d in self.deltas)
-
     def weight_tensor(self, device: torch.device) -> torch.Tensor:
         """The weights of the experts present, as an fp32 ``[K]`` tensor on ``device``."""
         return torch.tensor(self.weights, dtype=torch.float32, device=device)
