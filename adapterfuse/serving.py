@@ -41,6 +41,9 @@ VLLM_LORA_MODULES: dict[str, frozenset[str]] = {
 """Architecture -> the module names vLLM applies LoRA to (its packed ``qkv_proj`` / ``gate_up_proj`` unpacked
 into the names PEFT adapters use)."""
 
+KNOWN_BASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "LlamaForCausalLM"}
+"""Bases whose architecture is known without their config on disk (the default base is read from a GGUF file)."""
+
 _PREFIX = "base_model.model."
 
 
@@ -139,8 +142,8 @@ def _module_problems(report: ServingReport, config: Mapping[str, Any], shapes: M
 def _architecture(config: Mapping[str, Any]) -> str | None:
     """The base's architecture from its config, when the base is a local folder or in the Hub cache."""
     spec = config.get("base_model_name_or_path")
-    if not spec:
-        return None
+    if not spec or spec in KNOWN_BASES:
+        return KNOWN_BASES.get(spec or "")
     try:
         from transformers import AutoConfig
 

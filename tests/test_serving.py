@@ -136,3 +136,15 @@ def test_cli_check_serving_exit_status(mixed, tmp_path, capsys) -> None:
     assert "not servable as written" in captured.out and "use_dora: true" in captured.err
     assert main(["check-serving", str(tmp_path / "nowhere")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_architecture_is_read_from_the_base(mixed, tmp_path, tiny_base) -> None:
+    _, folder = mixed
+    tiny_base.model.config.save_pretrained(tmp_path / "base")  # a local base folder: its config.json is read
+    assert (
+        check_serving(_edited(folder, tmp_path, base_model_name_or_path=str(tmp_path / "base"))).architecture == LLAMA
+    )
+    shutil.rmtree(tmp_path / "edited")
+    default = _edited(folder, tmp_path, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    report = check_serving(default)
+    assert report.architecture == LLAMA and report.ok and not report.notes

@@ -115,8 +115,8 @@ class SignParams(LinearParams):
         sign_on: elect each entry's sign on the ``weighted`` values (mergekit) or the ``unweighted`` ones
             (PEFT, which weights only when summing).
         divide: divide the agreeing weighted sum by the ``count`` of agreeing experts (PEFT), by the sum of
-            their absolute ``weight`` s (mergekit's ``normalize: true``), or by nothing (``none``, mergekit's
-            ``normalize: false``). The default, mergekit's, makes the result a weighted mean of the agreeing
+            their absolute weights (``weight``, mergekit's ``normalize: true``), or by nothing (``none``,
+            mergekit's ``normalize: false``). The default, mergekit's, makes the result a weighted mean of the agreeing
             entries: rescaling every weight changes nothing (λ is the overall scale) and equal weights give
             the paper's disjoint mean. Mergekit divides by the signed sum of weights; the absolute value
             here differs only for negative weights, where the signed sum would undo the negation.
