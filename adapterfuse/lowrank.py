@@ -327,8 +327,8 @@ def dense_energy_truncation(
 ) -> Truncation:
     """The smallest-rank truncation of a dense update that keeps ``energy`` of ``||ΔW||_F^2``.
 
-    A seeded randomized SVD (:func:`dense_truncation`'s) of ``start`` + 8 vectors is doubled until its
-    singular values hold the share; the top ``k`` of them then keep it by construction (their factors are
+    A seeded randomized SVD (:func:`dense_truncation`'s) of ``start`` + 8 vectors grows (at least doubling,
+    more when the share it holds says so) until its singular values hold the share; the top ``k`` of them then keep it by construction (their factors are
     an orthogonal projection of ΔW, so the error ``sqrt(1 - kept share)`` is at most ``sqrt(1 - energy)``,
     and it is measured directly). Once the sketch would pass half of ``min(out, in)`` a full SVD is the
     cheaper one, and it (or ``exact``) picks ``k`` from the exact singular values.
@@ -349,11 +349,14 @@ def dense_energy_truncation(
     q = min(full, max(1, start) + 8)
     while not exact and 2 * q <= full:
         u, s, vh = _randomized_svd(d, q, 4, seed)
-        if float(s.double().square().sum()) >= energy * norm_sq:
+        captured = float(s.double().square().sum())
+        if captured >= energy * norm_sq:
             k = energy_rank(s, energy, norm_sq)
             new = LowRank(vh[:k].contiguous(), (u[:, :k] * s[:k]).contiguous())
             return Truncation(new, _relative((d - new.B @ new.A).square().sum(), d.square().sum()), norm_sq**0.5)
-        q *= 2
+        # The top q directions hold the most energy per direction, so the rank holding the share is at least
+        # q * energy * ||ΔW||^2 / captured: a near-flat spectrum (a sign-elected ΔW) goes to the full SVD at once.
+        q = max(2 * q, math.ceil(q * energy * norm_sq / max(captured, 1e-30)) + 8)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     k = energy_rank(s, energy)
     new = LowRank(vh[:k].contiguous(), (u[:, :k] * s[:k]).contiguous())

@@ -6,8 +6,8 @@ Usage::
 
 For K random rank-r LoRA experts on every linear layer of the base (seeded), it times:
 - our ``task_arithmetic`` to rank r and to the exact rank K·r, against PEFT ``svd`` at the same rank;
-- our ``ties`` (density 0.2, rank r; exact SVD, and the seeded randomized SVD of ``exact_svd=False``)
-  against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD);
+- our ``ties`` with PEFT's convention (density 0.2, rank r; exact SVD, and the seeded randomized SVD of
+  ``exact_svd=False``) against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD);
 - our ``ties`` at ``rank="auto"`` (the default: per module the smallest rank keeping 90% of ΔW's energy),
   its label giving the mean rank it chose, against the same PEFT ``ties_svd`` at rank r.
 Only the merge itself is timed (each output's dense ΔW is formed afterwards, for the error). Peak
@@ -64,7 +64,8 @@ def expert_deltas(model, k: int) -> list[Deltas]:
 
 
 def ties_reference(dense: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    """TIES in float64, written out here: trim by magnitude, elect sign by mass, disjoint mean."""
+    """TIES in float64 under PEFT's convention (the one ``ties_svd`` uses), written out here: trim by magnitude,
+    elect sign by mass, sum the agreeing weighted entries and divide by their count."""
     trimmed = []
     for d in dense:
         keep = max(1, math.floor(density * d.numel()))  # PEFT's and mergekit's count
@@ -146,13 +147,13 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
         ),
         (
             "ties, rank r (randomized SVD)",
-            lambda: ours("ties", r, density=density),
+            lambda: ours("ties", r, density=density, convention="peft"),
             lambda: peft_merge(model, k, "ties_svd", r, density),
             ref_ties,
         ),
         (
             "ties, rank auto (the default)",
-            lambda: ours("ties", "auto", density=density),
+            lambda: ours("ties", "auto", density=density, convention="peft"),
             lambda: peft_merge(model, k, "ties_svd", r, density),
             ref_ties,
         ),
@@ -161,7 +162,7 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
         cases.append(
             (
                 "ties, rank r (exact SVD)",
-                lambda: ours("ties", r, density=density, exact_svd=True),
+                lambda: ours("ties", r, density=density, exact_svd=True, convention="peft"),
                 lambda: peft_merge(model, k, "ties_svd", r, density),
                 ref_ties,
             )
