@@ -330,8 +330,9 @@ def dense_energy_truncation(
     A seeded randomized SVD (:func:`dense_truncation`'s) of ``start`` + 8 vectors grows (at least doubling,
     more when the share it holds says so) until its singular values hold the share; the top ``k`` of them
     then keep it by construction (their factors are an orthogonal projection of ΔW, so the error
-    ``sqrt(1 - kept share)`` is at most ``sqrt(1 - energy)``, and it is measured directly). Once the sketch would pass half of ``min(out, in)`` a full SVD is the
-    cheaper one, and it (or ``exact``) picks ``k`` from the exact singular values.
+    ``sqrt(1 - kept share)`` is at most ``sqrt(1 - energy)``, and it is measured directly). Once the sketch
+    would pass half of ``min(out, in)`` a full SVD is the cheaper one, and it (or ``exact``) picks ``k``
+    from the exact singular values.
 
     Args:
         delta: ``[out, in]`` update; cast to fp32.
