@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -140,7 +141,9 @@ def test_cli_check_serving_exit_status(mixed, tmp_path, capsys) -> None:
 
 def test_architecture_is_read_from_the_base(mixed, tmp_path, tiny_base) -> None:
     _, folder = mixed
-    tiny_base.model.config.save_pretrained(tmp_path / "base")  # a local base folder: its config.json is read
+    config = copy.deepcopy(tiny_base.model.config)
+    config.architectures = [LLAMA]  # as a saved model's config.json records it
+    config.save_pretrained(tmp_path / "base")  # a local base folder: its config.json is read
     assert (
         check_serving(_edited(folder, tmp_path, base_model_name_or_path=str(tmp_path / "base"))).architecture == LLAMA
     )
