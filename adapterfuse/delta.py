@@ -16,6 +16,7 @@ import torch
 
 from adapterfuse.adapter_config import AdapterConfig, read_adapter_config
 from adapterfuse.errors import ExpertError
+from adapterfuse.serving import slot_rank
 
 PEFT_PREFIX = "base_model.model."
 
@@ -191,7 +192,10 @@ def peft_from_deltas(
     """Write per-module ΔW factors as a plain PEFT LoRA adapter that ``PeftModel`` loads.
 
     Each module keeps its own rank through ``rank_pattern``; ``alpha_pattern`` makes every scale 1,
-    so the saved ``B @ A`` is ΔW exactly. Modules of rank 0 are left out.
+    so the saved ``B @ A`` is ΔW exactly. ``r`` is the smallest rank vLLM accepts as ``--max-lora-rank``
+    that holds every module's rank (:func:`adapterfuse.serving.slot_rank`), with ``lora_alpha = r``: vLLM
+    reads only ``r`` and ``lora_alpha``, and applies their scale 1 to every module, which is PEFT's scale
+    too. Modules of rank 0 are left out.
 
     Args:
         deltas: module name -> update.
@@ -213,7 +217,7 @@ def peft_from_deltas(
         state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = d.A.to(dtype).contiguous()
         state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = d.B.to(dtype).contiguous()
         ranks[module] = d.rank
-    default_r = max(set(ranks.values()), key=list(ranks.values()).count)
+    default_r = slot_rank(max(ranks.values()))
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

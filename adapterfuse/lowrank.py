@@ -131,12 +131,31 @@ def _relative(tail_sq: torch.Tensor, norm_sq: torch.Tensor) -> float:
     return min(1.0, math.sqrt(max(0.0, float(tail_sq) / float(norm_sq))))
 
 
-def factor_truncation(lr: LowRank, rank: int) -> Truncation:
+def energy_rank(s: torch.Tensor, energy: float, total: float | None = None) -> int:
+    """The smallest ``k >= 1`` whose top-``k`` singular values keep ``energy`` of the squared norm.
+
+    Args:
+        s: singular values, descending.
+        energy: the share of the squared Frobenius norm to keep, in ``(0, 1]``.
+        total: the squared norm (default ``sum(s^2)``; a sketch's ``s`` sums to less than the matrix's).
+
+    Returns:
+        ``k`` with ``sum(s[:k]^2) >= energy * total`` (in float64), at most ``s.numel()``; 1 for a zero norm.
+    """
+    cum = s.double().square().cumsum(0)
+    total = float(cum[-1]) if total is None and cum.numel() else (total or 0.0)
+    if total <= 0.0:
+        return 1
+    return min(s.numel(), int((cum < energy * total).sum()) + 1)
+
+
+def factor_truncation(lr: LowRank, rank: int, energy: float | None = None) -> Truncation:
     """:func:`truncate_factors` that also reports ``||ΔW||_F`` (see :class:`Truncation`).
 
     Args:
         lr: the update; cast to fp32.
-        rank: the rank to keep, ``>= 0``.
+        rank: the rank to keep, ``>= 0``; ignored when ``energy`` is given.
+        energy: keep the smallest rank holding this share of ``||ΔW||_F^2`` (:func:`energy_rank`) instead.
 
     Returns:
         The truncation. When ``rank >= lr.rank`` the delta is ``lr`` (in fp32) unchanged and error is 0.
@@ -144,7 +163,7 @@ def factor_truncation(lr: LowRank, rank: int) -> Truncation:
     lr = lr.to(torch.float32)
     if lr.rank == 0 or min(lr.shape) == 0:
         return Truncation(lr, 0.0, 0.0)
-    if rank >= lr.rank:
+    if energy is None and rank >= lr.rank:
         # Nothing to drop; only the norm is needed: ||B A||_F^2 = <B^T B, A A^T> from two small Gram
         # matrices, several times cheaper than the QRs and SVD below.
         norm_sq = float(((lr.B.T @ lr.B) * (lr.A @ lr.A.T)).sum())
@@ -153,18 +172,21 @@ def factor_truncation(lr: LowRank, rank: int) -> Truncation:
     # so the whole truncation costs O((out + in) R^2) and never forms the [out, in] matrix.
     gram = _gram_triangles(lr)
     if gram is not None:
-        return _truncate_via_gram(lr, rank, *gram)
+        return _truncate_via_gram(lr, rank, *gram, energy=energy)
     qb, rb = torch.linalg.qr(lr.B)
     qa, ra = torch.linalg.qr(lr.A.T)
-    us, vh, error, norm = _core_truncation(rb, ra, rank)
+    us, vh, error, norm = _core_truncation(rb, ra, rank, energy)
     return Truncation(LowRank((vh @ qa.T).contiguous(), (qb @ us).contiguous()), error, norm)
 
 
-def _core_truncation(rb: torch.Tensor, ra: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """SVD of the core ``Rb Ra^T``: its top-``rank`` ``U_k S_k`` and ``V_k^T``, the relative error of dropping
-    the rest, and ``||ΔW||_F`` (the core has the singular values of ``B A``)."""
+def _core_truncation(
+    rb: torch.Tensor, ra: torch.Tensor, rank: int, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """SVD of the core ``Rb Ra^T``: its top-``k`` ``U_k S_k`` and ``V_k^T`` (``k`` = ``rank``, or the
+    :func:`energy_rank` when ``energy`` is given), the relative error of dropping the rest, and ``||ΔW||_F``
+    (the core has the singular values of ``B A``)."""
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    k = min(rank, s.numel())
+    k = energy_rank(s, energy) if energy is not None else min(rank, s.numel())
     norm_sq = s.square().sum()
     return u[:, :k] * s[:k], vh[:k], _relative(s[k:].square().sum(), norm_sq), math.sqrt(float(norm_sq))
 
@@ -189,10 +211,12 @@ def _gram_triangles(lr: LowRank) -> tuple[torch.Tensor, torch.Tensor] | None:
     return out[0], out[1]
 
 
-def _truncate_via_gram(lr: LowRank, rank: int, rb: torch.Tensor, ra: torch.Tensor) -> Truncation:
+def _truncate_via_gram(
+    lr: LowRank, rank: int, rb: torch.Tensor, ra: torch.Tensor, energy: float | None = None
+) -> Truncation:
     """:func:`factor_truncation` given ``Rb`` and ``Ra``: ``Qb = B Rb^-1`` and ``Qa = A^T Ra^-1``, applied by
     triangular solves on ``[R, k]`` blocks so no ``Q`` is ever formed."""
-    us, vh, error, norm = _core_truncation(rb, ra, rank)
+    us, vh, error, norm = _core_truncation(rb, ra, rank, energy)
     left = torch.linalg.solve_triangular(rb, us, upper=True)  # Rb^-1 U_k S_k
     right = torch.linalg.solve_triangular(ra, vh.T, upper=True)  # Ra^-1 V_k
     return Truncation(LowRank((right.T.float() @ lr.A).contiguous(), (lr.B @ left.float()).contiguous()), error, norm)
@@ -315,3 +339,65 @@ def thin_svd(lr: LowRank, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     k = int((s > tol * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
     return qb @ u[:, :k], s[:k], vh[:k] @ qa.T
+
+
+def dense_energy_truncation(
+    delta: torch.Tensor, energy: float, exact: bool = False, seed: int = 0, start: int = 16
+) -> Truncation:
+    """The smallest-rank truncation of a dense update that keeps ``energy`` of ``||ΔW||_F^2``.
+
+    A seeded randomized SVD (:func:`dense_truncation`'s) of ``start`` + 8 vectors grows (at least doubling,
+    more when the share it holds says so) until its singular values hold the share; the top ``k`` of them
+    then keep it by construction (their factors are an orthogonal projection of ΔW, so the error
+    ``sqrt(1 - kept share)`` is at most ``sqrt(1 - energy)``, and it is measured directly). Once the sketch
+    would pass half of ``min(out, in)`` a full SVD is the cheaper one, and it (or ``exact``) picks ``k``
+    from the exact singular values.
+
+    Args:
+        delta: ``[out, in]`` update; cast to fp32.
+        energy: the share of the squared Frobenius norm to keep, in ``(0, 1]``.
+        exact: use the full SVD from the start.
+        seed: the randomized SVD's seed.
+        start: the first sketch's rank (e.g. the experts' stacked rank).
+
+    Returns:
+        The truncation, singular values folded into B.
+    """
+    d = delta.to(torch.float32)
+    norm_sq = float(d.double().square().sum())
+    full = min(d.shape)
+    q = min(full, max(1, start) + 8)
+    while not exact and 2 * q <= full:
+        u, s, vh = _randomized_svd(d, q, 4, seed)
+        captured = float(s.double().square().sum())
+        if captured >= energy * norm_sq:
+            k = energy_rank(s, energy, norm_sq)
+            new = LowRank(vh[:k].contiguous(), (u[:, :k] * s[:k]).contiguous())
+            return Truncation(new, _relative((d - new.B @ new.A).square().sum(), d.square().sum()), norm_sq**0.5)
+        # The top q directions hold the most energy per direction, so the rank holding the share is at least
+        # q * energy * ||ΔW||^2 / captured: a near-flat spectrum (a sign-elected ΔW) goes to the full SVD at once.
+        q = max(2 * q, math.ceil(q * energy * norm_sq / max(captured, 1e-30)) + 8)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    k = energy_rank(s, energy)
+    new = LowRank(vh[:k].contiguous(), (u[:, :k] * s[:k]).contiguous())
+    return Truncation(new, _relative(s[k:].square().sum(), s.square().sum()), norm_sq**0.5)
+
+
+def dense_factors(delta: torch.Tensor) -> Truncation:
+    """A dense update as exact factors of rank ``min(out, in)``, with no SVD and no error.
+
+    ``B = ΔW, A = I`` when ``in <= out``, else ``B = I, A = ΔW``: the adapter is as large as ΔW itself.
+
+    Args:
+        delta: ``[out, in]`` update; cast to fp32.
+
+    Returns:
+        The factors with error 0 and the norm of ΔW.
+    """
+    d = delta.to(torch.float32).contiguous()
+    out_dim, in_dim = d.shape
+    if in_dim <= out_dim:
+        lr = LowRank(torch.eye(in_dim, dtype=torch.float32, device=d.device), d)
+    else:
+        lr = LowRank(d, torch.eye(out_dim, dtype=torch.float32, device=d.device))
+    return Truncation(lr, 0.0, float(d.double().square().sum()) ** 0.5)

@@ -6,8 +6,10 @@ Usage::
 
 For K random rank-r LoRA experts on every linear layer of the base (seeded), it times:
 - our ``task_arithmetic`` to rank r and to the exact rank K·r, against PEFT ``svd`` at the same rank;
-- our ``ties`` (density 0.2, rank r; exact SVD, and the seeded randomized SVD of ``exact_svd=False``)
-  against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD).
+- our ``ties`` with PEFT's convention (density 0.2, rank r; exact SVD, and the seeded randomized SVD of
+  ``exact_svd=False``) against PEFT ``ties_svd`` (density 0.2, rank r, exact SVD);
+- our ``ties`` at ``rank="auto"`` (the default: per module the smallest rank keeping 90% of ΔW's energy),
+  its label giving the mean rank it chose, against the same PEFT ``ties_svd`` at rank r.
 Only the merge itself is timed (each output's dense ΔW is formed afterwards, for the error). Peak
 memory is the largest rise of the process's resident memory during the call (the kernel's high-water
 mark, see ``benchmarks.memory``). Each output's relative error ||ΔW_out - ΔW_ref||_F / ||ΔW_ref||_F
@@ -62,10 +64,11 @@ def expert_deltas(model, k: int) -> list[Deltas]:
 
 
 def ties_reference(dense: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    """TIES in float64, written out here: trim by magnitude, elect sign by mass, disjoint mean."""
+    """TIES in float64 under PEFT's convention (the one ``ties_svd`` uses), written out here: trim by magnitude,
+    elect sign by mass, sum the agreeing weighted entries and divide by their count."""
     trimmed = []
     for d in dense:
-        keep = max(1, math.floor(density * d.numel() + 0.5))
+        keep = max(1, math.floor(density * d.numel()))  # PEFT's and mergekit's count
         thresh = d.abs().flatten().kthvalue(d.numel() - keep + 1).values
         trimmed.append(torch.where(d.abs() >= thresh, d, torch.zeros_like(d)))
     stack = torch.stack([w * t for w, t in zip(weights, trimmed, strict=True)])
@@ -131,7 +134,7 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
     def ref_ties(m: str) -> torch.Tensor:
         return ties_reference([e[m].dense(torch.float64) for e in experts], w, density)
 
-    def ours(method: str, rank: int | None, **kw):
+    def ours(method: str, rank: int | str | None, **kw):
         return merge_deltas(experts, method, weights=w, rank=rank, **kw).deltas
 
     cases = [
@@ -143,8 +146,14 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
             ref_ta,
         ),
         (
-            "ties, rank r (randomized SVD, the default)",
-            lambda: ours("ties", r, density=density),
+            "ties, rank r (randomized SVD)",
+            lambda: ours("ties", r, density=density, convention="peft"),
+            lambda: peft_merge(model, k, "ties_svd", r, density),
+            ref_ties,
+        ),
+        (
+            "ties, rank auto (the default)",
+            lambda: ours("ties", "auto", density=density, convention="peft"),
             lambda: peft_merge(model, k, "ties_svd", r, density),
             ref_ties,
         ),
@@ -153,7 +162,7 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
         cases.append(
             (
                 "ties, rank r (exact SVD)",
-                lambda: ours("ties", r, density=density, exact_svd=True),
+                lambda: ours("ties", r, density=density, exact_svd=True, convention="peft"),
                 lambda: peft_merge(model, k, "ties_svd", r, density),
                 ref_ties,
             )
@@ -163,6 +172,8 @@ def bench_k(base, k: int, r: int, density: float, repeats: int, exact_ties: bool
         s_o, m_o, out_o = timed(fn_ours, repeats)
         s_p, m_p, out_p = timed(fn_peft, repeats)
         # Errors are computed after the clock stops, module by module.
+        if "auto" in label:
+            label += f", mean rank {statistics.mean(d.rank for d in out_o.values()):.0f}"
         rows.append(
             (
                 k,

@@ -38,7 +38,7 @@ CASES = {
         {"method": "ties", "density": 2.0},
         ["--method", "ties", "--density", "2"],
         "merge method 'ties': invalid parameters: density: Input should be less than or equal to 1 (got 2.0). "
-        "Accepted parameters: density, exact_svd, lambda, rank, seed, weights",
+        "Accepted parameters: convention, density, divide, energy, exact_svd, lambda, rank, seed, sign_on, weights",
     ),
 }
 

@@ -63,7 +63,7 @@ def dense(lib, tiny_base):
 
 def _trim(x: torch.Tensor, density: float) -> torch.Tensor:
     """Top entries by magnitude via a full stable sort (ties: lowest flat index first)."""
-    n = max(1, math.floor(density * x.numel() + 0.5))
+    n = max(1, math.floor(density * x.numel()))
     keep = torch.argsort(x.abs().flatten(), descending=True, stable=True)[:n]
     out = torch.zeros(x.numel(), dtype=x.dtype)
     out[keep] = x.flatten()[keep]
@@ -71,11 +71,12 @@ def _trim(x: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def _sign_mean(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The default convention: sign elected on the weighted values, agreeing ones divided by their |weights|."""
     ys = torch.stack([w * x for w, x in zip(weights, xs, strict=True)])
     sign = torch.where(ys.sum(0) >= 0, 1.0, -1.0).double()
     agree = (ys != 0) & (torch.sign(ys) == sign)
-    count = agree.sum(0)
-    return torch.where(count > 0, (ys * agree).sum(0) / count.clamp(min=1), 0.0)
+    denom = (torch.tensor(weights, dtype=torch.float64).abs().reshape(-1, 1, 1) * agree).sum(0)
+    return torch.where(denom > 0, (ys * agree).sum(0) / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
 def _reference(method: str, xs: list[torch.Tensor], w: list[float], lam: float, density: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ def test_trim_keeps_exactly_the_largest_entries(density: float) -> None:
     x = _randn(16, 12)
     out = trim_by_magnitude(x, density)
     kept = out != 0
-    n_keep = math.floor(density * x.numel() + 0.5)
+    n_keep = math.floor(density * x.numel())
     assert int(kept.sum()) == n_keep
     assert torch.equal(out[kept], x[kept])  # kept entries are untouched
     assert float(x.abs()[kept].min()) >= float(x.abs()[~kept].max())
@@ -49,11 +49,15 @@ def test_trim_breaks_ties_at_the_threshold_by_flat_index() -> None:
     assert torch.equal(trim_by_magnitude(m, 0.5), torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
 
 
-def test_trim_rounds_the_count_instead_of_taking_the_ceiling() -> None:
+def test_trim_keeps_the_floor_count_as_peft_and_mergekit_do() -> None:
     # 0.2 * 100 == 20.000000000000004 in binary floating point; a ceil would keep 21.
     x = torch.arange(1.0, 101.0)
     assert int((trim_by_magnitude(x, 0.2) != 0).sum()) == 20
     assert kept_count(100, 0.2) == 20
+    # PEFT's magnitude_based_pruning and mergekit's magnitude keep int(density * n): 204 of 1024 at 0.2
+    # (rounding half up would keep 205).
+    assert kept_count(1024, 0.2) == int(0.2 * 1024) == 204
+    assert int((trim_by_magnitude(torch.arange(1.0, 1025.0), 0.2) != 0).sum()) == 204
     assert kept_count(10, 0.001) == 1  # any positive density keeps at least one entry
     assert kept_count(7, 1.0) == 7
 

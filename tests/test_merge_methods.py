@@ -44,20 +44,28 @@ def _max_diff(lr: LowRank, ref: torch.Tensor) -> float:
 
 def _trim_ref(x: torch.Tensor, density: float) -> torch.Tensor:
     """Top-k by magnitude with a full sort (a different algorithm from the kthvalue one)."""
-    n = max(1, math.floor(density * x.numel() + 0.5))
+    n = max(1, math.floor(density * x.numel()))  # PEFT's and mergekit's count: int(density * n)
     order = torch.argsort(x.abs().flatten(), descending=True, stable=True)[:n]
     out = torch.zeros(x.numel(), dtype=x.dtype)
     out[order] = x.flatten()[order]
     return out.view_as(x)
 
 
-def _sign_mean_ref(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """TIES elect + disjoint mean in float64: majority by mass, mean of agreeing weighted entries."""
+def _sign_mean_ref(
+    xs: list[torch.Tensor], weights: list[float], sign_on: str = "weighted", divide: str = "weight"
+) -> torch.Tensor:
+    """TIES elect + merge in float64: majority by mass of the weighted (or unweighted) values; the agreeing
+    weighted entries summed and divided by their count, their experts' |weights|, or nothing."""
     ys = torch.stack([w * x for w, x in zip(weights, xs, strict=True)])
-    sign = torch.where(ys.sum(0) >= 0, 1.0, -1.0).double()
-    agree = (ys != 0) & (torch.sign(ys) == sign)
-    count = agree.sum(0)
-    return torch.where(count > 0, (ys * agree).sum(0) / count.clamp(min=1), 0.0)
+    votes = ys if sign_on == "weighted" else torch.stack(xs)
+    sign = torch.where(votes.sum(0) >= 0, 1.0, -1.0).double()
+    agree = (votes != 0) & (torch.sign(votes) == sign)
+    total = (ys * agree).sum(0)
+    if divide == "none":
+        return total
+    w = torch.tensor(weights, dtype=torch.float64).abs().reshape(-1, 1, 1)
+    denom = agree.sum(0).double() if divide == "count" else (w * agree).sum(0)
+    return torch.where(denom > 0, total / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
 def _dropped_ref(expert: Deltas, module: str, density: float, seed: int) -> torch.Tensor:
@@ -131,8 +139,9 @@ def test_default_and_given_rank_truncate_by_svd(method: str, p: dict, weights: l
     num = den = 0.0
     for module in MODULES:
         full = _reference(method, experts, weights, module, **p)
-        k = 3 if rank else max(experts[i][module].rank for i in res.coverage[module])  # default: max rank
         u, s, vh = torch.linalg.svd(full, full_matrices=False)
+        # default: the smallest rank keeping 90% of ||ΔW||_F^2, from the float64 singular values
+        k = 3 if rank else int((torch.cumsum(s**2, 0) < 0.9 * (s**2).sum()).sum()) + 1
         best = (u[:, :k] * s[:k]) @ vh[:k]
         err = float(torch.linalg.norm(full - best))
         assert res.deltas[module].rank == k

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "tasks.metrics": 1,
     "adapter_config": 1,
     "delta": 1,
+    "serving": 1,
     "io.atomic": 1,
     "progress": 1,
     "device": 1,

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel as PydanticModel
 from safetensors.torch import save_file
 
+from adapterfuse.backends.merge.card import merged_card
 from adapterfuse.backends.merge.common import MergeResult, check_finite_deltas, check_finite_weights
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, peft_from_deltas
@@ -186,6 +187,7 @@ class MergedAdapter:
             "sources": self.sources,
             "base": self.base,
             "truncation_error": {"overall": self.overall_error, "per_module": self.per_module_error},
+            "ranks": {m: d.rank for m, d in self.deltas.items()},
             "coverage": self.coverage,
             "search": self.search,
             "notes": self.notes,
@@ -320,86 +322,8 @@ class MergedAdapter:
             return push_folder(folder, repo_id, token=token, **kwargs)
 
     def card(self, full: bool = False) -> str:
-        """A Markdown model card naming the sources, method, parameters and errors."""
-        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()) if v is not None)
-        fp = str(self.base.get("fingerprint"))
-        lines = [
-            "---",
-            f"library_name: {'transformers' if full else 'peft'}",
-            f"base_model: {self.base.get('spec')}",
-            "tags: [adapterfuse, lora, merge]",
-            "---",
-            "",
-            f"# merged adapter ({self.method})",
-            "",
-            f"{'A full model with' if full else 'A LoRA adapter holding'} the merge of {len(self.sources)} "
-            f"expert{'s' * (len(self.sources) != 1)} by `{self.method}` (maths: `{self.result.method}`), "
-            "made with adapterfuse.",
-            "",
-            f"- base: `{self.base.get('spec')}` (fingerprint `{fp[:23]}…`)",
-            f"- parameters: {params}",
-            f"- adapter parameters: {self.num_params:,}",
-            f"- relative truncation error (Frobenius, all modules): {self.overall_error:.3e}",
-            f"- worst module: {self._worst_module()}",
-            "",
-            "## Sources",
-            "",
-        ]
-        lines += [
-            f"- `{s['name']}` (task {s['task']}, {s['peft_type']}, sha256 `{s['sha256'][:16]}…`)" for s in self.sources
-        ]
-        lines += self._search_lines()
-        lines += [f"- note: {n}" for n in self.notes]
-        usage = (
-            ("from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained('PATH')")
-            if full
-            else ("from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')")
-        )
-        if self.evaluation:
-            from adapterfuse.harness import results_table
-
-            lines += ["", "## Harness results", "", results_table(self.evaluation)]
-        lines += ["", "Load it with:", "", "```python", *usage, "```", ""]
-        return "\n".join(lines)
-
-    def _worst_module(self) -> str:
-        if not self.per_module_error:
-            return "none"
-        module = max(sorted(self.per_module_error), key=self.per_module_error.__getitem__)
-        return f"`{module}` {self.per_module_error[module]:.3e}"
-
-    def _search_lines(self) -> list[str]:
-        """Card lines for what validation chose (λ grid, soup order, learned weights)."""
-        out: list[str] = []
-        lam = self.search.get("lambda_search")
-        if lam:
-            pairs = ", ".join(f"{g:g}: {s:.4f}" for g, s in zip(lam["grid"], lam["scores"], strict=True))
-            out += ["", "## λ search (validation average score)", "", f"- {pairs}; chosen λ = {lam['chosen']:g}"]
-        soup = self.search.get("soup")
-        if soup:
-            out += ["", "## Greedy soup", "", f"- kept: {', '.join(soup['kept'])}"]
-            out += [
-                f"- `{c['name']}`: alone {c['alone']:.4f}, soup with it "
-                f"{'—' if c['with'] is None else format(c['with'], '.4f')}, {'kept' if c['kept'] else 'dropped'}"
-                for c in soup["candidates"]
-            ]
-        learned = self.search.get("learned")
-        if learned:
-            out += [
-                "",
-                f"## Learned weights ({learned['mode']})",
-                "",
-                f"- validation loss: uniform {learned['loss_uniform']:.4f} -> learned {learned['loss']:.4f}",
-            ]
-            out += [f"- `{n}`: {_shown(w)}" for n, w in learned["weights"].items()]
-        return out
-
-
-def _shown(weight: float | dict[str, float]) -> str:
-    """A learned weight (or per-layer weights) for the card."""
-    if isinstance(weight, dict):
-        return ", ".join(f"layer {k}: {v:.4f}" for k, v in weight.items())
-    return f"{weight:.4f}"
+        """A Markdown model card naming the sources, method, parameters, ranks and errors (see :mod:`.card`)."""
+        return merged_card(self.metadata(), full=full)
 
 
 def params_json(params: PydanticModel) -> dict[str, Any]:

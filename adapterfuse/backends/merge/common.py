@@ -10,15 +10,52 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from adapterfuse.backends.merge.functional import Divide, SignOn
 from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.delta import Deltas, LowRank
 from adapterfuse.errors import ConfigError
-from adapterfuse.lowrank import Truncation, dense_truncation, factor_truncation, stack_factors
+from adapterfuse.lowrank import (
+    Truncation,
+    dense_energy_truncation,
+    dense_factors,
+    dense_truncation,
+    factor_truncation,
+    stack_factors,
+)
+
+
+def _check_rank(value: Any) -> Any:
+    """One message for every bad rank, instead of one per member of the union."""
+    if value is None or value in ("auto", "exact"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number greater than or equal to 1, 'auto' or 'exact'")
+    return value
+
+
+Rank = int | Literal["auto", "exact"]
+"""An output rank: a fixed number, ``auto`` (the smallest rank keeping ``energy`` of ΔW) or ``exact`` (all of it)."""
+
+CONVENTIONS: dict[str, tuple[SignOn, Divide]] = {
+    "mergekit": ("weighted", "weight"),
+    "peft": ("unweighted", "count"),
+}
+"""Named sign-election conventions: ``(sign_on, divide)`` of mergekit's ``ties`` (``normalize: true``) and of
+PEFT's ``ties`` / ``ties_svd`` / ``dare_ties``."""
 
 
 class MergeParams(BaseModel):
@@ -26,7 +63,12 @@ class MergeParams(BaseModel):
 
     Attributes:
         weights: one finite weight per expert; ``None`` means 1 for every expert.
-        rank: the output rank per module; ``None`` means the method's default (see each method).
+        rank: the output rank per module: a number, ``auto`` (per module, the smallest rank that keeps
+            ``energy`` of the merged ΔW's squared Frobenius norm) or ``exact`` (everything the method
+            computed). ``None`` means the method's default: ``exact`` for the linear methods, ``auto`` for
+            TIES and DARE.
+        energy: the share of ``||ΔW||_F^2`` that ``rank="auto"`` keeps, in ``(0, 1]``; 0.9 bounds each
+            module's relative error by ``sqrt(0.1)``, about 0.32.
         seed: seed of every random choice (DARE masks, randomized SVD).
     """
 
@@ -35,7 +77,8 @@ class MergeParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     weights: tuple[float, ...] | None = None
-    rank: int | None = Field(default=None, ge=1, strict=True)
+    rank: Annotated[Rank | None, BeforeValidator(_check_rank)] = None
+    energy: float = Field(default=0.9, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=MAX_SEED, strict=True)
 
 
@@ -64,7 +107,43 @@ class LinearParams(MergeParams):
     lam: float = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"), serialization_alias="lambda")
 
 
-class TiesParams(LinearParams):
+class SignParams(LinearParams):
+    """The sign-election convention of ``ties`` and ``dare_ties`` (see docs/merge.md for the table).
+
+    Attributes:
+        convention: ``mergekit`` or ``peft``, shorthand for the two fields below (:data:`CONVENTIONS`);
+            ``None`` leaves them as given. Giving a convention and a field that contradicts it is an error.
+        sign_on: elect each entry's sign on the ``weighted`` values (mergekit) or the ``unweighted`` ones
+            (PEFT, which weights only when summing).
+        divide: divide the agreeing weighted sum by the ``count`` of agreeing experts (PEFT), by the sum of
+            their absolute weights (``weight``, mergekit's ``normalize: true``), or by nothing (``none``,
+            mergekit's ``normalize: false``). The default, mergekit's, makes the result a weighted mean of the agreeing
+            entries: rescaling every weight changes nothing (λ is the overall scale) and equal weights give
+            the paper's disjoint mean. Mergekit divides by the signed sum of weights; the absolute value
+            here differs only for negative weights, where the signed sum would undo the negation.
+    """
+
+    convention: Literal["mergekit", "peft"] | None = None
+    sign_on: SignOn = "weighted"
+    divide: Divide = "weight"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """Fill ``sign_on`` and ``divide`` from a named convention, refusing a contradicting field."""
+        if not isinstance(data, dict) or data.get("convention") not in CONVENTIONS:
+            return data
+        preset = dict(zip(("sign_on", "divide"), CONVENTIONS[data["convention"]], strict=True))
+        clash = {k: data[k] for k, v in preset.items() if data.get(k, v) != v}
+        if clash:
+            raise ValueError(
+                f"convention {data['convention']!r} means sign_on={preset['sign_on']!r}, divide="
+                f"{preset['divide']!r}, got {clash}; give the convention or the two fields, not both"
+            )
+        return {**data, **preset}
+
+
+class TiesParams(SignParams):
     """Parameters of ``ties``.
 
     Attributes:
@@ -81,7 +160,7 @@ class TiesParams(LinearParams):
 
 
 class DareParams(LinearParams):
-    """Parameters of ``dare_linear`` and ``dare_ties``.
+    """Parameters of ``dare_linear``.
 
     Attributes:
         density: keep probability of each entry, in ``(0, 1]`` (1 - the paper's drop rate). The
@@ -92,6 +171,10 @@ class DareParams(LinearParams):
 
     density: float = Field(default=0.5, gt=0.0, le=1.0)
     exact_svd: bool = Field(default=False, strict=True)
+
+
+class DareTiesParams(DareParams, SignParams):
+    """Parameters of ``dare_ties``: those of ``dare_linear`` plus the sign-election convention of ``ties``."""
 
 
 def param_names(model: type[MergeParams]) -> list[str]:
@@ -148,11 +231,6 @@ class ModuleJob:
     deltas: tuple[LowRank, ...]
     weights: tuple[float, ...]
     all_weights: tuple[float, ...]
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank among the experts that have this module."""
-        return max(d.rank for d in self.deltas)
 
     def weight_tensor(self, device: torch.device) -> torch.Tensor:
         """The weights of the experts present, as an fp32 ``[K]`` tensor on ``device``."""
@@ -280,12 +358,16 @@ def check_finite_weights(model: torch.nn.Module) -> None:
                 )
 
 
-def linear_output(items: list[tuple[float, LowRank]], rank: int | None, module: str = "") -> Truncation:
-    """The exact weighted sum of updates in factored form, truncated to ``rank`` if one is asked.
+def linear_output(
+    items: list[tuple[float, LowRank]], rank: Rank | None, energy: float = 0.9, module: str = ""
+) -> Truncation:
+    """The exact weighted sum of updates in factored form, truncated as ``rank`` says.
 
     Args:
         items: ``(weight, update)`` pairs of one module.
-        rank: the output rank, or ``None`` to keep the exact stacked rank ``sum(r_i)``.
+        rank: ``None`` or ``exact`` keeps the exact stacked rank ``sum(r_i)``; a number truncates to it;
+            ``auto`` keeps the smallest rank holding ``energy`` of ``||ΔW||_F^2``. Never a full-size SVD.
+        energy: the share ``auto`` keeps.
         module: the module's name, for the message of an overflow.
 
     Returns:
@@ -296,13 +378,25 @@ def linear_output(items: list[tuple[float, LowRank]], rank: int | None, module: 
     """
     stacked = stack_factors(items)
     check_finite(module, stacked)
+    if rank == "auto":
+        return factor_truncation(stacked, stacked.rank, energy=energy)
     # Truncating to the stacked rank itself returns the factors untouched but still measures the norm,
     # which the pooled error over all modules needs.
-    return factor_truncation(stacked, stacked.rank if rank is None else rank)
+    return factor_truncation(stacked, stacked.rank if rank in (None, "exact") else int(rank))
 
 
 def truncate_output(merged: torch.Tensor, job: ModuleJob, params: TiesParams | DareParams) -> Truncation:
-    """Truncate a dense merged ΔW to the output rank (default: the largest rank among the module's experts)."""
-    rank = job.max_rank if params.rank is None else params.rank
+    """Bring a dense merged ΔW (TIES, DARE) to the output rank.
+
+    ``auto`` (the default) keeps the smallest rank holding ``params.energy`` of ``||ΔW||_F^2``, starting its
+    search at the experts' stacked rank; a number truncates to that rank; ``exact`` keeps ΔW whole, as
+    factors of rank ``min(out, in)``.
+    """
     check_finite(job.module, merged)  # an SVD of inf/NaN fails with a LinAlgError deep in torch
-    return dense_truncation(merged, rank, exact=params.exact_svd, seed=params.seed)
+    rank = "auto" if params.rank is None else params.rank
+    if rank == "exact":
+        return dense_factors(merged)
+    if rank == "auto":
+        start = sum(d.rank for d in job.deltas)
+        return dense_energy_truncation(merged, params.energy, exact=params.exact_svd, seed=params.seed, start=start)
+    return dense_truncation(merged, int(rank), exact=params.exact_svd, seed=params.seed)

@@ -2,8 +2,8 @@
 
 Per module: ``ΔW = λ · sum_i w_i · drop(ΔW_i)`` where ``drop`` keeps each entry with probability
 ``density`` and divides kept entries by ``density``
-(:func:`~adapterfuse.backends.merge.functional.dare_drop`). The result is dense and is truncated to ``rank``
-(default: the largest rank among the experts that have the module) by SVD.
+(:func:`~adapterfuse.backends.merge.functional.dare_drop`). The result is dense; by default (``rank="auto"``)
+it keeps the smallest rank that holds ``energy`` of it.
 
 Seeding: each (expert, module) mask is drawn from its own CPU generator seeded with
 :func:`mask_seed` = the first 8 bytes of ``sha256(seed, module name, shape and fp32 bytes of that

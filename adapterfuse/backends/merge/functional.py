@@ -9,6 +9,7 @@ another floating dtype are used as given; the merge methods cast to fp32 before 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -29,13 +30,13 @@ def kept_count(numel: int, density: float) -> int:
         density: the fraction to keep, in ``(0, 1]``.
 
     Returns:
-        ``density * numel`` rounded half up, at least 1 (when ``numel > 0``) and at most ``numel``.
-        Rounding (not ``ceil``) keeps binary noise such as ``0.2 * 100 == 20.000000000000004`` from
-        keeping one entry too many.
+        ``floor(density * numel)``, at least 1 (when ``numel > 0``) and at most ``numel``: the count PEFT's
+        ``magnitude_based_pruning`` and mergekit's ``magnitude`` sparsification keep (``int(density * n)``),
+        so a trimmed ΔW is the same set of entries in all three.
     """
     if numel == 0:
         return 0
-    return min(numel, max(1, math.floor(density * numel + 0.5)))
+    return min(numel, max(1, math.floor(density * numel)))
 
 
 def kth_smallest(values: torch.Tensor, k: int, sample: int = 4096) -> torch.Tensor:
@@ -168,6 +169,45 @@ def agreeing_mean_(weighted: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     count = agreeing.sign_().sum(dim=0)
     # Where nothing agrees the sum is 0, so dividing by max(count, 1) already gives the required 0.
     return total.mul_(sign).div_(count.clamp_(min=1))
+
+
+SignOn = Literal["weighted", "unweighted"]
+"""What TIES' sign election sums: the weighted values (mergekit, adapterfuse) or the unweighted ones (PEFT)."""
+
+Divide = Literal["count", "weight", "none"]
+"""What the agreeing entries' sum is divided by: their count (PEFT), the sum of their experts' absolute weights
+(mergekit's ``normalize: true``), or nothing (mergekit's ``normalize: false``)."""
+
+
+def elected_merge_(stack: torch.Tensor, weights: torch.Tensor, sign_on: SignOn, divide: Divide) -> torch.Tensor:
+    """TIES' elect-and-merge under an explicit convention, using ``stack`` as scratch space.
+
+    An expert agrees at an entry when its value (weighted or not, as the sign was elected) has the elected
+    sign; zero entries never agree. The result is ``sum(w_i x_i over agreeing i)`` divided as ``divide``
+    says; 0 where nothing agrees.
+
+    Args:
+        stack: ``[K, ...]`` unweighted, already trimmed or dropped expert updates; **overwritten**.
+        weights: ``[K]`` per-expert weights.
+        sign_on: elect each entry's sign on ``w_i x_i`` (``weighted``) or on ``x_i`` (``unweighted``).
+        divide: ``count`` of agreeing experts, ``weight`` (sum of their ``|w_i|``) or ``none``.
+
+    Returns:
+        ``[...]`` merged update.
+    """
+    w = weights.to(stack)
+    if sign_on == "weighted":
+        stack.mul_(w.reshape(-1, *([1] * (stack.dim() - 1))))
+    sign = elect_sign(stack)
+    # After `* sign` an entry agrees iff it is > 0; clamping zeroes the others, leaving |x| where it agrees.
+    agreeing = stack.mul_(sign).clamp_(min=0)
+    total = agreeing.sum(dim=0) if sign_on == "weighted" else torch.tensordot(w, agreeing, dims=1)
+    if divide != "none":
+        mask = agreeing.sign_()
+        denom = mask.sum(dim=0) if divide == "count" else torch.tensordot(w.abs(), mask, dims=1)
+        # Where the divisor is 0 the sum is 0 too (or every agreeing weight is 0): divide by 1 there.
+        total.div_(denom.masked_fill_(denom == 0, 1.0))
+    return total.mul_(sign)
 
 
 def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

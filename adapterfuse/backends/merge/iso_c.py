@@ -8,9 +8,9 @@ For rank-r experts the SVD of the sum is exact from a QR of the stacked factors 
 
 from __future__ import annotations
 
-from adapterfuse.backends.merge.common import LinearParams, MergeMethod, ModuleJob
+from adapterfuse.backends.merge.common import LinearParams, MergeMethod, ModuleJob, linear_output
 from adapterfuse.delta import LowRank
-from adapterfuse.lowrank import Truncation, factor_truncation, stack_factors, thin_svd
+from adapterfuse.lowrank import Truncation, stack_factors, thin_svd
 
 
 def merge_module(job: ModuleJob, params: LinearParams) -> Truncation:
@@ -27,7 +27,7 @@ def merge_module(job: ModuleJob, params: LinearParams) -> Truncation:
     u, s, vh = thin_svd(stack_factors(list(zip(job.weights, job.deltas, strict=True))))
     scale = params.lam * s.mean() if s.numel() else 0.0  # an all-zero sum stays zero (rank 0)
     flat = LowRank(vh.contiguous(), (u * scale).contiguous())
-    return factor_truncation(flat, flat.rank if params.rank is None else params.rank)
+    return linear_output([(1.0, flat)], params.rank, params.energy, job.module)
 
 
 METHOD = MergeMethod(

@@ -14,18 +14,21 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from adapterfuse.backends.merge.common import LinearParams, MergeMethod, ModuleJob
+from adapterfuse.backends.merge.common import MergeMethod, ModuleJob, SignParams, linear_output
 from adapterfuse.backends.merge.functional import trim_by_magnitude
 from adapterfuse.backends.merge.ties import sign_merge
 from adapterfuse.delta import LowRank
-from adapterfuse.lowrank import Truncation, factor_truncation
+from adapterfuse.lowrank import Truncation
 
 
-class KnotsParams(LinearParams):
+class KnotsParams(SignParams):
     """Parameters of ``knots``.
 
     Attributes:
         density: fraction of each task's aligned coefficients kept by magnitude before the TIES merge.
+
+    The weights are already inside the aligned coefficients, so the TIES step weighs every task 1 and
+    the sign conventions of :class:`~adapterfuse.backends.merge.common.SignParams` all give the same merge.
     """
 
     density: float = Field(default=0.2, gt=0.0, le=1.0)
@@ -55,9 +58,9 @@ def merge_module(job: ModuleJob, params: KnotsParams) -> Truncation:
     """
     u, s, vts = aligned_basis(job)
     trimmed = torch.stack([trim_by_magnitude(vt, params.density) for vt in vts])
-    merged_vt = sign_merge(trimmed, torch.ones(len(vts))) if s.numel() else vts[0]
+    merged_vt = sign_merge(trimmed, torch.ones(len(vts)), params) if s.numel() else vts[0]
     out = LowRank(merged_vt.contiguous(), (u * (params.lam * s)).contiguous())
-    return factor_truncation(out, out.rank if params.rank is None else params.rank)
+    return linear_output([(1.0, out)], params.rank, params.energy, job.module)
 
 
 METHOD = MergeMethod(

@@ -136,7 +136,7 @@ def merge_deltas(
     experts: Sequence[Mapping[str, LowRank]],
     method: str,
     weights: Sequence[float] | None = None,
-    rank: int | None = None,
+    rank: int | str | None = None,
     seed: int = 0,
     **params: Any,
 ) -> MergeResult:
@@ -149,10 +149,12 @@ def merge_deltas(
         experts: one ``module -> LowRank`` mapping per expert (ranks and module sets may differ).
         method: a name from :func:`available_methods`.
         weights: one finite weight per expert; ``None`` means 1 each.
-        rank: output rank per module. ``None``: exact for ``uniform``/``task_arithmetic`` (rank
-            ``sum r_i``), the largest expert rank of the module for the TIES/DARE methods.
+        rank: output rank per module: a number, ``"auto"`` (the smallest rank keeping ``energy`` of each
+            module's ΔW) or ``"exact"``. ``None``: ``exact`` for ``uniform``/``task_arithmetic`` (rank
+            ``sum r_i``), ``auto`` for the TIES/DARE methods.
         seed: seed of DARE masks and of the randomized SVD.
-        **params: method parameters (``lambda``, ``density``, ``exact_svd``; see each method's model).
+        **params: method parameters (``lambda``, ``density``, ``energy``, ``exact_svd``, the sign convention
+            of ``ties``/``dare_ties``; see each method's model).
 
     Returns:
         The merged updates with per-module and overall truncation errors and the coverage.

@@ -91,7 +91,11 @@ def regularise(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def merge_module(
-    deltas: Sequence[LowRank | None], weights: Sequence[float], grams: Sequence[torch.Tensor], rank: int | None
+    deltas: Sequence[LowRank | None],
+    weights: Sequence[float],
+    grams: Sequence[torch.Tensor],
+    params: RegMeanParams,
+    module: str = "",
 ) -> Truncation:
     """RegMean of one module: each present expert's ``A`` replaced by ``A_i G_i G^-1``, the factors stacked.
 
@@ -99,7 +103,8 @@ def merge_module(
         deltas: one update per expert (``None`` where an expert lacks the module: its Gram still counts).
         weights: one weight per expert.
         grams: one regularised ``[in, in]`` Gram matrix per expert.
-        rank: the output rank (``None``: exact, ``sum r_i``).
+        params: the validated parameters (``rank``, ``energy``: the output rank policy; exact by default).
+        module: the module's name, for the message of an overflow.
 
     Returns:
         The :class:`~adapterfuse.lowrank.Truncation` of the merged update.
@@ -111,7 +116,7 @@ def merge_module(
         if d is not None:
             a_new = torch.linalg.solve(total, g @ d.A.double().T).T  # A_i G_i G^-1 (G symmetric)
             items.append((w, LowRank(a_new.float(), d.B)))
-    return linear_output(items, rank)
+    return linear_output(items, params.rank, params.energy, module)
 
 
 def run(
@@ -136,7 +141,7 @@ def run(
     out, errors, parts = {}, {}, []
     for module in coverage:
         regular = [regularise(grams[e.task][module], params.alpha) for e in library]
-        result = merge_module([x.get(module) for x in experts], weights, regular, params.rank)
+        result = merge_module([x.get(module) for x in experts], weights, regular, params, module)
         out[module], errors[module] = result.delta, result.error
         parts.append(result)
     merged = MergeResult("regmean", params, out, errors, pooled_error(parts), coverage)

@@ -21,7 +21,7 @@ def merge_module(job: ModuleJob, params: LinearParams) -> Truncation:
         The scaled sum in factored form; with one expert, weight 1 and λ 1, that expert's factors exactly.
     """
     items = [(params.lam * w, d) for w, d in zip(job.weights, job.deltas, strict=True)]
-    return linear_output(items, params.rank, job.module)
+    return linear_output(items, params.rank, params.energy, job.module)
 
 
 METHOD = MergeMethod(

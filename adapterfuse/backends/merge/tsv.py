@@ -17,9 +17,9 @@ import math
 import torch
 from pydantic import Field
 
-from adapterfuse.backends.merge.common import LinearParams, MergeMethod, ModuleJob
+from adapterfuse.backends.merge.common import LinearParams, MergeMethod, ModuleJob, linear_output
 from adapterfuse.delta import LowRank
-from adapterfuse.lowrank import Truncation, factor_truncation, thin_svd
+from adapterfuse.lowrank import Truncation, thin_svd
 
 
 class TsvParams(LinearParams):
@@ -59,7 +59,7 @@ def merge_module(job: ModuleJob, params: TsvParams) -> Truncation:
     if s.numel():
         u, vh = polar(u), polar(vh.T).T
     merged = LowRank(vh.contiguous(), (u * (params.lam * s)).contiguous())
-    return factor_truncation(merged, merged.rank if params.rank is None else params.rank)
+    return linear_output([(1.0, merged)], params.rank, params.energy, job.module)
 
 
 METHOD = MergeMethod(

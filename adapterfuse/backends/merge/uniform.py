@@ -23,7 +23,7 @@ def merge_module(job: ModuleJob, params: UniformParams) -> Truncation:
     """
     total = sum(job.all_weights)
     items = [(w / total, d) for w, d in zip(job.weights, job.deltas, strict=True)]
-    return linear_output(items, params.rank, job.module)
+    return linear_output(items, params.rank, params.energy, job.module)
 
 
 METHOD = MergeMethod(
