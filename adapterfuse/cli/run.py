@@ -7,7 +7,6 @@ before loading anything; ``--dry-run`` stops there and prints the plan.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"recipe {recipe.name}: valid; run folder {out}")
         print("\n".join(f"  {s}" for s in steps))
         return 0
-    summary = run_recipe(recipe, out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = run_recipe(recipe, out)  # its step lines go to stderr through adapterfuse.progress
     print((out / "results.md").read_text())
     print(f"wall time {summary['wall_s']:.0f} s; wrote {', '.join(str(out / f) for f in summary['files'])}")
     return 0

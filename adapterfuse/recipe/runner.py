@@ -31,6 +31,7 @@ from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.io.atomic import write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
+from adapterfuse.progress import status
 from adapterfuse.recipe.checks import check_expert_headers, check_recipe
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
@@ -106,22 +107,46 @@ def _check_reused(expert: Expert, config: TrainConfig) -> None:
         )
 
 
-def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], log: Callable) -> list[Expert]:
+class Steps:
+    """Numbers a run's steps for its log: every line of step ``i`` of ``n`` starts with ``[i/n]``."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.log, self.done = total, log, 0
+
+    def start(self, message: str) -> None:
+        """Begin the next step and say what it does."""
+        self.done += 1
+        self.say(message)
+
+    def say(self, message: str) -> None:
+        """One more line about the current step."""
+        self.log(f"[{self.done}/{self.total}] {message}")
+
+
+def count_steps(recipe: Recipe) -> int:
+    """How many steps a run of ``recipe`` logs: each expert (or loading the given ones), each predictor, the report."""
+    experts = 1 if recipe.experts.paths else len(recipe.trained_experts())
+    return experts + len(recipe.harness.baselines) + len(recipe.combiners) + 1
+
+
+def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], steps: Steps) -> list[Expert]:
     from adapterfuse.train.expert import train_expert
 
     if recipe.experts.paths:
+        steps.start(f"experts: loading {len(recipe.experts.paths)} given folders")
         return list(ExpertLibrary.load(recipe.experts.paths, base.fingerprint))
     experts = []
     for task, name, cfg in recipe.trained_experts():
         folder = expert_folder(recipe, out, name)
         if (folder / "adapterfuse.json").is_file():
+            steps.start(f"expert {name}: reused")
             expert = Expert.load(folder)
             _check_reused(expert, cfg)
-            log(f"expert {name}: reused")
         else:
+            steps.start(f"expert {name}: training ({cfg.max_train_examples} examples, {cfg.epochs:g} epoch(s)) ...")
             t0 = time.perf_counter()
-            expert = train_expert(base, task, cfg, out=folder, data=data[task])
-            log(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
+            expert = train_expert(base, task, cfg, out=folder, data=data[task], progress=True)
+            steps.say(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
         experts.append(expert)
     return experts
 
@@ -202,8 +227,18 @@ def _setting(entry: CombinerEntry) -> dict[str, Any]:
     return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
 
 
+def _data(recipe: Recipe) -> tuple[dict[str, TaskData], dict[str, TaskData]]:
+    """Every task's data, and the validation slice the combiners fit on."""
+    h, data = recipe.harness, {}
+    for task, entry in recipe.tasks.items():
+        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
+        data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
+    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
+    return data, validation
+
+
 def run_recipe(
-    recipe: Recipe, out: str | Path, base: BaseModel | None = None, log: Callable[[str], None] = print
+    recipe: Recipe, out: str | Path, base: BaseModel | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Do everything a recipe asks, resuming what an earlier run under ``out`` finished.
 
@@ -211,7 +246,8 @@ def run_recipe(
         recipe: a validated recipe (see :func:`~adapterfuse.recipe.schema.load_recipe`).
         out: the run folder.
         base: an already loaded base (default: load ``recipe.base``).
-        log: where progress lines go.
+        log: where the run's lines go, one per step begun or finished, each starting with ``[i/n]``
+            (default: :func:`adapterfuse.progress.status`, on stderr and silent when quiet).
 
     Returns:
         ``{"recipe", "results": [harness result + "fit_seconds" …], "wall_s", "files"}`` (also written
@@ -226,14 +262,11 @@ def run_recipe(
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
+    steps = Steps(count_steps(recipe), log or status)
     base = base or load_base(recipe.base)
     h = recipe.harness
-    data = {}
-    for task, entry in recipe.tasks.items():
-        cap = recipe.train_config(task, recipe.experts.seeds[0]).max_train_examples
-        data[task] = load_task(task, h.validation_size, DATA_SEED, cap, entry.max_test or h.max_test)
-    validation = {t: TaskData(d.task, [], d.validation[: h.validation_per_task], []) for t, d in data.items()}
-    library = ExpertLibrary(_experts(recipe, out, base, data, log), base.fingerprint)
+    data, validation = _data(recipe)
+    library = ExpertLibrary(_experts(recipe, out, base, data, steps), base.fingerprint)
     setting = _digest(
         h.model_dump(),
         {t: e.model_dump() for t, e in recipe.tasks.items()},
@@ -242,24 +275,27 @@ def run_recipe(
     done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
-    def measure(label: str, config: Any, build: Callable[[], Predictor]) -> None:
+    def measure(label: str, config: Any, build: Callable[[], Predictor], fits: bool = True) -> None:
         key = _digest(setting, config)
         if label in done and done[label]["setting"]["key"] == key:
-            log(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
+            steps.start(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
             results.append(done[label])
             return
+        steps.start(f"predictor {label}: {'fitting' if fits else 'evaluating'} ...")
         t0 = time.perf_counter()
         predictor = build()
         fit_s = time.perf_counter() - t0
+        if fits:
+            steps.say(f"predictor {label}: evaluating on {len(data)} task(s) ...")
         result = evaluate(predictor, list(data.values()))
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
         if label in recipe.outputs.save:
             predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
         if label in {p.predictor for p in recipe.outputs.push}:
-            _push(recipe, label, predictor, log)
+            _push(recipe, label, predictor, steps.say)
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(result) + "\n")
-        log(
+        steps.say(
             f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
             f"(fit {fit_s:.0f} s)"
         )
@@ -268,12 +304,13 @@ def run_recipe(
         gc.collect()
 
     if "zero_shot" in h.baselines:
-        measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base))
+        measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base), fits=False)
     if "oracle" in h.baselines:
-        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library))
+        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library), fits=False)
     for entry in recipe.combiners:
         measure(entry.label, _setting(entry), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+    steps.start(f"report: results.md{' and plots' if recipe.outputs.plots else ''} in {out}")
     summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
     write_json(out / "results.json", summary)
     return summary

@@ -33,6 +33,7 @@ from torch import nn
 
 from adapterfuse.errors import ResumeError
 from adapterfuse.io.atomic import write_json
+from adapterfuse.progress import tracker
 from adapterfuse.tasks.glue import dev_subset_seed
 from adapterfuse.tasks.spec import Example, capped_subset
 from adapterfuse.train.config import TrainConfig
@@ -309,8 +310,6 @@ def run_loop(
     Raises:
         ResumeError: the checkpoint was made by a different run.
     """
-    from tqdm.auto import tqdm
-
     objective = objective if isinstance(objective, Objective) else LossObjective(objective)
     params = list(trainable.params.values())
     main = accelerator is None or accelerator.is_main_process
@@ -321,7 +320,7 @@ def run_loop(
         start, prior_wall, tokens = payload["step"], payload.get("wall_s", 0.0), payload.get("tokens", 0)
     total = len(schedule)
     t0 = time.perf_counter()  # wall time and tokens add up across resumes
-    bar = tqdm(range(start, total), desc=progress, initial=start, total=total, disable=progress is None or not main)
+    bar = tracker(range(start, total), progress or "train", total, "step", start, enabled=progress is not None and main)
     for step in bar:
         batch = schedule[step]
         tokens += objective.tokens(batch)

@@ -16,6 +16,7 @@ from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.pooling import pooled_log_probs
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predictions, task_loss
+from adapterfuse.progress import bar
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import TaskData, TaskSpec
 
@@ -71,7 +72,7 @@ def cache_members(
     if not validation:
         raise ConfigError("validation: expected at least one task's data, got none")
     caches = []
-    for td in validation:
+    for td in bar(validation, "ensemble: members on validation", unit="task"):
         examples = list(td.validation[:max_examples])
         if not examples:
             raise ConfigError(

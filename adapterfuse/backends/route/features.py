@@ -34,6 +34,7 @@ from torch import nn
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH, autocast_context, length_batches, pad
+from adapterfuse.progress import bar
 from adapterfuse.tasks.spec import Example, TaskSpec
 
 ON = ("prompt", "fields")
@@ -279,7 +280,8 @@ class FeatureExtractor:
             device = next(self.base.model.parameters()).device
             tokens = self._tokens(todo)
             pad_id = self.base.tokenizer.pad_token_id
-            for idx in length_batches([len(x) for x in tokens], self.batch_size):
+            batches = length_batches([len(x) for x in tokens], self.batch_size)
+            for idx in bar(batches, f"routing features ({len(todo)} inputs)", unit="batch"):
                 ids, mask = pad([tokens[i] for i in idx], pad_id)
                 rows = self.pooled(ids.to(device), mask.to(device)).cpu()
                 for row, i in enumerate(idx):
