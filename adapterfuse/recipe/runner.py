@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -275,11 +276,13 @@ def run_recipe(
     done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
-    def measure(label: str, config: Any, build: Callable[[], Predictor], fits: bool = True) -> None:
+    def measure(
+        label: str, config: Any, build: Callable[[], Predictor], fits: bool = True, task_id: bool = False
+    ) -> None:
         key = _digest(setting, config)
         if label in done and done[label]["setting"]["key"] == key:
             steps.start(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
-            results.append(done[label])
+            results.append({**done[label], "needs_task_id": task_id})
             return
         steps.start(f"predictor {label}: {'fitting' if fits else 'evaluating'} ...")
         t0 = time.perf_counter()
@@ -289,10 +292,8 @@ def run_recipe(
             steps.say(f"predictor {label}: evaluating on {len(data)} task(s) ...")
         result = evaluate(predictor, list(data.values()))
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
-        if label in recipe.outputs.save:
-            predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
-        if label in {p.predictor for p in recipe.outputs.push}:
-            _push(recipe, label, predictor, steps.say)
+        result["needs_task_id"] = task_id  # told each input's task: the report keeps it off the Pareto front
+        _save_and_push(recipe, out, label, predictor, steps.say)
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(result) + "\n")
         steps.say(
@@ -306,14 +307,23 @@ def run_recipe(
     if "zero_shot" in h.baselines:
         measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base), fits=False)
     if "oracle" in h.baselines:
-        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library), fits=False)
+        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library), False, True)
     for entry in recipe.combiners:
-        measure(entry.label, _setting(entry), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
+        build = partial(_fit, entry, recipe, out, base, library, data, validation)
+        measure(entry.label, _setting(entry), build, task_id=entry.backend == "pe_ensemble")
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     steps.start(f"report: results.md{' and plots' if recipe.outputs.plots else ''} in {out}")
     summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
     write_json(out / "results.json", summary)
     return summary
+
+
+def _save_and_push(recipe: Recipe, out: Path, label: str, predictor: Any, log: Callable[[str], None]) -> None:
+    """Save and push a predictor if the recipe's outputs name it."""
+    if label in recipe.outputs.save:
+        predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
+    if label in {p.predictor for p in recipe.outputs.push}:
+        _push(recipe, label, predictor, log)
 
 
 def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None]) -> None:
