@@ -9,8 +9,14 @@ A marker is an HTML comment (invisible on GitHub) on the last non-blank line bef
 - ``<!-- doc-test: setup experts/sst2 experts/rte ... -->``: the page assumes these expert folders exist
   (``experts/<task>`` or ``experts/<task>-s<seed>``); the test trains them on the tiny model first.
 
-Every other ``python`` block runs, in page order and in one namespace per page, in an empty folder
-(plus the setup experts) with a tiny GLUE_DIR, the tiny model as every base, and a local fake Hub.
+Every other ``python`` block runs, in page order and in one namespace per page, in a folder holding
+the setup experts and a copy of ``recipes/``, with these substitutions (tests/test_docs.py):
+
+- every base model is the tiny 2-layer Llama of tests/helpers.py, whatever the spec;
+- GLUE is a tiny GLUE_DIR, and ``load_task`` keeps at most 8 validation and 8 test examples per task;
+- the frozen base runs in fp32 (bf16 autocast is slow on a CPU and changes nothing a page shows);
+- the Hub is the local fake of tests/fake_hub_server.py (``HF_ENDPOINT``), with a made-up token.
+
 Every ``adapterfuse`` command of a ``bash`` block is parsed by the real command-line parser.
 """
 
@@ -89,7 +95,7 @@ def statements(text: str) -> list[str]:
     """A signature block's statements: lines joined while a bracket is open, comments dropped."""
     found, current, depth = [], [], 0
     for raw in text.splitlines():
-        line = re.sub(r"\s+#.*$", "", raw).rstrip()
+        line = re.sub(r"(^|\s+)#.*$", "", raw).rstrip()
         if not line.strip() and depth == 0:
             continue
         current.append(line.strip() if current else line)

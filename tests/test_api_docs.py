@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 import adapterfuse
-from tests.docs_blocks import ROOT, Block, blocks, statements
+from tests.docs_blocks import PAGES, ROOT, Block, blocks, statements
 
 API = ROOT / "docs" / "api.md"
-SIGNATURE_BLOCKS = [b for b in blocks(API) if b.marker == "signatures"]
+SIGNATURE_BLOCKS = [b for page in PAGES for b in blocks(page) if b.marker == "signatures"]
 EMPTY = inspect.Parameter.empty
 
 

@@ -7,7 +7,9 @@ blocks' ``adapterfuse`` commands go through the real parser, signature blocks ar
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
 import io
 import shutil
 import sys
@@ -18,7 +20,7 @@ import pytest
 import adapterfuse
 import adapterfuse.base
 from adapterfuse.train.expert import train_expert
-from tests.docs_blocks import PAGES, SHELLS, blocks, commands, setup_experts
+from tests.docs_blocks import PAGES, ROOT, SHELLS, blocks, commands, setup_experts
 from tests.fake_hub_server import FakeHub
 from tests.helpers import tiny_config, write_glue_dir
 
@@ -33,8 +35,8 @@ def _id(page: Path) -> str:
 
 @pytest.fixture(scope="module")
 def doc_glue(tmp_path_factory) -> Path:
-    # enough training rows for the default carve of 200 validation examples, and some left to train on
-    return write_glue_dir(tmp_path_factory.mktemp("doc_glue"), n_train=240, n_dev=24)
+    # 8 validation examples are carved from each task's training rows (see _tiny_everywhere)
+    return write_glue_dir(tmp_path_factory.mktemp("doc_glue"), n_train=40, n_dev=12)
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +58,34 @@ def expert_store(tmp_path_factory, tiny_base, doc_glue):
     return get
 
 
-def _tiny_everywhere(monkeypatch, tiny_base) -> None:
-    """Every ``load_base`` the package imported answers with the tiny model, whatever the spec."""
-    real = adapterfuse.base.load_base
+def _substitute(monkeypatch, real, fake) -> None:
+    """Put ``fake`` wherever a package module holds ``real`` (they import functions by name)."""
+    for name, module in list(sys.modules.items()):
+        if name == "adapterfuse" or name.startswith("adapterfuse."):
+            for attr, value in list(vars(module).items()):
+                if value is real:
+                    monkeypatch.setattr(module, attr, fake)
 
-    def tiny(spec=None, dtype=None):
+
+def _tiny_everywhere(monkeypatch, tiny_base) -> None:
+    """The substitutions of tests/docs_blocks.py: the tiny model, small task data, fp32."""
+    import adapterfuse.head
+    import adapterfuse.tasks.glue
+
+    real_task, real_autocast = adapterfuse.tasks.glue.load_task, adapterfuse.head.autocast_context
+
+    def tiny_base_for(spec=None, dtype=None):
         return tiny_base
 
-    for name, module in list(sys.modules.items()):
-        if (name == "adapterfuse" or name.startswith("adapterfuse.")) and getattr(module, "load_base", None) is real:
-            monkeypatch.setattr(module, "load_base", tiny)
+    def small_task(task, validation_size=200, seed=0, max_train=None, max_test=None, glue_dir=None):
+        return real_task(task, min(validation_size, 8), seed, max_train, min(max_test or 8, 8), glue_dir)
+
+    def fp32(enabled, device="cpu"):
+        return real_autocast(False, device)
+
+    _substitute(monkeypatch, adapterfuse.base.load_base, tiny_base_for)
+    _substitute(monkeypatch, real_task, small_task)
+    _substitute(monkeypatch, real_autocast, fp32)
 
 
 @pytest.mark.parametrize("page", RUN_PAGES, ids=_id)
@@ -74,6 +94,7 @@ def test_python_blocks_run_on_the_tiny_model(
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GLUE_DIR", str(doc_glue))
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")  # pages speak from a clone's root
     for name in setup_experts(page):
         shutil.copytree(expert_store(name), tmp_path / name)
     _tiny_everywhere(monkeypatch, tiny_base)
@@ -91,19 +112,29 @@ def test_python_blocks_run_on_the_tiny_model(
                 raise AssertionError(f"{block.where}: the example fails: {type(e).__name__}: {e}") from e
 
 
+def _parse_error(args: list[str]) -> str | None:
+    """What the real ``adapterfuse`` parser says against ``args``; ``None`` when it accepts them."""
+    cli_main = importlib.import_module("adapterfuse.cli.main")
+    build = getattr(cli_main, "build_parser", None) or cli_main._build_parser
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            build().parse_args(args)
+    except SystemExit as e:
+        return err.getvalue().strip() or f"exit {e.code}" if e.code else None
+    return None
+
+
 @pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.lang in SHELLS], ids=lambda b: b.where)
 def test_shell_commands_parse_with_the_real_parser(block):
-    from adapterfuse.cli import main as cli_main
-
-    build = getattr(cli_main, "build_parser", None) or cli_main._build_parser
     for args in commands(block):
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                build().parse_args(args)
-        except SystemExit as e:
-            if e.code:
-                raise AssertionError(f"{block.where}: adapterfuse {' '.join(args)}\n{err.getvalue()}") from None
+        error = _parse_error(args)
+        assert error is None, f"{block.where}: adapterfuse {' '.join(args)}\n{error}"
+
+
+def test_the_parser_check_refuses_a_flag_that_does_not_exist():
+    assert _parse_error(["merge", "--experts", "a", "b", "--out", "m"]) is None
+    assert "--densty" in _parse_error(["merge", "--experts", "a", "b", "--densty", "0.2", "--out", "m"])
 
 
 def test_markers_are_known_and_skips_are_rare_and_justified():
@@ -120,12 +151,10 @@ def test_markers_are_known_and_skips_are_rare_and_justified():
             assert name.startswith("experts/"), f"{page.name}: setup expert {name!r} is not under experts/"
 
 
-def test_listings_parse():
-    import ast
-
+def test_listings_and_skipped_blocks_are_python():
     for b in ALL_BLOCKS:
-        if b.marker in ("listing", "signatures") or (b.lang == "python" and b.marker is None):
+        if b.lang == "python" and b.marker in ("listing", "skip"):
             try:
-                ast.parse(b.text) if b.marker != "signatures" else None
+                ast.parse(b.text)
             except SyntaxError as e:
                 raise AssertionError(f"{b.where}: {e}") from None

@@ -54,12 +54,20 @@ def expert_folder(recipe: Recipe, out: Path, name: str) -> Path:
     return Path(recipe.experts.dir) / name if recipe.experts.dir else out / "experts" / name
 
 
-def plan(recipe: Recipe, out: Path) -> list[str]:
+def plan(recipe: Recipe, out: str | Path) -> list[str]:
     """What a run would do, step by step, and what is already done; reads no weight.
+
+    Args:
+        recipe: a validated recipe.
+        out: the run folder (what an earlier run there finished is reported as reused).
+
+    Returns:
+        One line per step.
 
     Raises:
         ConfigError / CompatibilityError: a bad combiner option, or finished experts that disagree.
     """
+    out = Path(out)
     check_recipe(recipe)
     lines, finished = [], []
     if recipe.experts.paths:
