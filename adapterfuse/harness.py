@@ -26,6 +26,7 @@ from adapterfuse.io.atomic import atomic_dir
 from adapterfuse.io.manifest import Manifest, member_entries, write_manifest
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
+from adapterfuse.progress import bar
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
@@ -258,7 +259,7 @@ def evaluate(
         raise ConfigError("evaluate: expected at least one task, got none")
     tasks: dict[str, dict[str, float]] = {}
     total_n, total_s = 0, 0.0
-    for td in data:
+    for td in bar(data, f"evaluate {predictor.name}", unit="task"):
         examples = getattr(td, split)[:max_examples]
         t0 = time.perf_counter()
         probs = map_rows(partial(predictor.predict_proba, td.task), examples)

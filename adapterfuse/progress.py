@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -58,6 +58,33 @@ def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = 
     Returns:
         An iterator over ``iterable``'s items.
     """
+    return iter(tracker(iterable, desc, total=total, unit=unit))
+
+
+def tracker(
+    iterable: Iterable[T] | None,
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    initial: int = 0,
+    enabled: bool = True,
+) -> Any:
+    """A progress bar object, for loops that report more than their count (a loss, a resumed start).
+
+    Args:
+        iterable: what to iterate over; ``None`` for a bar moved by hand with ``update(n)``.
+        desc: the bar's title.
+        total: the number of items when ``iterable`` has no length (or is ``None``).
+        unit: the name of one item.
+        initial: items already done (a resumed run).
+        enabled: ``False`` hides the bar whatever the verbosity (a caller asked for none, or a process
+            other than the main one).
+
+    Returns:
+        A ``tqdm`` bar (iterate over it; ``set_postfix``, ``update``, ``close``), hidden when quiet.
+    """
     from tqdm.auto import tqdm
 
-    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=not shows(), leave=False))
+    return tqdm(
+        iterable, desc=desc, total=total, unit=unit, initial=initial, disable=not (enabled and shows()), leave=False
+    )

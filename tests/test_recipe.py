@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from adapterfuse.backends.merge.config import MergeConfig
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.harness import evaluate
 from adapterfuse.library import ExpertLibrary
+from adapterfuse.progress import set_verbosity
 from adapterfuse.recipe.checks import check_expert_headers
 from adapterfuse.recipe.report import pareto_front
 from adapterfuse.recipe.runner import DATA_SEED, plan, run_recipe
@@ -127,6 +129,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_loading, capsys
 
 
 @pytest.mark.slow
+def _text(line: str) -> str:
+    """A run's log line without its ``[i/n]`` step number."""
+    return re.sub(r"^\[\d+/\d+\] ", "", line)
+
+
 def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_dir, tiny_base, monkeypatch):
     recipe = load_recipe(_recipe(tmp_path))
     out = tmp_path / "out"
@@ -140,7 +147,7 @@ def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_di
     monkeypatch.setattr(adapterfuse.train.expert, "train_expert", counting_train)
 
     def interrupt(line: str) -> None:  # stop the first run right after its first predictor is measured
-        if line.startswith("predictor base zero-shot"):
+        if _text(line).startswith("predictor base zero-shot: average"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -151,7 +158,8 @@ def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_di
     lines: list[str] = []
     summary = run_recipe(recipe, out, base=tiny_base, log=lines.append)
     assert trained == ["sst2", "rte"], "finished experts must be reused, not retrained"
-    assert "expert sst2-lora-r4-s0: reused" in lines and any("base zero-shot: reused result" in x for x in lines)
+    assert "expert sst2-lora-r4-s0: reused" in map(_text, lines)
+    assert any("base zero-shot: reused result" in x for x in lines)
     names = [r["predictor"] for r in summary["results"]]
     assert names == ["base zero-shot", "oracle", "merge uniform", "ens", "arrow", "be"]
     assert summary["results"][-1]["cost"]["forward_passes"] == 2  # K=2 members, one per task
@@ -182,9 +190,36 @@ def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_di
     )
     lines.clear()
     run_recipe(changed, out, base=tiny_base, log=lines.append)
-    assert [x for x in lines if "reused result" not in x and x.startswith("predictor")] == [
-        x for x in lines if x.startswith("predictor merge task_arithmetic")
+    texts = [_text(x) for x in lines]
+    assert [x for x in texts if "reused result" not in x and x.startswith("predictor")] == [
+        x for x in texts if x.startswith("predictor merge task_arithmetic")
     ]
+
+
+def test_a_run_numbers_its_steps_on_stderr_and_says_nothing_when_quiet(tmp_path, glue_dir, tiny_base, capsys):
+    recipe = load_recipe(_recipe(tmp_path, combiners=[{"backend": "merge", "options": {"method": "uniform"}}]))
+    run_recipe(recipe, tmp_path / "normal", base=tiny_base)
+    normal = capsys.readouterr()
+    # tqdm clears its bars with carriage returns: a step line may follow one on the same line
+    steps = re.findall(r"^\[(\d)/(\d)\] (.*)$", normal.err.replace("\r", "\n"), flags=re.M)
+    # two experts, zero-shot, the oracle, one merge, the report: six steps, begun in order
+    assert {total for _, total, _ in steps} == {"6"}
+    assert sorted({int(i) for i, _, _ in steps}) == [1, 2, 3, 4, 5, 6]
+    texts = [text for _, _, text in steps]
+    assert "expert sst2-lora-r4-s0: training (24 examples, 1 epoch(s)) ..." in texts
+    assert "predictor merge uniform: fitting ..." in texts
+    assert any(t.startswith("predictor merge uniform: average") for t in texts)
+    assert "train sst2" in normal.err  # the training bar
+    assert normal.out == ""
+
+    set_verbosity("quiet")
+    try:
+        run_recipe(recipe, tmp_path / "quiet", base=tiny_base)
+    finally:
+        set_verbosity("normal")
+    quiet = capsys.readouterr()
+    assert (quiet.out, quiet.err) == ("", "")
+    assert (tmp_path / "quiet" / "results.json").is_file()
 
 
 def test_a_reused_expert_trained_differently_is_refused(tmp_path, glue_dir, tiny_base):
@@ -254,7 +289,7 @@ def test_merge_and_push_recipe_pushes_what_it_saved(tmp_path, glue_dir, tiny_bas
         pushed = hub.files("alice/ties")
     saved = tmp_path / "push" / "predictors" / "ties"
     assert pushed["adapter_model.safetensors"] == (saved / "adapter_model.safetensors").read_bytes()
-    assert any(line.startswith("pushed ties to alice/ties") for line in lines)
+    assert any(_text(line).startswith("pushed ties to alice/ties") for line in lines)
     assert [r["predictor"] for r in summary["results"]] == ["oracle", "ties"]
     assert not (tmp_path / "push" / "experts").exists()  # given experts are used in place, none trained
 

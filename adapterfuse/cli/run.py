@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         AdapterFuseError: an invalid recipe, incompatible experts, or a failing step.
     """
-    from adapterfuse.progress import status
     from adapterfuse.recipe.runner import plan, run_recipe
     from adapterfuse.recipe.schema import load_recipe
 
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         text = "\n".join([f"recipe {recipe.name}: valid; run folder {out}", *(f"  {s}" for s in steps)])
         emit(args, text, {"recipe": recipe.name, "valid": True, "out": str(out), "plan": steps})
         return 0
-    summary = run_recipe(recipe, out, log=status, device=args.device)
+    summary = run_recipe(recipe, out, device=args.device)  # step lines go to stderr through adapterfuse.progress
     wrote = ", ".join(str(out / f) for f in summary["files"])
     text = f"{(out / 'results.md').read_text()}\nwall time {summary['wall_s']:.0f} s; wrote {wrote}"
     emit(args, text, {**summary, "out": str(out)})

@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.io.atomic import save_error, write_failure, write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
+from adapterfuse.progress import status
 from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_recipe
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
@@ -57,12 +59,20 @@ def expert_folder(recipe: Recipe, out: Path, name: str) -> Path:
     return Path(recipe.experts.dir) / name if recipe.experts.dir else out / "experts" / name
 
 
-def plan(recipe: Recipe, out: Path) -> list[str]:
+def plan(recipe: Recipe, out: str | Path) -> list[str]:
     """What a run would do, step by step, and what is already done; reads no weight.
+
+    Args:
+        recipe: a validated recipe.
+        out: the run folder (what an earlier run there finished is reported as reused).
+
+    Returns:
+        One line per step.
 
     Raises:
         ConfigError / CompatibilityError: a bad combiner option, or finished experts that disagree.
     """
+    out = Path(out)
     check_recipe(recipe)
     lines, finished = [], []
     if recipe.experts.paths:
@@ -147,15 +157,39 @@ def _check_reused(expert: Expert, config: TrainConfig) -> None:
         )
 
 
-def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], log: Callable) -> list[Expert]:
+class Steps:
+    """Numbers a run's steps for its log: every line of step ``i`` of ``n`` starts with ``[i/n]``."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.log, self.done = total, log, 0
+
+    def start(self, message: str) -> None:
+        """Begin the next step and say what it does."""
+        self.done += 1
+        self.say(message)
+
+    def say(self, message: str) -> None:
+        """One more line about the current step."""
+        self.log(f"[{self.done}/{self.total}] {message}")
+
+
+def count_steps(recipe: Recipe) -> int:
+    """How many steps a run of ``recipe`` logs: each expert (or loading the given ones), each predictor, the report."""
+    experts = 1 if recipe.experts.paths else len(recipe.trained_experts())
+    return experts + len(recipe.harness.baselines) + len(recipe.combiners) + 1
+
+
+def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], steps: Steps) -> list[Expert]:
     from adapterfuse.train.expert import train_expert
 
     if recipe.experts.paths:
+        steps.start(f"experts: loading {len(recipe.experts.paths)} given folders")
         return list(ExpertLibrary.load(recipe.experts.paths, base.fingerprint))
     experts = []
     for task, name, cfg in recipe.trained_experts():
         folder = expert_folder(recipe, out, name)
         if (folder / "adapterfuse.json").is_file():
+            steps.start(f"expert {name}: reused")
             expert = Expert.load(folder)
             if expert.task != task:
                 raise ConfigError(
@@ -163,11 +197,11 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
                     f"{task!r}; delete that folder to retrain, or point the recipe at the right one"
                 )
             _check_reused(expert, cfg)
-            log(f"expert {name}: reused")
         else:
+            steps.start(f"expert {name}: training ({cfg.max_train_examples} examples, {cfg.epochs:g} epoch(s)) ...")
             t0 = time.perf_counter()
-            expert = train_expert(base, task, cfg, out=folder, data=data[task])
-            log(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
+            expert = train_expert(base, task, cfg, out=folder, data=data[task], progress=True)
+            steps.say(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
         experts.append(expert)
     return experts
 
@@ -357,7 +391,7 @@ def run_recipe(
     recipe: Recipe,
     out: str | Path,
     base: BaseModel | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Do everything a recipe asks, resuming what an earlier run under ``out`` finished.
@@ -369,7 +403,8 @@ def run_recipe(
         recipe: a validated recipe (see :func:`~adapterfuse.recipe.schema.load_recipe`).
         out: the run folder.
         base: an already loaded base (default: load ``recipe.base`` onto the device).
-        log: where progress lines go.
+        log: where the run's lines go, one per step begun or finished, each starting with ``[i/n]``
+            (default: :func:`adapterfuse.progress.status`, on stderr and silent when quiet).
         device: where the base runs (default: ``recipe.device``); ignored when ``base`` is given.
 
     Returns:
@@ -385,14 +420,14 @@ def run_recipe(
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     main = is_main()
-    log = log if main else _silent
     if main:
         write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
+    steps = Steps(count_steps(recipe), (log or status) if main else _silent)
     base = base or load_base(recipe.base, device=device or recipe.device)
     check_layers(recipe, n_layers(base.model))  # before any expert is trained
     h = recipe.harness
     data, validation = load_data(recipe)
-    library = ExpertLibrary(_experts(recipe, out, base, data, log), base.fingerprint)
+    library = ExpertLibrary(_experts(recipe, out, base, data, steps), base.fingerprint)
     setting = _digest(
         h.model_dump(),
         {t: e.model_dump() for t, e in recipe.tasks.items()},
@@ -401,26 +436,29 @@ def run_recipe(
     done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
-    def measure(label: str, config: Any, build: Callable[[], Predictor]) -> None:
+    def measure(
+        label: str, config: Any, build: Callable[[], Predictor], fits: bool = True, task_id: bool = False
+    ) -> None:
         key = _digest(setting, config)
         if label in done and done[label]["setting"]["key"] == key:
-            log(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
-            results.append(done[label])
+            steps.start(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
+            results.append({**done[label], "needs_task_id": task_id})
             return
+        steps.start(f"predictor {label}: {'fitting' if fits else 'evaluating'} ...")
         t0 = time.perf_counter()
         predictor = build()
         fit_s = time.perf_counter() - t0
+        if fits:
+            steps.say(f"predictor {label}: evaluating on {len(data)} task(s) ...")
         result = evaluate(predictor, list(data.values()))
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
+        result["needs_task_id"] = task_id  # told each input's task: the report keeps it off the Pareto front
         results.append(result)
         if not main:
             return
-        if label in recipe.outputs.save:
-            predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
-        if label in {p.predictor for p in recipe.outputs.push}:
-            _push(recipe, label, predictor, log)
+        _save_and_push(recipe, out, label, predictor, steps.say)
         _append_line(out / "results.jsonl", json.dumps(result))
-        log(
+        steps.say(
             f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
             f"(fit {fit_s:.0f} s)"
         )
@@ -428,12 +466,15 @@ def run_recipe(
         gc.collect()
 
     if "zero_shot" in h.baselines:
-        measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base))
+        measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base), fits=False)
     if "oracle" in h.baselines:
-        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library))
+        measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library), False, True)
     for entry in recipe.combiners:
-        measure(entry.label, _setting(entry), lambda e=entry: _fit(e, recipe, out, base, library, data, validation))
+        build = partial(_fit, entry, recipe, out, base, library, data, validation)
+        measure(entry.label, _setting(entry), build, task_id=entry.backend == "pe_ensemble")
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+    if main:
+        steps.start(f"report: results.md{' and plots' if recipe.outputs.plots else ''} in {out}")
     summary["files"] = write_report(summary, out, plots=recipe.outputs.plots) if main else []
     if main:
         write_json(out / "results.json", summary)
@@ -443,6 +484,14 @@ def run_recipe(
 
 def _silent(line: str) -> None:
     """The log of the processes other than the main one."""
+
+
+def _save_and_push(recipe: Recipe, out: Path, label: str, predictor: Any, log: Callable[[str], None]) -> None:
+    """Save and push a predictor if the recipe's outputs name it."""
+    if label in recipe.outputs.save:
+        predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
+    if label in {p.predictor for p in recipe.outputs.push}:
+        _push(recipe, label, predictor, log)
 
 
 def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None]) -> None:

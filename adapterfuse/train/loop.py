@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterfuse.progress import tracker
 from adapterfuse.tasks.glue import dev_subset_seed
 from adapterfuse.tasks.spec import Example, capped_subset
 from adapterfuse.train.checkpoint import Checkpoint
@@ -257,8 +258,6 @@ def run_loop(
         ResumeError: the checkpoint was made by a different run.
         SaveError: a checkpoint could not be written (disk full …); the complete ones already there are kept.
     """
-    from tqdm.auto import tqdm
-
     objective = objective if isinstance(objective, Objective) else LossObjective(objective)
     params = list(trainable.params.values())
     main = accelerator is None or accelerator.is_main_process
@@ -269,7 +268,7 @@ def run_loop(
         start, prior_wall, tokens = payload["step"], payload.get("wall_s", 0.0), payload.get("tokens", 0)
     total = len(schedule)
     t0 = time.perf_counter()  # wall time and tokens add up across resumes
-    bar = tqdm(range(start, total), desc=progress, initial=start, total=total, disable=progress is None or not main)
+    bar = tracker(range(start, total), progress or "train", total, "step", start, enabled=progress is not None and main)
     for step in bar:
         batch = schedule[step]
         tokens += objective.tokens(batch)

@@ -18,6 +18,7 @@ from adapterfuse.backends.ensemble.pooling import pooled_log_probs
 from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH, predictions, task_loss
+from adapterfuse.progress import bar
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import TaskData, TaskSpec
 
@@ -74,7 +75,7 @@ def cache_members(
         raise ConfigError("validation: expected at least one task's data, got none")
     caches = []
     settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
-    for td in validation:
+    for td in bar(validation, "ensemble: members on validation", unit="task"):
         examples = list(td.validation[:max_examples])
         if not examples:
             raise ConfigError(

@@ -19,6 +19,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, evaluate
+from adapterfuse.progress import bar
 from adapterfuse.tasks.spec import TaskData, check_disjoint
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -200,7 +201,7 @@ def search_lambda(
     scores: list[float] = []
     results: list[MergeResult] = []
     unit = merge_at(1.0)  # one merge; λ only scales it (see MergeResult.scaled)
-    for lam in grid:
+    for lam in bar(grid, "merge: λ search", unit="λ"):
         result = unit.scaled(lam)
         state, config = to_files(result)
         scores.append(host.score(state, config, validation, name=f"lambda={lam:g}"))

@@ -39,6 +39,7 @@ from adapterfuse.expert import Expert
 from adapterfuse.head import autocast_context, iter_batches, label_logits, label_token_ids, task_loss
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.lowrank import stack_factors
+from adapterfuse.progress import bar, tracker
 from adapterfuse.tasks.spec import TaskData, TaskSpec
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -200,7 +201,7 @@ def fit_gradient(
     optimizer = torch.optim.Adam([wm.weights], lr=params.lr)
     start = validation_loss(wm, batches, autocast)
     best, best_w, history = start, wm.weights.detach().clone(), [start]
-    for epoch in range(params.epochs):
+    for epoch in bar(range(params.epochs), "learned merge: fitting", unit="epoch"):
         order = list(range(len(batches)))
         random.Random(f"{params.seed}:{epoch}").shuffle(order)
         for i in order:
@@ -235,6 +236,7 @@ def fit_gradient_free(
     parent = wm.weights.detach().clone()
     f_parent, start = evaluate(parent)
     loss_parent, evals, sigma, history = start, 1, params.lr * 4, [start]
+    meter = tracker(None, "learned merge: fitting", params.steps, "eval", evals)
     while evals < params.steps:
         n = min(4, params.steps - evals)
         children = [
@@ -243,6 +245,7 @@ def fit_gradient_free(
         ]
         scored = [(*evaluate(c), j) for j, c in enumerate(children)]
         evals += n
+        meter.update(n)
         f_child, loss_child, j = min(scored)
         # accept only a strictly better objective that is also no worse than uniform on the plain loss
         if f_child < f_parent and loss_child <= start:
@@ -251,6 +254,7 @@ def fit_gradient_free(
         else:
             sigma *= 0.7
         history.append(loss_parent)
+    meter.close()
     wm.set(parent)
     return {"loss_uniform": start, "loss": loss_parent, "objective": f_parent, "evaluations": evals, "history": history}
 

@@ -36,6 +36,7 @@ from adapterfuse.device import model_device
 from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.head import DEFAULT_MAX_LENGTH, autocast_context, length_batches, pad
+from adapterfuse.progress import bar
 from adapterfuse.tasks.spec import Example, TaskSpec
 
 ON = ("prompt", "fields")
@@ -280,7 +281,8 @@ class FeatureExtractor:
         out = torch.empty((len(texts), self.dim - self.shape_dim))
         device = model_device(self.base.model)
         tokens = self._tokens(texts)
-        for idx in length_batches([len(x) for x in tokens], self.batch_size):
+        batches = length_batches([len(x) for x in tokens], self.batch_size)
+        for idx in bar(batches, f"routing features ({len(texts)} inputs)", unit="batch"):
             ids, mask = pad([tokens[i] for i in idx], self.base.tokenizer.pad_token_id)
             out[idx] = self.pooled(ids.to(device), mask.to(device)).cpu()
         return out
