@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from scipy.optimize import minimize_scalar
@@ -64,10 +64,20 @@ class TemperatureScaled:
         inner: the predictor to calibrate.
         temperatures: ``{task name: T}``.
         name: shown in tables (default: ``"<inner> + temperature"``).
+        unseen: a task with no fitted temperature is an ``"error"``, or gets the geometric ``"mean"`` of the
+            fitted ones (for inputs of tasks no validation data exists for, as in out-of-task detection).
     """
 
-    def __init__(self, inner: Predictor, temperatures: dict[str, float], name: str | None = None) -> None:
-        self.inner = inner
+    def __init__(
+        self,
+        inner: Predictor,
+        temperatures: dict[str, float],
+        name: str | None = None,
+        unseen: Literal["error", "mean"] = "error",
+    ) -> None:
+        if unseen not in ("error", "mean"):
+            raise ConfigError(f"unseen: expected 'error' or 'mean', got {unseen!r}")
+        self.inner, self.unseen = inner, unseen
         self.temperatures = dict(temperatures)
         self.name = name or f"{inner.name} + temperature"
 
@@ -77,12 +87,15 @@ class TemperatureScaled:
         Raises:
             ConfigError: no temperature was fitted for ``task``.
         """
-        if task.name not in self.temperatures:
+        temperature = self.temperatures.get(task.name)
+        if temperature is None and self.unseen == "mean":
+            temperature = math.exp(sum(map(math.log, self.temperatures.values())) / len(self.temperatures))
+        if temperature is None:
             raise ConfigError(
                 f"{self.name}: no temperature for task {task.name!r}; fitted for {sorted(self.temperatures)}; "
-                "fit it with validation data of that task"
+                "fit it with validation data of that task, or pass unseen='mean'"
             )
-        return scale(self.inner.predict_proba(task, batch), self.temperatures[task.name])
+        return scale(self.inner.predict_proba(task, batch), temperature)
 
     def cost(self) -> Cost:
         """The inner predictor's cost (one scalar per task on top)."""
@@ -96,16 +109,23 @@ class TemperatureScaled:
         """
         with atomic_dir(path, overwrite) as tmp:
             self.inner.save(tmp / "inner")
-            write_manifest(tmp, "temperature_scaled", self.name, {"temperatures": self.temperatures, "inner": "inner"})
+            settings = {"temperatures": self.temperatures, "inner": "inner", "unseen": self.unseen}
+            write_manifest(tmp, "temperature_scaled", self.name, settings)
 
 
-def temperature_scale(predictor: Predictor, validation: Sequence[TaskData], name: str | None = None) -> Any:
+def temperature_scale(
+    predictor: Predictor,
+    validation: Sequence[TaskData],
+    name: str | None = None,
+    unseen: Literal["error", "mean"] = "error",
+) -> Any:
     """Fit one temperature per task on the validation split.
 
     Args:
         predictor: the predictor to calibrate.
         validation: the tasks, each with a non-empty ``validation`` split.
         name: the calibrated predictor's name.
+        unseen: what a task without a fitted temperature gets (see :class:`TemperatureScaled`).
 
     Returns:
         A :class:`TemperatureScaled` predictor.
@@ -119,4 +139,4 @@ def temperature_scale(predictor: Predictor, validation: Sequence[TaskData], name
     for td in validation:
         probs = predictor.predict_proba(td.task, list(td.validation))
         temperatures[td.task.name] = fit_temperature(td.task, probs, [e.label for e in td.validation])
-    return TemperatureScaled(predictor, temperatures, name)
+    return TemperatureScaled(predictor, temperatures, name, unseen)

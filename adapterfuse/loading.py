@@ -33,7 +33,10 @@ LOADERS: dict[Kind, Callable[[Path, Manifest, Any], Predictor]] = {
     "pe_ensemble": load_pe,
     "mc_dropout": MCDropoutPredictor.from_manifest,
     "temperature_scaled": lambda folder, manifest, base: TemperatureScaled(
-        load_predictor(folder / manifest.settings["inner"], base), manifest.settings["temperatures"], manifest.name
+        load_predictor(folder / manifest.settings["inner"], base),
+        manifest.settings["temperatures"],
+        manifest.name,
+        manifest.settings.get("unseen", "error"),
     ),
 }
 """Kind -> ``(folder, manifest, base) -> predictor``; one entry per kind of :data:`~adapterfuse.io.manifest.Kind`."""

@@ -6,6 +6,8 @@ A marker is an HTML comment (invisible on GitHub) on the last non-blank line bef
 - ``<!-- doc-test: skip (why) -->``: the block is not run; the reason is required.
 - ``<!-- doc-test: signatures -->``: a block of signatures, each checked against ``inspect.signature``.
 - ``<!-- doc-test: listing -->``: the outline of an interface (a ``Protocol``, a dataclass); only parsed.
+- ``<!-- doc-test: file NAME -->``: the block is a file the page's examples read (a YAML config); it is
+  written to ``NAME`` in the page's folder before the Python blocks after it run.
 - ``<!-- doc-test: setup experts/sst2 experts/rte ... -->``: the page assumes these expert folders exist
   (``experts/<task>`` or ``experts/<task>-s<seed>``); the test trains them on the tiny model first.
 
@@ -80,12 +82,18 @@ def setup_experts(page: Path) -> list[str]:
     return names
 
 
+_SHELL_OPERATORS = ("|", "||", "&&", ";", "&", "<")
+
+
 def commands(block: Block) -> list[list[str]]:
     """The ``adapterfuse`` command lines of a shell block, as argument lists (continuations joined)."""
     text = block.text.replace("\\\n", " ")
     found = []
     for line in text.splitlines():
         words = shlex.split(line, comments=True)
+        # a redirection or a pipe ends the command: the rest is the shell's, not adapterfuse's
+        cut = next((i for i, w in enumerate(words) if w in _SHELL_OPERATORS or w.startswith((">", "2>"))), None)
+        words = words[:cut]
         if words and words[0] == "adapterfuse":
             found.append(words[1:])
     return found

@@ -103,6 +103,9 @@ def test_python_blocks_run_on_the_tiny_model(
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", "hf_doc_test_token")
         for block in blocks(page):
+            if block.marker == "file":
+                (tmp_path / block.reason).write_text(block.text + "\n")
+                continue
             if block.lang != "python" or block.marker is not None:
                 continue
             try:
@@ -143,7 +146,7 @@ def test_markers_are_known_and_skips_are_rare_and_justified():
     for b in skips:
         assert b.reason.startswith("(") and b.reason.endswith(")") and len(b.reason) > 8, b.where
     for b in ALL_BLOCKS:
-        assert b.marker in (None, "skip", "signatures", "listing"), f"{b.where}: unknown marker {b.marker!r}"
+        assert b.marker in (None, "skip", "signatures", "listing", "file"), f"{b.where}: unknown marker {b.marker!r}"
         if b.marker in ("signatures", "listing"):
             assert b.lang == "python", f"{b.where}: a {b.marker} block is Python"
     for page in PAGES:

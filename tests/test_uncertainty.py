@@ -89,6 +89,12 @@ def test_the_harness_reports_uncertainty_and_a_scaled_predictor_round_trips(tiny
         assert torch.equal(loaded.predict_proba(td.task, td.test), scaled.predict_proba(td.task, td.test))
     with pytest.raises(ConfigError, match="no temperature for task 'rte'"):
         scaled.predict_proba(get_task("rte"), data[0].test)
+    mean_t = math.exp((math.log(scaled.temperatures["sst2"]) + math.log(scaled.temperatures["stsb"])) / 2)
+    lenient = TemperatureScaled(expert, scaled.temperatures, unseen="mean")
+    rte = get_task("rte")  # an unseen task (its prompts take two fields, as STS-B's inputs have)
+    torch.testing.assert_close(
+        lenient.predict_proba(rte, data[1].test), scale(expert.predict_proba(rte, data[1].test), mean_t)
+    )
 
 
 def test_out_of_task_auroc_scores_every_uncertainty_of_a_predictor(tiny_base, tmp_path):

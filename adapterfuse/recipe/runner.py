@@ -423,8 +423,7 @@ def run_recipe(
     if main:
         write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
     steps = Steps(count_steps(recipe), (log or status) if main else _silent)
-    base = base or load_base(recipe.base, device=device or recipe.device)
-    check_layers(recipe, n_layers(base.model))  # before any expert is trained
+    base = _base(recipe, base, device)
     h = recipe.harness
     data, validation = load_data(recipe)
     library = ExpertLibrary(_experts(recipe, out, base, data, steps), base.fingerprint)
@@ -473,11 +472,24 @@ def run_recipe(
         build = partial(_fit, entry, recipe, out, base, library, data, validation)
         measure(entry.label, _setting(entry), build, task_id=entry.backend == "pe_ensemble")
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+    return _report(recipe, out, summary, steps, main)
+
+
+def _base(recipe: Recipe, base: BaseModel | None, device: str | None) -> BaseModel:
+    """The given base, or the recipe's loaded onto the device; its layers checked before any expert trains."""
+    base = base or load_base(recipe.base, device=device or recipe.device)
+    check_layers(recipe, n_layers(base.model))
+    return base
+
+
+def _report(recipe: Recipe, out: Path, summary: dict[str, Any], steps: Steps, main: bool) -> dict[str, Any]:
+    """Write results.md, the plots and results.json from the main process; the others wait for it."""
     if main:
         steps.start(f"report: results.md{' and plots' if recipe.outputs.plots else ''} in {out}")
-    summary["files"] = write_report(summary, out, plots=recipe.outputs.plots) if main else []
-    if main:
+        summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
         write_json(out / "results.json", summary)
+    else:
+        summary["files"] = []
     barrier()  # the other processes return once the results are on disk
     return summary
 
