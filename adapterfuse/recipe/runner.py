@@ -253,10 +253,11 @@ def run_recipe(
         fit_s = time.perf_counter() - t0
         result = evaluate(predictor, list(data.values()))
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
-        if label in recipe.outputs.save:
-            predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
+        saved = out / "predictors" / label.replace("/", "_").replace(" ", "_") if label in recipe.outputs.save else None
+        if saved is not None:
+            predictor.save(saved, overwrite=True)
         if label in {p.predictor for p in recipe.outputs.push}:
-            _push(recipe, label, predictor, log)
+            _push(recipe, label, predictor, log, saved)
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(result) + "\n")
         log(
@@ -279,7 +280,9 @@ def run_recipe(
     return summary
 
 
-def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None]) -> None:
+def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None], saved: Path | None) -> None:
     for entry in (p for p in recipe.outputs.push if p.predictor == label):  # only merges (checked on load)
-        pushed = predictor.adapter.push_to_hub(entry.repo_id, private=entry.private, endpoint=entry.endpoint)
+        pushed = predictor.adapter.push_to_hub(
+            entry.repo_id, private=entry.private, overwrite=entry.overwrite, endpoint=entry.endpoint, saved=saved
+        )
         log(f"pushed {label} to {entry.repo_id}: {pushed}")

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel as PydanticModel
 from safetensors.torch import save_file
 
+from adapterfuse.backends.merge.card import merged_card
 from adapterfuse.backends.merge.common import MergeResult
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, peft_from_deltas
@@ -26,6 +27,7 @@ from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.expert import CARD, CONFIG, META, WEIGHTS, Expert, versions
 from adapterfuse.harness import ModelPredictor
 from adapterfuse.io.atomic import atomic_dir, check_output, write_json
+from adapterfuse.io.card import invocation
 from adapterfuse.io.manifest import write_manifest
 from adapterfuse.library import ExpertLibrary
 
@@ -78,6 +80,7 @@ class MergedAdapter:
         search: records of what was chosen on validation data (``lambda_search``, ``soup``, ``learned``).
         notes: remarks such as weaker compatibility checks for plain PEFT folders.
         evaluation: harness results of this adapter (see :meth:`evaluate_on`), shown on the card.
+        command: the ``adapterfuse`` command line that made it (``None`` through the Python API).
     """
 
     result: MergeResult
@@ -88,6 +91,7 @@ class MergedAdapter:
     search: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
+    command: str | None = field(default_factory=invocation)
 
     def evaluate_on(self, base: BaseModel, data: Sequence[Any], split: str = "test", **kwargs: Any) -> dict[str, Any]:
         """Measure this adapter on the harness and keep the result for the card and ``adapterfuse.json``.
@@ -192,6 +196,7 @@ class MergedAdapter:
             "evaluation": self.evaluation,
             "adapter_params": self.num_params,
             "versions": versions(),
+            **({"command": self.command} if self.command else {}),
         }
 
     def attach(self, model: torch.nn.Module, copy_base: bool = True):
@@ -245,6 +250,7 @@ class MergedAdapter:
         base: BaseModel | None = None,
         name: str | None = None,
         scoring: dict[str, Any] | None = None,
+        load_from: str | None = None,
     ) -> Path:
         """Write the merged adapter (or, with ``full``, the merged full model) atomically.
 
@@ -258,6 +264,7 @@ class MergedAdapter:
             base: the base to merge into, for ``full``.
             name: the predictor's name in the manifest (default ``merge:<method>``).
             scoring: the predictor's scoring settings (``batch_size``, ``autocast``, ``max_length``) to keep.
+            load_from: the Hub repo id or folder the card's load snippet names (default: ``path``).
 
         Returns:
             The folder written.
@@ -280,7 +287,7 @@ class MergedAdapter:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 write_json(tmp / CONFIG, config)
             write_json(tmp / META, {**self.metadata(), "full_model": full})
-            (tmp / CARD).write_text(self.card(full=full))
+            (tmp / CARD).write_text(self.card(full=full, load_from=load_from or str(path)))
             settings = {"full": full, "result_params": params_json(self.result.params), "scoring": scoring or {}}
             write_manifest(tmp, "merged", name or f"merge:{self.method}", settings, self.base)
         return Path(path)
@@ -292,106 +299,54 @@ class MergedAdapter:
         base.tokenizer.save_pretrained(folder)
 
     def push_to_hub(
-        self, repo_id: str, token: str | None = None, full: bool = False, base: BaseModel | None = None, **kwargs: Any
+        self,
+        repo_id: str,
+        token: str | None = None,
+        full: bool = False,
+        base: BaseModel | None = None,
+        saved: str | Path | None = None,
+        **kwargs: Any,
     ):
-        """Save to a temporary folder and push it with :func:`adapterfuse.io.hub.push_folder`.
+        """Save to a temporary folder (its card naming ``repo_id``) and push it (``io.hub.push_folder``).
 
         Args:
             repo_id: ``owner/name`` on the Hub.
             token: a Hub token (default: the logged-in one).
             full, base: as in :meth:`save_pretrained`.
-            **kwargs: passed to ``push_folder`` (``private``, ``commit_message``, ``retry`` …).
+            saved: where this adapter was already saved; a failed push names it, so nothing is redone.
+            **kwargs: passed to ``push_folder`` (``private``, ``overwrite``, ``commit_message``, ``retry`` …).
 
         Returns:
             ``push_folder``'s result.
+
+        Raises:
+            HubError: the push failed (see ``push_folder``); with ``saved``, the message says where the folder is.
         """
-        from adapterfuse.io.hub import push_folder  # lazy: the Hub client is only needed to push
+        from adapterfuse.io.hub import HubError, push_folder  # lazy: the Hub client is only needed to push
 
         with tempfile.TemporaryDirectory(prefix="adapterfuse-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "adapter", full=full, base=base)
-            return push_folder(folder, repo_id, token=token, **kwargs)
+            folder = self.save_pretrained(Path(tmp) / "adapter", full=full, base=base, load_from=repo_id)
+            try:
+                return push_folder(folder, repo_id, token=token, **kwargs)
+            except HubError as err:
+                if saved is None:
+                    raise
+                raise HubError(
+                    f"{err}; the {'model' if full else 'adapter'} is saved in {saved}: push it once the Hub "
+                    f"answers with `adapterfuse push {saved} {repo_id}`"
+                ) from None
 
-    def card(self, full: bool = False) -> str:
-        """A Markdown model card naming the sources, method, parameters and errors."""
-        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()) if v is not None)
-        fp = str(self.base.get("fingerprint"))
-        lines = [
-            "---",
-            f"library_name: {'transformers' if full else 'peft'}",
-            f"base_model: {self.base.get('spec')}",
-            "tags: [adapterfuse, lora, merge]",
-            "---",
-            "",
-            f"# merged adapter ({self.method})",
-            "",
-            f"{'A full model with' if full else 'A LoRA adapter holding'} the merge of {len(self.sources)} "
-            f"expert{'s' * (len(self.sources) != 1)} by `{self.method}` (maths: `{self.result.method}`), "
-            "made with adapterfuse.",
-            "",
-            f"- base: `{self.base.get('spec')}` (fingerprint `{fp[:23]}…`)",
-            f"- parameters: {params}",
-            f"- adapter parameters: {self.num_params:,}",
-            f"- relative truncation error (Frobenius, all modules): {self.overall_error:.3e}",
-            f"- worst module: {self._worst_module()}",
-            "",
-            "## Sources",
-            "",
-        ]
-        lines += [
-            f"- `{s['name']}` (task {s['task']}, {s['peft_type']}, sha256 `{s['sha256'][:16]}…`)" for s in self.sources
-        ]
-        lines += self._search_lines()
-        lines += [f"- note: {n}" for n in self.notes]
-        usage = (
-            ("from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained('PATH')")
-            if full
-            else ("from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')")
-        )
-        if self.evaluation:
-            from adapterfuse.harness import results_table
+    def card(self, full: bool = False, load_from: str = "merged-adapter") -> str:
+        """The model card: Hub metadata, sources, method, parameters, errors, scores, how to load it.
 
-            lines += ["", "## Harness results", "", results_table(self.evaluation)]
-        lines += ["", "Load it with:", "", "```python", *usage, "```", ""]
-        return "\n".join(lines)
+        Args:
+            full: the card of the full merged model rather than of the adapter.
+            load_from: the Hub repo id or folder the load snippet names.
 
-    def _worst_module(self) -> str:
-        if not self.per_module_error:
-            return "none"
-        module = max(sorted(self.per_module_error), key=self.per_module_error.__getitem__)
-        return f"`{module}` {self.per_module_error[module]:.3e}"
-
-    def _search_lines(self) -> list[str]:
-        """Card lines for what validation chose (λ grid, soup order, learned weights)."""
-        out: list[str] = []
-        lam = self.search.get("lambda_search")
-        if lam:
-            pairs = ", ".join(f"{g:g}: {s:.4f}" for g, s in zip(lam["grid"], lam["scores"], strict=True))
-            out += ["", "## λ search (validation average score)", "", f"- {pairs}; chosen λ = {lam['chosen']:g}"]
-        soup = self.search.get("soup")
-        if soup:
-            out += ["", "## Greedy soup", "", f"- kept: {', '.join(soup['kept'])}"]
-            out += [
-                f"- `{c['name']}`: alone {c['alone']:.4f}, soup with it "
-                f"{'—' if c['with'] is None else format(c['with'], '.4f')}, {'kept' if c['kept'] else 'dropped'}"
-                for c in soup["candidates"]
-            ]
-        learned = self.search.get("learned")
-        if learned:
-            out += [
-                "",
-                f"## Learned weights ({learned['mode']})",
-                "",
-                f"- validation loss: uniform {learned['loss_uniform']:.4f} -> learned {learned['loss']:.4f}",
-            ]
-            out += [f"- `{n}`: {_shown(w)}" for n, w in learned["weights"].items()]
-        return out
-
-
-def _shown(weight: float | dict[str, float]) -> str:
-    """A learned weight (or per-layer weights) for the card."""
-    if isinstance(weight, dict):
-        return ", ".join(f"layer {k}: {v:.4f}" for k, v in weight.items())
-    return f"{weight:.4f}"
+        Returns:
+            The card's text (see :func:`adapterfuse.backends.merge.card.merged_card`).
+        """
+        return merged_card(self, full, load_from)
 
 
 def params_json(params: PydanticModel) -> dict[str, Any]:
