@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from adapterfuse.backends.merge.card import merged_card
 from adapterfuse.backends.merge.common import MergeResult
-from adapterfuse.base import BaseModel
+from adapterfuse.base import BaseModel, fingerprints_conflict
 from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.expert import CARD, CONFIG, META, WEIGHTS, Expert, versions
@@ -236,7 +236,7 @@ class MergedAdapter:
             CompatibilityError: naming both fingerprints.
         """
         want = self.base.get("fingerprint")
-        if want and base.fingerprint and want != base.fingerprint:
+        if fingerprints_conflict(want, base.fingerprint):
             raise CompatibilityError(
                 f"merged adapter: base fingerprint {base.fingerprint[:19]}… differs from the "
                 f"experts' base {want[:19]}…; load the base the experts were trained on"
