@@ -98,7 +98,8 @@ def invocation() -> str | None:
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if program is None:
         return None
-    if program.name == "adapterfuse" or (program.name == "__main__.py" and program.parent.name == "adapterfuse"):
+    # The console script, or `python -m adapterfuse.cli` (whose argv[0] is adapterfuse/cli/__main__.py).
+    if program.name == "adapterfuse" or (program.name == "__main__.py" and "adapterfuse" in program.parts[-3:]):
         return shlex.join(["adapterfuse", *sys.argv[1:]])
     return None
 
