@@ -25,7 +25,7 @@ from adapterfuse._version import __version__
 from adapterfuse.delta import Deltas, deltas_from_peft, peft_from_deltas
 from adapterfuse.errors import ExpertError
 from adapterfuse.io.atomic import atomic_dir, write_json
-from adapterfuse.io.card import CardSpec, adapter_phrase, build_card, scores_from
+from adapterfuse.io.card import CardSpec, adapter_phrase, build_card, final_folder, scores_from
 from adapterfuse.io.manifest import write_manifest
 
 WEIGHTS = "adapter_model.safetensors"
@@ -232,7 +232,7 @@ class Expert:
             summary=f"{adapter_phrase(self.peft_type)} trained with adapterfuse on the GLUE task `{self.task}`.",
             base_model=self.base_name,
             library_name="peft",
-            load_from=load_from or str(self.path or self.name),
+            load_from=load_from or str(final_folder(self.path) if self.path else self.name),
             tags=(self.peft_type.lower(), *([self.task] if self.task else [])),
             tasks=(self.task,) if self.task else (),
             scores=scores_from({self.task: m.get("scores", {}).get("test", {})}) if self.task else (),

@@ -33,8 +33,16 @@ def _hub_env(monkeypatch, tmp_path, hub_online):
 
 
 @pytest.fixture()
-def hub():
+def hub(monkeypatch):
+    from huggingface_hub import constants, file_download
+
     with FakeHub(require_token=TOKEN) as server:
+        # huggingface_hub < 1.0 parses the commit URLs it gets back against these constants, not the endpoint
+        # passed; later versions use the endpoint passed and ignore them.
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)
         yield server
 
 
@@ -115,15 +123,23 @@ def test_retry_after_as_an_http_date():
 
 def test_offline_mode_raised_by_the_client_is_never_retried(hub, tmp_path, monkeypatch):
     """Even when offline mode is switched on past our own check, the client's refusal is not retried."""
+    import huggingface_hub.utils
     from huggingface_hub import constants
 
     import adapterfuse.io.hub
 
     monkeypatch.setattr(adapterfuse.io.hub, "_check_online", lambda action, repo_id: None)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    # huggingface_hub < 1.0 decides offline mode when it opens its (cached) session: open a new one, and again after.
+    reset = getattr(huggingface_hub.utils, "reset_sessions", lambda: None)
+    reset()
     sleeps: list[float] = []
-    with pytest.raises(HubError, match=r"push of repo 'alice/sst2-lora': .*offline mode.*unset HF_HUB_OFFLINE"):
-        _push(_folder(tmp_path / "a", B), hub, sleeps)
+    try:
+        with pytest.raises(HubError, match=r"push of repo 'alice/sst2-lora': .*offline mode.*unset HF_HUB_OFFLINE"):
+            _push(_folder(tmp_path / "a", B), hub, sleeps)
+    finally:
+        monkeypatch.undo()
+        reset()
     assert sleeps == [] and hub.requests == []
 
 
@@ -164,6 +180,12 @@ def test_expert_card_has_the_metadata_the_hub_indexes(trained, tmp_path):
     assert "PATH" not in card.text and f"PeftModel.from_pretrained(base_model, {str(folder)!r})" in card.text
     assert "A LoRA adapter trained with adapterfuse" in card.text
     assert '"lr": ' in card.text and '"rank": ' in card.text  # made through the Python API: its settings are shown
+
+
+def test_a_trained_expert_card_names_the_folder_it_was_saved_to(trained):
+    _, root = trained
+    text = (root / "sst2-lora" / "README.md").read_text()
+    assert f"PeftModel.from_pretrained(base_model, {str(root / 'sst2-lora')!r})" in text and ".tmp-" not in text
 
 
 def test_a_local_base_is_named_in_the_body_only(trained):

@@ -24,6 +24,8 @@ PIPELINE_TAG = "text-generation"  # the adapters answer through a causal LM's ne
 # A Hub model id: what `base_model` metadata and the `base_model:adapter:` tag accept (a local path is not one).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PEFT_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA"}
+# The temporary sibling io.atomic.atomic_dir writes into before renaming it to its target.
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[A-Za-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,20 @@ def adapter_phrase(peft_type: str) -> str:
     """
     name = _PEFT_NAMES.get(peft_type.upper(), peft_type or "PEFT")
     return f"{'An' if name[:1].lower() in 'aeiou' else 'A'} {name} adapter"
+
+
+def final_folder(path: str | Path) -> Path:
+    """The folder a card will live in: ``path``, or the target of an :func:`~adapterfuse.io.atomic.atomic_dir` temp.
+
+    Args:
+        path: where the files are being written.
+
+    Returns:
+        The folder the files end up in once the write completes.
+    """
+    path = Path(path)
+    match = _ATOMIC_TMP.match(path.name)
+    return path.with_name(match["name"]) if match else path
 
 
 def invocation() -> str | None:
