@@ -291,7 +291,8 @@ class _Handler(BaseHTTPRequestHandler):
                 {"error": "You already created this model repo", "url": url},
                 {"X-Error-Message": "You already created this model repo"},
             )
-        repo = Repo(repo_id, private=payload.get("visibility") == "private")
+        # huggingface_hub >= 1.0 sends "visibility"; older versions send "private".
+        repo = Repo(repo_id, private=payload.get("visibility") == "private" or payload.get("private") is True)
         self.hub.repos[repo_id] = repo
         self.hub._new_commit(repo, "initial commit", {})
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
