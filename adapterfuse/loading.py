@@ -14,7 +14,7 @@ from adapterfuse.backends.ensemble.mc_dropout import MCDropoutPredictor
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.backends.merge.load import load_merged
 from adapterfuse.backends.route.predictor import load_routed
-from adapterfuse.base import BaseModel, load_base
+from adapterfuse.base import BaseModel, fingerprints_conflict, load_base
 from adapterfuse.calibration import TemperatureScaled
 from adapterfuse.errors import CompatibilityError
 from adapterfuse.harness import load_model_predictor
@@ -65,7 +65,7 @@ def load_predictor(folder: str | Path, base: BaseModel | None = None, *, verify:
     # A full merged model carries its own weights: it needs no base.
     if base is None and not (manifest.kind == "merged" and manifest.settings.get("full")):
         base = load_base(recorded.spec if recorded else None)
-    if base is not None and recorded and recorded.fingerprint and base.fingerprint != recorded.fingerprint:
+    if base is not None and recorded and fingerprints_conflict(recorded.fingerprint, base.fingerprint):
         raise CompatibilityError(
             f"predictor {path}: saved for base {recorded.spec!r} (fingerprint "
             f"{recorded.fingerprint[:19]}…), got base {base.spec!r} ({base.fingerprint[:19]}…); "

@@ -55,6 +55,9 @@ def blocks(page: Path) -> list[Block]:
     found, lines = [], page.read_text(encoding="utf-8").splitlines()
     i = 0
     while i < len(lines):
+        if lines[i].startswith("````"):  # a four-backtick fence shows a file with code blocks inside: not code
+            i = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("````")), len(lines)) + 1
+            continue
         match = _FENCE.match(lines[i])
         if not match:
             i += 1

@@ -54,6 +54,7 @@ class _Failure:
     prefix: str
     method: str | None
     statuses: deque[int | None]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class _NotFound(Exception):
@@ -112,13 +113,20 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # ----------------------------------------------------------------- test controls
-    def fail_next(self, path_prefix: str, statuses: list[int | None], method: str | None = None) -> None:
+    def fail_next(
+        self,
+        path_prefix: str,
+        statuses: list[int | None],
+        method: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """Answer the next requests whose path starts with ``path_prefix`` with ``statuses``, in order.
 
         ``None`` in ``statuses`` closes the connection without any answer (a connection error for the client).
+        ``headers`` go with each injected answer (e.g. ``{"Retry-After": "7"}``).
         """
         with self._lock:
-            self._failures.append(_Failure(path_prefix, method, deque(statuses)))
+            self._failures.append(_Failure(path_prefix, method, deque(statuses), dict(headers or {})))
 
     def corrupt_next_commit(self, path: str) -> None:
         """Flip the first byte of ``path`` when the next commit that adds it is stored."""
@@ -141,12 +149,12 @@ class FakeHub:
             return dict(self._commit(self.repos[repo_id], revision).files)
 
     # ----------------------------------------------------------------- internals used by the handler
-    def _take_failure(self, method: str, path: str) -> tuple[bool, int | None]:
+    def _take_failure(self, method: str, path: str) -> tuple[bool, int | None, dict[str, str]]:
         with self._lock:
             for failure in self._failures:
                 if path.startswith(failure.prefix) and failure.method in (None, method) and failure.statuses:
-                    return True, failure.statuses.popleft()
-        return False, None
+                    return True, failure.statuses.popleft(), failure.headers
+        return False, None, {}
 
     def _repo(self, repo_id: str) -> Repo:
         repo = self.repos.get(repo_id)
@@ -215,8 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(data).encode(), headers)
 
-    def _error(self, status: int, message: str, code: str | None = None) -> None:
-        headers = {"X-Error-Message": message}
+    def _error(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        headers = {**(headers or {}), "X-Error-Message": message}
         if code:
             headers["X-Error-Code"] = code
         self._json(status, {"error": message}, headers)
@@ -228,13 +236,13 @@ class _Handler(BaseHTTPRequestHandler):
             hub.requests.append((self.command, path))
             hub.auth_headers.append(self.headers.get("Authorization"))
         body = self._body() if self.command in ("POST", "PUT") else b""
-        injected, status = hub._take_failure(self.command, path)
+        injected, status, extra = hub._take_failure(self.command, path)
         if injected:
             if status is None:  # simulate a dropped connection
                 self.close_connection = True
                 self.connection.close()
                 return
-            self._error(status, f"injected HTTP {status}")
+            self._error(status, f"injected HTTP {status}", headers=extra)
             return
         if hub.require_token and self.headers.get("Authorization") != f"Bearer {hub.require_token}":
             self._error(401, "Invalid credentials in Authorization header")
@@ -283,7 +291,8 @@ class _Handler(BaseHTTPRequestHandler):
                 {"error": "You already created this model repo", "url": url},
                 {"X-Error-Message": "You already created this model repo"},
             )
-        repo = Repo(repo_id, private=payload.get("visibility") == "private")
+        # huggingface_hub >= 1.0 sends "visibility"; older versions send "private".
+        repo = Repo(repo_id, private=payload.get("visibility") == "private" or payload.get("private") is True)
         self.hub.repos[repo_id] = repo
         self.hub._new_commit(repo, "initial commit", {})
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})

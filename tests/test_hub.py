@@ -8,6 +8,7 @@ import logging
 import struct
 import traceback
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,7 +24,11 @@ COMMIT = f"/api/models/{REPO}/commit/"
 @pytest.fixture(scope="module", autouse=True)
 def _only_localhost():
     """Make the shared huggingface_hub client refuse any request that is not for 127.0.0.1."""
-    from huggingface_hub import set_client_factory
+    try:
+        from huggingface_hub import set_client_factory
+    except ImportError:  # huggingface_hub < 1.0 sends its requests through a requests.Session
+        yield from _only_localhost_requests()
+        return
     from huggingface_hub.utils import _http
 
     previous = _http._GLOBAL_CLIENT_FACTORY
@@ -42,6 +47,23 @@ def _only_localhost():
     set_client_factory(previous)
 
 
+def _only_localhost_requests():
+    import requests
+    from huggingface_hub import configure_http_backend
+
+    class LocalOnly(requests.Session):
+        def request(self, method, url, *args, **kwargs):
+            if urlsplit(str(url)).hostname != "127.0.0.1":
+                raise AssertionError(f"a request left 127.0.0.1: {url}")
+            return super().request(method, url, *args, **kwargs)
+
+    from huggingface_hub.utils._http import _default_backend_factory
+
+    configure_http_backend(LocalOnly)
+    yield
+    configure_http_backend(_default_backend_factory)
+
+
 @pytest.fixture(autouse=True)
 def _hub_env(monkeypatch, tmp_path, hub_online):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -50,8 +72,16 @@ def _hub_env(monkeypatch, tmp_path, hub_online):
 
 
 @pytest.fixture()
-def hub():
+def hub(monkeypatch):
+    from huggingface_hub import constants, file_download
+
     with FakeHub(require_token=TOKEN) as server:
+        # huggingface_hub < 1.0 parses the commit URLs it gets back against these constants, not the endpoint
+        # passed; later versions use the endpoint passed and ignore them.
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)
         yield server
 
 

@@ -247,7 +247,9 @@ def test_manifest_errors_are_one_line(tiny_base, experts, tmp_path):
             load_predictor(folder, tiny_base)
     (folder / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CompatibilityError, match="saved for base 'tiny-llama-0'"):
-        load_predictor(folder, tiny_base.__class__(**{**tiny_base.__dict__, "fingerprint": "sha256:" + "f" * 64}))
+        load_predictor(
+            folder, tiny_base.__class__(**{**tiny_base.__dict__, "fingerprint": "weights-sha256:" + "f" * 64})
+        )
 
 
 def test_folders_in_the_older_formats_still_load(tiny_base, experts, data, tmp_path):

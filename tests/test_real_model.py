@@ -35,7 +35,7 @@ def sst2():
 def test_default_base_is_cached_and_fingerprinted(real_base):
     assert real_base.spec == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert real_base.source and os.path.isfile(os.path.join(real_base.source, "model.safetensors"))
-    assert real_base.fingerprint == fingerprint_model(real_base.model)  # the cached value is the true hash
+    assert real_base.fingerprint == fingerprint_model(real_base.model, real_base.tokenizer)  # the cached one is true
     assert all(not p.requires_grad for p in real_base.model.parameters())
     for task in TASKS.values():
         assert len(label_token_ids(task, real_base.tokenizer)) == task.n_labels

@@ -251,7 +251,7 @@ def test_headers_tell_experts_of_different_bases_apart(tmp_path, glue_dir, tiny_
     copy = tmp_path / "copy"
     shutil.copytree(b, copy)
     meta = json.loads((copy / "adapterfuse.json").read_text())
-    meta["base"]["fingerprint"] = "sha256:" + "0" * 64
+    meta["base"]["fingerprint"] = "weights-sha256:" + "0" * 64
     (copy / "adapterfuse.json").write_text(json.dumps(meta))
     assert len(check_expert_headers([a, b])) == 2
     with pytest.raises(CompatibilityError, match="trained on different bases"):

@@ -53,6 +53,8 @@ LAYERS: dict[str, int] = {
     "expert": 2,
     "io.manifest": 2,
     "io.hub": 2,
+    "io.card": 2,
+    "io.retry": 1,
     # 3: many experts, predictors, evaluation
     "library": 3,
     "predictor": 3,

@@ -62,6 +62,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo (default: no push)"
     )
+    p.add_argument("--private", action="store_true", help="with --push: create the Hub repo private")
+    p.add_argument(
+        "--push-overwrite",
+        action="store_true",
+        help="with --push: replace files an earlier push of another folder left in the repo",
+    )
     add_device_option(p)
     p.set_defaults(handler=run)
     return p
@@ -237,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
     path = adapter.save_pretrained(args.out, overwrite=args.overwrite, full=args.full, base=base)
     pushed = None
     if args.push:
-        pushed = adapter.push_to_hub(args.push, full=args.full, base=base)
+        pushed = adapter.push_to_hub(
+            args.push, full=args.full, base=base, saved=path, private=args.private, overwrite=args.push_overwrite
+        )
     record = summary(adapter, path, args.push if pushed is not None else None)
     emit(args, summary_text(record), record)
     return 0

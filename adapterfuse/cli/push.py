@@ -22,6 +22,11 @@ def register(subparsers: Any) -> None:
     push.add_argument("folder", type=Path, help="the saved folder to upload")
     push.add_argument("repo_id", help="the Hub model repo, owner/name")
     push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the repo's content: delete files it holds that FOLDER lacks, in the same commit",
+    )
     push.add_argument("--endpoint", default=None, help="Hub URL (default: huggingface.co or HF_ENDPOINT)")
     push.set_defaults(handler=run)
 
@@ -38,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     set_verbosity(args)
     if not args.folder.is_dir():
         raise ConfigError(f"push: folder {args.folder} not found; expected a saved expert or adapter folder")
-    result = push_folder(args.folder, args.repo_id, private=args.private, endpoint=args.endpoint)
+    result = push_folder(
+        args.folder, args.repo_id, private=args.private, overwrite=args.overwrite, endpoint=args.endpoint
+    )
     record = dataclasses.asdict(result)
     emit(args, f"pushed {args.folder} to {result.repo_id}: {result.commit_url} ({len(result.files)} files)", record)
     return 0

@@ -18,6 +18,7 @@ from adapterfuse.backends.ensemble.config import check_ensemble
 from adapterfuse.backends.merge.config import check_merge
 from adapterfuse.backends.route.config import check_route
 from adapterfuse.backends.route.features import layer_index
+from adapterfuse.base import fingerprints_conflict
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.recipe.schema import CombinerEntry, Recipe
 
@@ -167,7 +168,7 @@ def check_expert_headers(folders: list[Path]) -> list[dict[str, Any]]:
     headers = [expert_header(f) for f in folders]
     for folder, head in zip(folders[1:], headers[1:], strict=True):
         first, ref = folders[0], headers[0]
-        if head["fingerprint"] and ref["fingerprint"] and head["fingerprint"] != ref["fingerprint"]:
+        if fingerprints_conflict(head["fingerprint"], ref["fingerprint"]):
             raise CompatibilityError(
                 f"experts {first.name!r} and {folder.name!r} were trained on different bases "
                 f"({ref['fingerprint'][:19]}… vs {head['fingerprint'][:19]}…); combine "

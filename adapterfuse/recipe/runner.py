@@ -499,14 +499,17 @@ def _silent(line: str) -> None:
 
 
 def _save_and_push(recipe: Recipe, out: Path, label: str, predictor: Any, log: Callable[[str], None]) -> None:
-    """Save and push a predictor if the recipe's outputs name it."""
-    if label in recipe.outputs.save:
-        predictor.save(out / "predictors" / label.replace("/", "_").replace(" ", "_"), overwrite=True)
+    """Save and push a predictor if the recipe's outputs name it (a push names the saved folder, if any)."""
+    saved = out / "predictors" / label.replace("/", "_").replace(" ", "_") if label in recipe.outputs.save else None
+    if saved is not None:
+        predictor.save(saved, overwrite=True)
     if label in {p.predictor for p in recipe.outputs.push}:
-        _push(recipe, label, predictor, log)
+        _push(recipe, label, predictor, log, saved)
 
 
-def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None]) -> None:
+def _push(recipe: Recipe, label: str, predictor: Any, log: Callable[[str], None], saved: Path | None) -> None:
     for entry in (p for p in recipe.outputs.push if p.predictor == label):  # only merges (checked on load)
-        pushed = predictor.adapter.push_to_hub(entry.repo_id, private=entry.private, endpoint=entry.endpoint)
+        pushed = predictor.adapter.push_to_hub(
+            entry.repo_id, private=entry.private, overwrite=entry.overwrite, endpoint=entry.endpoint, saved=saved
+        )
         log(f"pushed {label} to {entry.repo_id}: {pushed}")

@@ -125,6 +125,7 @@ class PushEntry(_Strict):
     predictor: str
     repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
     private: bool = True
+    overwrite: bool = Field(False, description="replace files an earlier push of another folder left in the repo")
     endpoint: str | None = None
 
 

@@ -27,6 +27,7 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, versions
 from adapterfuse.head import autocast_context, class_weights, encode, label_logits, label_token_ids, pad, task_loss
 from adapterfuse.io.atomic import atomic_dir, check_output
+from adapterfuse.io.card import invocation
 from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.average import average_steps, stack_snapshots
@@ -377,6 +378,7 @@ def _evaluate_into(
         "training": {**config.model_dump(mode="json"), **run, "eval_wall_s": round(time.perf_counter() - t0, 2)},
         "scores": scores,
         "versions": versions(),
+        **({"command": command} if (command := invocation()) else {}),  # the CLI line, shown on the card
     }
     # Name the base by its spec (a Hub id for the default), not the local cache folder it was read from.
     peft_model.peft_config["default"].base_model_name_or_path = base.spec

@@ -21,12 +21,13 @@ from safetensors.torch import save_file
 
 from adapterfuse.backends.merge.card import merged_card
 from adapterfuse.backends.merge.common import MergeResult, check_finite_deltas, check_finite_weights
-from adapterfuse.base import BaseModel
+from adapterfuse.base import BaseModel, fingerprints_conflict
 from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import CompatibilityError, ConfigError
 from adapterfuse.expert import CARD, CONFIG, META, WEIGHTS, Expert, versions
 from adapterfuse.harness import ModelPredictor
 from adapterfuse.io.atomic import atomic_dir, check_output, write_json
+from adapterfuse.io.card import invocation
 from adapterfuse.io.manifest import write_manifest
 from adapterfuse.library import ExpertLibrary, same_base_name
 
@@ -79,6 +80,7 @@ class MergedAdapter:
         search: records of what was chosen on validation data (``lambda_search``, ``soup``, ``learned``).
         notes: remarks such as weaker compatibility checks for plain PEFT folders.
         evaluation: harness results of this adapter (see :meth:`evaluate_on`), shown on the card.
+        command: the ``adapterfuse`` command line that made it (``None`` through the Python API).
     """
 
     result: MergeResult
@@ -89,6 +91,7 @@ class MergedAdapter:
     search: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
+    command: str | None = field(default_factory=invocation)
 
     def evaluate_on(self, base: BaseModel, data: Sequence[Any], split: str = "test", **kwargs: Any) -> dict[str, Any]:
         """Measure this adapter on the harness and keep the result for the card and ``adapterfuse.json``.
@@ -194,6 +197,7 @@ class MergedAdapter:
             "evaluation": self.evaluation,
             "adapter_params": self.num_params,
             "versions": versions(),
+            **({"command": self.command} if self.command else {}),
         }
 
     def attach(self, model: torch.nn.Module, copy_base: bool = True):
@@ -239,7 +243,7 @@ class MergedAdapter:
                 f"merged adapter: the experts name base {spec!r}, got base {base.spec!r}; load the base the "
                 "experts were trained on"
             )
-        if want and base.fingerprint and want != base.fingerprint:
+        if fingerprints_conflict(want, base.fingerprint):
             raise CompatibilityError(
                 f"merged adapter: base fingerprint {base.fingerprint[:19]}… differs from the "
                 f"experts' base {want[:19]}…; load the base the experts were trained on"
@@ -253,6 +257,7 @@ class MergedAdapter:
         base: BaseModel | None = None,
         name: str | None = None,
         scoring: dict[str, Any] | None = None,
+        load_from: str | None = None,
     ) -> Path:
         """Write the merged adapter (or, with ``full``, the merged full model) atomically.
 
@@ -266,6 +271,7 @@ class MergedAdapter:
             base: the base to merge into, for ``full``.
             name: the predictor's name in the manifest (default ``merge:<method>``).
             scoring: the predictor's scoring settings (``batch_size``, ``autocast``, ``max_length``) to keep.
+            load_from: the Hub repo id or folder the card's load snippet names (default: ``path``).
 
         Returns:
             The folder written.
@@ -289,7 +295,7 @@ class MergedAdapter:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 write_json(tmp / CONFIG, config)
             write_json(tmp / META, {**self.metadata(), "full_model": full})
-            (tmp / CARD).write_text(self.card(full=full))
+            (tmp / CARD).write_text(self.card(full=full, load_from=load_from or str(path)))
             settings = {"full": full, "result_params": params_json(self.result.params), "scoring": scoring or {}}
             write_manifest(tmp, "merged", name or f"merge:{self.method}", settings, self.base)
         return Path(path)
@@ -302,28 +308,54 @@ class MergedAdapter:
         base.tokenizer.save_pretrained(folder)
 
     def push_to_hub(
-        self, repo_id: str, token: str | None = None, full: bool = False, base: BaseModel | None = None, **kwargs: Any
+        self,
+        repo_id: str,
+        token: str | None = None,
+        full: bool = False,
+        base: BaseModel | None = None,
+        saved: str | Path | None = None,
+        **kwargs: Any,
     ):
-        """Save to a temporary folder and push it with :func:`adapterfuse.io.hub.push_folder`.
+        """Save to a temporary folder (its card naming ``repo_id``) and push it (``io.hub.push_folder``).
 
         Args:
             repo_id: ``owner/name`` on the Hub.
             token: a Hub token (default: the logged-in one).
             full, base: as in :meth:`save_pretrained`.
-            **kwargs: passed to ``push_folder`` (``private``, ``commit_message``, ``retry`` …).
+            saved: where this adapter was already saved; a failed push names it, so nothing is redone.
+            **kwargs: passed to ``push_folder`` (``private``, ``overwrite``, ``commit_message``, ``retry`` …).
 
         Returns:
             ``push_folder``'s result.
+
+        Raises:
+            HubError: the push failed (see ``push_folder``); with ``saved``, the message says where the folder is.
         """
-        from adapterfuse.io.hub import push_folder  # lazy: the Hub client is only needed to push
+        from adapterfuse.io.hub import HubError, push_folder  # lazy: the Hub client is only needed to push
 
         with tempfile.TemporaryDirectory(prefix="adapterfuse-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "adapter", full=full, base=base)
-            return push_folder(folder, repo_id, token=token, **kwargs)
+            folder = self.save_pretrained(Path(tmp) / "adapter", full=full, base=base, load_from=repo_id)
+            try:
+                return push_folder(folder, repo_id, token=token, **kwargs)
+            except HubError as err:
+                if saved is None:
+                    raise
+                raise HubError(
+                    f"{err}; the {'model' if full else 'adapter'} is saved in {saved}: push it once the Hub "
+                    f"answers with `adapterfuse push {saved} {repo_id}`"
+                ) from None
 
-    def card(self, full: bool = False) -> str:
-        """A Markdown model card naming the sources, method, parameters, ranks and errors (see :mod:`.card`)."""
-        return merged_card(self.metadata(), full=full)
+    def card(self, full: bool = False, load_from: str = "merged-adapter") -> str:
+        """The model card: Hub metadata, sources, method, parameters, errors, scores, how to load it.
+
+        Args:
+            full: the card of the full merged model rather than of the adapter.
+            load_from: the Hub repo id or folder the load snippet names.
+
+        Returns:
+            The card's text (see :func:`adapterfuse.backends.merge.card.merged_card`).
+        """
+        return merged_card(self, full, load_from)
 
 
 def params_json(params: PydanticModel) -> dict[str, Any]:

@@ -1,72 +1,73 @@
-"""The model card of a merged adapter, written from its ``adapterfuse.json`` content.
-
-The card says what the folder holds: the sources, the method and its parameters, the rank and the
-truncation error of every module (so a reader sees what a rank policy kept), what validation chose, and
-how to load it.
-"""
+"""The model card of a merged adapter: sources, method, parameters, the rank and error of every module,
+searches and harness scores (so a reader sees what a rank policy kept)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from adapterfuse.io.card import CardSpec, build_card, scores_from
 
-def merged_card(meta: dict[str, Any], full: bool = False) -> str:
-    """A Markdown model card naming the sources, method, parameters, ranks and errors.
+
+# `adapter` is a MergedAdapter, typed Any: the adapter module imports this one, so naming its class would be a circle.
+def merged_card(adapter: Any, full: bool = False, load_from: str = "merged-adapter") -> str:
+    """The ``README.md`` of a merged adapter (or, with ``full``, of the merged full model).
 
     Args:
-        meta: the merged adapter's metadata (:meth:`~adapterfuse.backends.merge.adapter.MergedAdapter.metadata`).
-        full: whether the folder holds the merged full model rather than the adapter.
+        adapter: the merged adapter (:class:`~adapterfuse.backends.merge.adapter.MergedAdapter`).
+        full: the folder holds base weights + ΔW as a plain transformers model.
+        load_from: the Hub repo id or folder the load snippet names.
 
     Returns:
-        The card's text.
+        The card's text (see :func:`adapterfuse.io.card.build_card`).
     """
-    params = ", ".join(f"{k}={v}" for k, v in sorted(meta["params"].items()) if v is not None)
-    base, sources, error = meta["base"], meta["sources"], meta["truncation_error"]
-    fp = str(base.get("fingerprint"))
-    lines = [
-        "---",
-        f"library_name: {'transformers' if full else 'peft'}",
-        f"base_model: {base.get('spec')}",
-        "tags: [adapterfuse, lora, merge]",
-        "---",
-        "",
-        f"# merged adapter ({meta['method']})",
-        "",
-        f"{'A full model with' if full else 'A LoRA adapter holding'} the merge of {len(sources)} "
-        f"expert{'s' * (len(sources) != 1)} by `{meta['method']}` (maths: `{meta['merged_with']}`), "
+    params = ", ".join(f"{k}={v}" for k, v in sorted(adapter.params.items()) if v is not None)
+    sources = adapter.sources
+    latest = adapter.evaluation[-1] if adapter.evaluation else None
+    spec = CardSpec(
+        title=f"merged adapter ({adapter.method})",
+        summary=f"{'A full model with' if full else 'A LoRA adapter holding'} the merge of {len(sources)} "
+        f"expert{'s' * (len(sources) != 1)} by `{adapter.method}` (maths: `{adapter.result.method}`), "
         "made with adapterfuse.",
-        "",
-        f"- base: `{base.get('spec')}` (fingerprint `{fp[:23]}…`)",
-        f"- parameters: {params}",
-        f"- adapter parameters: {meta['adapter_params']:,}",
-        f"- relative truncation error (Frobenius, all modules): {error['overall']:.3e}",
-        f"- worst module: {_worst_module(error['per_module'])}",
-        "",
-        "## Sources",
-        "",
-    ]
-    lines += [f"- `{s['name']}` (task {s['task']}, {s['peft_type']}, sha256 `{s['sha256'][:16]}…`)" for s in sources]
-    lines += _rank_lines(meta.get("ranks", {}), error["per_module"])
-    lines += _search_lines(meta["search"])
-    lines += [f"- note: {n}" for n in meta["notes"]]
-    usage = (
-        ("from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained('PATH')")
-        if full
-        else ("from peft import PeftModel", "model = PeftModel.from_pretrained(base_model, 'PATH')")
+        base_model=adapter.base.get("spec"),
+        library_name="transformers" if full else "peft",
+        load_from=load_from,
+        tags=("lora", "merge", adapter.method),
+        tasks=tuple(dict.fromkeys(str(s["task"]) for s in sources if s.get("task"))),
+        scores=scores_from(latest["tasks"]) if latest else (),
+        facts=(
+            f"base: `{adapter.base.get('spec')}` (fingerprint `{str(adapter.base.get('fingerprint'))[:23]}…`)",
+            f"parameters: {params}",
+            f"adapter parameters: {adapter.num_params:,}",
+            f"relative truncation error (Frobenius, all modules): {adapter.overall_error:.3e}",
+            f"worst module: {_worst_module(adapter.per_module_error)}",
+        ),
+        sections=_sections(adapter),
+        command=adapter.command,
+        recipe={"method": adapter.method, "params": adapter.params, "sources": [s["name"] for s in sources]},
     )
-    if meta["evaluation"]:
+    return build_card(spec)
+
+
+def _sections(adapter: Any) -> tuple[str, ...]:
+    lines = ["", "## Sources", ""]
+    lines += [
+        f"- `{s['name']}` (task {s['task']}, {s['peft_type']}, sha256 `{s['sha256'][:16]}…`)" for s in adapter.sources
+    ]
+    lines += _rank_lines({m: d.rank for m, d in adapter.deltas.items()}, adapter.per_module_error)
+    lines += _search_lines(adapter.search)
+    lines += [f"- note: {n}" for n in adapter.notes]
+    if adapter.evaluation:
         from adapterfuse.harness import results_table
 
-        lines += ["", "## Harness results", "", results_table(meta["evaluation"])]
-    lines += ["", "Load it with:", "", "```python", *usage, "```", ""]
-    return "\n".join(lines)
+        lines += ["", "## Harness results", "", results_table(adapter.evaluation)]
+    return tuple(lines)
 
 
-def _worst_module(per_module: dict[str, float]) -> str:
-    if not per_module:
+def _worst_module(per_module_error: dict[str, float]) -> str:
+    if not per_module_error:
         return "none"
-    module = max(sorted(per_module), key=per_module.__getitem__)
-    return f"`{module}` {per_module[module]:.3e}"
+    module = max(sorted(per_module_error), key=per_module_error.__getitem__)
+    return f"`{module}` {per_module_error[module]:.3e}"
 
 
 def _rank_lines(ranks: dict[str, int], per_module: dict[str, float]) -> list[str]:
@@ -74,7 +75,7 @@ def _rank_lines(ranks: dict[str, int], per_module: dict[str, float]) -> list[str
     if not ranks:
         return []
     out = ["", "## Rank and truncation error per module", "", "| module | rank | relative error |", "|---|---|---|"]
-    return out + [f"| `{m}` | {r} | {per_module.get(m, 0.0):.3e} |" for m, r in ranks.items()]
+    return out + [f"| `{m}` | {r} | {per_module.get(m, 0.0):.3e} |" for m, r in sorted(ranks.items())]
 
 
 def _search_lines(search: dict[str, Any]) -> list[str]:

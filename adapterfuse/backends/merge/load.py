@@ -72,6 +72,7 @@ def adapter_from_manifest(folder: Path, manifest: Manifest) -> MergedAdapter:
         search=meta.get("search", {}),
         notes=meta.get("notes", []),
         evaluation=meta.get("evaluation", []),
+        command=meta.get("command"),
     )
 
 

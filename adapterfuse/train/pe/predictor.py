@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterfuse.backends.ensemble.pooling import pool
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
-from adapterfuse.base import BaseModel
+from adapterfuse.base import BaseModel, fingerprints_conflict
 from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError
 from adapterfuse.expert import Expert
@@ -217,7 +217,7 @@ class PEEnsemblePredictor:
         name: str | None = None,
     ) -> None:
         want = ensemble.manifest["base"]["fingerprint"]
-        if want != base.fingerprint:
+        if want != base.fingerprint and (not want or fingerprints_conflict(want, base.fingerprint)):
             raise CompatibilityError(
                 f"pe ensemble: trained on base {want[:19]}…, got {base.fingerprint[:19]}…; expected the same base model"
             )
