@@ -25,7 +25,7 @@ PIPELINE_TAG = "text-generation"  # the adapters answer through a causal LM's ne
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PEFT_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA"}
 # The temporary sibling io.atomic.atomic_dir writes into before renaming it to its target.
-_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[A-Za-z0-9_]+$")
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[A-Za-z0-9_-]+$")  # see io.atomic: .<out>.tmp-<pid>-<random>
 
 
 @dataclass(frozen=True)
