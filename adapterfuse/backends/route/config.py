@@ -153,7 +153,6 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteConfig:
-        self._own_kind_only()
         if self.decision == "utility" and (self.router != "learned" or self.target != "task"):
             raise ValueError(
                 f"decision 'utility': needs router='learned' with target='task' (a posterior over the "
@@ -165,6 +164,7 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
                 "mbc_clusters: router 'mbc' needs the number of expert groups, got none; set "
                 "mbc_clusters to an integer in 1 .. the number of experts"
             )
+        self._own_kind_only()  # after the checks above, whose messages say more about these cases
         return self
 
     def _own_kind_only(self) -> None:
