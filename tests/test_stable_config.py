@@ -23,7 +23,7 @@ TRAIN = """
     from adapterfuse.base import load_default_tokenizer, wrap_base
     from adapterfuse.tasks.glue import load_task
     from adapterfuse.train.config import ALL_LINEAR
-from adapterfuse.train.expert import train_expert
+    from adapterfuse.train.expert import train_expert
     from tests.helpers import make_tiny_model, tiny_config
     tokenizer = load_default_tokenizer()
     base = wrap_base(make_tiny_model(tokenizer), tokenizer, "tiny-llama-0")
