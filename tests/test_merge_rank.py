@@ -112,3 +112,15 @@ def test_linear_auto_truncates_the_stacked_factors_without_a_full_size_svd(metho
 def test_bad_rank_or_energy_is_refused(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         merge_deltas(_experts(), "ties", **kwargs)
+
+
+def test_the_merge_command_takes_auto_and_exact_ranks():
+    from adapterfuse.cli.main import build_parser
+
+    parser = build_parser()
+    base = ["merge", "--experts", "a", "b", "--out", "o"]
+    assert parser.parse_args([*base, "--rank", "auto"]).rank == "auto"
+    assert parser.parse_args([*base, "--rank", "exact"]).rank == "exact"
+    assert parser.parse_args([*base, "--rank", "16"]).rank == 16
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--rank", "0"])

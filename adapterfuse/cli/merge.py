@@ -100,9 +100,10 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rank",
-        type=int,
+        type=_rank,
         default=argparse.SUPPRESS,
-        help="output rank per module (default: exact for linear methods, the largest expert rank for TIES/DARE)",
+        help="output rank per module: N, auto (the smallest keeping --param energy=0.9 of the update) or exact "
+        "(default: exact for linear and spectral methods, auto for TIES/DARE)",
     )
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of every random choice (default 0)")
     p.add_argument(
@@ -139,6 +140,19 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="cap on test examples per task with --eval (default: all)",
     )
+
+
+def _rank(text: str) -> int | str:
+    """argparse type of ``--rank``: a positive integer, ``auto`` or ``exact``."""
+    if text in ("auto", "exact"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, auto or exact, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, auto or exact, got {value}")
+    return value
 
 
 def parse_weights(text: str | None) -> list[float] | None:
