@@ -60,6 +60,8 @@ def expert_store(tmp_path_factory, tiny_base, doc_glue):
 
 def _substitute(monkeypatch, real, fake) -> None:
     """Put ``fake`` wherever a package module holds ``real`` (they import functions by name)."""
+    for name in adapterfuse.__all__:  # resolve the lazy public names first, so that they are patched and restored
+        getattr(adapterfuse, name)
     for name, module in list(sys.modules.items()):
         if name == "adapterfuse" or name.startswith("adapterfuse."):
             for attr, value in list(vars(module).items()):
