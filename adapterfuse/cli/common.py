@@ -170,6 +170,16 @@ def add_config_options(parser: Any, backend: str, options: dict[str, tuple[Any, 
         )
 
 
+def add_verify_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-verify``: load expert folders whose files no longer match their manifest (shared by every command
+    that loads experts)."""
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
+    )
+
+
 def add_device_option(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
     """Add ``--device``: where the base runs (checked when the base is loaded, see :mod:`adapterfuse.device`).
 

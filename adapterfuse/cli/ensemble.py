@@ -14,6 +14,7 @@ from adapterfuse.cli.common import (
     add_command,
     add_config_options,
     add_device_option,
+    add_verify_option,
     positive_int,
     set_verbosity,
     source,
@@ -66,11 +67,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="a seeded subset of each task's test split (default: all)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
-    )
+    add_verify_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
     group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from adapterfuse.cli.common import add_command, add_device_option, emit, positive_int, set_verbosity, source
+from adapterfuse.cli.common import (
+    add_command,
+    add_device_option,
+    add_verify_option,
+    emit,
+    positive_int,
+    set_verbosity,
+    source,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -31,11 +39,7 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--validation-size", type=int, default=200, help="examples carved from train for validation")
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
-    ev.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
-    )
+    add_verify_option(ev)
     ev.add_argument("--out", type=Path, default=None, help="results.json to write (default: none)")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_device_option(ev)

@@ -16,7 +16,15 @@ from typing import Any
 
 import yaml
 
-from adapterfuse.cli.common import add_command, add_device_option, emit, positive_int, set_verbosity, source
+from adapterfuse.cli.common import (
+    add_command,
+    add_device_option,
+    add_verify_option,
+    emit,
+    positive_int,
+    set_verbosity,
+    source,
+)
 from adapterfuse.cli.fields import FIELDS
 from adapterfuse.errors import ConfigError
 
@@ -54,11 +62,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model: folder, .gguf file or Hub id (default SmolLM2-135M)")
     _add_data_options(p)
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
-    )
+    add_verify_option(p)
     p.add_argument(
         "--push", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo (default: no push)"
     )

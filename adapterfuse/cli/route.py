@@ -15,6 +15,7 @@ from adapterfuse.cli.common import (
     add_command,
     add_config_options,
     add_device_option,
+    add_verify_option,
     optional_int,
     positive_int,
     set_verbosity,
@@ -88,11 +89,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="a seeded subset of each task's test split (default: all)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (weights_only load)")
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load expert folders whose files no longer match their manifest.json (changed after saving)",
-    )
+    add_verify_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
