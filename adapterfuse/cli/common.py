@@ -170,6 +170,17 @@ def add_config_options(parser: Any, backend: str, options: dict[str, tuple[Any, 
         )
 
 
+def add_no_autocast_option(group: Any) -> None:
+    """``--no-autocast``: score in fp32; only given, it reaches the namespace (the config model defaults it)."""
+    group.add_argument(
+        "--no-autocast",
+        dest="autocast",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="score in fp32 instead of bf16 autocast",
+    )
+
+
 def add_verify_option(parser: argparse.ArgumentParser) -> None:
     """``--no-verify``: load expert folders whose files no longer match their manifest (shared by every command
     that loads experts)."""

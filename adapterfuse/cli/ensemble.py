@@ -14,6 +14,7 @@ from adapterfuse.cli.common import (
     add_command,
     add_config_options,
     add_device_option,
+    add_no_autocast_option,
     add_verify_option,
     positive_int,
     set_verbosity,
@@ -72,13 +73,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     # The ensemble options: only those given reach the namespace; EnsembleConfig holds their defaults and checks.
     group = p.add_argument_group("ensemble options (checked and defaulted by EnsembleConfig)")
     add_config_options(group, "ensemble", OPTIONS)
-    group.add_argument(
-        "--no-autocast",
-        dest="autocast",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="score in fp32 instead of bf16 autocast",
-    )
+    add_no_autocast_option(group)
     add_device_option(p)
     p.set_defaults(handler=run)
     return p

@@ -15,6 +15,7 @@ from adapterfuse.cli.common import (
     add_command,
     add_config_options,
     add_device_option,
+    add_no_autocast_option,
     add_verify_option,
     optional_int,
     positive_int,
@@ -94,13 +95,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
     add_config_options(group, "route", OPTIONS)
-    group.add_argument(
-        "--no-autocast",
-        dest="autocast",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="score in fp32 instead of bf16 autocast",
-    )
+    add_no_autocast_option(group)
     add_device_option(p)
     p.set_defaults(handler=run)
     return p
