@@ -2,13 +2,16 @@
 
 ``"auto"`` picks CUDA, then Apple's MPS, then the CPU. Under a multi-process launch (``accelerate
 launch``, ``torchrun``) each process takes the GPU of its ``LOCAL_RANK``. The frozen base runs under
-bf16 autocast where the device computes bf16 natively (CUDA GPUs that support it, and the CPU);
-elsewhere (older GPUs, MPS) it runs in fp32. Adapter maths, label logits and losses stay fp32 everywhere.
+bf16 autocast where the device computes bf16 natively (CUDA GPUs that support it, and CPUs with
+AVX512-BF16 or AMX); elsewhere (older GPUs, CPUs that would emulate bf16, MPS) it runs in fp32, because
+emulated bf16 is slower than fp32. Adapter maths, label logits and losses stay fp32 everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -75,18 +78,18 @@ def _cuda(device: torch.device) -> torch.device:
 def autocast_dtype_for(device_type: str, bf16_supported: bool) -> torch.dtype | None:
     """The autocast dtype of the frozen base on a kind of device, or ``None`` for plain fp32.
 
-    bf16 where it is computed natively: a CUDA GPU that supports it, and the CPU. Elsewhere (a GPU
-    without bf16, MPS) fp32: fp16 would need loss scaling to be trusted, and these scores must not
-    depend on it.
+    bf16 where it is computed natively: a CUDA GPU or a CPU that supports it. Elsewhere (a GPU or CPU
+    that would emulate bf16, MPS) fp32: emulated bf16 is slower than fp32, and fp16 would need loss
+    scaling to be trusted.
 
     Args:
         device_type: ``"cpu"``, ``"cuda"``, ``"mps"`` …
-        bf16_supported: whether that device computes bf16 (only read for CUDA).
+        bf16_supported: whether that device computes bf16 natively (read for CPU and CUDA).
 
     Returns:
         ``torch.bfloat16`` or ``None``.
     """
-    if device_type == "cpu" or (device_type == "cuda" and bf16_supported):
+    if device_type in ("cpu", "cuda") and bf16_supported:
         return torch.bfloat16
     return None
 
@@ -94,7 +97,23 @@ def autocast_dtype_for(device_type: str, bf16_supported: bool) -> torch.dtype | 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype on this machine's ``device`` (see :func:`autocast_dtype_for`)."""
     kind = torch.device(device).type
-    return autocast_dtype_for(kind, kind == "cuda" and _cuda_bf16())
+    native = _cuda_bf16() if kind == "cuda" else cpu_bf16() if kind == "cpu" else False
+    return autocast_dtype_for(kind, native)
+
+
+@functools.cache
+def cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bf16 natively: the ``avx512_bf16`` or ``amx_bf16`` instructions.
+
+    Without them bf16 matmuls are emulated and run several times slower than fp32. Where the CPU's flags
+    cannot be read (no ``/proc/cpuinfo``: macOS, Windows) the answer is no, so the base runs in fp32.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cuda_bf16() -> bool:

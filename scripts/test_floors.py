@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         run([python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"])
         pytest = [python, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *args.pytest_args]
         # A cache of its own: the default base's tokenizer is converted from GGUF by the floor versions too.
-        env = {**os.environ, "ADAPTERFUSE_CACHE": str(venv / "adapterfuse-cache")}
+        # Offline: the tests never need the Hub (the push tests talk to a local fake Hub and lift offline
+        # mode themselves), and older clients retry unreachable lookups for minutes.
+        env = {**os.environ, "ADAPTERFUSE_CACHE": str(venv / "adapterfuse-cache"), "HF_HUB_OFFLINE": "1"}
         run(pytest, cwd=ROOT, env=env)
         print("floors: the fast suite passes with every dependency at its floor", flush=True)
     finally:

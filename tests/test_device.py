@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import adapterfuse.device
 from adapterfuse.backends.ensemble.fit import ensemble
 from adapterfuse.backends.merge.api import merge
 from adapterfuse.backends.route.api import route
 from adapterfuse.base import load_base
 from adapterfuse.cli.main import main
-from adapterfuse.device import autocast_dtype, autocast_dtype_for, resolve_device
+from adapterfuse.device import autocast_dtype, autocast_dtype_for, cpu_bf16, resolve_device
 from adapterfuse.distributed import map_rows, world
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import ZeroShotPredictor, evaluate
@@ -36,17 +37,36 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         ("cuda", False, None),  # an older GPU: fp32
         ("mps", False, None),
         ("mps", True, None),  # MPS runs fp32 whatever it reports
-        ("cpu", False, torch.bfloat16),  # as the CPU always ran
+        ("cpu", True, torch.bfloat16),  # AVX512-BF16 or AMX
+        ("cpu", False, None),  # a CPU that would emulate bf16: fp32 is faster
     ],
 )
 def test_autocast_dtype_follows_what_the_device_computes(kind, bf16, expected):
     assert autocast_dtype_for(kind, bf16) == expected
 
 
-def test_autocast_context_is_bf16_on_the_cpu_and_off_where_unsupported():
-    assert autocast_dtype("cpu") == torch.bfloat16
-    with autocast_context(True, "cpu"):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", False),  # AVX-512 without its bf16 extension
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # e.g. AMD Zen 4
+        ("fpu avx512f amx_bf16 amx_tile amx_int8", True),  # Intel with AMX
+    ],
+)
+def test_cpu_bf16_reads_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_bf16(cpuinfo) is expected
+    assert cpu_bf16(tmp_path / "missing") is False  # flags unreadable: fp32, never emulated bf16
+
+
+def test_autocast_context_is_bf16_where_the_cpu_computes_it_and_off_elsewhere(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(adapterfuse.device, "cpu_bf16", lambda native=native: native)
+        assert autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+        with autocast_context(True, "cpu"):
+            assert torch.is_autocast_enabled("cpu") is native
+            assert not native or torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert isinstance(autocast_context(True, "mps"), nullcontext)  # fp32 on MPS: no autocast at all
     assert isinstance(autocast_context(False, "cpu"), nullcontext)
 

@@ -79,6 +79,14 @@ def _sign_mean(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return torch.where(denom > 0, (ys * agree).sum(0) / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
+def _near_trim_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Entries whose magnitude is within float32 rounding of the trim threshold: fp32 and fp64 may order them
+    differently, so which of them is kept is not a property of the method."""
+    n = max(1, math.floor(density * x.numel()))
+    threshold = torch.sort(x.abs().flatten(), descending=True).values[n - 1]
+    return (x != 0) & ((x.abs() - threshold).abs() <= 1e-6 * float(x.abs().max()))
+
+
 def _reference(method: str, xs: list[torch.Tensor], w: list[float], lam: float, density: float) -> torch.Tensor:
     if method == "uniform":
         return sum(wi * x for wi, x in zip(w, xs, strict=True)) / sum(w)
@@ -111,7 +119,12 @@ def test_each_method_matches_a_dense_float64_reference(lib, dense, method, kwarg
     for module, got in merged.deltas.items():
         xs = [dense[n][module] for n in NAMES]  # zero where an expert lacks the module
         ref = _reference(method, xs, kwargs["weights"], kwargs.get("lam", 1.0), kwargs.get("density", 1.0))
-        diff = float((got.dense(torch.float64) - ref).abs().max())
+        error = (got.dense(torch.float64) - ref).abs()
+        if method == "ties":  # a near-tie at the threshold may flip between fp32 and fp64; few such entries
+            ambiguous = torch.stack([_near_trim_threshold(x, kwargs["density"]) for x in xs]).any(0)
+            assert int(ambiguous.sum()) <= max(2, ref.numel() // 100), (module, int(ambiguous.sum()))
+            error = torch.where(ambiguous, 0.0, error)
+        diff = float(error.max())
         assert diff <= 1e-5 * float(ref.abs().max()) + 1e-9, (module, diff)
 
 
@@ -153,8 +166,10 @@ def test_one_expert_with_weight_one_is_that_expert(lib, tiny_base, name, method,
     merged = merge([experts[name]], method=method, **kwargs)
     p_merged = merged.predictor(tiny_base, autocast=False).predict_proba(TASK, data.test)
     p_expert = _probs(experts[name].attach(tiny_base.model), tiny_base, data)
-    assert float((p_merged - p_expert).abs().max()) <= 1e-5
-    assert float((p_expert - _probs(tiny_base.model, tiny_base, data)).abs().max()) > 1e-4
+    gap = float((p_merged - p_expert).abs().max())
+    assert gap <= 1e-5
+    # The check can fail: the expert moves the base's outputs far more than the merge differs from it.
+    assert float((p_expert - _probs(tiny_base.model, tiny_base, data)).abs().max()) > max(10 * gap, 1e-6)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])

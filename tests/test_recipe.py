@@ -310,3 +310,10 @@ def test_push_command_uploads_a_folder_and_refuses_a_missing_one(tmp_path, monke
     assert cli.main(["push", str(tmp_path / "nope"), "alice/x"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "folder" in err and "nope" in err and "hf_cliTOKEN" not in err
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)  # the schema and every combiner's options, before any weight is read
+    assert recipe.combiners and recipe.tasks
+    assert set(recipe.outputs.save) <= {entry.label for entry in recipe.combiners}
