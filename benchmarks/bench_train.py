@@ -5,7 +5,8 @@ Usage (GLUE_DIR set)::
     python benchmarks/bench_train.py [--task sst2] [--examples 320] [--repeats 3]
 
 Training: ``train_expert`` against a plain PEFT model trained by ``transformers.Trainer`` on the same
-model, prompts, LoRA config (r=8, all linear layers), batch size, learning rate and bf16 autocast;
+model, prompts, LoRA config (r=8, all linear layers), batch size, learning rate and precision (bf16
+autocast where the device computes bf16 natively, else fp32);
 the Trainer computes the usual causal-LM loss on the label token, through the full vocabulary head.
 Both count the same real (non-pad) prompt tokens. Scoring: ``scoring.predict_proba`` against a plain
 forward that computes the full logits and reads the label words off the last position. Runs alternate
@@ -24,6 +25,7 @@ import time
 import torch
 
 from adapterfuse import TrainConfig, load_base, load_task, train_expert
+from adapterfuse.device import autocast_dtype
 from adapterfuse.head import autocast_context, encode, iter_batches, label_token_ids, predict_proba
 from adapterfuse.tasks.spec import TaskData
 
@@ -68,7 +70,8 @@ def trainer_train(base, data: TaskData, config: TrainConfig) -> float:
             num_train_epochs=1,
             learning_rate=config.lr,
             warmup_steps=config.warmup_ratio,
-            bf16=config.autocast,
+            # the precision train_expert picks on this device: bf16 only where it is computed natively
+            bf16=config.autocast and autocast_dtype("cuda" if torch.cuda.is_available() else "cpu") is not None,
             use_cpu=not torch.cuda.is_available(),
             report_to=[],
             save_strategy="no",

@@ -44,6 +44,7 @@ FIELDS: dict[str, dict[str, dict[str, Any]]] = {
                 "greedy_soup",
                 "learned",
                 "regmean",
+                "fisher",
             ],
             "default": "ties",
         },

@@ -66,7 +66,7 @@ class MergeParams(BaseModel):
         rank: the output rank per module: a number, ``auto`` (per module, the smallest rank that keeps
             ``energy`` of the merged ΔW's squared Frobenius norm) or ``exact`` (everything the method
             computed). ``None`` means the method's default: ``exact`` for the linear methods, ``auto`` for
-            TIES and DARE.
+            TIES, DARE and Fisher.
         energy: the share of ``||ΔW||_F^2`` that ``rank="auto"`` keeps, in ``(0, 1]``; 0.9 bounds each
             module's relative error by ``sqrt(0.1)``, about 0.32.
         seed: seed of every random choice (DARE masks, randomized SVD).

@@ -12,14 +12,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
-from adapterfuse.backends.merge import learned, regmean, soup
+from adapterfuse.backends.merge import fisher, learned, regmean, soup
 from adapterfuse.backends.merge.adapter import SearchMethod
 from adapterfuse.backends.merge.common import MergeParams, parse_params
 from adapterfuse.backends.merge.lambda_search import LAMBDA_METHODS
 from adapterfuse.backends.merge.registry import METHODS
 from adapterfuse.errors import ConfigError
 
-SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (soup.METHOD, learned.METHOD, regmean.METHOD)}
+SEARCH_METHODS: dict[str, SearchMethod] = {
+    m.name: m for m in (soup.METHOD, learned.METHOD, regmean.METHOD, fisher.METHOD)
+}
 """Methods that fit on validation data; they need ``base`` and ``validation``."""
 
 DEFAULT_METHOD = "ties"
@@ -47,7 +49,7 @@ class MergeConfig(BaseModel):
 
     Attributes:
         method: ``uniform``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``iso_c``, ``tsv``,
-            ``greedy_soup``, ``learned`` or ``regmean`` (see :func:`all_methods`).
+            ``greedy_soup``, ``learned``, ``regmean`` or ``fisher`` (see :func:`all_methods`).
         params: the method's parameters, validated by its own model (``weights``, ``rank``, ``seed``;
             ``lambda``, ``density``, ``exact_svd`` …). Given flat, every key that is not a field of this
             model is one of them.
