@@ -59,7 +59,7 @@ def test_the_fisher_is_the_mean_squared_per_input_gradient(tiny_base, experts, d
     got = expert_fisher(tiny_base, experts[1].deltas, [module], data[1], FisherParams(batch_size=3), autocast=False)
     want = _reference_fisher(tiny_base, experts[1], data[1], module, adapted=[module])
     assert float(want.abs().max()) > 0
-    torch.testing.assert_close(got[module], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    torch.testing.assert_close(got[module].double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
 def test_fisher_merge_is_the_fisher_weighted_mean_of_the_updates(tiny_base, experts, data):
@@ -86,7 +86,9 @@ def test_one_expert_comes_back_and_bad_inputs_are_refused(tiny_base, experts, da
         assert float((one.deltas[module].dense(torch.float64) - want).abs().max()) < 1e-5 * float(want.abs().max())
     with pytest.raises(ConfigError, match=r"fisher: experts \{'x1': 'stsb'\} .* have no validation data"):
         merge(experts, method="fisher", base=tiny_base, validation=data[:1], autocast=False)
-    with pytest.raises(ConfigError, match=r"fisher: weights \{.*'x1': 0.0.*\} \(expert: weight\); expected every weight > 0"):
+    with pytest.raises(
+        ConfigError, match=r"fisher: weights \{.*'x1': 0.0.*\} \(expert: weight\); expected every weight > 0"
+    ):
         merge(experts, method="fisher", weights=[1.0, 0.0], base=tiny_base, validation=data, autocast=False)
     with pytest.raises(ConfigError, match="floor"):
         merge(experts, method="fisher", floor=0.0, base=tiny_base, validation=data)

@@ -61,7 +61,7 @@ def expert_fisher(
     """The diagonal empirical Fisher of each module's weight, with ``deltas`` applied, on ``task``'s validation.
 
     Returns:
-        ``{module: [out, in]}`` fp64 means over the inputs of the squared per-input gradients.
+        ``{module: [out, in]}`` fp32 means over the inputs of the squared per-input gradients.
 
     Raises:
         ConfigError: the task has no validation inputs.
@@ -98,7 +98,7 @@ def _hook(name: str, delta: LowRank | None, sums: dict[str, torch.Tensor]):
 
         def record(grad: torch.Tensor) -> None:  # padded tokens have zero gradient: no mask needed
             per_input = torch.einsum("bto,bti->boi", grad.float(), x.detach().float())
-            sums[name] = sums.get(name, 0) + per_input.square().sum(0).double().cpu()
+            sums[name] = sums.get(name, 0) + per_input.square().sum(0).cpu()  # fp32: a model-sized sum
 
         out.register_hook(record)
         return out
@@ -118,7 +118,7 @@ def merge_module(job: ModuleJob, fishers: Sequence[torch.Tensor], params: Fisher
         The :class:`~adapterfuse.lowrank.Truncation` of the merged update.
     """
     weights = torch.tensor(job.all_weights, dtype=torch.float64).view(-1, 1, 1)
-    stack = torch.stack(fishers)
+    stack = torch.stack(fishers).double()
     stack = weights * (stack + params.floor * (float(stack.max()) or 1.0))  # all zero: the weighted mean
     numerator = torch.zeros_like(stack[0])
     for position, delta in zip(job.experts, job.deltas, strict=True):
