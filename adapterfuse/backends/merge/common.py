@@ -150,9 +150,7 @@ class TiesParams(SignParams):
         density: fraction of each expert's entries kept by magnitude, in ``(0, 1]``; 0.2 is the TIES
             paper's top-20% default.
         exact_svd: truncate the merged ΔW with a full SVD (true) or, by default, a seeded randomized SVD
-            (4 power iterations, 8 extra vectors). On the default base that made TIES 3.8x faster than with
-            the full SVD for 2 experts, with the error equal to 7 digits; for 4 and 8 experts the error was
-            0.1-0.2% above the exact one (``benchmarks/bench_merge.py``, docs/results.md).
+            (4 power iterations, 8 extra vectors; docs/merge.md compares the two).
     """
 
     density: float = Field(default=0.2, gt=0.0, le=1.0)
