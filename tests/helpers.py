@@ -27,7 +27,9 @@ def make_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
+        # the pad id wrap_base gives the tokenizer, so the model does not depend on whether that ran first
+        # (transformers before 5 zeroes the padding row of the embeddings at initialisation)
+        pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
+from packaging import version
 
 from adapterfuse.errors import ExpertError
 from adapterfuse.expert import Expert
@@ -61,8 +63,14 @@ def test_regex_rank_and_alpha_patterns_fold_like_peft(tiny_base, tmp_path):
         alpha_pattern={key: 32},
         init_lora_weights=False,
     )
+    from peft.utils.other import get_pattern_key
+
     deltas = _assert_folds_like_peft(tiny_base, _peft_folder(tiny_base, tmp_path / "regex", config))
-    assert deltas["model.layers.1.self_attn.q_proj"].rank == 8 and deltas["model.layers.0.self_attn.q_proj"].rank == 4
+    q1 = "model.layers.1.self_attn.q_proj"
+    # PEFT before 0.15 matched pattern keys as name suffixes only, so there the key matches nothing.
+    regex = get_pattern_key([key], q1) == key
+    assert regex or version.parse(peft.__version__) < version.parse("0.15")
+    assert deltas[q1].rank == (8 if regex else 4) and deltas["model.layers.0.self_attn.q_proj"].rank == 4
 
 
 def test_rslora_folds_like_peft(tiny_base, tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import itertools
 
+import peft
 import pytest
 import torch
+from packaging import version
 
 from adapterfuse.backends.merge.common import CONVENTIONS, DareParams, ModuleJob, TiesParams
 from adapterfuse.backends.merge.dare_linear import dropped_stack
@@ -138,6 +140,10 @@ def test_peft_ties_function_matches_the_peft_convention() -> None:
     assert float((got - want).abs().max()) < 1e-6
 
 
+@pytest.mark.skipif(
+    version.parse(peft.__version__) < version.parse("0.21"),
+    reason="PEFT before 0.21 applied each adapter's scaling twice in its *_svd merges (fixed in 0.21.0)",
+)
 def test_peft_ties_svd_matches_the_peft_convention(tokenizer) -> None:
     from peft import LoraConfig, get_peft_model
 

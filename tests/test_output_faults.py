@@ -236,3 +236,18 @@ def test_a_full_disk_while_a_result_is_appended_leaves_the_file_as_it_was(tmp_pa
     with pytest.raises(SaveError, match=rf"output {log}: could not be written \(No space left on device\)"):
         runner._append_line(log, '{"predictor": "ens"}')
     assert log.read_text() == '{"predictor": "oracle"}\n'
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "I/O error: File too large (os error 27)",  # safetensors 0.5 and later
+        'Error while serializing: IoError(Os { code: 27, kind: FileTooLarge, message: "File too large" })',  # 0.4
+    ],
+)
+def test_an_os_error_inside_a_safetensors_error_is_read_in_both_formats(message):
+    from adapterfuse.io.atomic import write_failure
+
+    safetensor_error = type("SafetensorError", (Exception,), {})  # the Rust extension's type, by name
+    assert write_failure(safetensor_error(message)) == "File too large (os error 27)"
+    assert write_failure(safetensor_error("Error while deserializing header: HeaderTooLarge")) is None

@@ -40,9 +40,15 @@ def write_failure(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         reason = exc.strerror or os.strerror(exc.errno)
         return f"{reason}: {exc.filename!r}" if exc.filename else reason
-    # safetensors writes in Rust and reports an OS error as its own type, with the OS message inside
-    if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
-        return str(exc).split("I/O error: ", 1)[-1]
+    # safetensors writes in Rust and reports an OS error as its own type, with the OS message inside:
+    # "I/O error: File too large (os error 27)", or before 0.5 'IoError(Os { ..., message: "File too large" })'
+    if type(exc).__name__ == "SafetensorError":
+        text = str(exc)
+        if "I/O error" in text:
+            return text.split("I/O error: ", 1)[-1]
+        debug = re.search(r'IoError\(Os \{ code: (\d+), [^}]*message: "([^"]*)"', text)
+        if debug:
+            return f"{debug.group(2)} (os error {debug.group(1)})"
     return None
 
 

@@ -22,13 +22,14 @@ token never appears in them (see :mod:`adapterfuse.io.retry`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,8 @@ def push_folder(
         operations += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f.path)) for rel, f in local.items()]
         return api.create_commit(repo_id, operations, commit_message=message, repo_type="model")
 
-    info = with_retries("commit", policy, commit)
+    with _commit_urls_parsed_against(api.endpoint):
+        info = with_retries("commit", policy, commit)
     sha = str(info.oid)
     # List at the new sha, not "main": a concurrent commit must not make a good push look bad (or vice versa).
     entries = with_retries(
@@ -350,6 +352,21 @@ def _verify(entries: Iterable[Any], local: dict[str, _LocalFile], policy: Policy
             raise HubError(f"{where}: file '{extra[0]}' is in the repo but not in the folder; {fix}")
         if extra:
             raise HubError(f"{where}: file '{extra[0]}' was not downloaded; {fix}")
+
+
+@contextlib.contextmanager
+def _commit_urls_parsed_against(endpoint: str) -> Iterator[None]:
+    """huggingface_hub before 1.0 parses the commit URL a Hub returns against its ``ENDPOINT`` constant, not
+    the endpoint the client was given, so a push to another Hub failed after committing; point the constant at
+    ``endpoint`` meanwhile (later versions use the client's endpoint, and this changes nothing)."""
+    from huggingface_hub import constants
+
+    saved = constants.ENDPOINT
+    constants.ENDPOINT = endpoint
+    try:
+        yield
+    finally:
+        constants.ENDPOINT = saved
 
 
 def _resolve_endpoint(endpoint: str | None) -> str | None:
