@@ -22,7 +22,7 @@ from pydantic import Field
 from adapterfuse.backends.merge.adapter import MergedAdapter, SearchMethod, params_json
 from adapterfuse.backends.merge.common import MergeParams, MergeResult, ModuleJob, pooled_error, truncate_output
 from adapterfuse.backends.merge.lambda_search import EvalOptions
-from adapterfuse.backends.merge.registry import check_experts
+from adapterfuse.backends.merge.registry import check_experts, validation_by_task
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import LowRank
 from adapterfuse.errors import ConfigError
@@ -135,13 +135,7 @@ def run(
         ConfigError: an expert whose task has no validation data among ``tasks``, or weights that are not
             positive (a Fisher-weighted mean needs positive weights).
     """
-    by_task = {t.task.name: t for t in tasks}
-    missing = {e.name: e.task for e in library if e.task not in by_task}
-    if missing:
-        raise ConfigError(
-            f"fisher: experts {missing} (name: task) have no validation data among tasks {sorted(by_task)}; "
-            "give validation data of every expert's task"
-        )
+    by_task = validation_by_task("fisher", library, tasks)
     weights = params.weights or (1.0,) * len(library)
     if min(weights) <= 0:
         given = {e.name: w for e, w in zip(library, weights, strict=True)}

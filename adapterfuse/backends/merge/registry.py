@@ -86,6 +86,22 @@ def _check_factor(i: int, module: str, delta: object) -> tuple[int, int]:
     return delta.shape
 
 
+def validation_by_task(method: str, experts: Sequence[Any], tasks: Sequence[Any]) -> dict[str, Any]:
+    """The validation data of each expert's task, by task name, for a method that reads it.
+
+    Raises:
+        ConfigError: an expert whose task has no data among ``tasks``, naming the expert and its task.
+    """
+    by_task = {t.task.name: t for t in tasks}
+    missing = {e.name: e.task for e in experts if e.task not in by_task}
+    if missing:
+        raise ConfigError(
+            f"{method}: experts {missing} (name: task) have no validation data among tasks {sorted(by_task)}; "
+            "give validation data of every expert's task"
+        )
+    return by_task
+
+
 def check_experts(experts: Sequence[Mapping[str, LowRank]]) -> dict[str, list[int]]:
     """Validate the experts without doing any merge maths.
 

@@ -22,7 +22,7 @@ from pydantic import Field
 from adapterfuse.backends.merge.adapter import MergedAdapter, SearchMethod, params_json
 from adapterfuse.backends.merge.common import MergeParams, MergeResult, linear_output, pooled_error
 from adapterfuse.backends.merge.lambda_search import EvalOptions
-from adapterfuse.backends.merge.registry import check_experts
+from adapterfuse.backends.merge.registry import check_experts, validation_by_task
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import LowRank
 from adapterfuse.errors import ConfigError
@@ -127,13 +127,7 @@ def run(
     Raises:
         ConfigError: an expert whose task has no validation data among ``tasks``.
     """
-    by_task = {t.task.name: t for t in tasks}
-    missing = {e.name: e.task for e in library if e.task not in by_task}
-    if missing:
-        raise ConfigError(
-            f"regmean: experts {missing} (name: task) have no validation data among tasks {sorted(by_task)}; "
-            "give validation data of every expert's task"
-        )
+    by_task = validation_by_task("regmean", library, tasks)
     experts = [e.deltas for e in library]
     coverage = check_experts(experts)
     grams = {t: module_grams(base, list(coverage), by_task[t], params, options) for t in {e.task for e in library}}
