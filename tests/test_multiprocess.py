@@ -89,6 +89,8 @@ def test_recipe_fits_and_evaluates_on_two_processes_as_on_one(setup, monkeypatch
     two = json.loads((root / "run-two" / "results.json").read_text())
     assert [r["predictor"] for r in two["results"]] == [r["predictor"] for r in one["results"]]
     for a, b in zip(one["results"], two["results"], strict=True):
-        assert _scores(b) == pytest.approx(_scores(a), abs=1e-6), a["predictor"]
+        # Each process scores its share in batches of other shapes, so fp32 sums differ in the last bits;
+        # a fit on them (the learned ensemble weights) can carry that to the 6th decimal of a correlation.
+        assert _scores(b) == pytest.approx(_scores(a), abs=1e-5), a["predictor"]
     lines = (root / "run-two" / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(one["results"])  # one writer: each predictor's line once
