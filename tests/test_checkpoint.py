@@ -18,22 +18,11 @@ import adapterfuse.train.checkpoint as checkpoint_module
 from adapterfuse.errors import AdapterFuseWarning, ResumeError, SaveError
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.loop import Checkpoint, Trainable, linear_schedule, run_loop
+from tests.helpers import Interrupt, stop_at
 
 SCHEDULE = [float(i % 3) for i in range(10)]
 CONFIG = TrainConfig(checkpoint_every=3, grad_clip=1.0)
 IDENTITY = {"run": "regression", "config": CONFIG.model_dump(mode="json")}
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(step_to_stop: int):
-    def callback(step: int, loss: float) -> None:
-        if step == step_to_stop:
-            raise Interrupt
-
-    return callback
 
 
 def _run(tmp_path, callback=None) -> tuple[dict[str, torch.Tensor], int]:
@@ -56,7 +45,7 @@ def interrupted(tmp_path):
     """The parameters of an uninterrupted run, and a partial folder with checkpoints of steps 6 and 3."""
     straight, _ = _run(tmp_path / "straight")
     with pytest.raises(Interrupt):
-        _run(tmp_path, _stop_at(8))
+        _run(tmp_path, stop_at(8))
     partial = tmp_path / ".out.partial"
     assert sorted(p.name for p in partial.iterdir()) == ["checkpoint.pt", "previous.json", "previous.pt", "state.json"]
     assert json.loads((partial / "state.json").read_text())["step"] == 6
@@ -158,7 +147,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_complete_chec
     assert "\n" not in str(e.value)
     after = {p.name: p.read_bytes() for p in partial.iterdir()}
     assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["state.json"] == before["state.json"]
-    assert "checkpoint.pt.tmp" not in after
+    assert not any(".tmp" in name for name in after)  # no temporary file left
     monkeypatch.undo()
     params, resumed = _run(tmp_path)
     assert resumed == 6 and _same(params, straight)

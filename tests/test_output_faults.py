@@ -105,10 +105,23 @@ def test_other_os_errors_reach_the_cli_as_one_line(experts, tmp_path, monkeypatc
 
 
 def test_write_json_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
-    def full(self, text):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_open = Path.open
 
-    monkeypatch.setattr(Path, "write_text", full)
+    class FullDisk:  # the temporary file is created, then writing to it fails
+        def __init__(self, path, *args, **kwargs):
+            self.fh = real_open(path, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    # how every atomic file write opens its temporary file
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: FullDisk(self, *args, **kwargs))
     with pytest.raises(SaveError, match=r"results\.json: could not be written \(No space left on device\)"):
         write_json(tmp_path / "results.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []

@@ -235,7 +235,21 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file and a rename.
+    """Write a text file (UTF-8) through a temporary file and a rename.
+
+    Raises:
+        SaveError: the file could not be written (nothing is left half-written).
+    """
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    """Write a file through a temporary file beside it and a rename.
+
+    Args:
+        path: the file.
+        data: its bytes.
+        fsync: flush them to disk before the rename (a checkpoint a crash must not leave empty).
 
     Raises:
         SaveError: the file could not be written (nothing is left half-written).
@@ -243,7 +257,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

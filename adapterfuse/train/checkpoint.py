@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adapterfuse.errors import AdapterFuseWarning, ResumeError
-from adapterfuse.io.atomic import save_error, write_failure, write_json
+from adapterfuse.io.atomic import save_error, write_bytes, write_failure, write_json
 
 
 class _Broken(Exception):
@@ -31,27 +31,6 @@ _PREVIOUS = ("previous.pt", "previous.json")
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` through a temporary file and a rename; on failure nothing is left.
-
-    Raises:
-        SaveError: the file could not be written (disk full, no permission …).
-    """
-    tmp = path.with_name(f"{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        reason = write_failure(e)
-        if reason is None:
-            raise
-        raise save_error(path, reason) from e
 
 
 class Checkpoint:
@@ -187,7 +166,7 @@ class Checkpoint:
                 shutil.copyfile(self.dir / _CURRENT[0], link)
             os.replace(link, self.dir / _PREVIOUS[0])
             write_json(self.dir / _PREVIOUS[1], current)
-        _write_bytes(self.dir / _CURRENT[0], data)
+        write_bytes(self.dir / _CURRENT[0], data, fsync=True)
         state = {"identity": self.identity, "step": payload["step"], "sha256": _sha256(data)}
         write_json(self.dir / _CURRENT[1], state)
         self._written = state
