@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 
-    pins = {name: v for name, v in floors(ROOT / "pyproject.toml").items() if name not in NOT_AT_FLOORS}
-    dev_tools = sorted(set(pins) - set(floors(ROOT / "pyproject.toml", extras=())))  # pytest, ruff
+    declared, runtime = floors(ROOT / "pyproject.toml"), floors(ROOT / "pyproject.toml", extras=())
+    pins = {name: v for name, v in declared.items() if name not in NOT_AT_FLOORS}
+    dev_tools = sorted(set(pins) - set(runtime))  # pytest, ruff
     pins["torch"] = args.torch  # torch is installed first, at the version the project is tested with
     venv = args.venv or Path(tempfile.mkdtemp(prefix="adapterfuse-floors-"))
     if venv.exists():
