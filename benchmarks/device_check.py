@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 from bench_ensemble import prompts, sync
-from synthetic import random_expert
-from transformers import LlamaConfig, LlamaForCausalLM
+from synthetic import random_expert, tiny_llama
 
 from adapterfuse.backends.ensemble.fit import ensemble
 from adapterfuse.backends.route.api import route
@@ -46,20 +45,9 @@ from adapterfuse.train.expert import train_expert
 
 
 def tiny_base(device: torch.device) -> BaseModel:
-    """A 2-layer Llama with hidden size 32 on the default tokenizer (seeded random weights)."""
+    """The test-sized base (:func:`synthetic.tiny_llama`) on the default tokenizer, on ``device``."""
     tokenizer = load_default_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return wrap_base(LlamaForCausalLM(config).to(device), tokenizer, "tiny")
+    return wrap_base(tiny_llama(tokenizer, seed=0).to(device), tokenizer, "tiny")
 
 
 def get_base(spec: str, device: torch.device) -> BaseModel:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapterfuse.base import BaseModel
 from adapterfuse.delta import Deltas, LowRank, peft_from_deltas
@@ -72,3 +73,22 @@ def random_expert(
         "base": {"spec": base.spec, "fingerprint": base.fingerprint},
     }
     return Expert(name=name, config=config, state_dict=state, meta=meta)
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32, built from a config (random weights, seeded): the test-sized base."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        # the pad id wrap_base gives the tokenizer, so the model does not depend on whether that ran first
+        # (transformers before 5 zeroes the padding row of the embeddings at initialisation)
+        pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)

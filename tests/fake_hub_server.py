@@ -25,6 +25,8 @@ from urllib.parse import unquote, urlsplit
 
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 
+TOKEN = "hf_SECRETtoken123"  # the write token the `hub` fixture (conftest.py) requires
+
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob, which is what the Hub reports as ``oid`` for regular files."""

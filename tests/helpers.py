@@ -7,32 +7,14 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.spec import TaskData
 from adapterfuse.train.config import TrainConfig
 from benchmarks.synthetic import random_expert as random_expert  # re-exported for the tests
+from benchmarks.synthetic import tiny_llama
 
-
-def make_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 32, built from a config (random weights, seeded)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        # the pad id wrap_base gives the tokenizer, so the model does not depend on whether that ran first
-        # (transformers before 5 zeroes the padding row of the embeddings at initialisation)
-        pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
-
+make_tiny_model = tiny_llama  # the tiny base of every test, built where the benchmarks build it too
 
 _WORDS = "the a movie film was great bad terrible fine dull plot actors story good awful wonderful boring".split()
 
@@ -104,3 +86,17 @@ def plain_peft_model(base_model, folder: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder)).eval()
+
+
+class Interrupt(Exception):
+    """Raised by :func:`stop_at` to stop a training run the way a crash would."""
+
+
+def stop_at(step_to_stop: int):
+    """A training callback that raises :class:`Interrupt` at ``step_to_stop``."""
+
+    def callback(step: int, loss: float) -> None:
+        if step == step_to_stop:
+            raise Interrupt
+
+    return callback

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import adapterfuse.base
 from adapterfuse import cli
 from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
 from adapterfuse.backends.ensemble.config import EnsembleConfig
@@ -41,16 +40,6 @@ CASES = {
         "Accepted parameters: convention, density, divide, energy, exact_svd, lambda, rank, seed, sign_on, weights",
     ),
 }
-
-
-@pytest.fixture()
-def no_loading(monkeypatch):
-    """Fail the test if anything loads a base model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a base was loaded before the options were checked")
-
-    monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
 
 
 def _api(backend: str, experts: list[Path], base, options: dict) -> None:

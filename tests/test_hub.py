@@ -14,9 +14,8 @@ import pytest
 
 from adapterfuse.errors import AdapterFuseError, OutputExistsError
 from adapterfuse.io.hub import HubError, PushResult, Retry, _LocalFile, _mismatch, pull_folder, push_folder
-from tests.fake_hub_server import FakeHub, git_blob_sha1
+from tests.fake_hub_server import TOKEN, FakeHub, git_blob_sha1
 
-TOKEN = "hf_SECRETtoken123"
 REPO = "alice/sst2-lora"
 COMMIT = f"/api/models/{REPO}/commit/"
 
@@ -64,25 +63,7 @@ def _only_localhost_requests():
     configure_http_backend(_default_backend_factory)
 
 
-@pytest.fixture(autouse=True)
-def _hub_env(monkeypatch, tmp_path, hub_online):
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-
-
-@pytest.fixture()
-def hub(monkeypatch):
-    from huggingface_hub import constants, file_download
-
-    with FakeHub(require_token=TOKEN) as server:
-        # huggingface_hub < 1.0 parses the commit URLs it gets back against these constants, not the endpoint
-        # passed; later versions use the endpoint passed and ignore them.
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)
-        yield server
+pytestmark = pytest.mark.usefixtures("hub_env")  # the fake Hub's `hub` fixture is in conftest.py
 
 
 @pytest.fixture()

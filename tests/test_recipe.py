@@ -51,17 +51,6 @@ def _recipe(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.fixture()
-def no_loading(monkeypatch):
-    """Fail the test if anything loads a base model or trains."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded during validation")
-
-    monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
-    monkeypatch.setattr(adapterfuse.train.expert, "train_expert", refuse)
-
-
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -21,17 +21,6 @@ from tests.helpers import make_tiny_model
 HEAD = "tasks: {sst2: {}, rte: {}}\nexperts: {rank: 4}\n"
 
 
-@pytest.fixture()
-def no_loading(monkeypatch):
-    """Fail the test if anything loads a base model or trains."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded during validation")
-
-    monkeypatch.setattr(adapterfuse.base, "load_base", refuse)
-    monkeypatch.setattr(adapterfuse.train.expert, "train_expert", refuse)
-
-
 @pytest.fixture(scope="module")
 def base_folder(tokenizer, tmp_path_factory) -> Path:
     """A 2-block base saved as a model folder: its config is readable without loading it."""

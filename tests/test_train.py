@@ -8,19 +8,7 @@ from adapterfuse.head import predict_proba, task_loss
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.train.expert import train_expert
 from adapterfuse.train.loop import batch_schedule
-from tests.helpers import plain_peft_model, state_equal, tiny_config, tiny_data
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(step_to_stop: int):
-    def callback(step: int, loss: float) -> None:
-        if step == step_to_stop:
-            raise Interrupt
-
-    return callback
+from tests.helpers import Interrupt, plain_peft_model, state_equal, stop_at, tiny_config, tiny_data
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
@@ -36,7 +24,7 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_base, tmp_path, m
 
     with pytest.raises(Interrupt):
         train_expert(
-            tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False, callback=_stop_at(7)
+            tiny_base, "sst2", config, out=tmp_path / "resumed", data=data, progress=False, callback=stop_at(7)
         )
     assert not (tmp_path / "resumed").exists()  # nothing half-written in place
     checkpoint = torch.load(tmp_path / ".resumed.partial" / "checkpoint.pt", weights_only=True)
@@ -51,7 +39,7 @@ def test_changed_config_refuses_to_resume_and_says_what_changed(tiny_base, tmp_p
     config = tiny_config()
     data = tiny_data(tmp_path / "glue", config=config)
     with pytest.raises(Interrupt):
-        train_expert(tiny_base, "sst2", config, out=tmp_path / "x", data=data, progress=False, callback=_stop_at(5))
+        train_expert(tiny_base, "sst2", config, out=tmp_path / "x", data=data, progress=False, callback=stop_at(5))
     with pytest.raises(ResumeError, match=r"config\.lr"):
         train_expert(tiny_base, "sst2", tiny_config(lr=1e-4), out=tmp_path / "x", data=data, progress=False)
 
@@ -117,7 +105,7 @@ def test_snapshots_are_taken_at_each_cycle_end_and_survive_a_resume(tiny_base, t
     assert all("accuracy" in s.meta["scores"]["test"] for s in snaps)
 
     with pytest.raises(Interrupt):  # interrupted after the first snapshot, resumed from step 8
-        train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False, callback=_stop_at(10))
+        train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False, callback=stop_at(10))
     train_expert(tiny_base, "sst2", config, out=tmp_path / "r", data=data, progress=False)
     for f in folders:
         assert (tmp_path / "s" / f / "adapter_model.safetensors").read_bytes() == (

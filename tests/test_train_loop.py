@@ -16,21 +16,9 @@ from adapterfuse.train.loop import Checkpoint, Objective, Trainable, linear_sche
 from adapterfuse.train.pe.options import KINDS
 from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.conftest import write_glue_dir
-from tests.helpers import random_expert, tiny_config, tiny_data
+from tests.helpers import Interrupt, random_expert, stop_at, tiny_config, tiny_data
 
 WEIGHTS = "weights.safetensors"
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(step_to_stop: int):
-    def callback(step: int, loss: float) -> None:
-        if step == step_to_stop:
-            raise Interrupt
-
-    return callback
 
 
 def _linear(seed: int = 0) -> tuple[torch.nn.Linear, Trainable]:
@@ -96,7 +84,7 @@ def test_run_loop_resumes_parameters_optimizer_rng_and_objective_state(tmp_path)
     model, trainable = _linear()
     with pytest.raises(Interrupt):
         run_loop(
-            schedule, trainable, _Regression(model), _loop_config(), Checkpoint(tmp_path / "out", identity), _stop_at(8)
+            schedule, trainable, _Regression(model), _loop_config(), Checkpoint(tmp_path / "out", identity), stop_at(8)
         )
     torch.manual_seed(123)  # whatever ran since: the checkpoint's RNG state is what counts
     model, trainable = _linear()
@@ -129,7 +117,7 @@ def test_pe_ensemble_resumes_to_the_same_bytes(tiny_base, tmp_path, data, kind):
 
     straight = train("straight")
     with pytest.raises(Interrupt):
-        train("resumed", callback=_stop_at(10))
+        train("resumed", callback=stop_at(10))
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "checkpoint.pt").is_file()
     resumed = train("resumed")
     assert resumed.manifest["training"]["resumed_from_step"] == 8
@@ -149,7 +137,7 @@ def test_pe_ensemble_refuses_to_resume_another_run(tiny_base, tmp_path, data):
             out=tmp_path / "x",
             data=data,
             progress=False,
-            callback=_stop_at(5),
+            callback=stop_at(5),
         )
     with pytest.raises(ResumeError, match=r"different config\.lr;") as err:
         train_pe_ensemble(
@@ -210,7 +198,7 @@ def test_distillation_resumes_to_the_same_bytes_and_refuses_another_run(teacher,
     config = tiny_config(max_train_examples=None, dropout=0.1, max_eval_examples=4)  # 2 tasks x 4 steps
     straight = distill(ensemble, tasks, tmp_path / "straight", config)
     with pytest.raises(Interrupt):
-        distill(ensemble, tasks, tmp_path / "resumed", config, callback=_stop_at(6))
+        distill(ensemble, tasks, tmp_path / "resumed", config, callback=stop_at(6))
     assert not (tmp_path / "resumed").exists()
     with pytest.raises(ResumeError, match=r"different config\.epochs;") as err:
         distill(
