@@ -6,6 +6,7 @@ oracle (each task answered by its own task's expert), one expert alone as a pred
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from adapterfuse.progress import bar
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
-from adapterfuse.uncertainty import ECE_BINS, uncertainty_metrics
+from adapterfuse.uncertainty import ECE_BINS, entropy, uncertainty_metrics
 
 
 def score_examples(
@@ -232,7 +233,11 @@ def load_model_predictor(folder: Path, manifest: Manifest, base: BaseModel) -> M
 
 
 def evaluate(
-    predictor: Predictor, data: Sequence[TaskData], split: str = "test", max_examples: int | None = None
+    predictor: Predictor,
+    data: Sequence[TaskData],
+    split: str = "test",
+    max_examples: int | None = None,
+    entropies: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a predictor over tasks.
 
@@ -244,11 +249,14 @@ def evaluate(
         data: the tasks' splits.
         split: ``"test"`` (GLUE dev) or ``"validation"``.
         max_examples: evaluate at most this many examples per task (the first ones).
+        entropies: also return each input's predictive entropy, divided by ``log(n_labels)`` so that
+            tasks with 2 and 6 label words share one ``[0, 1]`` scale (what out-of-task detection reads).
 
     Returns:
         ``{"predictor", "tasks": {task: metrics + nll, brier, ece + n + seconds + examples_per_s}, "average",
         "examples_per_s", "cost", "ece_bins"}``; ``average`` is the mean of the per-task ``score``; ``ece``
-        (classification tasks) uses ``ece_bins`` equal-mass bins.
+        (classification tasks) uses ``ece_bins`` equal-mass bins. With ``entropies``, also
+        ``"entropies": {task: [n] tensor}``.
 
     Raises:
         ConfigError: for an unknown split or no tasks.
@@ -258,6 +266,7 @@ def evaluate(
     if not data:
         raise ConfigError("evaluate: expected at least one task, got none")
     tasks: dict[str, dict[str, float]] = {}
+    per_input: dict[str, torch.Tensor] = {}
     total_n, total_s = 0, 0.0
     for td in bar(data, f"evaluate {predictor.name}", unit="task"):
         examples = getattr(td, split)[:max_examples]
@@ -274,7 +283,9 @@ def evaluate(
             "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2),
         }
         total_n, total_s = total_n + len(examples), total_s + seconds
-    return {
+        if entropies:
+            per_input[td.task.name] = entropy(probs) / math.log(td.task.n_labels)
+    result = {
         "predictor": predictor.name,
         "split": split,
         "tasks": tasks,
@@ -283,6 +294,7 @@ def evaluate(
         "cost": predictor.cost().as_dict(),
         "ece_bins": ECE_BINS,
     }
+    return {**result, "entropies": per_input} if entropies else result
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> str:

@@ -27,13 +27,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
 from adapterfuse.backends.route.features import n_layers
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.distributed import barrier, is_main
 from adapterfuse.errors import AdapterFuseWarning, ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate
+from adapterfuse.harness import ExpertPredictor, OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.io.atomic import save_error, write_failure, write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost, Predictor
@@ -44,6 +46,7 @@ from adapterfuse.recipe.schema import CombinerEntry, Recipe
 from adapterfuse.tasks.glue import load_held_out, load_task
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, check_disjoint
 from adapterfuse.train.config import TrainConfig
+from adapterfuse.uncertainty import auroc
 
 # Fields recorded by training that are measurements, not settings.
 _MEASURED = {"eval_wall_s", "resumed_from_step", "steps", "train_examples", "train_tokens_per_s", "train_wall_s"}
@@ -90,8 +93,9 @@ def plan(recipe: Recipe, out: str | Path) -> list[str]:
         check_expert_headers(finished)
         lines.append(f"experts on disk: {len(finished)} compatible (one base fingerprint, matching shapes)")
     done = _finished_results(out)
+    names = {"zero_shot": "base zero-shot", "oracle": "oracle", "experts": "each expert alone"}
     for label in [
-        *("base zero-shot" if b == "zero_shot" else b for b in recipe.harness.baselines),
+        *(names[b] for b in recipe.harness.baselines),
         *(c.label for c in recipe.combiners),
     ]:
         # The run reuses a recorded result only if its settings and the experts' weights still match.
@@ -175,8 +179,10 @@ class Steps:
 
 def count_steps(recipe: Recipe) -> int:
     """How many steps a run of ``recipe`` logs: each expert (or loading the given ones), each predictor, the report."""
-    experts = 1 if recipe.experts.paths else len(recipe.trained_experts())
-    return experts + len(recipe.harness.baselines) + len(recipe.combiners) + 1
+    n = len(recipe.experts.paths) if recipe.experts.paths else len(recipe.trained_experts())
+    experts = 1 if recipe.experts.paths else n
+    baselines = sum(n if b == "experts" else 1 for b in recipe.harness.baselines)
+    return experts + baselines + len(recipe.combiners) + 1
 
 
 def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], steps: Steps) -> list[Expert]:
@@ -387,6 +393,18 @@ def _setting(entry: CombinerEntry) -> dict[str, Any]:
     return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
 
 
+def _run_digest(recipe: Recipe, library: ExpertLibrary) -> str:
+    """What every result of a run shares: the harness, the tasks, the experts' weights (and held-out tasks,
+    when there are any, so results measured without them stay valid)."""
+    h = recipe.harness
+    return _digest(
+        h.model_dump(exclude={"held_out", "max_held_out"}),
+        {t: e.model_dump() for t, e in recipe.tasks.items()},
+        sorted(e.weights_sha256() for e in library),
+        *([h.held_out, h.max_held_out] if h.held_out else []),
+    )
+
+
 def run_recipe(
     recipe: Recipe,
     out: str | Path,
@@ -427,11 +445,8 @@ def run_recipe(
     h = recipe.harness
     data, validation = load_data(recipe)
     library = ExpertLibrary(_experts(recipe, out, base, data, steps), base.fingerprint)
-    setting = _digest(
-        h.model_dump(),
-        {t: e.model_dump() for t, e in recipe.tasks.items()},
-        sorted(e.weights_sha256() for e in library),
-    )
+    setting = _run_digest(recipe, library)
+    held_out = [load_held_out(task, h.max_held_out, DATA_SEED) for task in h.held_out]
     done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
@@ -449,7 +464,7 @@ def run_recipe(
         fit_s = time.perf_counter() - t0
         if fits:
             steps.say(f"predictor {label}: evaluating on {len(data)} task(s) ...")
-        result = evaluate(predictor, list(data.values()))
+        result = score(predictor, data, [] if task_id else held_out)
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
         result["needs_task_id"] = task_id  # told each input's task: the report keeps it off the Pareto front
         results.append(result)
@@ -468,11 +483,37 @@ def run_recipe(
         measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base), fits=False)
     if "oracle" in h.baselines:
         measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library), False, True)
+    if "experts" in h.baselines:
+        for e in library:
+            measure(f"expert {e.name}", ["expert", e.name], partial(ExpertPredictor, base, e), fits=False)
     for entry in recipe.combiners:
         build = partial(_fit, entry, recipe, out, base, library, data, validation)
         measure(entry.label, _setting(entry), build, task_id=entry.backend == "pe_ensemble")
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     return _report(recipe, out, summary, steps, main)
+
+
+def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[TaskData] = ()) -> dict[str, Any]:
+    """A predictor's harness result on the recipe's tasks (their test splits), and on held-out tasks.
+
+    Args:
+        predictor: the predictor.
+        data: the recipe's tasks.
+        held_out: tasks no expert trained on (their test splits only).
+
+    Returns:
+        :func:`~adapterfuse.harness.evaluate`'s result; with ``held_out``, also ``"held_out"`` (each held-out
+        task's metrics, kept out of the average) and ``"out_of_task_auroc"``: how well the normalised
+        predictive entropy tells held-out inputs from the recipe's own (0.5: chance, 1: perfect).
+    """
+    result = evaluate(predictor, list(data.values()), entropies=bool(held_out))
+    if not held_out:
+        return result
+    away = evaluate(predictor, list(held_out), entropies=True)
+    inside, outside = result.pop("entropies"), away.pop("entropies")
+    result["held_out"] = away["tasks"]
+    result["out_of_task_auroc"] = auroc(torch.cat(list(inside.values())), torch.cat(list(outside.values())))
+    return result
 
 
 def _base(recipe: Recipe, base: BaseModel | None, device: str | None) -> BaseModel:

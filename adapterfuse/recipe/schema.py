@@ -21,7 +21,7 @@ from adapterfuse.tasks.glue import TASKS
 from adapterfuse.train.config import TrainConfig
 
 BACKENDS = ("merge", "ensemble", "route", "pe_ensemble")
-BASELINES = ("zero_shot", "oracle")
+BASELINES = ("zero_shot", "oracle")  # the default; "experts" (each expert alone, on every task) is asked by name
 
 
 class _Strict(BaseModel):
@@ -116,7 +116,25 @@ class HarnessSection(_Strict):
     validation_size: int = Field(200, ge=1, description="examples carved from train for validation")
     validation_per_task: int = Field(100, ge=1, description="validation examples each combiner fits on")
     max_test: int | None = Field(None, ge=1, description="dev examples per task (default: all)")
-    baselines: list[Literal["zero_shot", "oracle"]] = Field(default_factory=lambda: list(BASELINES))
+    baselines: list[Literal["zero_shot", "oracle", "experts"]] = Field(
+        default_factory=lambda: list(BASELINES),
+        description="reference rows: zero_shot, oracle, experts (each expert alone, on every task)",
+    )
+    held_out: list[str] = Field(
+        default_factory=list,
+        description="tasks no expert trained on: every predictor is also scored on their dev sets, apart",
+    )
+    max_held_out: int | None = Field(1000, ge=1, description="dev examples per held-out task (seeded subset)")
+
+    @field_validator("held_out")
+    @classmethod
+    def _known_held_out(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; expected names from {sorted(TASKS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"expected distinct task names, got {value}")
+        return value
 
 
 class PushEntry(_Strict):
@@ -174,6 +192,11 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _labels(self) -> Recipe:
+        both = sorted(set(self.harness.held_out) & set(self.tasks))
+        if both:
+            raise ValueError(
+                f"harness.held_out: {both} also in tasks; a held-out task has no expert, so remove it from one of them"
+            )
         labels = [c.label for c in self.combiners]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:

@@ -1,0 +1,90 @@
+"""Held-out tasks in a recipe: every predictor not told the task is also scored on tasks no expert knows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from adapterfuse.detection import out_of_task_auroc
+from adapterfuse.errors import ConfigError
+from adapterfuse.harness import ZeroShotPredictor
+from adapterfuse.recipe.runner import DATA_SEED, count_steps, load_data, run_recipe
+from adapterfuse.recipe.schema import load_recipe
+from adapterfuse.tasks.glue import load_held_out
+
+TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
+
+
+def _write(tmp_path, **harness):
+    raw = {
+        "name": "held",
+        "tasks": {"sst2": {}, "rte": {}},
+        "experts": {"rank": 4, "max_train": 16, "epochs": 1.0, "train": TINY_TRAIN},
+        "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 10, **harness},
+        "combiners": [{"backend": "merge", "options": {"method": "uniform"}}],
+        "outputs": {"plots": False},
+    }
+    path = tmp_path / "held.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    "harness, message",
+    [
+        ({"held_out": ["rte"]}, "harness.held_out: ['rte'] also in tasks"),
+        ({"held_out": ["qnly"]}, "harness.held_out: unknown task(s) ['qnly']"),
+        ({"held_out": ["mrpc", "mrpc"]}, "expected distinct task names"),
+        ({"max_held_out": 0}, "harness.max_held_out"),
+        ({"baselines": ["expert"]}, "harness.baselines.0"),
+    ],
+)
+def test_bad_held_out_settings_fail_on_load(tmp_path, no_loading, harness, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(_write(tmp_path, **harness))
+    assert message in str(e.value)
+
+
+def test_held_out_tasks_are_scored_apart_with_their_detection_auroc(tmp_path, glue_dir, tiny_base):
+    recipe = load_recipe(
+        _write(tmp_path, held_out=["mrpc"], max_held_out=12, baselines=["zero_shot", "oracle", "experts"])
+    )
+    assert count_steps(recipe) == 2 + 4 + 1 + 1  # two experts, four baseline rows, one merge, the report
+    summary = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lambda _: None)
+    rows = {r["predictor"]: r for r in summary["results"]}
+    assert list(rows) == [
+        "base zero-shot",
+        "oracle",
+        "expert sst2-lora-r4-s0",
+        "expert rte-lora-r4-s0",
+        "merge uniform",
+    ]
+    assert "held_out" not in rows["oracle"], "a predictor told the task has no answer on a task without an expert"
+    for name in ("base zero-shot", "expert sst2-lora-r4-s0", "merge uniform"):
+        row = rows[name]
+        assert set(row["held_out"]) == {"mrpc"} and row["held_out"]["mrpc"]["n"] == 12
+        assert set(row["tasks"]) == {"sst2", "rte"}, "a held-out task stays out of the average"
+        assert 0.0 <= row["out_of_task_auroc"] <= 1.0
+    assert all("entropies" not in r for r in summary["results"])
+
+    # The AUROC is the detection module's, on the same inputs.
+    data, _ = load_data(recipe)
+    held = load_held_out("mrpc", 12, DATA_SEED)
+    expected = out_of_task_auroc(ZeroShotPredictor(tiny_base), list(data.values()), [held])["entropy"]
+    assert rows["base zero-shot"]["out_of_task_auroc"] == pytest.approx(expected, abs=1e-9)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Tasks no expert was trained for" in md
+    assert f"| merge uniform | {rows['merge uniform']['held_out']['mrpc']['score']:.3f} |" in md
+
+    # Results without held-out tasks stay valid: dropping them re-measures everything once, and a
+    # rerun of that reuses it all.
+    plain = load_recipe(_write(tmp_path, baselines=["zero_shot"]))
+    lines: list[str] = []
+    run_recipe(plain, tmp_path / "out", base=tiny_base, log=lines.append)
+    assert not any("reused result" in x for x in lines)
+    lines.clear()
+    run_recipe(plain, tmp_path / "out", base=tiny_base, log=lines.append)
+    assert sum("reused result" in x for x in lines) == 2
+    assert "held_out" not in json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
