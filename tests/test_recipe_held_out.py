@@ -7,6 +7,8 @@ import json
 import pytest
 import yaml
 
+from adapterfuse import load_predictor
+from adapterfuse.backends.route.api import routing_accuracy
 from adapterfuse.detection import out_of_task_auroc
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import ZeroShotPredictor
@@ -23,8 +25,11 @@ def _write(tmp_path, **harness):
         "tasks": {"sst2": {}, "rte": {}},
         "experts": {"rank": 4, "max_train": 16, "epochs": 1.0, "train": TINY_TRAIN},
         "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 10, **harness},
-        "combiners": [{"backend": "merge", "options": {"method": "uniform"}}],
-        "outputs": {"plots": False},
+        "combiners": [
+            {"backend": "merge", "options": {"method": "uniform"}},
+            {"backend": "route", "name": "routed", "options": {"router": "learned", "epochs": 20}},
+        ],
+        "outputs": {"plots": False, "save": ["routed"]},
     }
     path = tmp_path / "held.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -51,7 +56,7 @@ def test_held_out_tasks_are_scored_apart_with_their_detection_auroc(tmp_path, gl
     recipe = load_recipe(
         _write(tmp_path, held_out=["mrpc"], max_held_out=12, baselines=["zero_shot", "oracle", "experts"])
     )
-    assert count_steps(recipe) == 2 + 4 + 1 + 1  # two experts, four baseline rows, one merge, the report
+    assert count_steps(recipe) == 2 + 4 + 2 + 1  # two experts, four baseline rows, two combiners, the report
     summary = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lambda _: None)
     rows = {r["predictor"]: r for r in summary["results"]}
     assert list(rows) == [
@@ -60,22 +65,29 @@ def test_held_out_tasks_are_scored_apart_with_their_detection_auroc(tmp_path, gl
         "expert sst2-lora-r4-s0",
         "expert rte-lora-r4-s0",
         "merge uniform",
+        "routed",
     ]
     assert "held_out" not in rows["oracle"], "a predictor told the task has no answer on a task without an expert"
-    for name in ("base zero-shot", "expert sst2-lora-r4-s0", "merge uniform"):
+    for name in ("base zero-shot", "expert sst2-lora-r4-s0", "merge uniform", "routed"):
         row = rows[name]
         assert set(row["held_out"]) == {"mrpc"} and row["held_out"]["mrpc"]["n"] == 12
         assert set(row["tasks"]) == {"sst2", "rte"}, "a held-out task stays out of the average"
         assert 0.0 <= row["out_of_task_auroc"] <= 1.0
     assert all("entropies" not in r for r in summary["results"])
 
-    # The AUROC is the detection module's, on the same inputs.
+    # A sequence-level router also reports how often it picks each input's own task's expert.
     data, _ = load_data(recipe)
+    predictor = load_predictor(tmp_path / "out" / "predictors" / "routed", tiny_base)
+    expected = routing_accuracy(predictor, list(data.values()))["oracle"]
+    assert rows["routed"]["routing_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert all("routing_accuracy" not in r for n, r in rows.items() if n != "routed")
+
+    # The AUROC is the detection module's, on the same inputs.
     held = load_held_out("mrpc", 12, DATA_SEED)
     expected = out_of_task_auroc(ZeroShotPredictor(tiny_base), list(data.values()), [held])["entropy"]
     assert rows["base zero-shot"]["out_of_task_auroc"] == pytest.approx(expected, abs=1e-9)
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "## Tasks no expert was trained for" in md
+    assert "## Tasks no expert was trained for" in md and "| routing acc. |" in md
     assert f"| merge uniform | {rows['merge uniform']['held_out']['mrpc']['score']:.3f} |" in md
 
     # Results without held-out tasks stay valid: dropping them re-measures everything once, and a
@@ -86,5 +98,5 @@ def test_held_out_tasks_are_scored_apart_with_their_detection_auroc(tmp_path, gl
     assert not any("reused result" in x for x in lines)
     lines.clear()
     run_recipe(plain, tmp_path / "out", base=tiny_base, log=lines.append)
-    assert sum("reused result" in x for x in lines) == 2
+    assert sum("reused result" in x for x in lines) == 3
     assert "held_out" not in json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]

@@ -126,6 +126,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     tasks = _tasks(results)
     oracle = next((r["average"] for r in results if r["predictor"] == "oracle"), None)
     front = set(cost_front(results))
+    routed = any("routing_accuracy" in r for r in results)
     head = [
         "predictor",
         *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks],
@@ -135,6 +136,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "passes/input",
         "adapter params",
         "fit s",
+        *(["routing acc."] if routed else []),
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(results):
@@ -151,6 +153,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"{cost['stored_params']:,}",
             f"{r.get('fit_seconds', 0):.0f}",
         ]
+        if routed:
+            cells.append(f"{r['routing_accuracy']:.3f}" if "routing_accuracy" in r else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

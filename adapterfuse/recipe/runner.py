@@ -30,7 +30,9 @@ from typing import Any
 import torch
 
 from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
+from adapterfuse.backends.route.api import routing_accuracy
 from adapterfuse.backends.route.features import n_layers
+from adapterfuse.backends.route.predictor import RoutePredictor
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.distributed import barrier, is_main
 from adapterfuse.errors import AdapterFuseWarning, ConfigError
@@ -502,11 +504,14 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
         held_out: tasks no expert trained on (their test splits only).
 
     Returns:
-        :func:`~adapterfuse.harness.evaluate`'s result; with ``held_out``, also ``"held_out"`` (each held-out
+        :func:`~adapterfuse.harness.evaluate`'s result; for a sequence-level router also
+        ``"routing_accuracy"`` (the share of inputs whose top-1 expert is their own task's); with ``held_out``, also ``"held_out"`` (each held-out
         task's metrics, kept out of the average) and ``"out_of_task_auroc"``: how well the normalised
         predictive entropy tells held-out inputs from the recipe's own (0.5: chance, 1: perfect).
     """
     result = evaluate(predictor, list(data.values()), entropies=bool(held_out))
+    if isinstance(predictor, RoutePredictor):  # Arrow routes per token and has no such number
+        result["routing_accuracy"] = routing_accuracy(predictor, list(data.values()))["oracle"]
     if not held_out:
         return result
     away = evaluate(predictor, list(held_out), entropies=True)
