@@ -306,3 +306,15 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)  # the schema and every combiner's options, before any weight is read
     assert recipe.combiners and recipe.tasks
     assert set(recipe.outputs.save) <= {entry.label for entry in recipe.combiners}
+
+
+def test_yaml_reads_on_as_a_key_and_only_true_false_as_booleans(tmp_path, no_loading):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: r\ntasks: {sst2: {}}\n"
+        "combiners:\n  - {backend: route, options: {router: learned, on: fields, shape: true}}\n"
+        "outputs: {plots: False}\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.combiners[0].options == {"router": "learned", "on": "fields", "shape": True}
+    assert recipe.outputs.plots is False

@@ -505,9 +505,10 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
 
     Returns:
         :func:`~adapterfuse.harness.evaluate`'s result; for a sequence-level router also
-        ``"routing_accuracy"`` (the share of inputs whose top-1 expert is their own task's); with ``held_out``, also ``"held_out"`` (each held-out
-        task's metrics, kept out of the average) and ``"out_of_task_auroc"``: how well the normalised
-        predictive entropy tells held-out inputs from the recipe's own (0.5: chance, 1: perfect).
+        ``"routing_accuracy"`` (the share of inputs whose top-1 expert is their own task's); with
+        ``held_out``, also ``"held_out"`` (each held-out task's metrics, kept out of the average) and
+        ``"out_of_task_auroc"``: how well the normalised predictive entropy tells held-out inputs from
+        the recipe's own (0.5: chance, 1: perfect).
     """
     result = evaluate(predictor, list(data.values()), entropies=bool(held_out))
     if isinstance(predictor, RoutePredictor):  # Arrow routes per token and has no such number

@@ -6,6 +6,7 @@ A recipe is checked completely (sections, task names, each combiner's backend an
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -250,6 +251,21 @@ def expert_name(task: str, config: TrainConfig) -> str:
     return f"{task}-{config.method}-r{config.rank}-s{config.seed}"
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as version 1.2 reads booleans: only true/false. YAML 1.1 (PyYAML's default) also reads ``on``,
+    ``off``, ``yes`` and ``no`` as booleans, which would turn the routing option ``on: fields`` into
+    ``True: fields``."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (no model, data or weight is touched).
 
@@ -268,7 +284,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe {path}: no such file; expected a YAML recipe (see recipes/README.md)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
