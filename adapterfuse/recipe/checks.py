@@ -20,7 +20,7 @@ from adapterfuse.backends.route.config import check_route
 from adapterfuse.backends.route.features import layer_index
 from adapterfuse.base import fingerprints_conflict
 from adapterfuse.errors import CompatibilityError, ConfigError
-from adapterfuse.recipe.schema import CombinerEntry, Recipe
+from adapterfuse.recipe.schema import TRAINED_FAMILIES, CombinerEntry, FamilyOptions, Recipe
 
 
 def expert_names(recipe: Recipe) -> list[str]:
@@ -47,6 +47,9 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
         if entry.backend == "pe_ensemble":
             _check_pe(entry, recipe, opts)
             return
+        if entry.backend == "task_ensemble":
+            _check_family(recipe, opts)
+            return
         config = backend_config(entry.backend, opts)
         if entry.backend == "merge":
             check_merge(config, len(members))  # type: ignore[arg-type]
@@ -56,6 +59,16 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
             check_route(config, len(members), has_data=True)  # type: ignore[arg-type]
     except ConfigError as e:
         raise ConfigError(f"combiner {entry.label!r}: {e}") from None
+
+
+def _check_family(recipe: Recipe, opts: dict[str, Any]) -> None:
+    """A task_ensemble combiner whose family trains members needs the recipe's expert settings."""
+    if FamilyOptions(**opts).family in TRAINED_FAMILIES and recipe.experts.paths:
+        raise ConfigError(
+            f"family {opts['family']!r} trains members with the recipe's expert settings, but experts.paths gives "
+            "finished experts; let the recipe train its experts (remove experts.paths) or use family "
+            "'mc_dropout' or 'temperature'"
+        )
 
 
 def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> None:

@@ -161,12 +161,13 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 def held_out_table(results: list[dict[str, Any]]) -> str:
     """One row per predictor scored on held-out tasks: each one's score and the out-of-task AUROC."""
-    scored = [r for r in results if "held_out" in r]
-    tasks = list(dict.fromkeys(t for r in scored for t in r["held_out"]))
+    scored = [r for r in results if "out_of_task_auroc" in r]
+    tasks = list(dict.fromkeys(t for r in scored for t in r.get("held_out", {})))
     head = ["predictor", *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks], "out-of-task AUROC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scored:
-        cells = [r["predictor"]] + [f"{r['held_out'][t]['score']:.3f}" if t in r["held_out"] else "—" for t in tasks]
+        held = r.get("held_out", {})
+        cells = [r["predictor"]] + [f"{held[t]['score']:.3f}" if t in held else "—" for t in tasks]
         lines.append("| " + " | ".join([*cells, f"{r['out_of_task_auroc']:.3f}"]) + " |")
     return "\n".join(lines)
 
@@ -284,12 +285,13 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
     )
     if any("nll" in m for r in results for m in r["tasks"].values()):
         text += "\n## How sure each predictor is\n\n" + uncertainty_table(results) + "\n"
-    if any("held_out" in r for r in results):
+    if any("out_of_task_auroc" in r for r in results):
         text += (
             "\n## Tasks no expert was trained for\n\nEach held-out task's score (not in the average above), and "
             "the AUROC of the predictive entropy (divided by log of the number of label words) at telling "
             "those inputs from the recipe's own: 0.5 is chance, 1 a perfect separation. Predictors told the "
-            "task have no answer there.\n\n" + held_out_table(results) + "\n"
+            "task have no answer for a task without an expert (—); their AUROC is the mean over tasks of "
+            "each task's own predictor telling its inputs from the held-out ones.\n\n" + held_out_table(results) + "\n"
         )
     write_text(out / "results.md", text)
     files = ["results.md"]

@@ -16,9 +16,9 @@ carries a hash of what produced it), so an interrupted run resumes where it stop
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,13 +40,15 @@ from adapterfuse.expert import Expert
 from adapterfuse.harness import ExpertPredictor, OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.io.atomic import save_error, write_failure, write_json
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.predictor import Cost, Predictor
+from adapterfuse.predictor import Predictor
 from adapterfuse.progress import status
 from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_recipe
 from adapterfuse.recipe.report import write_report
-from adapterfuse.recipe.schema import CombinerEntry, Recipe
+from adapterfuse.recipe.schema import TASKWISE, CombinerEntry, Recipe
+from adapterfuse.recipe.taskwise import digest as _digest
+from adapterfuse.recipe.taskwise import pe_ensembles, per_task_predictors, task_ensembles
 from adapterfuse.tasks.glue import load_held_out, load_task
-from adapterfuse.tasks.spec import Example, TaskData, TaskSpec, check_disjoint
+from adapterfuse.tasks.spec import TaskData, check_disjoint
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.uncertainty import auroc
 
@@ -55,13 +57,9 @@ _MEASURED = {"eval_wall_s", "resumed_from_step", "steps", "train_examples", "tra
 DATA_SEED = 0  # every expert of a task sees the same carve, so no seed trains on another's validation
 
 
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def expert_folder(recipe: Recipe, out: Path, name: str) -> Path:
     """Where the expert ``name`` of a recipe lives."""
-    return Path(recipe.experts.dir) / name if recipe.experts.dir else out / "experts" / name
+    return recipe.experts_dir(out) / name
 
 
 def plan(recipe: Recipe, out: str | Path) -> list[str]:
@@ -214,56 +212,6 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
     return experts
 
 
-class TaskwisePredictor:
-    """One predictor per task (e.g. a parameter-efficient ensemble trained for each), behind one name."""
-
-    def __init__(self, name: str, by_task: dict[str, Any]) -> None:
-        self.name, self.by_task = name, by_task
-
-    def predict_proba(self, task: TaskSpec, batch: list[Example]):
-        """Delegate to the task's own predictor."""
-        if task.train_task not in self.by_task:
-            raise ConfigError(f"{self.name}: no predictor for task {task.name!r}; have {sorted(self.by_task)}")
-        return self.by_task[task.train_task].predict_proba(task, batch)
-
-    def cost(self) -> Cost:
-        """Parameters and memory of all tasks' predictors; passes per input of the costliest."""
-        costs = [p.cost() for p in self.by_task.values()]
-        return Cost(
-            sum(c.stored_params for c in costs),
-            max(c.forward_passes for c in costs),
-            sum(c.memory_bytes for c in costs),
-        )
-
-    def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Parameter-efficient ensembles are already saved under OUT/pe."""
-        raise ConfigError(f"{self.name}: its ensembles are saved under the run's pe/ folder; nothing more to save")
-
-
-def _pe_ensembles(
-    entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData]
-) -> TaskwisePredictor:
-    from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
-    from adapterfuse.train.pe.train import train_pe_ensemble
-
-    opts = dict(entry.options)
-    kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
-    by_task = {}
-    for task in recipe.tasks:
-        cfg = recipe.train_config(task, recipe.experts.seeds[0])
-        folder = out / "pe" / f"{task}-{kind}-k{members}-{_digest(cfg.model_dump(), opts)}"
-        if (folder / MANIFEST).is_file():
-            ens = PEEnsemble.load(folder)
-        else:  # not split over processes: the main one trains it, the others then load it
-            if is_main():
-                ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], **opts)
-            barrier()
-            if not is_main():
-                ens = PEEnsemble.load(folder)
-        by_task[task] = ens.predictor(base)
-    return TaskwisePredictor(entry.label, by_task)
-
-
 def _options(entry: CombinerEntry) -> dict[str, Any]:
     """A merge/ensemble/route combiner's options; the predictor's name is the entry's label."""
     model = BACKENDS[entry.backend][0]
@@ -306,7 +254,9 @@ def _fit(
     validation: dict[str, TaskData],
 ) -> Predictor:
     if entry.backend == "pe_ensemble":
-        return _pe_ensembles(entry, recipe, out, base, data)
+        return pe_ensembles(entry, recipe, out, base, data)
+    if entry.backend == "task_ensemble":
+        return task_ensembles(entry, recipe, out, base, library, data, validation)
     predictor = fit_combiner(entry, base, library, validation)
     predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
     return predictor
@@ -466,7 +416,7 @@ def run_recipe(
         fit_s = time.perf_counter() - t0
         if fits:
             steps.say(f"predictor {label}: evaluating on {len(data)} task(s) ...")
-        result = score(predictor, data, [] if task_id else held_out)
+        result = score(predictor, data, held_out)
         result.update(predictor=label, fit_seconds=round(fit_s, 1), setting={"digest": setting, "key": key})
         result["needs_task_id"] = task_id  # told each input's task: the report keeps it off the Pareto front
         results.append(result)
@@ -490,7 +440,7 @@ def run_recipe(
             measure(f"expert {e.name}", ["expert", e.name], partial(ExpertPredictor, base, e), fits=False)
     for entry in recipe.combiners:
         build = partial(_fit, entry, recipe, out, base, library, data, validation)
-        measure(entry.label, _setting(entry), build, task_id=entry.backend == "pe_ensemble")
+        measure(entry.label, _setting(entry), build, task_id=entry.backend in TASKWISE)
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     return _report(recipe, out, summary, steps, main)
 
@@ -505,20 +455,32 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
 
     Returns:
         :func:`~adapterfuse.harness.evaluate`'s result; for a sequence-level router also
-        ``"routing_accuracy"`` (the share of inputs whose top-1 expert is their own task's); with
-        ``held_out``, also ``"held_out"`` (each held-out task's metrics, kept out of the average) and
-        ``"out_of_task_auroc"``: how well the normalised predictive entropy tells held-out inputs from
-        the recipe's own (0.5: chance, 1: perfect).
+        ``"routing_accuracy"`` (the share of inputs whose top-1 expert is their own task's). With
+        ``held_out``, also ``"out_of_task_auroc"``: how well the normalised predictive entropy tells
+        held-out inputs from the recipe's own (0.5: chance, 1: perfect), and ``"held_out"``: each held-out
+        task's metrics, kept out of the average. A predictor told each input's task has no answer for a
+        task without an expert, so it gets no ``"held_out"``, and its AUROC is the mean over tasks of each
+        task's own predictor telling that task's inputs from the held-out ones.
     """
     result = evaluate(predictor, list(data.values()), entropies=bool(held_out))
     if isinstance(predictor, RoutePredictor):  # Arrow routes per token and has no such number
         result["routing_accuracy"] = routing_accuracy(predictor, list(data.values()))["oracle"]
     if not held_out:
         return result
-    away = evaluate(predictor, list(held_out), entropies=True)
-    inside, outside = result.pop("entropies"), away.pop("entropies")
-    result["held_out"] = away["tasks"]
-    result["out_of_task_auroc"] = auroc(torch.cat(list(inside.values())), torch.cat(list(outside.values())))
+    inside = result.pop("entropies")
+    by_task = per_task_predictors(predictor)
+    if by_task is None:
+        away = evaluate(predictor, list(held_out), entropies=True)
+        result["held_out"] = away["tasks"]
+        result["out_of_task_auroc"] = auroc(
+            torch.cat(list(inside.values())), torch.cat(list(away["entropies"].values()))
+        )
+        return result
+    aurocs = []
+    for task, own in by_task.items():
+        away = evaluate(own, list(held_out), entropies=True)["entropies"]
+        aurocs.append(auroc(inside[task], torch.cat(list(away.values()))))
+    result["out_of_task_auroc"] = statistics.fmean(aurocs)
     return result
 
 

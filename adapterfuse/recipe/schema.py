@@ -20,8 +20,10 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.io.atomic import SAFE_FOLDER
 from adapterfuse.tasks.glue import TASKS
 from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.grid import grid_configs
 
-BACKENDS = ("merge", "ensemble", "route", "pe_ensemble")
+BACKENDS = ("merge", "ensemble", "route", "pe_ensemble", "task_ensemble")
+TASKWISE = ("pe_ensemble", "task_ensemble")  # one predictor per task: told each input's task, like the oracle
 BASELINES = ("zero_shot", "oracle")  # the default; "experts" (each expert alone, on every task) is asked by name
 
 
@@ -75,10 +77,46 @@ class ExpertsSection(_Strict):
         return value
 
 
+Family = Literal["seeds", "bagging", "grid", "snapshots", "mc_dropout", "temperature"]
+TRAINED_FAMILIES: tuple[Family, ...] = ("seeds", "bagging", "grid", "snapshots")
+"""The families whose members a run trains (the others reuse the task's expert)."""
+
+
+class FamilyOptions(_Strict):
+    """The options of a ``task_ensemble`` combiner: an ensemble per task, of that task's own members.
+
+    Attributes:
+        family: how the members differ (see :mod:`adapterfuse.recipe.taskwise`).
+        members: K: seeds, bootstrap resamples, snapshot cycles or dropout masks.
+        grid: ``{TrainConfig field: [values]}`` for ``family="grid"`` (e.g. ``{"lr": [5e-4, 2e-3]}``).
+        p: the dropout rate of ``mc_dropout`` (``None``: the ``lora_dropout`` the expert was trained with).
+        pooling: how members are pooled: ``"linear"`` (mixture of probabilities) or ``"log_linear"``.
+    """
+
+    family: Family
+    members: int = Field(3, ge=1, le=64, strict=True)
+    grid: dict[str, list[Any]] | None = None
+    p: float | None = Field(None, ge=0.0, lt=1.0)
+    pooling: Literal["linear", "log_linear"] = "linear"
+
+    @model_validator(mode="after")
+    def _grid_iff_grid(self) -> FamilyOptions:
+        if (self.family == "grid") != (self.grid is not None):
+            raise ValueError("grid: give a grid (e.g. {lr: [5e-4, 2e-3]}) with family 'grid', and only with it")
+        if self.family == "grid":
+            try:
+                grid_configs(TrainConfig(), self.grid or {})
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        if self.p is not None and self.family != "mc_dropout":
+            raise ValueError(f"p: the dropout rate is an option of family 'mc_dropout', not {self.family!r}")
+        return self
+
+
 class CombinerEntry(_Strict):
     """One backend with its options: fitted on the validation split, then evaluated."""
 
-    backend: Literal["merge", "ensemble", "route", "pe_ensemble"]
+    backend: Literal["merge", "ensemble", "route", "pe_ensemble", "task_ensemble"]
     name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
     members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the backend's config model")
@@ -99,6 +137,8 @@ class CombinerEntry(_Strict):
             if "name" in value:
                 raise ValueError("name: a combiner's row label is its entry's 'name', not an option; move it there")
             backend_config(backend, value)
+        elif backend == "task_ensemble":
+            FamilyOptions(**value)
         return value
 
     @property
@@ -106,7 +146,13 @@ class CombinerEntry(_Strict):
         """The row label of this combiner in tables and plots."""
         if self.name:
             return self.name
-        main = {"merge": "method", "ensemble": "pooling", "route": "router", "pe_ensemble": "kind"}[self.backend]
+        main = {
+            "merge": "method",
+            "ensemble": "pooling",
+            "route": "router",
+            "pe_ensemble": "kind",
+            "task_ensemble": "family",
+        }[self.backend]
         value = self.options.get(main)
         return f"{self.backend} {value}" if value is not None else self.backend
 
@@ -203,12 +249,13 @@ class Recipe(_Strict):
         if twice:
             raise ValueError(f"combiner labels {twice} appear twice; give each a distinct 'name'")
         # Checked here, not after an hour of fitting: what can be saved, and that only merges push.
-        savable = {c.label for c in self.combiners if c.backend != "pe_ensemble"} | {"oracle"}
+        savable = {c.label for c in self.combiners if c.backend not in TASKWISE} | {"oracle"}
         for wanted in self.outputs.save:
             if wanted not in savable:
                 raise ValueError(
                     f"outputs.save: predictor {wanted!r} is not a savable combiner of this recipe "
-                    f"(pe_ensemble ones are kept under OUT/pe already); expected one of {sorted(savable)}"
+                    f"(pe_ensemble and task_ensemble members are kept in the run folder already); expected one of "
+                    f"{sorted(savable)}"
                 )
         merges = {c.label for c in self.combiners if c.backend == "merge"}
         for entry in self.outputs.push:
@@ -218,6 +265,10 @@ class Recipe(_Strict):
                     f"(only a merged adapter is pushed); expected one of {sorted(merges)}"
                 )
         return self
+
+    def experts_dir(self, out: Path) -> Path:
+        """The folder the recipe's trained experts live in (``experts.dir``, default ``OUT/experts``)."""
+        return Path(self.experts.dir) if self.experts.dir else out / "experts"
 
     def trained_experts(self) -> list[tuple[str, str, TrainConfig]]:
         """``(task, expert name, its training config)`` for every expert the recipe trains, in order.
