@@ -90,7 +90,6 @@ KNOWN_CYCLES: set[str] = set()
 KNOWN_UPWARD: set[str] = set()
 KNOWN_OVER_60: set[str] = set()
 KNOWN_OVER_8_PARAMS: set[str] = {
-    "backends.ensemble.predictor:EnsemblePredictor.__init__",
     "backends.route.data:RoutingData.__init__",
     "backends.route.predictor:ArrowPredictor.__init__",
     "backends.route.predictor:RoutePredictor.__init__",

@@ -7,7 +7,7 @@ import torch
 
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import ResumeError
-from adapterfuse.head import predictions
+from adapterfuse.head import Scoring, predictions
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.train.config import TrainConfig
@@ -190,7 +190,7 @@ def teacher(tiny_base, tmp_path_factory):
     root = write_glue_dir(tmp_path_factory.mktemp("loop-distill") / "glue", n_train=40)
     tasks = [load_task(t, validation_size=8, max_train=16, glue_dir=root) for t in ("sst2", "stsb")]
     experts = [random_expert(tiny_base, f"m{i}", rank=4, seed=20 + i, scale=3.0) for i in range(2)]
-    return EnsemblePredictor(tiny_base, experts, "log_linear", [0.7, 0.5], autocast=False), tasks
+    return EnsemblePredictor(tiny_base, experts, "log_linear", [0.7, 0.5], scoring=Scoring(autocast=False)), tasks
 
 
 def test_distillation_resumes_to_the_same_bytes_and_refuses_another_run(teacher, tmp_path):
@@ -208,7 +208,7 @@ def test_distillation_resumes_to_the_same_bytes_and_refuses_another_run(teacher,
             tiny_config(max_train_examples=None, dropout=0.1, max_eval_examples=4, epochs=2.0),
         )
     assert "\n" not in str(err.value)  # one line
-    other = EnsemblePredictor(ensemble.base, ensemble.experts, "linear", autocast=False)
+    other = EnsemblePredictor(ensemble.base, ensemble.experts, "linear", scoring=Scoring(autocast=False))
     with pytest.raises(ResumeError, match=r"different teacher;"):
         distill(other, tasks, tmp_path / "resumed", config)
     resumed = distill(ensemble, tasks, tmp_path / "resumed", config)
