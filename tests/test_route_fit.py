@@ -19,7 +19,7 @@ from adapterfuse.backends.route.features import (
     text_shape,
 )
 from adapterfuse.backends.route.routers.cluster import ClusterRouter
-from adapterfuse.backends.route.routers.learned import LearnedRouter, routing_loss, target_labels
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter, routing_loss, target_labels
 from adapterfuse.backends.route.routers.mbc import cluster_experts, cosine_matrix
 from adapterfuse.backends.route.subset import greedy_subset, subset_score
 from adapterfuse.delta import LowRank, peft_from_deltas
@@ -206,9 +206,7 @@ def test_likelihood_router_prefers_the_expert_that_is_good_on_average():
         features,
         target_labels("likelihood", quality, torch.zeros(200, dtype=torch.long)),
         2,
-        target="likelihood",
-        epochs=200,
-        lr=0.05,
+        FitOptions(target="likelihood", epochs=200, lr=0.05),
     )
     assert bool((router.probs(features).argmax(dim=1) == 1).all())
     assert router.config()["target"] == "likelihood"

@@ -90,7 +90,6 @@ KNOWN_CYCLES: set[str] = set()
 KNOWN_UPWARD: set[str] = set()
 KNOWN_OVER_60: set[str] = set()
 KNOWN_OVER_8_PARAMS: set[str] = {
-    "backends.route.routers.learned:LearnedRouter.fit",
     "train.pe.train:train_pe_ensemble",
 }
 

@@ -22,7 +22,7 @@ from adapterfuse.backends.route.predictor import ArrowPredictor, Choice, RoutePr
 from adapterfuse.backends.route.routers.arrow import ArrowSpec
 from adapterfuse.backends.route.routers.base import Router, check_top_k
 from adapterfuse.backends.route.routers.cluster import ClusterRouter
-from adapterfuse.backends.route.routers.learned import LearnedRouter, target_labels
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter, target_labels
 from adapterfuse.backends.route.routers.mbc import mbc_pool
 from adapterfuse.backends.route.routers.utility import UtilityRouter, utility_matrix
 from adapterfuse.backends.route.subset import greedy_subset
@@ -158,9 +158,8 @@ def _fit(kind: str, data: RoutingData, scores: PoolScores, config: RouteConfig, 
             data.features, scores, [t.name for t in data.row_tasks], config.cv_folds, **fit
         )
     labels = target_labels(config.target, scores.quality, scores.own)
-    fitted = LearnedRouter.fit(
-        data.features, labels, n_experts, target=config.target, own=scores.own, prior_weight=prior_weight or 0.0, **fit
-    )
+    options = FitOptions(target=config.target, prior_weight=prior_weight or 0.0, **fit)
+    fitted = LearnedRouter.fit(data.features, labels, n_experts, options, scores.own)
     info.update(fitted.config())
     if config.target == "task_prior":
         info["prior_weight"] = prior_weight
