@@ -89,9 +89,7 @@ BACKEND_DEPENDS: dict[str, set[str]] = {
 KNOWN_CYCLES: set[str] = set()
 KNOWN_UPWARD: set[str] = set()
 KNOWN_OVER_60: set[str] = set()
-KNOWN_OVER_8_PARAMS: set[str] = {
-    "train.pe.train:train_pe_ensemble",
-}
+KNOWN_OVER_8_PARAMS: set[str] = set()
 
 
 @dataclass(frozen=True)
