@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,22 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.spec import Example, TaskSpec
 
 DEFAULT_MAX_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a predictor runs its inputs through the base: the settings that travel together from a config
+    to every pass (a saved predictor keeps them in its manifest as ``"scoring"``).
+
+    Attributes:
+        batch_size: inputs per forward pass (batched by similar length).
+        autocast: run the frozen base under bf16 autocast where the device supports it (label logits stay fp32).
+        max_length: prompt length cap in tokens (see :func:`encode`).
+    """
+
+    batch_size: int = 32
+    autocast: bool = True
+    max_length: int = DEFAULT_MAX_LENGTH
 
 
 def label_token_ids(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:

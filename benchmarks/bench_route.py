@@ -36,7 +36,7 @@ from adapterfuse import load_base
 from adapterfuse.backends.route.features import FeatureExtractor, n_layers, routing_texts
 from adapterfuse.backends.route.routers.arrow import ArrowModel
 from adapterfuse.backends.route.routers.cluster import ClusterRouter
-from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter
 from adapterfuse.head import autocast_context, iter_batches, label_logits, label_token_ids
 from adapterfuse.tasks.glue import get_task, read_split
 from adapterfuse.tasks.spec import Example
@@ -96,7 +96,7 @@ def make_methods(base, batches, labels, args, device) -> tuple[dict[str, Callabl
         extractor = FeatureExtractor(base, layer, autocast=autocast)
         feats = torch.cat([extractor.pooled(ids, mask).cpu() for ids, mask in batches])
         fake = torch.randint(0, k, (len(feats),), generator=gen)
-        learned = LearnedRouter.fit(feats, fake, k, hidden=args.hidden, epochs=5)
+        learned = LearnedRouter.fit(feats, fake, k, FitOptions(hidden=args.hidden, epochs=5))
         clustered = ClusterRouter.fit(
             feats, torch.randn(len(feats), k, generator=gen), min(args.clusters, len(feats)), n_init=1
         )

@@ -35,7 +35,9 @@ from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.base import BaseModel
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, adapter_params, evaluate
+from adapterfuse.head import Scoring
 from adapterfuse.tasks.spec import TaskData
+from adapterfuse.train.pe.options import PESpec
 from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
 from adapterfuse.train.pe.train import train_pe_ensemble
 
@@ -132,13 +134,15 @@ def _train(
             for i in range(k)
         ]
         experts, wall = [e for e, _ in runs], sum(w for _, w in runs)
-        predictor = EnsemblePredictor(base, experts, "linear", name=_label(method, k), **scoring)
+        predictor = EnsemblePredictor(base, experts, "linear", scoring=Scoring(**scoring), name=_label(method, k))
         trained = adapter_params(experts)
     else:
         out = folder / f"{method}-k{k}"
         if not (out / MANIFEST).is_file():
             kind, options = VARIANTS.get(method, (method, {}))
-            train_pe_ensemble(base, task, kind, k, config, out=out, data=train_data, overwrite=out.exists(), **options)
+            train_pe_ensemble(
+                base, task, PESpec(kind, k, config, options), out=out, data=train_data, overwrite=out.exists()
+            )
         ensemble = PEEnsemble.load(out)
         predictor = ensemble.predictor(base, name=_label(method, k), **scoring)
         wall, trained = ensemble.manifest["training"]["train_wall_s"], ensemble.manifest["training"]["trained_params"]

@@ -227,7 +227,7 @@ def main() -> int:
     ) -> RoutingData:  # Arrow needs none
         key = (on, default_shape(on, shape), readout, layer)  # shape None and its default share one feature pass
         if key not in routing:
-            routing[key] = RoutingData(base, validation, on, layer=layer, batch_size=32, shape=key[1], readout=readout)
+            routing[key] = RoutingData(base, validation, on, layer=layer, shape=key[1], readout=readout)
         return routing[key]
 
     if not (args.out / "subset_curve.json").exists():

@@ -33,7 +33,7 @@ import torch
 
 from adapterfuse import load_base
 from adapterfuse.backends.route.data import PoolScores, RoutingData, top1_score
-from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter
 from adapterfuse.backends.route.routers.utility import UtilityRouter, utility_matrix
 from adapterfuse.expert import Expert
 from adapterfuse.recipe.schema import load_recipe
@@ -113,9 +113,7 @@ def main() -> int:
                 on_carve.features[keep],
                 carve_scores.own[keep],
                 len(experts),
-                target="task",
-                pca=args.pca,
-                pca_keep=on_carve.extractor.shape_dim,
+                FitOptions(target="task", pca=args.pca, pca_keep=on_carve.extractor.shape_dim),
             )
             fit = carve_scores.rows(keep)
             on_dev_pair = decide(router, fit, on_dev.features, dev_scores)

@@ -32,7 +32,7 @@ import torch
 
 from adapterfuse import load_base
 from adapterfuse.backends.route.features import SHAPE_VERSION, FeatureExtractor
-from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.spec import capped_subset
@@ -59,7 +59,7 @@ def identify(
     fit = [list(d.validation[:per_task]) + capped_subset(d.train, train, 0) for d in data]
     x = torch.cat([extractor.features(d.task, examples, on) for d, examples in zip(data, fit, strict=True)])
     y = torch.cat([torch.full((len(examples),), i) for i, examples in enumerate(fit)])
-    router = LearnedRouter.fit(x, y, len(data), target="task", pca=pca, pca_keep=extractor.shape_dim)
+    router = LearnedRouter.fit(x, y, len(data), FitOptions(target="task", pca=pca, pca_keep=extractor.shape_dim))
 
     def chosen(sets: list) -> tuple[torch.Tensor, torch.Tensor]:
         truth = torch.cat([torch.full((len(examples),), i) for i, examples in enumerate(sets)])

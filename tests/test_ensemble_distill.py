@@ -8,7 +8,7 @@ import torch
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import ConfigError, OutputExistsError
 from adapterfuse.expert import Expert
-from adapterfuse.head import predict_proba
+from adapterfuse.head import Scoring, predict_proba
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.distill import distill
 from tests.helpers import plain_peft_model, random_expert, tiny_config, write_glue_dir
@@ -19,7 +19,7 @@ def teacher(tiny_base, tmp_path_factory):
     root = write_glue_dir(tmp_path_factory.mktemp("ens-distill") / "glue", n_train=40)
     data = [load_task(t, validation_size=8, max_train=24, glue_dir=root) for t in ("sst2", "stsb")]
     experts = [random_expert(tiny_base, f"m{i}", rank=4, seed=20 + i, scale=3.0) for i in range(2)]
-    return EnsemblePredictor(tiny_base, experts, "log_linear", [0.7, 0.5], autocast=False), data
+    return EnsemblePredictor(tiny_base, experts, "log_linear", [0.7, 0.5], scoring=Scoring(autocast=False)), data
 
 
 def kl(p: torch.Tensor, q: torch.Tensor) -> float:

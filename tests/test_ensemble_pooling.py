@@ -7,7 +7,7 @@ import torch
 
 from adapterfuse.backends.ensemble.pooling import linear, log_linear, pool, pooled_log_probs
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
-from adapterfuse.head import predict_proba
+from adapterfuse.head import Scoring, predict_proba
 from adapterfuse.tasks.glue import load_task
 from tests.helpers import random_expert, write_glue_dir
 
@@ -66,21 +66,21 @@ def setting(tiny_base, tmp_path_factory):
 @pytest.mark.parametrize("pooling", ["linear", "log_linear"])
 def test_one_member_with_weight_one_is_that_expert(tiny_base, setting, pooling):
     td, experts, alone = setting
-    predictor = EnsemblePredictor(tiny_base, experts[1:2], pooling, [1.0], autocast=False)
+    predictor = EnsemblePredictor(tiny_base, experts[1:2], pooling, [1.0], scoring=Scoring(autocast=False))
     torch.testing.assert_close(predictor.predict_proba(td.task, td.test), alone[1], rtol=0, atol=1e-5)
 
 
 def test_log_linear_with_weights_one_zero_is_the_first_member(tiny_base, setting):
     td, experts, alone = setting
-    predictor = EnsemblePredictor(tiny_base, experts[:2], "log_linear", [1.0, 0.0], autocast=False)
+    predictor = EnsemblePredictor(tiny_base, experts[:2], "log_linear", [1.0, 0.0], scoring=Scoring(autocast=False))
     torch.testing.assert_close(predictor.predict_proba(td.task, td.test), alone[0], rtol=0, atol=1e-5)
 
 
 def test_linear_pooling_with_given_weights_is_the_hand_computed_mixture(tiny_base, setting):
     td, experts, alone = setting
     weights = [0.6, 0.3, 0.1]
-    predictor = EnsemblePredictor(tiny_base, experts, "linear", weights, autocast=False, batch_size=4)
+    predictor = EnsemblePredictor(tiny_base, experts, "linear", weights, scoring=Scoring(batch_size=4, autocast=False))
     want = sum(w * p for w, p in zip(weights, alone, strict=True))
     torch.testing.assert_close(predictor.predict_proba(td.task, td.test), want, rtol=0, atol=1e-5)
-    uniform = EnsemblePredictor(tiny_base, experts, "linear", autocast=False)
+    uniform = EnsemblePredictor(tiny_base, experts, "linear", scoring=Scoring(autocast=False))
     torch.testing.assert_close(uniform.predict_proba(td.task, td.test), sum(alone) / 3, rtol=0, atol=1e-5)

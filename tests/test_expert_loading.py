@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterfuse.errors import CompatibilityError, ExpertError
 from adapterfuse.expert import Expert
+from adapterfuse.head import Scoring
 from adapterfuse.library import ExpertLibrary, load_library
 from adapterfuse.surgery import linear_modules
 from tests.helpers import random_expert
@@ -202,7 +203,7 @@ def test_ensemble_member_changed_in_an_unhashed_manifest_is_refused(tiny_base, t
     from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 
     folder = tmp_path / "ens"
-    EnsemblePredictor(tiny_base, two_experts, "log_linear", [0.5, 0.5], autocast=False).save(folder)
+    EnsemblePredictor(tiny_base, two_experts, "log_linear", [0.5, 0.5], scoring=Scoring(autocast=False)).save(folder)
     _edit_json(folder / "manifest.json", files=[])  # as an older manifest: no file hashes, only member hashes
     for member in ("sst2", "rte"):
         (folder / member / "manifest.json").unlink()

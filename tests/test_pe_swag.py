@@ -7,6 +7,7 @@ import torch
 
 from adapterfuse.errors import ConfigError
 from adapterfuse.train.pe.layers import member_deltas
+from adapterfuse.train.pe.options import PESpec
 from adapterfuse.train.pe.swag import SwagPosterior, flatten, lr_factor, snapshot_steps, unflatten
 from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.helpers import tiny_config, tiny_data
@@ -47,14 +48,10 @@ def test_trained_swag_with_rank_zero_and_one_snapshot_returns_the_mean_adapter(t
     ens = train_pe_ensemble(
         tiny_base,
         "sst2",
-        "swag",
-        3,
-        config,
+        PESpec("swag", 3, config, {"swag_rank": 0, "swag_start": 0.99}),
         out=tmp_path / "swag",
         data=data,
         progress=False,
-        swag_rank=0,
-        swag_start=0.99,
     )
     m = ens.manifest
     assert m["swag"]["count"] == 1 and ens.tensors["swag.deviations"].shape[0] == 0
@@ -74,14 +71,14 @@ def test_default_swag_collects_several_snapshots_and_samples_differ(tiny_base, t
     config = tiny_config()
     data = tiny_data(tmp_path / "glue", config=config)
     ens = train_pe_ensemble(
-        tiny_base, "sst2", "swag", 2, config, out=tmp_path / "swag", data=data, progress=False, swag_rank=4
+        tiny_base, "sst2", PESpec("swag", 2, config, {"swag_rank": 4}), out=tmp_path / "swag", data=data, progress=False
     )
     assert ens.manifest["swag"]["count"] == 6 and ens.tensors["swag.deviations"].shape[0] == 4
     a, b = ens.member_deltas()
     assert any(not torch.equal(a[m].B, b[m].B) for m in a)
     with pytest.raises(ConfigError, match="only a SWAG ensemble"):
         train_pe_ensemble(
-            tiny_base, "sst2", "mimo", 2, config, out=tmp_path / "mimo", data=data, progress=False
+            tiny_base, "sst2", PESpec("mimo", 2, config), out=tmp_path / "mimo", data=data, progress=False
         ).merged("swa")
 
 

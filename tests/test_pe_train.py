@@ -9,7 +9,7 @@ from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, Out
 from adapterfuse.harness import evaluate
 from adapterfuse.head import predict_proba
 from adapterfuse.predictor import Predictor
-from adapterfuse.train.pe.options import KINDS
+from adapterfuse.train.pe.options import KINDS, PESpec
 from adapterfuse.train.pe.predictor import PEEnsemble, load_pe_ensemble
 from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.helpers import tiny_config, tiny_data
@@ -24,9 +24,8 @@ def data(tmp_path_factory):
 
 def train(base, tmp_path, data, kind: str, name: str = "ens", members: int = 3, **kwargs):
     config = kwargs.pop("config", tiny_config())
-    return train_pe_ensemble(
-        base, "sst2", kind, members, config, out=tmp_path / name, data=data, progress=False, **kwargs
-    )
+    spec = PESpec(kind, members, config, kwargs)
+    return train_pe_ensemble(base, "sst2", spec, out=tmp_path / name, data=data, progress=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -28,7 +28,7 @@ from adapterfuse.predictor import Predictor
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.train.distill import distill
 from adapterfuse.train.expert import train_expert
-from adapterfuse.train.pe.options import KINDS
+from adapterfuse.train.pe.options import KINDS, PESpec
 from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.conftest import write_glue_dir
 from tests.helpers import plain_peft_model, random_expert, tiny_config
@@ -175,9 +175,7 @@ def test_parameter_efficient_ensembles(tiny_base, data, tmp_path, kind):
     ens = train_pe_ensemble(
         tiny_base,
         "sst2",
-        kind,
-        2,
-        tiny_config(max_train_examples=16, max_eval_examples=4),
+        PESpec(kind, 2, tiny_config(max_train_examples=16, max_eval_examples=4)),
         out=tmp_path / "pe",
         data=data[0],
         progress=False,

@@ -19,12 +19,13 @@ from adapterfuse.backends.route.features import (
     text_shape,
 )
 from adapterfuse.backends.route.routers.cluster import ClusterRouter
-from adapterfuse.backends.route.routers.learned import LearnedRouter, routing_loss, target_labels
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter, routing_loss, target_labels
 from adapterfuse.backends.route.routers.mbc import cluster_experts, cosine_matrix
 from adapterfuse.backends.route.subset import greedy_subset, subset_score
 from adapterfuse.delta import LowRank, peft_from_deltas
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
+from adapterfuse.head import Scoring
 from adapterfuse.tasks.glue import load_task
 from tests.helpers import random_expert, write_glue_dir
 
@@ -95,8 +96,9 @@ def test_fields_features_carry_the_text_shape(tiny_base, experts, data):
     torch.testing.assert_close(got[:, :-SHAPE_DIM], plain, rtol=0, atol=0)
     torch.testing.assert_close(got[:, -SHAPE_DIM:], torch.tensor([text_shape(t) for t in texts]), rtol=0, atol=0)
     # Only the raw fields get the shape by default; a RoutingData built otherwise is refused by name.
-    assert RoutingData(tiny_base, data, "fields", autocast=False).features.shape[1] == plain.shape[1] + SHAPE_DIM
-    prompt = RoutingData(tiny_base, data, "prompt", autocast=False)
+    fp32 = Scoring(autocast=False)
+    assert RoutingData(tiny_base, data, "fields", scoring=fp32).features.shape[1] == plain.shape[1] + SHAPE_DIM
+    prompt = RoutingData(tiny_base, data, "prompt", scoring=fp32)
     assert prompt.features.shape[1] == plain.shape[1]
     with pytest.raises(ConfigError, match=r"'shape': 0.*'shape': 2"):
         route(experts, tiny_base, router="learned", validation=data, shape=True, data=prompt, autocast=False)
@@ -115,7 +117,7 @@ def test_learned_router_routes_tasks_apart(tiny_base, experts, data):
 
 
 def test_clustering_is_deterministic_for_a_seed(tiny_base, experts, data):
-    rd = RoutingData(tiny_base, data, autocast=False)
+    rd = RoutingData(tiny_base, data, scoring=Scoring(autocast=False))
     scores = rd.scores(experts)
     a = ClusterRouter.fit(rd.features, scores.quality, clusters=4, seed=3)
     b = ClusterRouter.fit(rd.features, scores.quality, clusters=4, seed=3)
@@ -169,7 +171,7 @@ def test_mbc_merges_within_groups_and_routes_across_them(tiny_base, experts, dat
 
 def test_greedy_subset_curve_under_a_budget(tiny_base, experts, data):
     extra = random_expert(tiny_base, "t2", rank=2, seed=7, scale=0.01, task="sst2")  # nearly the base
-    rd = RoutingData(tiny_base, data, autocast=False)
+    rd = RoutingData(tiny_base, data, scoring=Scoring(autocast=False))
     scores = rd.scores([*experts, extra])
     subset = greedy_subset(scores, 3)
     singles = [subset_score(scores, [i]) for i in range(3)]
@@ -204,9 +206,7 @@ def test_likelihood_router_prefers_the_expert_that_is_good_on_average():
         features,
         target_labels("likelihood", quality, torch.zeros(200, dtype=torch.long)),
         2,
-        target="likelihood",
-        epochs=200,
-        lr=0.05,
+        FitOptions(target="likelihood", epochs=200, lr=0.05),
     )
     assert bool((router.probs(features).argmax(dim=1) == 1).all())
     assert router.config()["target"] == "likelihood"

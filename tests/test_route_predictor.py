@@ -11,11 +11,11 @@ from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.merge.registry import merge_deltas
 from adapterfuse.backends.route.api import route
 from adapterfuse.backends.route.features import SHAPE_VERSION
-from adapterfuse.backends.route.predictor import RoutePredictor
+from adapterfuse.backends.route.predictor import Choice, RoutePredictor
 from adapterfuse.backends.route.routers.base import FixedRouter, keep_top_k
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
 from adapterfuse.harness import evaluate, results_table
-from adapterfuse.head import predict_proba
+from adapterfuse.head import Scoring, predict_proba
 from adapterfuse.predictor import Predictor
 from adapterfuse.tasks.glue import load_task
 from tests.helpers import random_expert, write_glue_dir
@@ -44,7 +44,8 @@ def alone(tiny_base, expert, task, examples):
 @pytest.mark.parametrize("then", ["ensemble", "merge"])
 def test_a_router_that_always_picks_expert_j_gives_exactly_its_probabilities(tiny_base, experts, data, then):
     for j in (0, 2):
-        predictor = RoutePredictor(tiny_base, experts, FixedRouter(3, j), then=then, autocast=False)
+        fp32 = Scoring(autocast=False)
+        predictor = RoutePredictor(tiny_base, experts, FixedRouter(3, j), Choice(then=then), scoring=fp32)
         for td in data:
             got = predictor.predict_proba(td.task, td.test)
             assert torch.equal(got, alone(tiny_base, experts[j], td.task, td.test))

@@ -14,7 +14,7 @@ from adapterfuse.backends.route.data import PoolScores, example_quality
 from adapterfuse.backends.route.features import SHAPE_DIM
 from adapterfuse.backends.route.predictor import RoutePredictor
 from adapterfuse.backends.route.routers.base import Projection
-from adapterfuse.backends.route.routers.learned import LearnedRouter, routing_loss
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter, routing_loss
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task, load_task
 from tests.helpers import random_expert, write_glue_dir
@@ -47,8 +47,10 @@ def test_prior_adds_weighted_cross_entropy_towards_the_own_expert():
 @pytest.mark.slow
 def test_a_strong_prior_keeps_the_own_expert_where_the_likelihood_prefers_another():
     features, scores = _pool(good=1)
-    free = LearnedRouter.fit(features, scores.quality, 2, target="task_prior", own=scores.own, prior_weight=0.0)
-    held = LearnedRouter.fit(features, scores.quality, 2, target="task_prior", own=scores.own, prior_weight=10.0)
+    free = LearnedRouter.fit(features, scores.quality, 2, FitOptions(target="task_prior", prior_weight=0.0), scores.own)
+    held = LearnedRouter.fit(
+        features, scores.quality, 2, FitOptions(target="task_prior", prior_weight=10.0), scores.own
+    )
     assert bool((free.probs(features).argmax(1) == 1).all())
     assert bool((held.probs(features).argmax(1) == 0).all())
 
@@ -146,12 +148,12 @@ def test_projection_keeps_top_components_and_passes_the_shape_through():
 def test_a_projected_router_saves_and_loads_to_the_same_probabilities():
     gen = torch.Generator().manual_seed(2)
     features, labels = torch.randn(90, 12, generator=gen), torch.arange(90) % 3
-    router = LearnedRouter.fit(features, labels, 3, target="task", pca=4, pca_keep=2)
+    router = LearnedRouter.fit(features, labels, 3, FitOptions(target="task", pca=4, pca_keep=2))
     config = router.config()
     assert config["pca"] == 4 and config["pca_keep"] == 2 and config["dim"] == 6
     loaded = LearnedRouter.from_saved(config, router.tensors())
     assert torch.equal(loaded.probs(features), router.probs(features))
-    plain = LearnedRouter.fit(features, labels, 3, target="task")
+    plain = LearnedRouter.fit(features, labels, 3, FitOptions(target="task"))
     assert "pca" not in plain.config() and not any(k.startswith("proj.") for k in plain.tensors())
 
 

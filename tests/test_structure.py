@@ -89,14 +89,7 @@ BACKEND_DEPENDS: dict[str, set[str]] = {
 KNOWN_CYCLES: set[str] = set()
 KNOWN_UPWARD: set[str] = set()
 KNOWN_OVER_60: set[str] = set()
-KNOWN_OVER_8_PARAMS: set[str] = {
-    "backends.ensemble.predictor:EnsemblePredictor.__init__",
-    "backends.route.data:RoutingData.__init__",
-    "backends.route.predictor:ArrowPredictor.__init__",
-    "backends.route.predictor:RoutePredictor.__init__",
-    "backends.route.routers.learned:LearnedRouter.fit",
-    "train.pe.train:train_pe_ensemble",
-}
+KNOWN_OVER_8_PARAMS: set[str] = set()
 
 
 @dataclass(frozen=True)

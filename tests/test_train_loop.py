@@ -7,13 +7,13 @@ import torch
 
 from adapterfuse.backends.ensemble.predictor import EnsemblePredictor
 from adapterfuse.errors import ResumeError
-from adapterfuse.head import predictions
+from adapterfuse.head import Scoring, predictions
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.distill import distill
 from adapterfuse.train.loop import Checkpoint, Objective, Trainable, linear_schedule, run_loop, scored_test
-from adapterfuse.train.pe.options import KINDS
+from adapterfuse.train.pe.options import KINDS, PESpec
 from adapterfuse.train.pe.train import train_pe_ensemble
 from tests.conftest import write_glue_dir
 from tests.helpers import Interrupt, random_expert, stop_at, tiny_config, tiny_data
@@ -111,9 +111,8 @@ def test_pe_ensemble_resumes_to_the_same_bytes(tiny_base, tmp_path, data, kind):
     options = {"camero_perturbation": "noise"} if kind == "camero" else {}
 
     def train(name: str, **kwargs):
-        return train_pe_ensemble(
-            tiny_base, "sst2", kind, 3, config, out=tmp_path / name, data=data, progress=False, **options, **kwargs
-        )
+        spec = PESpec(kind, 3, config, options)
+        return train_pe_ensemble(tiny_base, "sst2", spec, out=tmp_path / name, data=data, progress=False, **kwargs)
 
     straight = train("straight")
     with pytest.raises(Interrupt):
@@ -131,9 +130,7 @@ def test_pe_ensemble_refuses_to_resume_another_run(tiny_base, tmp_path, data):
         train_pe_ensemble(
             tiny_base,
             "sst2",
-            "batchensemble",
-            3,
-            tiny_config(),
+            PESpec("batchensemble", 3, tiny_config()),
             out=tmp_path / "x",
             data=data,
             progress=False,
@@ -141,28 +138,28 @@ def test_pe_ensemble_refuses_to_resume_another_run(tiny_base, tmp_path, data):
         )
     with pytest.raises(ResumeError, match=r"different config\.lr;") as err:
         train_pe_ensemble(
-            tiny_base, "sst2", "batchensemble", 3, tiny_config(lr=1e-4), out=tmp_path / "x", data=data, progress=False
+            tiny_base,
+            "sst2",
+            PESpec("batchensemble", 3, tiny_config(lr=1e-4)),
+            out=tmp_path / "x",
+            data=data,
+            progress=False,
         )
     assert "\n" not in str(err.value)  # one line
     with pytest.raises(ResumeError, match=r"different members, options;"):
         train_pe_ensemble(
             tiny_base,
             "sst2",
-            "batchensemble",
-            2,
-            tiny_config(),
+            PESpec("batchensemble", 2, tiny_config(), {"be_jitter": 0.2}),
             out=tmp_path / "x",
             data=data,
             progress=False,
-            be_jitter=0.2,
         )
     # overwrite discards the stale checkpoint and starts afresh
     ens = train_pe_ensemble(
         tiny_base,
         "sst2",
-        "batchensemble",
-        2,
-        tiny_config(),
+        PESpec("batchensemble", 2, tiny_config()),
         out=tmp_path / "x",
         data=data,
         progress=False,
@@ -179,7 +176,7 @@ def test_pe_ensemble_scores_the_same_dev_subset_as_an_expert(tiny_base, tmp_path
         "sst2", config.validation_size, config.seed, config.max_train_examples, max_test=7, glue_dir=glue
     )
     assert subset == capped.test  # what load_task(max_test=...) and the other commands score
-    ens = train_pe_ensemble(tiny_base, "sst2", "mimo", 2, config, out=tmp_path / "m", data=data, progress=False)
+    ens = train_pe_ensemble(tiny_base, "sst2", PESpec("mimo", 2, config), out=tmp_path / "m", data=data, progress=False)
     probs = ens.predictor(tiny_base, autocast=False).predict_proba(data.task, subset)
     expected = compute_metrics(data.task.metrics, predictions(data.task, probs), [e.label for e in subset])
     assert ens.manifest["scores"]["test"] == expected
@@ -190,7 +187,7 @@ def teacher(tiny_base, tmp_path_factory):
     root = write_glue_dir(tmp_path_factory.mktemp("loop-distill") / "glue", n_train=40)
     tasks = [load_task(t, validation_size=8, max_train=16, glue_dir=root) for t in ("sst2", "stsb")]
     experts = [random_expert(tiny_base, f"m{i}", rank=4, seed=20 + i, scale=3.0) for i in range(2)]
-    return EnsemblePredictor(tiny_base, experts, "log_linear", [0.7, 0.5], autocast=False), tasks
+    return EnsemblePredictor(tiny_base, experts, "log_linear", [0.7, 0.5], scoring=Scoring(autocast=False)), tasks
 
 
 def test_distillation_resumes_to_the_same_bytes_and_refuses_another_run(teacher, tmp_path):
@@ -208,7 +205,7 @@ def test_distillation_resumes_to_the_same_bytes_and_refuses_another_run(teacher,
             tiny_config(max_train_examples=None, dropout=0.1, max_eval_examples=4, epochs=2.0),
         )
     assert "\n" not in str(err.value)  # one line
-    other = EnsemblePredictor(ensemble.base, ensemble.experts, "linear", autocast=False)
+    other = EnsemblePredictor(ensemble.base, ensemble.experts, "linear", scoring=Scoring(autocast=False))
     with pytest.raises(ResumeError, match=r"different teacher;"):
         distill(other, tasks, tmp_path / "resumed", config)
     resumed = distill(ensemble, tasks, tmp_path / "resumed", config)

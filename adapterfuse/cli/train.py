@@ -172,18 +172,11 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.out, args.overwrite)  # before the base is loaded
     base = load_base(base_spec, device=args.device)
     if args.ensemble:
+        from adapterfuse.train.pe.options import PESpec
         from adapterfuse.train.pe.train import train_pe_ensemble
 
-        ens = train_pe_ensemble(
-            base,
-            task,
-            args.ensemble,
-            args.members,
-            config,
-            out=args.out,
-            overwrite=args.overwrite,
-            pooling=args.pooling,
-        )
+        spec = PESpec(args.ensemble, args.members, config, {"pooling": args.pooling})
+        ens = train_pe_ensemble(base, task, spec, out=args.out, overwrite=args.overwrite)
         record = {
             "ensemble": str(args.out),
             "kind": args.ensemble,

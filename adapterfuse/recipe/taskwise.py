@@ -167,6 +167,7 @@ def family_predictor(
 def pe_ensembles(
     entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData]
 ) -> TaskwisePredictor:
+    from adapterfuse.train.pe.options import PESpec
     from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
     from adapterfuse.train.pe.train import train_pe_ensemble
 
@@ -180,7 +181,7 @@ def pe_ensembles(
             ens = PEEnsemble.load(folder)
         else:  # not split over processes: the main one trains it, the others then load it
             if is_main():
-                ens = train_pe_ensemble(base, task, kind, members, cfg, out=folder, data=data[task], **opts)
+                ens = train_pe_ensemble(base, task, PESpec(kind, members, cfg, opts), out=folder, data=data[task])
             barrier()
             if not is_main():
                 ens = PEEnsemble.load(folder)

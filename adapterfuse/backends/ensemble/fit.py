@@ -20,6 +20,7 @@ from adapterfuse.backends.ensemble.weights import WeightFit, learn_weights, reso
 from adapterfuse.backends.options import given_or_built
 from adapterfuse.base import BaseModel
 from adapterfuse.expert import Expert
+from adapterfuse.head import Scoring
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import MultiTaskData
 from adapterfuse.tasks.spec import TaskData, check_disjoint
@@ -69,9 +70,9 @@ def ensemble(
             pooling,
             fit.weights,
             fit.temperature,
+            Scoring(**settings),
             name=name or _name(pooling, len(members), fit.how),
             info={"weights": fit.how},
-            **settings,
         )
 
     # One batched pass over the validation split; everything below only re-pools the cached outputs.
@@ -105,9 +106,9 @@ def ensemble(
         pooling,
         fit.weights,
         fit.temperature,
+        Scoring(**settings),
         name=name or _name(pooling, len(chosen), how),
         info=info,
-        **settings,
     )
 
 

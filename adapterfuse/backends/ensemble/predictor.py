@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
-from adapterfuse.head import DEFAULT_MAX_LENGTH
+from adapterfuse.head import Scoring
 from adapterfuse.io import atomic as fsutil
 from adapterfuse.io.atomic import atomic_dir
 from adapterfuse.io.manifest import MANIFEST, Manifest, member_entries, read_manifest, write_manifest
@@ -64,14 +65,13 @@ class EnsemblePredictor:
         pooling: ``"linear"`` or ``"log_linear"``.
         weights: one weight per member, or ``None``/``"uniform"`` for equal weights.
         temperature: the pooling temperature (see :mod:`adapterfuse.backends.ensemble.pooling`).
-        batch_size: inputs per batch (each runs as ``K * batch_size`` rows).
-        autocast: run under bf16 autocast (the low-rank parts too, as in PEFT; label logits stay fp32).
-        max_length: prompt length cap.
+        scoring: batch size (each batch runs as ``K * batch_size`` rows), bf16 autocast (the low-rank parts
+            too, as in PEFT; label logits stay fp32) and prompt length cap.
         name: shown in tables (default: describes the pooling and K).
         info: how the ensemble was fitted (selection, learned weights), kept in its manifest.
 
     Raises:
-        ConfigError: empty members, unknown pooling, bad weights or temperature.
+        ConfigError: empty members, unknown pooling, bad weights or temperature, a batch size below 1.
         CompatibilityError / ExpertError: members not over ``base`` or not combinable.
     """
 
@@ -82,9 +82,7 @@ class EnsemblePredictor:
         pooling: str = "log_linear",
         weights: Sequence[float] | str | None = None,
         temperature: float = 1.0,
-        batch_size: int = 32,
-        autocast: bool = True,
-        max_length: int = DEFAULT_MAX_LENGTH,
+        scoring: Scoring = Scoring(),
         name: str | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
@@ -100,11 +98,11 @@ class EnsemblePredictor:
             )
         self.weights = check_weights(weights, names, self.pooling)
         self.temperature = check_temperature(temperature)
-        if batch_size < 1:
-            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        if scoring.batch_size < 1:
+            raise ConfigError(f"batch_size: expected >= 1, got {scoring.batch_size}")
         check_members(self.experts, base)  # before the (cheap, but not free) model copy
         self.base = base
-        self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
+        self.scoring = scoring
         self.name = name or f"ensemble {self.pooling} K={len(self.experts)}"
         self.info = dict(info or {})
         self.batched = BatchedEnsemble(base.model, self.experts)
@@ -116,9 +114,8 @@ class EnsemblePredictor:
 
     def member_log_probs(self, task: TaskSpec, batch: Sequence[Example]) -> torch.Tensor:
         """Every member's log-probabilities ``[K, n, n_labels]`` (one batched pass per length bucket)."""
-        return self.batched.member_log_probs(
-            self.base.tokenizer, task, batch, self.batch_size, self.autocast, self.max_length
-        )
+        s = self.scoring
+        return self.batched.member_log_probs(self.base.tokenizer, task, batch, s.batch_size, s.autocast, s.max_length)
 
     def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
         """``[n, n_labels]`` pooled probabilities over the task's label words, in the input order."""
@@ -142,7 +139,7 @@ class EnsemblePredictor:
             "pooling": self.pooling,
             "weights": self.weights,
             "temperature": self.temperature,
-            "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+            "scoring": asdict(self.scoring),
             "info": self.info,
         }
 
@@ -187,16 +184,16 @@ class EnsemblePredictor:
         settings = manifest.settings
         entries = member_entries(folder, manifest, "members")
         experts = [load_member(folder / m["folder"], m, manifest) for m in entries]
-        scoring = {**settings.get("scoring", {}), **overrides}
+        scoring = Scoring(**{**settings.get("scoring", {}), **overrides})
         return cls(
             base,
             experts,
             settings["pooling"],
             settings["weights"],
             settings["temperature"],
+            scoring,
             name=manifest.name,
             info=settings.get("info"),
-            **scoring,
         )
 
 

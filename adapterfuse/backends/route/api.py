@@ -17,11 +17,12 @@ from adapterfuse.backends.options import given_or_built
 from adapterfuse.backends.route.config import RouteConfig, check_route
 from adapterfuse.backends.route.crossval import choose_prior_weight
 from adapterfuse.backends.route.data import PoolScores, RoutingData, oracle_score, own_expert, routed_score, top1_score
-from adapterfuse.backends.route.features import default_shape, resolve_layer
-from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor
+from adapterfuse.backends.route.features import FeatureSpec, default_shape, resolve_layer
+from adapterfuse.backends.route.predictor import ArrowPredictor, Choice, RoutePredictor
+from adapterfuse.backends.route.routers.arrow import ArrowSpec
 from adapterfuse.backends.route.routers.base import Router, check_top_k
 from adapterfuse.backends.route.routers.cluster import ClusterRouter
-from adapterfuse.backends.route.routers.learned import LearnedRouter, target_labels
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter, target_labels
 from adapterfuse.backends.route.routers.mbc import mbc_pool
 from adapterfuse.backends.route.routers.utility import UtilityRouter, utility_matrix
 from adapterfuse.backends.route.subset import greedy_subset
@@ -29,6 +30,7 @@ from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import evaluate
+from adapterfuse.head import Scoring
 from adapterfuse.library import ExpertLibrary, count_experts, load_library
 from adapterfuse.predictor import MultiTaskData, Predictor
 from adapterfuse.tasks.spec import TaskData, check_disjoint
@@ -85,12 +87,11 @@ def route(
             "merge": config.mbc_merge,
             "router": across,
         }
-    settings = dict(batch_size=config.batch_size, autocast=config.autocast, max_length=config.max_length)
+    scoring = Scoring(config.batch_size, config.autocast, config.max_length)
+    arrow = ArrowSpec(config.top_k, config.temperature, config.seed)
     if kind == "arrow" and config.budget is None:
-        return ArrowPredictor(
-            base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name, info=info, **settings
-        )
-    data = _routing_data(data, base, validation, config, settings)
+        return ArrowPredictor(base, pool, arrow, scoring=scoring, name=config.name, info=info)
+    data = _routing_data(data, base, validation, config, scoring)
     scores = data.scores(pool)
     if config.budget is not None:
         subset = greedy_subset(scores, config.budget)
@@ -98,23 +99,18 @@ def route(
         info["subset"] = subset.report()
         pool, scores = [pool[i] for i in subset.members], scores.subset(subset.members)
     if kind == "arrow":
-        return ArrowPredictor(
-            base, pool, config.top_k, config.temperature, seed=config.seed, name=config.name, info=info, **settings
-        )
+        return ArrowPredictor(base, pool, arrow, scoring=scoring, name=config.name, info=info)
     fitted = _fit(kind, data, scores, config, info)
     info["validation"] = validation_report(fitted, data, scores, config.top_k, config.pooling)
     return RoutePredictor(
         base,
         pool,
         fitted,
-        config.top_k,
-        config.then,
-        config.on,
-        pooling=config.pooling,
+        Choice(config.top_k, config.then, config.pooling),
+        FeatureSpec(config.on, **data.extractor.spec),
+        scoring,
         name=config.name,
         info=info,
-        **data.extractor.spec,
-        **settings,
     )
 
 
@@ -123,13 +119,18 @@ def _routing_data(
     base: BaseModel,
     validation: Sequence[TaskData] | None,
     config: RouteConfig,
-    settings: dict[str, Any],
+    scoring: Scoring,
 ) -> RoutingData:
     """The given routing data if it matches the config's ``on`` and feature settings, else new routing data."""
     features = {"layer": config.layer, "readout": config.readout, "shape": default_shape(config.on, config.shape)}
     if data is None:
         return RoutingData(
-            base, list(validation or []), config.on, max_examples=config.max_validation_examples, **features, **settings
+            base,
+            list(validation or []),
+            config.on,
+            scoring=scoring,
+            max_examples=config.max_validation_examples,
+            **features,
         )
     asked = {"on": config.on, **features, "layer": resolve_layer(base.model, features["layer"])}
     built = {"on": data.on, **data.extractor.spec}
@@ -157,9 +158,8 @@ def _fit(kind: str, data: RoutingData, scores: PoolScores, config: RouteConfig, 
             data.features, scores, [t.name for t in data.row_tasks], config.cv_folds, **fit
         )
     labels = target_labels(config.target, scores.quality, scores.own)
-    fitted = LearnedRouter.fit(
-        data.features, labels, n_experts, target=config.target, own=scores.own, prior_weight=prior_weight or 0.0, **fit
-    )
+    options = FitOptions(target=config.target, prior_weight=prior_weight or 0.0, **fit)
+    fitted = LearnedRouter.fit(data.features, labels, n_experts, options, scores.own)
     info.update(fitted.config())
     if config.target == "task_prior":
         info["prior_weight"] = prior_weight
@@ -244,14 +244,8 @@ def routing_accuracy(
     best = None
     if against_best:
         view = [TaskData(td.task, [], list(getattr(td, split)[:max_examples]), []) for td in data]
-        rd = RoutingData(
-            predictor.base,
-            view,
-            predictor.on,
-            batch_size=predictor.batch_size,
-            autocast=predictor.autocast,
-            **predictor.extractor.spec,
-        )
+        scoring = Scoring(predictor.scoring.batch_size, predictor.scoring.autocast)
+        rd = RoutingData(predictor.base, view, predictor.on, scoring=scoring, **predictor.extractor.spec)
         best = rd.scores(predictor.experts).best
     return accuracy_report(torch.cat(top1), torch.tensor(own, dtype=torch.long), best, tasks)
 

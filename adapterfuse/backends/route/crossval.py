@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adapterfuse.backends.route.data import PoolScores, oracle_score, top1_score
-from adapterfuse.backends.route.routers.learned import LearnedRouter
+from adapterfuse.backends.route.routers.learned import FitOptions, LearnedRouter
 from adapterfuse.errors import ConfigError
 
 PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -63,7 +63,7 @@ def out_of_fold_top1(
         scores: the pool's cached answers on the same rows.
         fold: ``[N]`` fold index per row.
         prior_weight: the prior's weight.
-        **fit: passed to :meth:`LearnedRouter.fit` (hidden, epochs, lr, seed).
+        **fit: fields of the :class:`FitOptions` of each fit (hidden, epochs, lr, seed, pca, pca_keep).
 
     Returns:
         ``[N]`` expert indices.
@@ -71,14 +71,9 @@ def out_of_fold_top1(
     chosen = torch.empty(len(fold), dtype=torch.long)
     for f in fold.unique().tolist():
         train, held = fold != f, fold == f
+        options = FitOptions(target="task_prior", prior_weight=prior_weight, **fit)
         router = LearnedRouter.fit(
-            features[train],
-            scores.quality[train],
-            len(scores.names),
-            target="task_prior",
-            own=scores.own[train],
-            prior_weight=prior_weight,
-            **fit,
+            features[train], scores.quality[train], len(scores.names), options, scores.own[train]
         )
         chosen[held] = router.probs(features[held]).argmax(dim=1)
     return chosen
@@ -102,7 +97,7 @@ def choose_prior_weight(
         k: the number of folds.
         grid: candidate weights.
         seed: seed of the folds and of each fit.
-        **fit: passed to :meth:`LearnedRouter.fit` (hidden, epochs, lr).
+        **fit: fields of the :class:`FitOptions` of each fit (hidden, epochs, lr, pca, pca_keep).
 
     Returns:
         ``(weight, report)``; the report lists each weight's out-of-fold score and routing accuracy, and

@@ -14,7 +14,7 @@ batched ensemble pass per task, cached). From those it derives, without another 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 
 import torch
@@ -25,7 +25,7 @@ from adapterfuse.backends.route.features import DEFAULT_LAYER, FeatureExtractor,
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
-from adapterfuse.head import DEFAULT_MAX_LENGTH, label_log_likelihood
+from adapterfuse.head import Scoring, label_log_likelihood
 from adapterfuse.tasks.spec import TaskData, TaskSpec
 
 
@@ -172,7 +172,7 @@ class RoutingData:
         validation: tasks whose ``validation`` split routers fit on.
         on: route on the ``"prompt"`` or the raw ``"fields"``.
         layer: the feature layer (see :class:`FeatureExtractor`).
-        batch_size, autocast, max_length: feature and scoring settings.
+        scoring: feature and scoring settings.
         max_examples: use at most this many validation examples per task (the first ones).
         shape: append the text's shape to the features (default: only ``on="fields"``; see
             :func:`~adapterfuse.backends.route.features.text_shape`).
@@ -188,9 +188,7 @@ class RoutingData:
         validation: Sequence[TaskData],
         on: str = "prompt",
         layer: int = DEFAULT_LAYER,
-        batch_size: int = 32,
-        autocast: bool = True,
-        max_length: int = DEFAULT_MAX_LENGTH,
+        scoring: Scoring = Scoring(),
         max_examples: int | None = None,
         shape: bool | int | None = None,
         readout: str = "mean",
@@ -202,7 +200,7 @@ class RoutingData:
             )
         self.base, self.on = base, check_on(on)
         self.extractor = FeatureExtractor(
-            base, layer, batch_size, autocast, max_length, default_shape(on, shape), readout
+            base, layer, scoring.batch_size, scoring.autocast, scoring.max_length, default_shape(on, shape), readout
         )
         self.tasks = [td.task for td in validation]
         self.examples = [list(td.validation[:max_examples]) for td in validation]
@@ -212,7 +210,7 @@ class RoutingData:
                     f"validation: task {task.name} has no validation examples; expected a split "
                     "carved from train (validation_size > 0)"
                 )
-        self.settings = dict(batch_size=batch_size, autocast=autocast, max_length=max_length)
+        self.scoring = scoring
         self._scores: dict[tuple[tuple[str, str], ...], PoolScores] = {}
 
     @property
@@ -248,7 +246,7 @@ class RoutingData:
         if key not in self._scores:
             batched = BatchedEnsemble(self.base.model, list(pool))
             data = [TaskData(t, [], ex, []) for t, ex in zip(self.tasks, self.examples, strict=True)]
-            caches = cache_members(batched, self.base.tokenizer, data, **self.settings)
+            caches = cache_members(batched, self.base.tokenizer, data, **asdict(self.scoring))
             quality = torch.cat([example_quality(c.task, c.log_probs, c.labels) for c in caches])
             own = torch.tensor([own_expert(t, pool) for t in self.row_tasks], dtype=torch.long)
             self._scores[key] = PoolScores([e.name for e in pool], caches, quality, own)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,6 +121,24 @@ def routing_texts(task: TaskSpec, examples: Sequence[Example], on: str) -> list[
     """:func:`routing_text` for every example."""
     check_on(on)
     return [routing_text(task, e, on) for e in examples]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a router sees: which text, which hidden state of the base, and whether the text's shape follows.
+
+    Attributes:
+        on: route on the ``"prompt"`` or the raw ``"fields"`` (see :func:`routing_text`).
+        layer: the hidden state (see :func:`resolve_layer`).
+        shape: whether (``True``/``False``) or which version of (an int) :func:`text_shape` the features
+            carry; ``None``: the current version only ``on="fields"`` (see :func:`default_shape`).
+        readout: ``"mean"`` or ``"mean_last"`` (see :class:`FeatureExtractor`).
+    """
+
+    on: str = "prompt"
+    layer: int = DEFAULT_LAYER
+    shape: bool | int | None = None
+    readout: str = "mean"
 
 
 class _Stop(Exception):

@@ -18,6 +18,7 @@ group, so a routing costs one model copy per distinct choice (the base weights a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,15 @@ from safetensors.torch import load_file, save_file
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.predictor import check_members
 from adapterfuse.backends.route.data import pool_rows
-from adapterfuse.backends.route.features import DEFAULT_LAYER, FeatureExtractor, check_on, default_shape, routing_texts
-from adapterfuse.backends.route.routers.arrow import ArrowModel
+from adapterfuse.backends.route.features import FeatureExtractor, FeatureSpec, check_on, default_shape, routing_texts
+from adapterfuse.backends.route.routers.arrow import ArrowModel, ArrowSpec
 from adapterfuse.backends.route.routers.base import Router, check_top_k, load_router
 from adapterfuse.backends.route.rowmerge import RowMergeModel
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
-from adapterfuse.head import DEFAULT_MAX_LENGTH, predict_proba
+from adapterfuse.head import Scoring, predict_proba
 from adapterfuse.io import atomic as fsutil
 from adapterfuse.io.atomic import atomic_dir
 from adapterfuse.io.manifest import Kind, Manifest, member_entries, read_manifest, write_manifest
@@ -58,23 +59,31 @@ def check_then(then: str) -> str:
     return then
 
 
+@dataclass(frozen=True)
+class Choice:
+    """Which experts answer an input, and how their answers combine.
+
+    Attributes:
+        top_k: experts kept per input.
+        then: ``"ensemble"`` (the chosen experts pooled) or ``"merge"`` (their ΔW merged at the input's weights).
+        pooling: ``"linear"`` or ``"log_linear"`` (``then="ensemble"`` with ``top_k > 1``).
+    """
+
+    top_k: int = 1
+    then: str = "ensemble"
+    pooling: str = "linear"
+
+
 class _Saved:
     """What both routed predictors share: the pool, the scoring settings, the manifest and the folder."""
 
     def _setup(
-        self,
-        base: BaseModel,
-        pool: Sequence[Expert],
-        name: str,
-        info: dict[str, Any] | None,
-        batch_size: int,
-        autocast: bool,
-        max_length: int,
+        self, base: BaseModel, pool: Sequence[Expert], name: str, info: dict[str, Any] | None, scoring: Scoring
     ) -> None:
         self.base, self.experts, self.name = base, list(pool), name
         self.names = [e.name for e in self.experts]
         self.info = dict(info or {})
-        self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
+        self.scoring = scoring
 
     def _settings(self, router: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         folders = _folders(self.names)
@@ -84,7 +93,7 @@ class _Saved:
                 {"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
                 for e, f in zip(self.experts, folders, strict=True)
             ],
-            "scoring": {"batch_size": self.batch_size, "autocast": self.autocast, "max_length": self.max_length},
+            "scoring": asdict(self.scoring),
             "info": self.info,
             **extra,
         }
@@ -109,18 +118,11 @@ class RoutePredictor(_Saved):
         base: the frozen base (never modified).
         pool: the experts the router distributes over, in its column order.
         router: the router (its ``n_experts`` must equal ``len(pool)``).
-        top_k: experts kept per input.
-        then: ``"ensemble"`` or ``"merge"``.
-        on: route on the ``"prompt"`` or the raw ``"fields"``.
-        layer: the feature layer the router was fitted on.
-        pooling: ``"linear"`` or ``"log_linear"`` (``then="ensemble"`` with ``top_k > 1``).
+        choice: experts kept per input (``top_k``), ``then`` ensemble or merge, and ``pooling``.
+        features: what the router sees (text, layer, shape, readout): what it was fitted on.
+        scoring: scoring and feature settings.
         name: shown in tables.
         info: fit reports (routing accuracy, clusters, subsets …), saved with it.
-        batch_size, autocast, max_length: scoring and feature settings.
-        shape: whether (``True``/``False``) or which version of (an int) the text's shape the router's
-            features carry (default: the current version only ``on="fields"``); it must be what the
-            router was fitted with.
-        readout: ``"mean"`` or ``"mean_last"``, as the router was fitted.
 
     Raises:
         ConfigError: an empty pool, a router of another size, a bad top_k, then, on or pooling.
@@ -131,31 +133,30 @@ class RoutePredictor(_Saved):
         base: BaseModel,
         pool: Sequence[Expert],
         router: Router,
-        top_k: int = 1,
-        then: str = "ensemble",
-        on: str = "prompt",
-        layer: int = DEFAULT_LAYER,
-        pooling: str = "linear",
+        choice: Choice = Choice(),
+        features: FeatureSpec = FeatureSpec(),
+        scoring: Scoring = Scoring(),
         name: str | None = None,
         info: dict[str, Any] | None = None,
-        batch_size: int = 32,
-        autocast: bool = True,
-        max_length: int = DEFAULT_MAX_LENGTH,
-        shape: bool | int | None = None,
-        readout: str = "mean",
     ) -> None:
         if not pool:
             raise ConfigError("experts: expected at least one expert to route to, got none")
         if router.n_experts != len(pool):
             raise ConfigError(f"router: distributes over {router.n_experts} experts, but the pool has {len(pool)}")
+        top_k, then, on, pooling = choice.top_k, choice.then, features.on, choice.pooling
         if pooling not in ("linear", "log_linear"):
             raise ConfigError(f"pooling {pooling!r}: unknown; expected 'linear' or 'log_linear'")
         self.router, self.top_k = router, check_top_k(top_k, len(pool))
         self.then, self.on, self.pooling = check_then(then), check_on(on), pooling
-        shown = name or f"route {router.kind} top{top_k} {then} ({on})"
-        self._setup(base, pool, shown, info, batch_size, autocast, max_length)
+        self._setup(base, pool, name or f"route {router.kind} top{top_k} {then} ({on})", info, scoring)
         self.extractor = FeatureExtractor(
-            base, layer, batch_size, autocast, max_length, default_shape(on, shape), readout
+            base,
+            features.layer,
+            scoring.batch_size,
+            scoring.autocast,
+            scoring.max_length,
+            default_shape(on, features.shape),
+            features.readout,
         )
         self._models: dict[tuple[str, tuple[int, ...]], BatchedEnsemble | RowMergeModel] = {}
 
@@ -195,7 +196,7 @@ class RoutePredictor(_Saved):
             groups.setdefault(tuple(row), []).append(i)
         for group, rows in groups.items():
             examples = [batch[i] for i in rows]
-            settings = (self.batch_size, self.autocast, self.max_length)
+            settings = (self.scoring.batch_size, self.scoring.autocast, self.scoring.max_length)
             if self.then == "merge" and len(group) > 1:
                 model = self._model(("merge", group))
                 out[rows] = model.log_probs(self.base.tokenizer, task, examples, w[rows], *settings).exp()
@@ -284,11 +285,10 @@ class ArrowPredictor(_Saved):
     Args:
         base: the frozen base (never modified).
         pool: the experts.
-        top_k: experts per token.
-        temperature: softmax temperature (one number, or per module name with an optional ``"default"``).
+        arrow: experts per token (``top_k``), the softmax ``temperature`` (one number, or per module name
+            with an optional ``"default"``) and the ``seed`` of the power iteration.
         prototypes: precomputed prototypes (module -> ``[E, in]``); computed by power iteration if ``None``.
-        seed: seed of the power iteration.
-        name, info, batch_size, autocast, max_length: as for :class:`RoutePredictor`.
+        scoring, name, info: as for :class:`RoutePredictor`.
 
     Raises:
         ConfigError: an empty pool, a bad top_k or temperature.
@@ -298,29 +298,25 @@ class ArrowPredictor(_Saved):
         self,
         base: BaseModel,
         pool: Sequence[Expert],
-        top_k: int = 1,
-        temperature: float | Mapping[str, float] = 1.0,
+        arrow: ArrowSpec = ArrowSpec(),
         prototypes: Mapping[str, torch.Tensor] | None = None,
-        seed: int = 0,
+        scoring: Scoring = Scoring(),
         name: str | None = None,
         info: dict[str, Any] | None = None,
-        batch_size: int = 32,
-        autocast: bool = True,
-        max_length: int = DEFAULT_MAX_LENGTH,
     ) -> None:
         if not pool:
             raise ConfigError("experts: expected at least one expert to route to, got none")
+        top_k, temperature, seed = arrow.top_k, arrow.temperature, arrow.seed
         self.top_k, self.temperature, self.seed = check_top_k(top_k, len(pool)), temperature, seed
-        self._setup(base, pool, name or f"route arrow top{top_k}", info, batch_size, autocast, max_length)
+        self._setup(base, pool, name or f"route arrow top{top_k}", info, scoring)
         self.arrow = ArrowModel(base.model, [e.deltas for e in pool], top_k, temperature, prototypes, seed)
 
     def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
         """``[n, n_labels]`` probabilities over the task's label words, in the input order."""
         if not batch:
             return torch.empty((0, task.n_labels))
-        return predict_proba(
-            self.arrow.model, self.base.tokenizer, task, batch, self.batch_size, self.autocast, self.max_length
-        )
+        s = self.scoring
+        return predict_proba(self.arrow.model, self.base.tokenizer, task, batch, s.batch_size, s.autocast, s.max_length)
 
     def cost(self) -> Cost:
         """Every expert's adapter and the prototypes stored; one (fused) forward pass per input."""
@@ -367,22 +363,13 @@ def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: 
     experts = [load_member(folder / EXPERTS / m["folder"], m, manifest) for m in entries]
     check_members(experts, base)
     tensors = load_file(str(folder / TENSORS))
-    scoring = {**settings.get("scoring", {}), **overrides}
+    scoring = Scoring(**{**settings.get("scoring", {}), **overrides})
     router = settings["router"]
     if manifest.kind == "arrow":
         protos = {k[len("proto.") :]: v for k, v in tensors.items() if k.startswith("proto.")}
         cfg = router["config"]
-        return ArrowPredictor(
-            base,
-            experts,
-            cfg["top_k"],
-            cfg["temperature"],
-            prototypes=protos,
-            seed=cfg.get("seed", 0),
-            name=manifest.name,
-            info=settings.get("info"),
-            **scoring,
-        )
+        arrow = ArrowSpec(cfg["top_k"], cfg["temperature"], cfg.get("seed", 0))
+        return ArrowPredictor(base, experts, arrow, protos, scoring, name=manifest.name, info=settings.get("info"))
     # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
     # before shape versions (``"shape": true``) on the four counts of version 1.
     features = {"shape": False, "readout": "mean", **settings["features"]}
@@ -391,12 +378,9 @@ def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: 
         base,
         experts,
         load_router(router["kind"], router["config"], tensors),
-        settings["top_k"],
-        settings["then"],
-        settings["on"],
-        pooling=settings["pooling"],
+        Choice(settings["top_k"], settings["then"], settings["pooling"]),
+        FeatureSpec(settings["on"], **features),
+        scoring,
         name=manifest.name,
         info=settings.get("info"),
-        **features,
-        **scoring,
     )

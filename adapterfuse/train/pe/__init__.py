@@ -1,6 +1,6 @@
 """Parameter-efficient ensembles: K members that share most of their adapter weights.
 
-``train_pe_ensemble(base, task, kind=..., members=K, config=..., out=...)`` trains one of
+``train_pe_ensemble(base, task, PESpec(kind, members=K, config=...), out=...)`` trains one of
 
 - ``batchensemble``: BatchEnsemble / TabM LoRA (shared A, B; per-member rank-1 r_k, s_k);
 - ``mimo``: K inputs packed in one sequence through one shared LoRA, K answers;

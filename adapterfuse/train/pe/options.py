@@ -6,6 +6,8 @@ option given to the wrong kind is refused instead of silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,6 +63,27 @@ class PEOptions(BaseModel):
     swag_scale: float = Field(0.5, ge=0)
     swag_lr_ratio: float = Field(0.5, gt=0, le=1)
     sample_seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+@dataclass(frozen=True)
+class PESpec:
+    """What parameter-efficient ensemble to train: the kind, K, the training settings and the kind's options.
+
+    Nothing is checked here; :func:`parse_options` checks it all before any model or data is read.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        members: K (members, MIMO slots, or SWAG samples), 1 .. :data:`MAX_MEMBERS`.
+        config: training settings (seed, lr, epochs, batch size, rank, autocast …); ``method`` must be lora;
+            ``None``: the defaults of :class:`~adapterfuse.train.config.TrainConfig`.
+        options: the fields of :class:`PEOptions` to set (the kind's prefixed options, ``pooling``,
+            ``sample_seed``); ``None``: the defaults.
+    """
+
+    kind: str = "batchensemble"
+    members: int = 4
+    config: TrainConfig | None = None
+    options: Mapping[str, Any] | None = None
 
 
 def check_kind(kind: str, members: int) -> str:

@@ -24,7 +24,7 @@ from adapterfuse.base import BaseModel, fingerprints_conflict
 from adapterfuse.delta import Deltas, peft_from_deltas
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError
 from adapterfuse.expert import Expert
-from adapterfuse.head import DEFAULT_MAX_LENGTH, autocast_context, encode, label_token_ids, length_batches
+from adapterfuse.head import DEFAULT_MAX_LENGTH, Scoring, autocast_context, encode, label_token_ids, length_batches
 from adapterfuse.io.atomic import atomic_dir
 from adapterfuse.io.manifest import MANIFEST as MANIFEST  # the file whose presence marks a finished folder
 from adapterfuse.io.manifest import Manifest, read_manifest, write_manifest
@@ -246,9 +246,7 @@ class PEEnsemblePredictor:
                 base,
                 ensemble.experts(),
                 self.pooling,
-                batch_size=batch_size,
-                autocast=autocast,
-                max_length=max_length,
+                scoring=Scoring(batch_size, autocast, max_length),
                 name=self.name,
             )
 

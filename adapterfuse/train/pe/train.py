@@ -1,4 +1,4 @@
-"""train_pe_ensemble(base, task, kind, members, config) -> PEEnsemble: K members that share most weights.
+"""train_pe_ensemble(base, task, PESpec(kind, members, config, options)) -> PEEnsemble: K members sharing weights.
 
 The loop is :func:`adapterfuse.train.loop.run_loop`, as for an expert (same seeded batch schedule,
 label-word loss, AdamW, linear warm-up and decay, gradient clipping, bf16 autocast for the frozen base
@@ -67,7 +67,7 @@ from adapterfuse.train.pe.layers import (
     target_modules,
     trained_params,
 )
-from adapterfuse.train.pe.options import PEOptions, parse_options
+from adapterfuse.train.pe.options import PEOptions, PESpec, parse_options
 from adapterfuse.train.pe.predictor import FORMAT_VERSION, PEEnsemble
 from adapterfuse.train.pe.swag import SwagPosterior, flatten, lr_factor, snapshot_steps
 
@@ -216,30 +216,26 @@ def prepare_model(
 def train_pe_ensemble(
     base: BaseModel,
     task: TaskSpec | str,
-    kind: str = "batchensemble",
-    members: int = 4,
-    config: TrainConfig | None = None,
+    spec: PESpec = PESpec(),
     out: str | Path | None = None,
     overwrite: bool = False,
     data: TaskData | None = None,
     callback: Callback | None = None,
     progress: bool = True,
-    **options: Any,
 ) -> PEEnsemble:
-    """Train a parameter-efficient ensemble of ``members`` members for one task and save it as a folder.
+    """Train a parameter-efficient ensemble of ``spec.members`` members for one task and save it as a folder.
 
     Args:
         base: the frozen base (never modified).
         task: the task (spec or name).
-        kind: ``batchensemble``, ``mimo``, ``camero`` or ``swag``.
-        members: K (members, MIMO slots, or SWAG samples).
-        config: training settings (seed, lr, epochs, batch size, rank, autocast …); ``method`` must be lora.
+        spec: the kind (``batchensemble``, ``mimo``, ``camero`` or ``swag``), K (members, MIMO slots, or
+            SWAG samples), the training settings and the kind's options (see
+            :class:`~adapterfuse.train.pe.options.PESpec`).
         out: the folder to write; required.
         overwrite: replace an existing ``out`` (and discard a stale partial checkpoint).
         data: the task's splits (loaded with the config's sizes when omitted).
         callback: ``callback(step, loss)`` after every step (progress, tests, early stop).
         progress: show a progress bar.
-        options: see :class:`~adapterfuse.train.pe.options.PEOptions`.
 
     Returns:
         The saved :class:`PEEnsemble` (``.predictor(base)`` for the harness, ``.merged()`` for one adapter).
@@ -249,18 +245,20 @@ def train_pe_ensemble(
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         ResumeError: a partial checkpoint exists that was made with another config, kind, options, base or data.
     """
-    config = config or TrainConfig()
-    opts = parse_options(kind, members, config, options)
-    spec = get_task(task) if isinstance(task, str) else task
+    kind, members, config = spec.kind, spec.members, spec.config or TrainConfig()
+    opts = parse_options(kind, members, config, dict(spec.options or {}))
+    task_spec = get_task(task) if isinstance(task, str) else task
     if out is None:
         raise ConfigError("out: expected the folder to write, got None")
     out = check_output(out, overwrite)
-    data = data or load_task(spec, config.validation_size, config.seed, config.max_train_examples)
+    data = data or load_task(task_spec, config.validation_size, config.seed, config.max_train_examples)
     train = data.train[: config.max_train_examples] if config.max_train_examples else data.train
-    encoded = encode(spec, train, base.tokenizer, config.max_length)
+    encoded = encode(task_spec, train, base.tokenizer, config.max_length)
     schedule = batch_schedule([len(x) for x in encoded], config.batch_size, config.epochs, config.seed)
     options = opts.model_dump(mode="json")
-    ckpt = run_checkpoint(out, spec.name, base.fingerprint, train, config, kind=kind, members=members, options=options)
+    ckpt = run_checkpoint(
+        out, task_spec.name, base.fingerprint, train, config, kind=kind, members=members, options=options
+    )
     if overwrite:
         ckpt.clear()
 
@@ -276,10 +274,10 @@ def train_pe_ensemble(
         kind,
         members,
         opts,
-        spec,
+        task_spec,
         train,
         encoded,
-        label_token_ids(spec, base.tokenizer),
+        label_token_ids(task_spec, base.tokenizer),
         base,
         config,
         model,
@@ -294,7 +292,7 @@ def train_pe_ensemble(
         config,
         ckpt,
         callback,
-        f"train {kind} {spec.name}" if progress else None,
+        f"train {kind} {task_spec.name}" if progress else None,
     )
     ensemble = _ensemble(objective, layout, base, len(train), result, opts)
     ensemble.manifest["scores"] = _scores(ensemble, base, data, config)

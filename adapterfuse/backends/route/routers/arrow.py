@@ -17,6 +17,7 @@ exactly ``Σ_e w_e(x) ΔW_e x``, in two matmuls for all experts, and works for e
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -174,6 +175,21 @@ def layer_temperature(temperature: float | Mapping[str, float], module: str) -> 
     if not float(t) > 0:
         raise ConfigError(f"temperature of {module!r}: expected > 0, got {t}")
     return float(t)
+
+
+@dataclass(frozen=True)
+class ArrowSpec:
+    """How Arrow routes (what a saved Arrow predictor records as its router's config).
+
+    Attributes:
+        top_k: experts per token.
+        temperature: softmax temperature, one number or per module name (``"default"`` for the rest).
+        seed: seed of the power iteration that computes the prototypes.
+    """
+
+    top_k: int = 1
+    temperature: float | Mapping[str, float] = 1.0
+    seed: int = 0
 
 
 class ArrowModel:

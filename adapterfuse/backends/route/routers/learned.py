@@ -15,6 +15,7 @@ a seeded initialisation, so a fit is deterministic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import torch
@@ -32,6 +33,34 @@ def make_net(dim: int, n_experts: int, hidden: int) -> nn.Sequential:
     if hidden > 0:
         return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n_experts))
     return nn.Sequential(nn.Linear(dim, n_experts))
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a learned router is trained (full batch, AdamW, seeded, so a fit is deterministic).
+
+    Attributes:
+        hidden: hidden size; 0 for a linear router.
+        target: recorded with the router (see :data:`TARGETS`).
+        epochs: full-batch steps.
+        lr: Adam's learning rate.
+        weight_decay: L2 penalty (AdamW), against over-fitting a few hundred inputs.
+        seed: seed of the initialisation.
+        prior_weight: weight of the cross-entropy towards each row's own task's expert (see :func:`routing_loss`).
+        pca: project the features onto this many principal components first (0: no projection;
+            see :class:`~adapterfuse.backends.route.routers.base.Projection`).
+        pca_keep: trailing features passed through the projection (the text's shape).
+    """
+
+    hidden: int = 0
+    target: str = "best_expert"
+    epochs: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    seed: int = 0
+    prior_weight: float = 0.0
+    pca: int = 0
+    pca_keep: int = 0
 
 
 @register
@@ -92,16 +121,8 @@ class LearnedRouter(Router):
         features: torch.Tensor,
         labels: torch.Tensor,
         n_experts: int,
-        hidden: int = 0,
-        target: str = "best_expert",
-        epochs: int = 300,
-        lr: float = 1e-2,
-        weight_decay: float = 1e-3,
-        seed: int = 0,
+        options: FitOptions = FitOptions(),
         own: torch.Tensor | None = None,
-        prior_weight: float = 0.0,
-        pca: int = 0,
-        pca_keep: int = 0,
     ) -> LearnedRouter:
         """Train on labelled features (full batch, Adam, cross-entropy).
 
@@ -111,17 +132,9 @@ class LearnedRouter(Router):
                 log-likelihoods of the gold label (target ``"likelihood"``; rows with a non-finite
                 entry are ignored).
             n_experts: the number of classes ``E``.
-            hidden: hidden size; 0 for a linear router.
-            target: recorded with the router (see :data:`TARGETS`).
-            epochs: full-batch steps.
-            lr: Adam's learning rate.
-            weight_decay: L2 penalty (AdamW), against over-fitting a few hundred inputs.
-            seed: seed of the initialisation.
+            options: the training settings (hidden size, target, epochs, lr, weight decay, seed, prior
+                weight, PCA; see :class:`FitOptions`).
             own: ``[N]`` each row's own task's expert (``-1``: none), for the prior of ``[N, E]`` labels.
-            prior_weight: weight of the cross-entropy towards ``own`` (see :func:`routing_loss`).
-            pca: project the features onto this many principal components first (0: no projection;
-                see :class:`~adapterfuse.backends.route.routers.base.Projection`).
-            pca_keep: trailing features passed through the projection (the text's shape).
 
         Returns:
             The trained router.
@@ -129,6 +142,7 @@ class LearnedRouter(Router):
         Raises:
             ConfigError: no labelled row, bad sizes.
         """
+        hidden, epochs, lr, prior_weight = options.hidden, options.epochs, options.lr, options.prior_weight
         if hidden < 0 or epochs < 1 or lr <= 0 or not prior_weight >= 0:
             raise ConfigError(
                 f"learned router: expected hidden >= 0, epochs >= 1, lr > 0, prior_weight >= 0; got "
@@ -142,19 +156,19 @@ class LearnedRouter(Router):
             )
         x, y = features[keep].float(), labels[keep]
         prior = own[keep] if own is not None and prior_weight > 0 else None
-        projection = Projection.fit(x, pca, pca_keep) if pca else None
+        projection = Projection.fit(x, options.pca, options.pca_keep) if options.pca else None
         if projection is not None:
             x = projection(x)
         scaler = Standardizer.fit(x)
-        torch.manual_seed(seed)  # the classifier's initialisation is the only random step
+        torch.manual_seed(options.seed)  # the classifier's initialisation is the only random step
         net = make_net(x.shape[1], n_experts, hidden)
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=options.weight_decay)
         z = scaler(x)
         for _ in range(epochs):
             opt.zero_grad(set_to_none=True)
             routing_loss(net(z), y, prior, prior_weight).backward()
             opt.step()
-        return cls(scaler, net, hidden, target, projection)
+        return cls(scaler, net, hidden, options.target, projection)
 
 
 def routing_loss(
