@@ -228,12 +228,12 @@ def test_the_cli_reports_what_it_tidied_as_one_warning_line(experts, tmp_path):
 
 
 def test_a_results_line_cut_short_by_a_kill_is_measured_again(tmp_path):
-    from adapterfuse.recipe.runner import _finished_results
+    from adapterfuse.recipe.resume import finished_results
 
     whole = json.dumps({"predictor": "oracle", "average": 0.5})
     (tmp_path / "results.jsonl").write_text(whole + "\n" + whole.replace("oracle", "ens")[:20])
     with pytest.warns(AdapterFuseWarning, match=r"results\.jsonl:2: an incomplete result \(an interrupted run\)"):
-        assert list(_finished_results(tmp_path)) == ["oracle"]
+        assert list(finished_results(tmp_path)) == ["oracle"]
 
 
 def test_a_full_disk_while_a_result_is_appended_leaves_the_file_as_it_was(tmp_path, monkeypatch):

@@ -20,8 +20,9 @@ from adapterfuse.harness import evaluate
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.progress import set_verbosity
 from adapterfuse.recipe.checks import check_expert_headers
+from adapterfuse.recipe.plan import plan
 from adapterfuse.recipe.report import pareto_front
-from adapterfuse.recipe.runner import DATA_SEED, plan, run_recipe
+from adapterfuse.recipe.runner import DATA_SEED, run_recipe
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.spec import TaskData

@@ -14,7 +14,8 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ExpertPredictor, evaluate
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.recipe.runner import DATA_SEED, load_data, plan, run_recipe
+from adapterfuse.recipe.plan import plan
+from adapterfuse.recipe.runner import DATA_SEED, load_data, run_recipe
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.glue import load_held_out
 

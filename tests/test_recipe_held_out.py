@@ -12,7 +12,8 @@ from adapterfuse.backends.route.api import routing_accuracy
 from adapterfuse.detection import out_of_task_auroc
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import ZeroShotPredictor
-from adapterfuse.recipe.runner import DATA_SEED, count_steps, load_data, run_recipe
+from adapterfuse.recipe.plan import count_steps
+from adapterfuse.recipe.runner import DATA_SEED, load_data, run_recipe
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.glue import load_held_out
 

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         AdapterFuseError: an invalid recipe, incompatible experts, or a failing step.
     """
-    from adapterfuse.recipe.runner import plan, run_recipe
+    from adapterfuse.recipe.plan import plan
+    from adapterfuse.recipe.runner import run_recipe
     from adapterfuse.recipe.schema import load_recipe
 
     set_verbosity(args)

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -29,160 +27,31 @@ from typing import Any
 
 import torch
 
-from adapterfuse.backends.base import BACKENDS, backend_config, make_combiner
+from adapterfuse.backends.base import BACKENDS, make_combiner
 from adapterfuse.backends.route.api import routing_accuracy
 from adapterfuse.backends.route.features import n_layers
 from adapterfuse.backends.route.predictor import RoutePredictor
 from adapterfuse.base import BaseModel, load_base
 from adapterfuse.distributed import barrier, is_main
-from adapterfuse.errors import AdapterFuseWarning, ConfigError
+from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ExpertPredictor, OraclePredictor, ZeroShotPredictor, evaluate
-from adapterfuse.io.atomic import save_error, write_failure, write_json
+from adapterfuse.io.atomic import write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Predictor
 from adapterfuse.progress import status
-from adapterfuse.recipe.checks import check_expert_headers, check_layers, check_recipe
+from adapterfuse.recipe.checks import check_layers, check_recipe
+from adapterfuse.recipe.plan import Steps, count_steps
 from adapterfuse.recipe.report import write_report
+from adapterfuse.recipe.resume import append_line, check_reused, combiner_setting, digest, finished_results, run_digest
 from adapterfuse.recipe.schema import TASKWISE, CombinerEntry, Recipe
-from adapterfuse.recipe.taskwise import digest as _digest
 from adapterfuse.recipe.taskwise import pe_ensembles, per_task_predictors, task_ensembles
 from adapterfuse.tasks.glue import load_held_out, load_task
 from adapterfuse.tasks.spec import TaskData, check_disjoint
-from adapterfuse.train.config import TrainConfig
 from adapterfuse.uncertainty import auroc
 
 # Fields recorded by training that are measurements, not settings.
-_MEASURED = {"eval_wall_s", "resumed_from_step", "steps", "train_examples", "train_tokens_per_s", "train_wall_s"}
 DATA_SEED = 0  # every expert of a task sees the same carve, so no seed trains on another's validation
-
-
-def expert_folder(recipe: Recipe, out: Path, name: str) -> Path:
-    """Where the expert ``name`` of a recipe lives."""
-    return recipe.experts_dir(out) / name
-
-
-def plan(recipe: Recipe, out: str | Path) -> list[str]:
-    """What a run would do, step by step, and what is already done; reads no weight.
-
-    Args:
-        recipe: a validated recipe.
-        out: the run folder (what an earlier run there finished is reported as reused).
-
-    Returns:
-        One line per step.
-
-    Raises:
-        ConfigError / CompatibilityError: a bad combiner option, or finished experts that disagree.
-    """
-    out = Path(out)
-    check_recipe(recipe)
-    lines, finished = [], []
-    if recipe.experts.paths:
-        lines += [f"expert {p}: given" for p in recipe.experts.paths]
-        finished = [Path(p) for p in recipe.experts.paths if Path(p).is_dir()]
-    for _, name, cfg in recipe.trained_experts():
-        folder = expert_folder(recipe, out, name)
-        done = (folder / "adapterfuse.json").is_file()
-        finished += [folder] if done else []
-        lines.append(
-            f"expert {name}: {'reuse' if done else 'train'} ({cfg.max_train_examples} examples, "
-            f"{cfg.epochs:g} epoch(s), {cfg.method} r={cfg.rank})"
-        )
-    if finished:
-        check_expert_headers(finished)
-        lines.append(f"experts on disk: {len(finished)} compatible (one base fingerprint, matching shapes)")
-    done = _finished_results(out)
-    names = {"zero_shot": "base zero-shot", "oracle": "oracle", "experts": "each expert alone"}
-    for label in [
-        *(names[b] for b in recipe.harness.baselines),
-        *(c.label for c in recipe.combiners),
-    ]:
-        # The run reuses a recorded result only if its settings and the experts' weights still match.
-        what = "result on disk (reused if unchanged)" if label in done else "fit and evaluate"
-        lines.append(f"predictor {label}: {what}")
-    for entry in recipe.outputs.push:
-        lines.append(f"push {entry.predictor} -> {entry.repo_id} ({'private' if entry.private else 'public'})")
-    return lines
-
-
-def _finished_results(out: Path) -> dict[str, dict[str, Any]]:
-    """The results recorded so far; a line a killed run left incomplete is measured again (with a warning)."""
-    log = out / "results.jsonl"
-    if not log.is_file():
-        return {}
-    results = {}
-    for i, line in enumerate(log.read_text().splitlines(), start=1):
-        try:
-            result = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            result = None
-        if isinstance(result, dict) and "predictor" in result:
-            results[result["predictor"]] = result
-        elif line.strip():
-            warnings.warn(
-                f"{log}:{i}: an incomplete result (an interrupted run); that predictor is measured again",
-                AdapterFuseWarning,
-                stacklevel=2,
-            )
-    return results
-
-
-def _append_line(path: Path, line: str) -> None:
-    """Append one line whole: on a failed write the file is cut back to what it was.
-
-    Raises:
-        SaveError: the line could not be written.
-    """
-    size = path.stat().st_size if path.exists() else 0
-    try:
-        with open(path, "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException as e:
-        with open(path, "r+") as fh:
-            fh.truncate(size)
-        reason = write_failure(e)
-        if reason is None:
-            raise
-        raise save_error(path, reason) from e
-
-
-def _check_reused(expert: Expert, config: TrainConfig) -> None:
-    recorded = {k: v for k, v in (expert.meta.get("training") or {}).items() if k not in _MEASURED}
-    wanted = json.loads(config.model_dump_json())
-    changed = sorted(k for k in wanted if k in recorded and recorded[k] != wanted[k])
-    if changed:
-        k = changed[0]
-        raise ConfigError(
-            f"expert {expert.name!r} at {expert.path} was trained with {k}={recorded[k]!r}, the recipe "
-            f"asks {k}={wanted[k]!r}; delete that folder to retrain, or change the recipe"
-        )
-
-
-class Steps:
-    """Numbers a run's steps for its log: every line of step ``i`` of ``n`` starts with ``[i/n]``."""
-
-    def __init__(self, total: int, log: Callable[[str], None]) -> None:
-        self.total, self.log, self.done = total, log, 0
-
-    def start(self, message: str) -> None:
-        """Begin the next step and say what it does."""
-        self.done += 1
-        self.say(message)
-
-    def say(self, message: str) -> None:
-        """One more line about the current step."""
-        self.log(f"[{self.done}/{self.total}] {message}")
-
-
-def count_steps(recipe: Recipe) -> int:
-    """How many steps a run of ``recipe`` logs: each expert (or loading the given ones), each predictor, the report."""
-    n = len(recipe.experts.paths) if recipe.experts.paths else len(recipe.trained_experts())
-    experts = 1 if recipe.experts.paths else n
-    baselines = sum(n if b == "experts" else 1 for b in recipe.harness.baselines)
-    return experts + baselines + len(recipe.combiners) + 1
 
 
 def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData], steps: Steps) -> list[Expert]:
@@ -193,7 +62,7 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
         return list(ExpertLibrary.load(recipe.experts.paths, base.fingerprint))
     experts = []
     for task, name, cfg in recipe.trained_experts():
-        folder = expert_folder(recipe, out, name)
+        folder = recipe.experts_dir(out) / name
         if (folder / "adapterfuse.json").is_file():
             steps.start(f"expert {name}: reused")
             expert = Expert.load(folder)
@@ -202,7 +71,7 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
                     f"expert {name!r} at {folder} records task {expert.task!r}, the recipe uses it for task "
                     f"{task!r}; delete that folder to retrain, or point the recipe at the right one"
                 )
-            _check_reused(expert, cfg)
+            check_reused(expert, cfg)
         else:
             steps.start(f"expert {name}: training ({cfg.max_train_examples} examples, {cfg.epochs:g} epoch(s)) ...")
             t0 = time.perf_counter()
@@ -210,12 +79,6 @@ def _experts(recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskDat
             steps.say(f"expert {name}: trained in {time.perf_counter() - t0:.0f} s")
         experts.append(expert)
     return experts
-
-
-def _options(entry: CombinerEntry) -> dict[str, Any]:
-    """A merge/ensemble/route combiner's options; the predictor's name is the entry's label."""
-    model = BACKENDS[entry.backend][0]
-    return {**entry.options, "name": entry.label} if "name" in model.model_fields else dict(entry.options)
 
 
 def fit_combiner(
@@ -240,7 +103,7 @@ def fit_combiner(
     Raises:
         ConfigError: a bad option; the backends' errors.
     """
-    options = _options(entry) if options is None else options
+    options = entry.backend_options() if options is None else options
     return make_combiner(entry.backend, base, options, entry.members).fit(library, validation)
 
 
@@ -337,26 +200,6 @@ def run_single(
     return SingleRun(predictor, evaluate(predictor, scored, split="test", max_examples=cap), scored)
 
 
-def _setting(entry: CombinerEntry) -> dict[str, Any]:
-    """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
-    changed default does not reuse a result fitted with the old one)."""
-    if entry.backend not in BACKENDS:
-        return entry.model_dump()
-    return {**entry.model_dump(), "config": backend_config(entry.backend, _options(entry)).model_dump(mode="json")}
-
-
-def _run_digest(recipe: Recipe, library: ExpertLibrary) -> str:
-    """What every result of a run shares: the harness, the tasks, the experts' weights (and held-out tasks,
-    when there are any, so results measured without them stay valid)."""
-    h = recipe.harness
-    return _digest(
-        h.model_dump(exclude={"held_out", "max_held_out"}),
-        {t: e.model_dump() for t, e in recipe.tasks.items()},
-        sorted(e.weights_sha256() for e in library),
-        *([h.held_out, h.max_held_out] if h.held_out else []),
-    )
-
-
 def run_recipe(
     recipe: Recipe,
     out: str | Path,
@@ -397,15 +240,15 @@ def run_recipe(
     h = recipe.harness
     data, validation = load_data(recipe)
     library = ExpertLibrary(_experts(recipe, out, base, data, steps), base.fingerprint)
-    setting = _run_digest(recipe, library)
+    setting = run_digest(recipe, library)
     held_out = [load_held_out(task, h.max_held_out, DATA_SEED) for task in h.held_out]
-    done = {k: v for k, v in _finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
+    done = {k: v for k, v in finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
     def measure(
         label: str, config: Any, build: Callable[[], Predictor], fits: bool = True, task_id: bool = False
     ) -> None:
-        key = _digest(setting, config)
+        key = digest(setting, config)
         if label in done and done[label]["setting"]["key"] == key:
             steps.start(f"predictor {label}: reused result (average {done[label]['average']:.3f})")
             results.append({**done[label], "needs_task_id": task_id})
@@ -423,7 +266,7 @@ def run_recipe(
         if not main:
             return
         _save_and_push(recipe, out, label, predictor, steps.say)
-        _append_line(out / "results.jsonl", json.dumps(result))
+        append_line(out / "results.jsonl", json.dumps(result))
         steps.say(
             f"predictor {label}: average {result['average']:.3f}, {result['examples_per_s']:.1f} ex/s "
             f"(fit {fit_s:.0f} s)"
@@ -440,7 +283,7 @@ def run_recipe(
             measure(f"expert {e.name}", ["expert", e.name], partial(ExpertPredictor, base, e), fits=False)
     for entry in recipe.combiners:
         build = partial(_fit, entry, recipe, out, base, library, data, validation)
-        measure(entry.label, _setting(entry), build, task_id=entry.backend in TASKWISE)
+        measure(entry.label, combiner_setting(entry), build, task_id=entry.backend in TASKWISE)
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     return _report(recipe, out, summary, steps, main)
 

@@ -141,6 +141,12 @@ class CombinerEntry(_Strict):
             FamilyOptions(**value)
         return value
 
+    def backend_options(self) -> dict[str, Any]:
+        """The options a merge, ensemble or route combiner's config is built from: its predictor is named
+        after the entry's label."""
+        model = CONFIGURED[self.backend][0]
+        return {**self.options, "name": self.label} if "name" in model.model_fields else dict(self.options)
+
     @property
     def label(self) -> str:
         """The row label of this combiner in tables and plots."""

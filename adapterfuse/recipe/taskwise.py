@@ -19,8 +19,6 @@ finished member is reused, a half-trained one resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -32,6 +30,7 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost
+from adapterfuse.recipe.resume import digest
 from adapterfuse.recipe.schema import TRAINED_FAMILIES, CombinerEntry, FamilyOptions, Recipe, expert_name
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
@@ -61,11 +60,6 @@ class TaskwisePredictor:
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Its members are already saved in the run folder."""
         raise ConfigError(f"{self.name}: one predictor per task, whose members are in the run folder; nothing to save")
-
-
-def digest(*parts: Any) -> str:
-    """A short hash of JSON-able parts: what names a run's settings and its trained folders."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _train_once(done: Path, train: Callable[[], Any]) -> None:
