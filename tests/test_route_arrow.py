@@ -8,7 +8,14 @@ import torch
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.route.api import route
 from adapterfuse.backends.route.predictor import ArrowPredictor, RoutePredictor
-from adapterfuse.backends.route.routers.arrow import ArrowLinear, ArrowModel, power_prototypes, routing_weights
+from adapterfuse.backends.route.routers.arrow import (
+    ArrowLinear,
+    ArrowModel,
+    arrow_prototypes,
+    mean_subtracted,
+    power_prototypes,
+    routing_weights,
+)
 from adapterfuse.delta import LowRank
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.glue import get_task
@@ -114,3 +121,39 @@ def test_save_load_round_trip_and_errors(tiny_base, other_base, experts, tmp_pat
         route(experts[:4], tiny_base, router="arrow", top_k=5)
     with pytest.raises(ConfigError, match=r"at least one expert|non-empty list"):
         route([], tiny_base, router="arrow")
+
+
+def test_mean_subtracted_factors_are_each_update_minus_the_mean_exactly():
+    gen = torch.Generator().manual_seed(1)
+    pool = [
+        {"m": LowRank(torch.randn(r, 12, generator=gen).double(), torch.randn(10, r, generator=gen).double())}
+        for r in (2, 4, 3)
+    ]
+    pool[0]["only"] = LowRank(torch.randn(2, 5, generator=gen).double(), torch.randn(6, 2, generator=gen).double())
+    residual = mean_subtracted(pool)
+    mean = sum(d["m"].dense(torch.float64) for d in pool) / 3
+    for d, r in zip(pool, residual, strict=True):
+        torch.testing.assert_close(r["m"].dense(torch.float64), d["m"].dense(torch.float64) - mean, rtol=0, atol=1e-12)
+    assert residual[0]["only"] is pool[0]["only"] and "only" not in residual[1]  # nothing to subtract it from
+    # The prototypes are the top right singular vectors of the dense residuals.
+    protos = arrow_prototypes(residual)["m"]
+    for d, p in zip(pool, protos, strict=True):
+        v = torch.linalg.svd(d["m"].dense(torch.float64) - mean)[2][0].float()
+        assert abs(float(p @ v)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_subtracting_the_mean_changes_the_routing_not_the_update(tiny_base, experts, tmp_path):
+    # The prototypes move (they are those of the residuals); the update a token gets does not.
+    plain = route(experts[:3], tiny_base, router="arrow", autocast=False)
+    sub = route(experts[:3], tiny_base, router="arrow", subtract_mean=True, autocast=False)
+    module = next(iter(sub.arrow.prototypes))
+    assert not torch.allclose(plain.arrow.prototypes[module], sub.arrow.prototypes[module])
+    for one in (0, 2):  # with one expert, top-1 routing applies that expert's update either way
+        alone = route(experts[one : one + 1], tiny_base, router="arrow", subtract_mean=True, autocast=False)
+        reference = route(experts[one : one + 1], tiny_base, router="arrow", autocast=False)
+        torch.testing.assert_close(alone.predict_proba(SST2, BATCH), reference.predict_proba(SST2, BATCH))
+    sub.save(tmp_path / "sub")
+    loaded = RoutePredictor.load(tmp_path / "sub", tiny_base)
+    assert loaded.subtract_mean and torch.equal(loaded.predict_proba(SST2, BATCH), sub.predict_proba(SST2, BATCH))
+    with pytest.raises(ConfigError, match="subtract_mean: an option of router 'arrow'"):
+        route(experts[:3], tiny_base, router="learned", subtract_mean=True, validation=[])

@@ -76,6 +76,7 @@ FIELDS: dict[str, dict[str, dict[str, Any]]] = {
         "seed": {"choices": [], "default": 0},
         "shape": {"choices": [], "default": None},
         "sketch": {"choices": [], "default": None},
+        "subtract_mean": {"choices": [], "default": False},
         "target": {"choices": ["task", "best_expert", "likelihood", "task_prior"], "default": "task"},
         "temperature": {"choices": [], "default": 1.0},
         "then": {"choices": ["ensemble", "merge"], "default": "ensemble"},

@@ -95,6 +95,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
     add_config_options(group, "route", OPTIONS)
+    group.add_argument(
+        "--subtract-mean",
+        dest="subtract_mean",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="arrow: route by each expert's update minus the experts' mean (GenKnowSub; default off)",
+    )
     add_no_autocast_option(group)
     add_device_option(p)
     p.set_defaults(handler=run)

@@ -88,7 +88,7 @@ def route(
             "router": across,
         }
     scoring = Scoring(config.batch_size, config.autocast, config.max_length)
-    arrow = ArrowSpec(config.top_k, config.temperature, config.seed)
+    arrow = ArrowSpec(config.top_k, config.temperature, config.seed, config.subtract_mean)
     if kind == "arrow" and config.budget is None:
         return ArrowPredictor(base, pool, arrow, scoring=scoring, name=config.name, info=info)
     data = _routing_data(data, base, validation, config, scoring)

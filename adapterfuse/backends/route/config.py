@@ -91,9 +91,12 @@ class ArrowOptions(_Options):
 
     Attributes:
         temperature: its softmax temperature, one number or one per module name (``"default"`` for the rest).
+        subtract_mean: route by each expert's update minus the experts' mean (GenKnowSub): the prototypes
+            then ignore what every expert learned alike; the update applied is the same.
     """
 
     temperature: float | dict[str, float] = 1.0
+    subtract_mean: bool = False
 
     @field_validator("temperature")
     @classmethod

@@ -29,7 +29,7 @@ from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.predictor import check_members
 from adapterfuse.backends.route.data import pool_rows
 from adapterfuse.backends.route.features import FeatureExtractor, FeatureSpec, check_on, default_shape, routing_texts
-from adapterfuse.backends.route.routers.arrow import ArrowModel, ArrowSpec
+from adapterfuse.backends.route.routers.arrow import ArrowModel, ArrowSpec, arrow_prototypes, mean_subtracted
 from adapterfuse.backends.route.routers.base import Router, check_top_k, load_router
 from adapterfuse.backends.route.rowmerge import RowMergeModel
 from adapterfuse.base import BaseModel
@@ -308,8 +308,12 @@ class ArrowPredictor(_Saved):
             raise ConfigError("experts: expected at least one expert to route to, got none")
         top_k, temperature, seed = arrow.top_k, arrow.temperature, arrow.seed
         self.top_k, self.temperature, self.seed = check_top_k(top_k, len(pool)), temperature, seed
+        self.subtract_mean = arrow.subtract_mean
         self._setup(base, pool, name or f"route arrow top{top_k}", info, scoring)
-        self.arrow = ArrowModel(base.model, [e.deltas for e in pool], top_k, temperature, prototypes, seed)
+        deltas = [e.deltas for e in pool]
+        if prototypes is None and arrow.subtract_mean:
+            prototypes = arrow_prototypes(mean_subtracted(deltas), seed)
+        self.arrow = ArrowModel(base.model, deltas, top_k, temperature, prototypes, seed)
 
     def predict_proba(self, task: TaskSpec, batch: list[Example]) -> torch.Tensor:
         """``[n, n_labels]`` probabilities over the task's label words, in the input order."""
@@ -326,7 +330,8 @@ class ArrowPredictor(_Saved):
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write the expert folders, the prototypes and ``manifest.json`` (kind ``arrow``; see :func:`load_routed`)."""
         temperature = dict(self.temperature) if isinstance(self.temperature, Mapping) else self.temperature
-        router = {"kind": "arrow", "config": {"top_k": self.top_k, "temperature": temperature, "seed": self.seed}}
+        config = {"top_k": self.top_k, "temperature": temperature, "seed": self.seed}
+        router = {"kind": "arrow", "config": {**config, **({"subtract_mean": True} if self.subtract_mean else {})}}
         tensors = {f"proto.{m}": p for m, p in self.arrow.prototypes.items()}
         self._write(path, "arrow", self._settings(router, {"top_k": self.top_k}), tensors, overwrite)
 
@@ -368,7 +373,7 @@ def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: 
     if manifest.kind == "arrow":
         protos = {k[len("proto.") :]: v for k, v in tensors.items() if k.startswith("proto.")}
         cfg = router["config"]
-        arrow = ArrowSpec(cfg["top_k"], cfg["temperature"], cfg.get("seed", 0))
+        arrow = ArrowSpec(cfg["top_k"], cfg["temperature"], cfg.get("seed", 0), cfg.get("subtract_mean", False))
         return ArrowPredictor(base, experts, arrow, protos, scoring, name=manifest.name, info=settings.get("info"))
     # Folders saved before features had a shape or a readout were fitted on the plain mean; those saved
     # before shape versions (``"shape": true``) on the four counts of version 1.

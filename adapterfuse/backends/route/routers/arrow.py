@@ -85,6 +85,34 @@ def arrow_prototypes(pool: Sequence[Deltas], seed: int = 0) -> dict[str, torch.T
     return out
 
 
+def mean_subtracted(pool: Sequence[Deltas]) -> list[Deltas]:
+    """Each expert's update minus the experts' mean update, exactly, as stacked factors (GenKnowSub).
+
+    For a module the experts ``P`` share, ``ΔW_e − (1/|P|) Σ_j ΔW_j = [B_e | −B_1/|P| | …] [A_e; A_1; …]``:
+    the shared component (what every expert learned, "general knowledge") leaves the update, so the
+    prototype is the direction the expert changes *differently* from the others.
+
+    Args:
+        pool: one ``module -> LowRank`` mapping per expert.
+
+    Returns:
+        The residual updates, one mapping per expert (a module only one expert adapts keeps that
+        expert's update: there is nothing to subtract it from).
+    """
+    out: list[Deltas] = [{} for _ in pool]
+    for module in sorted(set().union(*(d.keys() for d in pool))):
+        present = [(i, d[module]) for i, d in enumerate(pool) if module in d and d[module].rank > 0]
+        if len(present) == 1:
+            out[present[0][0]][module] = present[0][1]
+        if len(present) < 2:
+            continue
+        A_all = torch.cat([f.A for _, f in present])
+        B_all = torch.cat([f.B for _, f in present], dim=1) / len(present)
+        for i, f in present:
+            out[i][module] = LowRank(torch.cat([f.A, A_all]), torch.cat([f.B, -B_all], dim=1))
+    return out
+
+
 def routing_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
     """Per-token weights over experts: softmax over the top-k ``|cos(x, p_e)| / T``, zero elsewhere.
 
@@ -185,11 +213,15 @@ class ArrowSpec:
         top_k: experts per token.
         temperature: softmax temperature, one number or per module name (``"default"`` for the rest).
         seed: seed of the power iteration that computes the prototypes.
+        subtract_mean: compute each prototype from the expert's update minus the experts' mean
+            (:func:`mean_subtracted`; GenKnowSub, https://arxiv.org/abs/2505.10939). The update applied is
+            unchanged: with weights summing to 1, mean + Σ w_e (ΔW_e − mean) = Σ w_e ΔW_e.
     """
 
     top_k: int = 1
     temperature: float | Mapping[str, float] = 1.0
     seed: int = 0
+    subtract_mean: bool = False
 
 
 class ArrowModel:
