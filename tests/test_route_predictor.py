@@ -10,7 +10,7 @@ import torch
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.merge.registry import merge_deltas
 from adapterfuse.backends.route.api import route
-from adapterfuse.backends.route.features import SHAPE_VERSION
+from adapterfuse.backends.route.features import SHAPE_VERSION, routing_texts
 from adapterfuse.backends.route.predictor import Choice, RoutePredictor
 from adapterfuse.backends.route.routers.base import FixedRouter, keep_top_k
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError, OutputExistsError
@@ -172,3 +172,42 @@ def test_clear_errors_before_any_work(tiny_base, other_base, experts, data):
         route([*experts, stranger], tiny_base, router="arrow")
     with pytest.raises(CompatibilityError, match="base fingerprint"):
         route([stranger], tiny_base, router="learned", validation=data)
+
+
+@pytest.mark.parametrize("fallback", ["mix", "base"])
+def test_an_abstaining_router_gives_unsure_inputs_the_fallback_and_routes_the_rest(
+    tiny_base, experts, data, tmp_path, fallback
+):
+    predictor = route(
+        experts, tiny_base, router="learned", validation=data, abstain=0.5, fallback=fallback, autocast=False
+    )
+    always = route(experts, tiny_base, router="learned", validation=data, autocast=False)
+    below = predictor.info["abstain"]["below"]
+    mixed = BatchedEnsemble(tiny_base.model, [merge_deltas([e.deltas for e in experts], "uniform").deltas])
+
+    def reference(task, rows):  # the base alone, or the uniform merge of every expert
+        if fallback == "base":
+            return predict_proba(tiny_base.model, tiny_base.tokenizer, task, rows, autocast=False)
+        return mixed.member_log_probs(tiny_base.tokenizer, task, rows, autocast=False)[0].exp()
+
+    seen = torch.zeros(2, dtype=torch.long)
+    for td in data:
+        got = predictor.predict_proba(td.task, td.test)
+        routed = always.predict_proba(td.task, td.test)
+        probs = predictor.router.probs(predictor.extractor.encode(routing_texts(td.task, td.test, predictor.on)))
+        unsure = probs.max(dim=1).values < below
+        for i, example in enumerate(td.test):
+            want = reference(td.task, [example])[0] if unsure[i] else routed[i]
+            torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
+        seen += torch.bincount(unsure.long(), minlength=2)
+    assert seen.min() > 0, "some inputs must be routed and some abstained on for the test to say anything"
+    predictor.save(tmp_path / fallback)
+    loaded = RoutePredictor.load(tmp_path / fallback, tiny_base)
+    assert (loaded.abstain_below, loaded.fallback) == (below, fallback)
+    assert torch.equal(
+        loaded.predict_proba(data[0].task, data[0].test), predictor.predict_proba(data[0].task, data[0].test)
+    )
+    with pytest.raises(ConfigError, match="abstain: Arrow routes each token"):
+        route(experts, tiny_base, router="arrow", abstain=0.1)
+    with pytest.raises(ConfigError, match="fallback: what an abstained input gets, but abstain is not set"):
+        route(experts, tiny_base, router="learned", validation=data, fallback="base")

@@ -50,6 +50,7 @@ FIELDS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "route": {
+        "abstain": {"choices": [], "default": None},
         "autocast": {"choices": [], "default": True},
         "batch_size": {"choices": [], "default": 32},
         "budget": {"choices": [], "default": None},
@@ -58,6 +59,7 @@ FIELDS: dict[str, dict[str, dict[str, Any]]] = {
         "cv_folds": {"choices": [], "default": 5},
         "decision": {"choices": ["probability", "utility"], "default": "probability"},
         "epochs": {"choices": [], "default": 300},
+        "fallback": {"choices": ["mix", "base"], "default": "mix"},
         "hidden": {"choices": [], "default": 0},
         "layer": {"choices": [], "default": 1},
         "lr": {"choices": [], "default": 0.01},

@@ -45,6 +45,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "mbc_merge": (str, "how an MBC group is merged"),
     "sketch": (optional_int, "MBC similarity from a sketch of this side (None: exact)"),
     "temperature": (float, "Arrow's softmax temperature"),
+    "abstain": (float, "share of validation inputs the router is least sure of: inputs no surer are not routed"),
+    "fallback": (str, "what an input the router abstains on gets"),
     "budget": (optional_int, "keep at most this many experts (greedy by validation gain)"),
     "pooling": (str, "pooling of the chosen experts"),
     "batch_size": (int, "inputs per batch"),

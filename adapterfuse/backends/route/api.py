@@ -102,11 +102,15 @@ def route(
         return ArrowPredictor(base, pool, arrow, scoring=scoring, name=config.name, info=info)
     fitted = _fit(kind, data, scores, config, info)
     info["validation"] = validation_report(fitted, data, scores, config.top_k, config.pooling)
+    below = None
+    if config.abstain is not None:  # the confidence that the given share of validation inputs falls short of
+        below = float(torch.quantile(fitted.probs(data.features).max(dim=1).values.double(), config.abstain))
+        info["abstain"] = {"share": config.abstain, "below": below, "fallback": config.fallback}
     return RoutePredictor(
         base,
         pool,
         fitted,
-        Choice(config.top_k, config.then, config.pooling),
+        Choice(config.top_k, config.then, config.pooling, below, config.fallback),
         FeatureSpec(config.on, **data.extractor.spec),
         scoring,
         name=config.name,

@@ -121,6 +121,11 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
             ``0 .. 2``); ``None``: only when routing on the raw fields.
         readout: ``"mean"`` over the tokens, or ``"mean_last"``: the mean and the last token's state.
         pooling: pooling of ``then="ensemble"`` with ``top_k > 1``.
+        abstain: the share of validation inputs the router is least sure of: an input it is no surer of
+            (its top expert's probability below theirs) is not routed but gets ``fallback``; ``None``:
+            every input is routed. For inputs of a task no expert knows.
+        fallback: what an abstained input gets: ``"mix"`` (every expert merged uniformly, one pass) or
+            ``"base"`` (the base alone).
         budget: keep at most this many experts, chosen greedily by validation gain (needs validation).
         seed: seed of k-means, the router's initialisation, sketches and power iteration.
         batch_size, autocast, max_length: scoring and feature settings.
@@ -136,6 +141,8 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
     shape: bool | int | None = None
     readout: Literal["mean", "mean_last"] = "mean"
     pooling: Literal["linear", "log_linear"] = "linear"
+    abstain: float | None = Field(None, gt=0.0, lt=1.0)
+    fallback: Literal["mix", "base"] = "mix"
     budget: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
     batch_size: int = Field(32, ge=1, strict=True)
@@ -162,6 +169,13 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
                 f"input's task), got router={self.router!r}, target={self.target!r}; use "
                 "decision='probability'"
             )
+        if self.abstain is not None and self.router == "arrow":
+            raise ValueError(
+                "abstain: Arrow routes each token with no confidence to abstain on; use router='learned' "
+                "or 'clustered', or remove abstain"
+            )
+        if "fallback" in self.model_fields_set and self.abstain is None:
+            raise ValueError("fallback: what an abstained input gets, but abstain is not set; set abstain (e.g. 0.05)")
         if self.router == "mbc" and self.mbc_clusters is None:
             raise ValueError(
                 "mbc_clusters: router 'mbc' needs the number of expert groups, got none; set "

@@ -45,6 +45,7 @@ from adapterfuse.tasks.spec import Example, TaskSpec
 
 TENSORS, EXPERTS = "router.safetensors", "experts"
 THEN = ("ensemble", "merge")
+FALLBACKS = ("mix", "base")
 _MAX_CACHED = 64
 
 
@@ -67,11 +68,16 @@ class Choice:
         top_k: experts kept per input.
         then: ``"ensemble"`` (the chosen experts pooled) or ``"merge"`` (their ΔW merged at the input's weights).
         pooling: ``"linear"`` or ``"log_linear"`` (``then="ensemble"`` with ``top_k > 1``).
+        abstain_below: an input whose router gives no expert at least this probability is not routed
+            (``None``: every input is routed); it gets ``fallback`` instead.
+        fallback: ``"mix"`` (the uniform merge of every expert, one pass) or ``"base"`` (the base alone).
     """
 
     top_k: int = 1
     then: str = "ensemble"
     pooling: str = "linear"
+    abstain_below: float | None = None
+    fallback: str = "mix"
 
 
 class _Saved:
@@ -146,8 +152,11 @@ class RoutePredictor(_Saved):
         top_k, then, on, pooling = choice.top_k, choice.then, features.on, choice.pooling
         if pooling not in ("linear", "log_linear"):
             raise ConfigError(f"pooling {pooling!r}: unknown; expected 'linear' or 'log_linear'")
+        if choice.fallback not in FALLBACKS:
+            raise ConfigError(f"fallback {choice.fallback!r}: unknown; expected one of {', '.join(FALLBACKS)}")
         self.router, self.top_k = router, check_top_k(top_k, len(pool))
         self.then, self.on, self.pooling = check_then(then), check_on(on), pooling
+        self.abstain_below, self.fallback = choice.abstain_below, choice.fallback
         self._setup(base, pool, name or f"route {router.kind} top{top_k} {then} ({on})", info, scoring)
         self.extractor = FeatureExtractor(
             base,
@@ -168,6 +177,23 @@ class RoutePredictor(_Saved):
         """The top-k experts and weights of each input (see :meth:`route`)."""
         return self.route(self.extractor.encode(routing_texts(task, batch, self.on)))
 
+    def abstains(self, features: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: the inputs whose router gives no expert ``abstain_below`` probability (all False
+        when the predictor always routes)."""
+        if self.abstain_below is None:
+            return torch.zeros(features.shape[0], dtype=torch.bool)
+        return self.router.probs(features).max(dim=1).values < self.abstain_below
+
+    def _fallback(self, task: TaskSpec, examples: list[Example]) -> torch.Tensor:
+        """What an input the router abstains on gets: every expert merged uniformly, or the base alone."""
+        settings = (self.scoring.batch_size, self.scoring.autocast, self.scoring.max_length)
+        if self.fallback == "base":
+            return predict_proba(self.base.model, self.base.tokenizer, task, examples, *settings)
+        everyone = tuple(range(len(self.experts)))
+        uniform = torch.full((len(examples), len(everyone)), 1.0 / len(everyone))
+        model = self._model(("merge", everyone))
+        return model.log_probs(self.base.tokenizer, task, examples, uniform, *settings).exp()
+
     def _model(self, key: tuple[str, tuple[int, ...]]) -> BatchedEnsemble | RowMergeModel:
         """The cached model of a group: the chosen experts batched, or their per-input merge."""
         if key not in self._models:
@@ -184,16 +210,27 @@ class RoutePredictor(_Saved):
         return self._models[key]
 
     def _run(
-        self, task: TaskSpec, batch: Sequence[Example], indices: torch.Tensor, weights: torch.Tensor
+        self,
+        task: TaskSpec,
+        batch: Sequence[Example],
+        features: torch.Tensor,
+        routed: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Answer each input with its chosen experts, one pass per group of equal choices."""
+        """Answer each input with its chosen experts, one pass per group of equal choices (``routed`` is
+        what :meth:`route` gave for ``features``); an input the router abstains on gets the fallback."""
+        indices, weights = routed
         out = torch.empty((len(batch), task.n_labels), dtype=torch.float32)
+        abstained = self.abstains(features)
+        if abstained.any():
+            rows = abstained.nonzero().flatten().tolist()
+            out[rows] = self._fallback(task, [batch[i] for i in rows])
         order = torch.argsort(indices, dim=1, stable=True)  # a group is a *set* of experts
         members = torch.gather(indices, 1, order)
         w = torch.gather(weights, 1, order)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, row in enumerate(members.tolist()):
-            groups.setdefault(tuple(row), []).append(i)
+            if not abstained[i]:
+                groups.setdefault(tuple(row), []).append(i)
         for group, rows in groups.items():
             examples = [batch[i] for i in rows]
             settings = (self.scoring.batch_size, self.scoring.autocast, self.scoring.max_length)
@@ -209,8 +246,8 @@ class RoutePredictor(_Saved):
         """``[n, n_labels]`` probabilities over the task's label words, in the input order."""
         if not batch:
             return torch.empty((0, task.n_labels))
-        indices, weights = self.choose(task, batch)
-        return self._run(task, batch, indices, weights)
+        features = self.extractor.encode(routing_texts(task, batch, self.on))
+        return self._run(task, batch, features, self.route(features))
 
     def predict_mixed(self, items: Sequence[tuple[TaskSpec, Example]]) -> list[torch.Tensor]:
         """Route inputs of several tasks together (one feature batch), then answer each task's inputs.
@@ -221,15 +258,15 @@ class RoutePredictor(_Saved):
         Returns:
             One ``[n_labels]`` probability vector per item, in the input order.
         """
-        texts = [routing_texts(t, [e], self.on)[0] for t, e in items]
-        indices, weights = self.route(self.extractor.encode(texts))
+        features = self.extractor.encode([routing_texts(t, [e], self.on)[0] for t, e in items])
+        indices, weights = self.route(features)
         out: list[torch.Tensor | None] = [None] * len(items)
         by_task: dict[str, list[int]] = {}
         for i, (task, _) in enumerate(items):
             by_task.setdefault(task.name, []).append(i)
         for rows in by_task.values():
             task = items[rows[0]][0]
-            probs = self._run(task, [items[i][1] for i in rows], indices[rows], weights[rows])
+            probs = self._run(task, [items[i][1] for i in rows], features[rows], (indices[rows], weights[rows]))
             for j, i in enumerate(rows):
                 out[i] = probs[j]
         return out  # type: ignore[return-value]
@@ -253,6 +290,7 @@ class RoutePredictor(_Saved):
             "on": self.on,
             "pooling": self.pooling,
             "features": self.extractor.spec,
+            **({"abstain": {"below": self.abstain_below, "fallback": self.fallback}} if self.abstain_below else {}),
         }
         self._write(path, "route", self._settings(router, extra), self.router.tensors(), overwrite)
 
@@ -383,9 +421,15 @@ def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: 
         base,
         experts,
         load_router(router["kind"], router["config"], tensors),
-        Choice(settings["top_k"], settings["then"], settings["pooling"]),
+        Choice(settings["top_k"], settings["then"], settings["pooling"], *_abstain(settings)),
         FeatureSpec(settings["on"], **features),
         scoring,
         name=manifest.name,
         info=settings.get("info"),
     )
+
+
+def _abstain(settings: dict[str, Any]) -> tuple[float | None, str]:
+    """``(abstain_below, fallback)`` of a saved route (none saved: it always routes)."""
+    abstain = settings.get("abstain") or {}
+    return abstain.get("below"), abstain.get("fallback", "mix")
