@@ -58,6 +58,7 @@ FIELDS: dict[str, dict[str, dict[str, Any]]] = {
         "clusters": {"choices": [], "default": None},
         "cv_folds": {"choices": [], "default": 5},
         "decision": {"choices": ["probability", "utility"], "default": "probability"},
+        "emr": {"choices": [], "default": False},
         "epochs": {"choices": [], "default": 300},
         "fallback": {"choices": ["mix", "base"], "default": "mix"},
         "hidden": {"choices": [], "default": 0},

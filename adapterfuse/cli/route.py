@@ -98,6 +98,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
     add_config_options(group, "route", OPTIONS)
     group.add_argument(
+        "--emr",
+        dest="emr",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="route to each expert's EMR-Merging update (one elected update, the task's mask and rescaler)",
+    )
+    group.add_argument(
         "--subtract-mean",
         dest="subtract_mean",
         action="store_true",

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from adapterfuse.backends.merge.emr import emr_experts
 from adapterfuse.backends.options import given_or_built
 from adapterfuse.backends.route.config import RouteConfig, check_route
 from adapterfuse.backends.route.crossval import choose_prior_weight
@@ -87,6 +88,8 @@ def route(
             "merge": config.mbc_merge,
             "router": across,
         }
+    if config.emr:
+        pool, info["emr"] = emr_experts(pool, base)
     scoring = Scoring(config.batch_size, config.autocast, config.max_length)
     arrow = ArrowSpec(config.top_k, config.temperature, config.seed, config.subtract_mean)
     if kind == "arrow" and config.budget is None:

@@ -121,6 +121,8 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
             ``0 .. 2``); ``None``: only when routing on the raw fields.
         readout: ``"mean"`` over the tokens, or ``"mean_last"``: the mean and the last token's state.
         pooling: pooling of ``then="ensemble"`` with ``top_k > 1``.
+        emr: route to each expert's EMR-Merging update instead of the expert itself: one elected update
+            with that task's mask and rescaler (:mod:`adapterfuse.backends.merge.emr`).
         abstain: the share of validation inputs the router is least sure of: an input it is no surer of
             (its top expert's probability below theirs) is not routed but gets ``fallback``; ``None``:
             every input is routed. For inputs of a task no expert knows.
@@ -141,6 +143,7 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
     shape: bool | int | None = None
     readout: Literal["mean", "mean_last"] = "mean"
     pooling: Literal["linear", "log_linear"] = "linear"
+    emr: bool = False
     abstain: float | None = Field(None, gt=0.0, lt=1.0)
     fallback: Literal["mix", "base"] = "mix"
     budget: int | None = Field(None, ge=1, strict=True)
@@ -169,6 +172,8 @@ class RouteConfig(LearnedOptions, ClusteredOptions, MBCOptions, ArrowOptions):
                 f"input's task), got router={self.router!r}, target={self.target!r}; use "
                 "decision='probability'"
             )
+        if self.emr and self.router == "mbc":
+            raise ValueError("emr: MBC merges its own groups of experts; use emr with router 'learned' or 'clustered'")
         if self.abstain is not None and self.router == "arrow":
             raise ValueError(
                 "abstain: Arrow routes each token with no confidence to abstain on; use router='learned' "
