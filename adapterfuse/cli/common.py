@@ -170,6 +170,18 @@ def add_config_options(parser: Any, backend: str, options: dict[str, tuple[Any, 
         )
 
 
+def add_config_switch(parser: Any, field: str, text: str) -> None:
+    """``--field-name``: sets a boolean config field to true; only given, it reaches the namespace (the
+    config model defaults it, off)."""
+    parser.add_argument(
+        "--" + field.replace("_", "-"),
+        dest=field,
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"{text} (default off)",
+    )
+
+
 def add_no_autocast_option(group: Any) -> None:
     """``--no-autocast``: score in fp32; only given, it reaches the namespace (the config model defaults it)."""
     group.add_argument(

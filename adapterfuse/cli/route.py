@@ -14,6 +14,7 @@ from typing import Any
 from adapterfuse.cli.common import (
     add_command,
     add_config_options,
+    add_config_switch,
     add_device_option,
     add_no_autocast_option,
     add_verify_option,
@@ -97,19 +98,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     # The routing options: only those given reach the namespace; RouteConfig holds their defaults and checks.
     group = p.add_argument_group("routing options (checked and defaulted by RouteConfig)")
     add_config_options(group, "route", OPTIONS)
-    group.add_argument(
-        "--emr",
-        dest="emr",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="route to each expert's EMR-Merging update (one elected update, the task's mask and rescaler)",
-    )
-    group.add_argument(
-        "--subtract-mean",
-        dest="subtract_mean",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="arrow: route by each expert's update minus the experts' mean (GenKnowSub; default off)",
+    add_config_switch(group, "emr", "route to each expert's EMR-Merging update (elected update, task mask, rescaler)")
+    add_config_switch(
+        group, "subtract_mean", "arrow: route by each expert's update minus the experts' mean (GenKnowSub)"
     )
     add_no_autocast_option(group)
     add_device_option(p)

@@ -45,7 +45,7 @@ from adapterfuse.recipe.plan import Steps, count_steps
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.resume import append_line, check_reused, combiner_setting, digest, finished_results, run_digest
 from adapterfuse.recipe.schema import TASKWISE, CombinerEntry, Recipe
-from adapterfuse.recipe.taskwise import pe_ensembles, per_task_predictors, task_ensembles
+from adapterfuse.recipe.taskwise import RunParts, pe_ensembles, per_task_predictors, task_ensembles
 from adapterfuse.tasks.glue import load_held_out, load_task
 from adapterfuse.tasks.spec import TaskData, check_disjoint
 from adapterfuse.uncertainty import auroc
@@ -107,20 +107,12 @@ def fit_combiner(
     return make_combiner(entry.backend, base, options, entry.members).fit(library, validation)
 
 
-def _fit(
-    entry: CombinerEntry,
-    recipe: Recipe,
-    out: Path,
-    base: BaseModel,
-    library: ExpertLibrary,
-    data: dict[str, TaskData],
-    validation: dict[str, TaskData],
-) -> Predictor:
+def _fit(entry: CombinerEntry, run: RunParts) -> Predictor:
     if entry.backend == "pe_ensemble":
-        return pe_ensembles(entry, recipe, out, base, data)
+        return pe_ensembles(entry, run)
     if entry.backend == "task_ensemble":
-        return task_ensembles(entry, recipe, out, base, library, data, validation)
-    predictor = fit_combiner(entry, base, library, validation)
+        return task_ensembles(entry, run)
+    predictor = fit_combiner(entry, run.base, run.library, run.validation)
     predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
     return predictor
 
@@ -282,7 +274,7 @@ def run_recipe(
         for e in library:
             measure(f"expert {e.name}", ["expert", e.name], partial(ExpertPredictor, base, e), fits=False)
     for entry in recipe.combiners:
-        build = partial(_fit, entry, recipe, out, base, library, data, validation)
+        build = partial(_fit, entry, RunParts(recipe, out, base, library, data, validation))
         measure(entry.label, combiner_setting(entry), build, task_id=entry.backend in TASKWISE)
     summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     return _report(recipe, out, summary, steps, main)

@@ -20,6 +20,7 @@ finished member is reused, a half-trained one resumes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,20 @@ from adapterfuse.recipe.resume import digest
 from adapterfuse.recipe.schema import TRAINED_FAMILIES, CombinerEntry, FamilyOptions, Recipe, expert_name
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """What a recipe run has loaded, which every combiner it builds may need."""
+
+    recipe: Recipe
+    out: Path
+    base: BaseModel
+    library: ExpertLibrary
+    data: dict[str, TaskData]
+    """Task -> its splits (test capped as the recipe says)."""
+    validation: dict[str, TaskData]
+    """Task -> the validation examples combiners fit on."""
 
 
 class TaskwisePredictor:
@@ -158,13 +173,14 @@ def family_predictor(
     return ensemble(ExpertLibrary(members), base, pooling=options.pooling, name=name)
 
 
-def pe_ensembles(
-    entry: CombinerEntry, recipe: Recipe, out: Path, base: BaseModel, data: dict[str, TaskData]
-) -> TaskwisePredictor:
+def pe_ensembles(entry: CombinerEntry, run: RunParts) -> TaskwisePredictor:
+    """A ``pe_ensemble`` combiner: one parameter-efficient ensemble per task, trained (or reused) under
+    ``OUT/pe``, with the recipe's training settings."""
     from adapterfuse.train.pe.options import PESpec
     from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
     from adapterfuse.train.pe.train import train_pe_ensemble
 
+    recipe, out, base, data = run.recipe, run.out, run.base, run.data
     opts = dict(entry.options)
     kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
     by_task = {}
@@ -183,31 +199,20 @@ def pe_ensembles(
     return TaskwisePredictor(entry.label, by_task)
 
 
-def task_ensembles(
-    entry: CombinerEntry,
-    recipe: Recipe,
-    out: Path,
-    base: BaseModel,
-    library: ExpertLibrary,
-    data: dict[str, TaskData],
-    validation: dict[str, TaskData],
-) -> TaskwisePredictor:
+def task_ensembles(entry: CombinerEntry, run: RunParts) -> TaskwisePredictor:
     """A ``task_ensemble`` combiner: each task's family, trained (or reused) under the run folder.
 
     Args:
         entry: the combiner's recipe entry (its options are :class:`FamilyOptions`).
-        recipe: the recipe.
-        out: the run folder.
-        base: the frozen base.
-        library: the recipe's experts (each task's first is what ``mc_dropout`` and ``temperature`` use).
-        data: task -> its splits.
-        validation: task -> the validation examples combiners fit on.
+        run: the run's recipe, folder, base, experts (each task's first is what ``mc_dropout`` and
+            ``temperature`` use) and data.
 
     Returns:
         The per-task predictors behind the entry's label.
     """
+    recipe, out, base, data = run.recipe, run.out, run.base, run.data
     options = FamilyOptions(**entry.options)
-    own = library.by_task()
+    own = run.library.by_task()
     by_task = {}
     for task in recipe.tasks:
         members = []
@@ -216,5 +221,5 @@ def task_ensembles(
             folders = {"experts": recipe.experts_dir(out), "families": out / "families" / task}
             members = family_members(options, task, config, folders, base, data[task])
         name = f"{entry.label} ({task})"
-        by_task[task] = family_predictor(name, options, base, own[task][0], members, validation[task])
+        by_task[task] = family_predictor(name, options, base, own[task][0], members, run.validation[task])
     return TaskwisePredictor(entry.label, by_task)
