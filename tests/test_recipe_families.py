@@ -130,3 +130,15 @@ def test_every_family_trains_its_members_once_and_scores_like_its_parts(tmp_path
 
 def _harness() -> dict:
     return {"validation_size": 8, "validation_per_task": 8, "max_test": 10, "baselines": ["oracle"]}
+
+
+def test_a_seeds_member_trained_otherwise_is_refused(tmp_path, glue_dir, tiny_base):
+    combiner = {"backend": "task_ensemble", "name": "seeds", "options": {"family": "seeds", "members": 2}}
+    recipe = load_recipe(_write(tmp_path, [combiner]))
+    out = tmp_path / "out"
+    other = recipe.train_config("sst2", 1).model_copy(update={"lr": 1e-2})
+    adapterfuse.train.expert.train_expert(tiny_base, "sst2", other, out=out / "experts" / "sst2-lora-r4-s1")
+    with pytest.raises(
+        ConfigError, match=r"expert 'sst2-lora-r4-s1' at .* was trained with lr=0.01, the recipe asks lr=0.005"
+    ):
+        run_recipe(recipe, out, base=tiny_base, log=lambda _: None)

@@ -31,7 +31,7 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost
-from adapterfuse.recipe.resume import digest
+from adapterfuse.recipe.resume import check_reused, digest
 from adapterfuse.recipe.schema import TRAINED_FAMILIES, CombinerEntry, FamilyOptions, Recipe, expert_name
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
@@ -128,7 +128,9 @@ def family_members(
             member = config.model_copy(update={"seed": seed, "bootstrap": True})
             folder = root / f"bagging-s{seed}-{digest(member.model_dump())}"
         _train_once(folder / "adapterfuse.json", partial(train_expert, base, task, member, out=folder, data=data))
-        members.append(Expert.load(folder))
+        expert = Expert.load(folder)
+        check_reused(expert, member)  # a seeds member's folder has the recipe's name, not a digest of its config
+        members.append(expert)
     return members
 
 
