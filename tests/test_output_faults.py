@@ -237,7 +237,7 @@ def test_a_results_line_cut_short_by_a_kill_is_measured_again(tmp_path):
 
 
 def test_a_full_disk_while_a_result_is_appended_leaves_the_file_as_it_was(tmp_path, monkeypatch):
-    from adapterfuse.recipe import runner
+    from adapterfuse.recipe import resume
 
     log = tmp_path / "results.jsonl"
     log.write_text('{"predictor": "oracle"}\n')
@@ -245,9 +245,9 @@ def test_a_full_disk_while_a_result_is_appended_leaves_the_file_as_it_was(tmp_pa
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runner.os, "fsync", full_disk)
+    monkeypatch.setattr(resume.os, "fsync", full_disk)
     with pytest.raises(SaveError, match=rf"output {log}: could not be written \(No space left on device\)"):
-        runner._append_line(log, '{"predictor": "ens"}')
+        resume.append_line(log, '{"predictor": "ens"}')
     assert log.read_text() == '{"predictor": "oracle"}\n'
 
 
