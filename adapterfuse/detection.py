@@ -16,7 +16,7 @@ import torch
 
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
-from adapterfuse.uncertainty import auroc, entropy, mutual_information
+from adapterfuse.uncertainty import auroc, mutual_information, normalised_entropy
 
 Score = Literal["entropy", "mutual_information"]
 
@@ -33,7 +33,7 @@ def uncertainty_scores(predictor: Any, task: TaskSpec, examples: list[Example]) 
         ``{"entropy": [n]}`` (plus ``"mutual_information": [n]``), each in ``[0, 1]``.
     """
     scale = math.log(task.n_labels)
-    scores: dict[Score, torch.Tensor] = {"entropy": entropy(predictor.predict_proba(task, examples)) / scale}
+    scores: dict[Score, torch.Tensor] = {"entropy": normalised_entropy(task, predictor.predict_proba(task, examples))}
     if hasattr(predictor, "member_log_probs"):
         members = predictor.member_log_probs(task, examples).exp()
         scores["mutual_information"] = mutual_information(members) / scale

@@ -6,7 +6,6 @@ oracle (each task answered by its own task's expert), one expert alone as a pred
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from adapterfuse.progress import bar
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
-from adapterfuse.uncertainty import ECE_BINS, entropy, uncertainty_metrics
+from adapterfuse.uncertainty import ECE_BINS, normalised_entropy, uncertainty_metrics
 
 
 def score_examples(
@@ -284,7 +283,7 @@ def evaluate(
         }
         total_n, total_s = total_n + len(examples), total_s + seconds
         if entropies:
-            per_input[td.task.name] = entropy(probs) / math.log(td.task.n_labels)
+            per_input[td.task.name] = normalised_entropy(td.task, probs)
     result = {
         "predictor": predictor.name,
         "split": split,

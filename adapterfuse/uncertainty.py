@@ -7,6 +7,7 @@ the training loss uses (:func:`adapterfuse.head.task_loss`), so the NLL here is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,6 +63,12 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Each example's predictive entropy in nats, ``[n]``."""
     p = probs.double().clamp_min(_FLOOR)
     return -(p * p.log()).sum(dim=-1)
+
+
+def normalised_entropy(task: TaskSpec, probs: torch.Tensor) -> torch.Tensor:
+    """Each example's predictive entropy divided by ``log(n_labels)`` (a uniform answer's), in ``[0, 1]``,
+    so that tasks with 2 and 6 label words share one scale."""
+    return entropy(probs) / math.log(task.n_labels)
 
 
 def mutual_information(member_probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
