@@ -41,7 +41,7 @@ from adapterfuse.train.pe.options import PESpec
 from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
 from adapterfuse.train.pe.train import train_pe_ensemble
 
-# The caps of benchmarks/glue_experts.py, so the single LoRA row is trained like the GLUE experts.
+# Per-task training caps (recipes/glue.yaml's, but RTE's epochs): the single LoRA row trains like an expert.
 PLAN: dict[str, dict[str, Any]] = {
     "sst2": {"max_train_examples": 4000, "epochs": 1.0},
     "cola": {"max_train_examples": 6000, "epochs": 1.0, "balance_classes": True},

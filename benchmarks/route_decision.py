@@ -2,11 +2,11 @@
 
 Usage (GLUE_DIR set)::
 
-    python benchmarks/route_decision.py --experts runs/experts/{cola,sst2,stsb,mrpc,rte}-lora-r8-s0 \
+    python benchmarks/route_decision.py --experts runs/glue/experts/{cola,sst2,stsb,mrpc,rte}-lora-r8-s0 \
         [--layers 1,6] [--pca 8] [--on fields] [--recipe recipes/glue.yaml]
 
-``glue_route.py`` fits each router once, on the first ``validation_per_task`` inputs of each task's
-validation carve, so one number per row. A decision rule that changes a few dozen inputs deserves
+A recipe fits each router once, on the first ``validation_per_task`` inputs of each task's validation
+carve, so one number per row. A decision rule that changes a few dozen inputs deserves
 more than that: this script fits a linear ``task`` router (``mean_last`` features with the shape,
 ``pca`` components) on several samples of the carve (``validation_size`` per task): the first and the
 last ``validation_per_task``, five seeded random samples of that size, and all of it. For each fit it
