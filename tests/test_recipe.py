@@ -118,12 +118,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_loading, capsys
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+def test_dry_run_lists_one_row_per_expert_for_the_experts_baseline(tmp_path, no_loading):
+    lines = plan(load_recipe(_recipe(tmp_path, harness={"baselines": ["zero_shot", "experts"]})), tmp_path / "out")
+    rows = [line for line in lines if line.startswith("predictor ")]
+    assert rows[:3] == [
+        "predictor base zero-shot: fit and evaluate",
+        "predictor expert sst2-lora-r4-s0: fit and evaluate",
+        "predictor expert rte-lora-r4-s0: fit and evaluate",
+    ]
+
+
 def _text(line: str) -> str:
     """A run's log line without its ``[i/n]`` step number."""
     return re.sub(r"^\[\d+/\d+\] ", "", line)
 
 
+@pytest.mark.slow
 def test_run_writes_results_that_match_the_harness_and_resumes(tmp_path, glue_dir, tiny_base, monkeypatch):
     recipe = load_recipe(_recipe(tmp_path))
     out = tmp_path / "out"

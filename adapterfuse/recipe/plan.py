@@ -41,9 +41,11 @@ def plan(recipe: Recipe, out: str | Path) -> list[str]:
         check_expert_headers(finished)
         lines.append(f"experts on disk: {len(finished)} compatible (one base fingerprint, matching shapes)")
     done = finished_results(out)
-    names = {"zero_shot": "base zero-shot", "oracle": "oracle", "experts": "each expert alone"}
+    # The run names an expert by its folder (Expert.load's default), one baseline row per expert.
+    expert_names = [Path(p).name for p in recipe.experts.paths or []] or [n for _, n, _ in recipe.trained_experts()]
+    names = {"zero_shot": ["base zero-shot"], "oracle": ["oracle"], "experts": [f"expert {n}" for n in expert_names]}
     for label in [
-        *(names[b] for b in recipe.harness.baselines),
+        *(label for b in recipe.harness.baselines for label in names[b]),
         *(c.label for c in recipe.combiners),
     ]:
         # The run reuses a recorded result only if its settings and the experts' weights still match.
