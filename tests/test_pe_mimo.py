@@ -34,6 +34,18 @@ def test_slot_rows_are_seeded_permutations_of_the_batch():
     assert slots == slot_rows([5, 6, 7, 8, 9, 10], 3, seed=0, step=4) != slot_rows([5, 6, 7, 8, 9, 10], 3, 0, 5)
 
 
+def test_input_repetition_fills_every_slot_of_a_repeated_row_with_its_first_example():
+    rows = list(range(40))
+    plain = slot_rows(rows, 3, seed=1, step=2)
+    assert slot_rows(rows, 3, seed=1, step=2, repeat=1.0) == [rows] * 3
+    half = slot_rows(rows, 3, seed=1, step=2, repeat=0.5)
+    assert half == slot_rows(rows, 3, seed=1, step=2, repeat=0.5)
+    repeated = [i for i in rows if half[1][i] == half[2][i] == i]
+    assert 10 <= len(repeated) <= 30  # about half, seeded
+    kept = [i for i in rows if i not in repeated]
+    assert all(half[j][i] == plain[j][i] for j in (1, 2) for i in kept)
+
+
 @torch.no_grad()
 def test_first_slot_answers_as_the_prompt_alone_and_later_slots_see_the_earlier(tiny_base, sst2):
     model, layers, _ = prepare_model(tiny_base, "mimo", 3, tiny_config(), PEOptions())

@@ -78,11 +78,13 @@ def slot_logits(
     return read_labels(lm, h, label_ids)
 
 
-def slot_rows(rows: Sequence[int], k: int, seed: int, step: int) -> list[list[int]]:
+def slot_rows(rows: Sequence[int], k: int, seed: int, step: int, repeat: float = 0.0) -> list[list[int]]:
     """The example indices of each slot for one training step.
 
     Slot 0 takes the batch as scheduled; slots 1..K-1 take seeded permutations of it, so the K inputs
-    of a pack are (mostly) different examples, as MIMO's independent inputs require.
+    of a pack are (mostly) different examples, as MIMO's independent inputs require. With ``repeat``
+    (the paper's input repetition), each row instead holds its slot-0 example in every slot with that
+    probability: at test time every slot holds the same prompt, so these rows train what is asked then.
 
     Returns:
         ``k`` lists of ``len(rows)`` indices.
@@ -93,4 +95,7 @@ def slot_rows(rows: Sequence[int], k: int, seed: int, step: int) -> list[list[in
         perm = list(rows)
         rng.shuffle(perm)
         out.append(perm)
+    if repeat > 0:  # drawn after the permutations, so repeat=0 packs what it always packed
+        same = [rng.random() < repeat for _ in rows]
+        out[1:] = [[rows[i] if same[i] else slot[i] for i in range(len(rows))] for slot in out[1:]]
     return out

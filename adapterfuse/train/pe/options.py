@@ -32,6 +32,8 @@ class PEOptions(BaseModel):
             step's batch is cut into K parts, one per member (BatchEnsemble's original recipe).
         be_jitter: r and s start at ``1 ± be_jitter`` with seeded random signs, so members differ.
         mimo_separator: the text between the K packed inputs.
+        mimo_repeat: the share of training rows whose K slots all hold the same example (MIMO's input
+            repetition; 0: every slot an independent example).
         camero_shared_layers: decoder layers (from the bottom) whose adapter all members share;
             default: half of the layers.
         camero_perturbation: ``dropout`` or ``noise`` on the hidden states entering the first
@@ -53,6 +55,7 @@ class PEOptions(BaseModel):
     be_data: Literal["all", "split"] = "all"
     be_jitter: float = Field(0.1, ge=0, le=1)
     mimo_separator: str = "\n\n"
+    mimo_repeat: float = Field(0.0, ge=0, le=1)
     camero_shared_layers: int | None = Field(None, ge=0)
     camero_perturbation: Literal["dropout", "noise", "none"] = "dropout"
     camero_perturbation_scale: float = Field(0.1, ge=0, lt=1)

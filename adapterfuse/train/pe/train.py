@@ -142,7 +142,7 @@ class _PEObjective(Objective):
         device = next(self.model.parameters()).device
         with autocast_context(self.config.autocast, device):
             if self.kind == "mimo":
-                slots = mimo.slot_rows(rows, self.k, self.config.seed, step)
+                slots = mimo.slot_rows(rows, self.k, self.config.seed, step, self.opts.mimo_repeat)
                 ids, mask, pos = mimo.pack([[self.encoded[i] for i in s] for s in slots], self.sep, self.pad_id)
                 logits = mimo.slot_logits(self.model, ids.to(device), mask.to(device), pos, self.label_ids)
                 labels = [[self.train[i].label for i in s] for s in slots]
