@@ -15,8 +15,9 @@ from adapterfuse.expert import Expert
 from adapterfuse.harness import ExpertPredictor, evaluate
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.recipe.plan import plan
+from adapterfuse.recipe.resume import combiner_setting
 from adapterfuse.recipe.runner import DATA_SEED, load_data, run_recipe
-from adapterfuse.recipe.schema import load_recipe
+from adapterfuse.recipe.schema import CombinerEntry, load_recipe
 from adapterfuse.tasks.glue import load_held_out
 
 TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
@@ -142,3 +143,22 @@ def test_a_seeds_member_trained_otherwise_is_refused(tmp_path, glue_dir, tiny_ba
         ConfigError, match=r"expert 'sst2-lora-r4-s1' at .* was trained with lr=0.01, the recipe asks lr=0.005"
     ):
         run_recipe(recipe, out, base=tiny_base, log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("backend", "given", "spelled_out", "changed"),
+    [
+        (
+            "pe_ensemble",
+            {"kind": "camero"},
+            {"kind": "camero", "camero_perturbation": "none"},
+            {"kind": "camero", "camero_perturbation": "dropout"},
+        ),
+        ("task_ensemble", {"family": "seeds"}, {"family": "seeds", "members": 3}, {"family": "seeds", "members": 2}),
+    ],
+)
+def test_a_result_is_keyed_by_every_option_so_a_changed_default_is_not_reused(backend, given, spelled_out, changed):
+    def config(options):
+        return combiner_setting(CombinerEntry(backend=backend, name="x", options=options))["config"]
+
+    assert config(given) == config(spelled_out) != config(changed)

@@ -15,8 +15,9 @@ from adapterfuse.errors import AdapterFuseWarning, ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.io.atomic import save_error, write_failure
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.recipe.schema import CombinerEntry, Recipe
+from adapterfuse.recipe.schema import CombinerEntry, FamilyOptions, Recipe
 from adapterfuse.train.config import TrainConfig
+from adapterfuse.train.pe.options import PEOptions
 
 
 def digest(*parts: Any) -> str:
@@ -86,8 +87,13 @@ def check_reused(expert: Expert, config: TrainConfig) -> None:
 def combiner_setting(entry: CombinerEntry) -> dict[str, Any]:
     """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
     changed default does not reuse a result fitted with the old one)."""
+    if entry.backend == "pe_ensemble":
+        opts = dict(entry.options)
+        kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
+        full = {"kind": kind, "members": members, **PEOptions(**opts).model_dump(mode="json")}
+        return {**entry.model_dump(), "config": full}
     if entry.backend not in BACKENDS:
-        return entry.model_dump()
+        return {**entry.model_dump(), "config": FamilyOptions(**entry.options).model_dump(mode="json")}
     config = backend_config(entry.backend, entry.backend_options())
     return {**entry.model_dump(), "config": config.model_dump(mode="json")}
 

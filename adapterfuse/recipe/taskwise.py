@@ -178,7 +178,7 @@ def family_predictor(
 def pe_ensembles(entry: CombinerEntry, run: RunParts) -> TaskwisePredictor:
     """A ``pe_ensemble`` combiner: one parameter-efficient ensemble per task, trained (or reused) under
     ``OUT/pe``, with the recipe's training settings."""
-    from adapterfuse.train.pe.options import PESpec
+    from adapterfuse.train.pe.options import PEOptions, PESpec
     from adapterfuse.train.pe.predictor import MANIFEST, PEEnsemble
     from adapterfuse.train.pe.train import train_pe_ensemble
 
@@ -188,7 +188,8 @@ def pe_ensembles(entry: CombinerEntry, run: RunParts) -> TaskwisePredictor:
     by_task = {}
     for task in recipe.tasks:
         cfg = recipe.train_config(task, recipe.experts.seeds[0])
-        folder = out / "pe" / f"{task}-{kind}-k{members}-{digest(cfg.model_dump(), opts)}"
+        full = PEOptions(**opts).model_dump(mode="json")  # every option, so a changed default trains anew
+        folder = out / "pe" / f"{task}-{kind}-k{members}-{digest(cfg.model_dump(), full)}"
         if (folder / MANIFEST).is_file():
             ens = PEEnsemble.load(folder)
         else:  # not split over processes: the main one trains it, the others then load it

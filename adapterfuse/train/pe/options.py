@@ -57,7 +57,7 @@ class PEOptions(BaseModel):
     mimo_separator: str = "\n\n"
     mimo_repeat: float = Field(0.0, ge=0, le=1)
     camero_shared_layers: int | None = Field(None, ge=0)
-    camero_perturbation: Literal["dropout", "noise", "none"] = "dropout"
+    camero_perturbation: Literal["dropout", "noise", "none"] = "none"
     camero_perturbation_scale: float = Field(0.1, ge=0, lt=1)
     camero_consistency: float = Field(1.0, ge=0)
     swag_start: float = Field(0.5, ge=0, lt=1)
