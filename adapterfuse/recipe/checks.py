@@ -45,7 +45,7 @@ def check_combiner(entry: CombinerEntry, recipe: Recipe) -> None:
     members, opts = entry.members or names, dict(entry.options)
     try:
         if entry.backend == "pe_ensemble":
-            _check_pe(entry, recipe, opts)
+            _check_pe(entry, recipe)
             return
         if entry.backend == "task_ensemble":
             _check_family(recipe, opts)
@@ -71,7 +71,7 @@ def _check_family(recipe: Recipe, opts: dict[str, Any]) -> None:
         )
 
 
-def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> None:
+def _check_pe(entry: CombinerEntry, recipe: Recipe) -> None:
     """A pe_ensemble combiner: it trains its own members, so the recipe must train experts."""
     from adapterfuse.train.pe.options import parse_options
 
@@ -80,14 +80,9 @@ def _check_pe(entry: CombinerEntry, recipe: Recipe, opts: dict[str, Any]) -> Non
             "pe_ensemble trains its own members per task, so it needs the recipe to train experts; remove "
             "experts.paths or this combiner"
         )
-    rest = {k: v for k, v in opts.items() if k not in ("kind", "members")}
+    kind, members, rest = entry.pe_parts()
     task = next(iter(recipe.tasks))
-    parse_options(
-        opts.get("kind", "batchensemble"),
-        opts.get("members", 4),
-        recipe.train_config(task, recipe.experts.seeds[0]),
-        rest,
-    )
+    parse_options(kind, members, recipe.train_config(task, recipe.experts.seeds[0]), rest)
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -88,8 +88,7 @@ def combiner_setting(entry: CombinerEntry) -> dict[str, Any]:
     """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
     changed default does not reuse a result fitted with the old one)."""
     if entry.backend == "pe_ensemble":
-        opts = dict(entry.options)
-        kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
+        kind, members, opts = entry.pe_parts()
         full = {"kind": kind, "members": members, **PEOptions(**opts).model_dump(mode="json")}
         return {**entry.model_dump(), "config": full}
     if entry.backend not in BACKENDS:

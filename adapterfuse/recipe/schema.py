@@ -147,6 +147,12 @@ class CombinerEntry(_Strict):
         model = CONFIGURED[self.backend][0]
         return {**self.options, "name": self.label} if "name" in model.model_fields else dict(self.options)
 
+    def pe_parts(self) -> tuple[str, int, dict[str, Any]]:
+        """A ``pe_ensemble`` entry's kind, K and the kind's own options (kind and K default to
+        ``batchensemble`` and 4)."""
+        opts = dict(self.options)
+        return opts.pop("kind", "batchensemble"), opts.pop("members", 4), opts
+
     @property
     def label(self) -> str:
         """The row label of this combiner in tables and plots."""

@@ -183,12 +183,11 @@ def pe_ensembles(entry: CombinerEntry, run: RunParts) -> TaskwisePredictor:
     from adapterfuse.train.pe.train import train_pe_ensemble
 
     recipe, out, base, data = run.recipe, run.out, run.base, run.data
-    opts = dict(entry.options)
-    kind, members = opts.pop("kind", "batchensemble"), opts.pop("members", 4)
+    kind, members, opts = entry.pe_parts()
+    full = PEOptions(**opts).model_dump(mode="json")  # every option, so a changed default trains anew
     by_task = {}
     for task in recipe.tasks:
         cfg = recipe.train_config(task, recipe.experts.seeds[0])
-        full = PEOptions(**opts).model_dump(mode="json")  # every option, so a changed default trains anew
         folder = out / "pe" / f"{task}-{kind}-k{members}-{digest(cfg.model_dump(), full)}"
         if (folder / MANIFEST).is_file():
             ens = PEEnsemble.load(folder)
