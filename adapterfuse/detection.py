@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
+from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.uncertainty import auroc, mutual_information, normalised_entropy
@@ -21,23 +23,57 @@ from adapterfuse.uncertainty import auroc, mutual_information, normalised_entrop
 Score = Literal["entropy", "mutual_information"]
 
 
+def member_pooler(predictor: Any, task: TaskSpec) -> Any | None:
+    """The predictor that pools members to answer ``task`` (the predictor itself, or the task's own one for a
+    predictor told the task), or ``None`` when there are no members to disagree.
+
+    A pooler has ``member_log_probs(task, batch) -> [K, n, n_labels]`` and ``pool_members(log_probs) -> [n,
+    n_labels]``, and its ``predict_proba`` is the one composed with the other.
+    """
+    own = predictor.for_task(task) if hasattr(predictor, "for_task") else predictor
+    return own if hasattr(own, "pool_members") else None
+
+
+def probs_and_uncertainty(
+    predictor: Any, task: TaskSpec, examples: Sequence[Example]
+) -> tuple[torch.Tensor, dict[Score, torch.Tensor]]:
+    """A predictor's probabilities and each input's uncertainty scores, the members run once.
+
+    Args:
+        predictor: any predictor; a member pooler (see :func:`member_pooler`) also gets
+            ``"mutual_information"``.
+        task: the inputs' task.
+        examples: the inputs.
+
+    Returns:
+        ``([n, n_labels] probabilities, {"entropy": [n]} (plus ``"mutual_information": [n]``))``, the scores
+        divided by ``log(n_labels)`` so that they lie in ``[0, 1]``.
+    """
+    pooler = member_pooler(predictor, task)
+    if pooler is None:
+        probs = map_rows(partial(predictor.predict_proba, task), examples)
+        return probs, {"entropy": normalised_entropy(task, probs)}
+    members = map_rows(partial(pooler.member_log_probs, task), examples, dim=1)
+    probs = pooler.pool_members(members)
+    scores: dict[Score, torch.Tensor] = {
+        "entropy": normalised_entropy(task, probs),
+        "mutual_information": mutual_information(members.exp()) / math.log(task.n_labels),
+    }
+    return probs, scores
+
+
 def uncertainty_scores(predictor: Any, task: TaskSpec, examples: list[Example]) -> dict[Score, torch.Tensor]:
     """Each input's normalised predictive entropy, and its members' mutual information when it has members.
 
     Args:
-        predictor: any predictor; one with ``member_log_probs`` also gets ``"mutual_information"``.
+        predictor: any predictor; a member pooler (see :func:`member_pooler`) also gets ``"mutual_information"``.
         task: the inputs' task.
         examples: the inputs.
 
     Returns:
         ``{"entropy": [n]}`` (plus ``"mutual_information": [n]``), each in ``[0, 1]``.
     """
-    scale = math.log(task.n_labels)
-    scores: dict[Score, torch.Tensor] = {"entropy": normalised_entropy(task, predictor.predict_proba(task, examples))}
-    if hasattr(predictor, "member_log_probs"):
-        members = predictor.member_log_probs(task, examples).exp()
-        scores["mutual_information"] = mutual_information(members) / scale
-    return scores
+    return probs_and_uncertainty(predictor, task, examples)[1]
 
 
 def out_of_task_auroc(

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapterfuse.base import BaseModel
+from adapterfuse.detection import probs_and_uncertainty
 from adapterfuse.distributed import map_rows
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, attach_experts, load_member
@@ -30,7 +31,7 @@ from adapterfuse.progress import bar
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
-from adapterfuse.uncertainty import ECE_BINS, normalised_entropy, uncertainty_metrics
+from adapterfuse.uncertainty import ECE_BINS, uncertainty_metrics
 
 
 def score_examples(
@@ -248,14 +249,16 @@ def evaluate(
         data: the tasks' splits.
         split: ``"test"`` (GLUE dev) or ``"validation"``.
         max_examples: evaluate at most this many examples per task (the first ones).
-        entropies: also return each input's predictive entropy, divided by ``log(n_labels)`` so that
-            tasks with 2 and 6 label words share one ``[0, 1]`` scale (what out-of-task detection reads).
+        entropies: also return each input's uncertainty scores (see
+            :func:`~adapterfuse.detection.probs_and_uncertainty`: the predictive entropy, and the members'
+            mutual information for an ensemble), divided by ``log(n_labels)`` so that tasks with 2 and 6
+            label words share one ``[0, 1]`` scale (what out-of-task detection reads).
 
     Returns:
         ``{"predictor", "tasks": {task: metrics + nll, brier, ece + n + seconds + examples_per_s}, "average",
         "examples_per_s", "cost", "ece_bins"}``; ``average`` is the mean of the per-task ``score``; ``ece``
         (classification tasks) uses ``ece_bins`` equal-mass bins. With ``entropies``, also
-        ``"entropies": {task: [n] tensor}``.
+        ``"entropies": {task: {score name: [n] tensor}}``.
 
     Raises:
         ConfigError: for an unknown split or no tasks.
@@ -265,12 +268,15 @@ def evaluate(
     if not data:
         raise ConfigError("evaluate: expected at least one task, got none")
     tasks: dict[str, dict[str, float]] = {}
-    per_input: dict[str, torch.Tensor] = {}
+    per_input: dict[str, dict[str, torch.Tensor]] = {}
     total_n, total_s = 0, 0.0
     for td in bar(data, f"evaluate {predictor.name}", unit="task"):
         examples = getattr(td, split)[:max_examples]
         t0 = time.perf_counter()
-        probs = map_rows(partial(predictor.predict_proba, td.task), examples)
+        if entropies:
+            probs, per_input[td.task.name] = probs_and_uncertainty(predictor, td.task, examples)
+        else:
+            probs = map_rows(partial(predictor.predict_proba, td.task), examples)
         seconds = time.perf_counter() - t0
         labels = [e.label for e in examples]
         metrics = compute_metrics(td.task.metrics, predictions(td.task, probs), labels)
@@ -282,8 +288,6 @@ def evaluate(
             "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2),
         }
         total_n, total_s = total_n + len(examples), total_s + seconds
-        if entropies:
-            per_input[td.task.name] = normalised_entropy(td.task, probs)
     result = {
         "predictor": predictor.name,
         "split": split,

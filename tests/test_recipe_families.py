@@ -121,6 +121,18 @@ def test_every_family_trains_its_members_once_and_scores_like_its_parts(tmp_path
         out_of_task_auroc(ExpertPredictor(tiny_base, experts[t]), [data[t]], [held])["entropy"] for t in experts
     )
     assert rows["oracle"]["out_of_task_auroc"] == pytest.approx(expected, abs=1e-9)
+    # Ensembles are also scored by their members' disagreement; a single expert has none.
+    expected_mi = statistics.fmean(
+        out_of_task_auroc(
+            ensemble(ExpertLibrary([Expert.load(out / "experts" / f"{t}-lora-r4-s{s}") for s in (0, 1)]), tiny_base),
+            [data[t]],
+            [held],
+        )["mutual_information"]
+        for t in experts
+    )
+    assert rows["seeds"]["out_of_task_auroc_mi"] == pytest.approx(expected_mi, abs=1e-9)
+    assert "out_of_task_auroc_mi" not in rows["oracle"] and "out_of_task_auroc_mi" not in rows["temperature"]
+    assert "disagreement" in (out / "results.md").read_text()
     assert all("held_out" not in r and 0 <= r["out_of_task_auroc"] <= 1 for r in summary["results"])
 
     trained.clear()

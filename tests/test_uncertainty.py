@@ -118,3 +118,28 @@ def test_out_of_task_auroc_scores_every_uncertainty_of_a_predictor(tiny_base, tm
     assert all(0.0 <= v <= 1.0 for v in found.values())
     with pytest.raises(ConfigError, match="got 1 and 0"):
         out_of_task_auroc(one, inside, [])
+
+
+def test_an_ensemble_is_scored_and_its_members_disagreement_measured_in_one_pass(tiny_base, tmp_path):
+    from adapterfuse.backends.ensemble.fit import ensemble
+    from adapterfuse.detection import probs_and_uncertainty
+    from adapterfuse.library import ExpertLibrary
+    from adapterfuse.recipe.taskwise import TaskwisePredictor
+    from adapterfuse.uncertainty import normalised_entropy
+
+    root = write_glue_dir(tmp_path / "glue", n_train=40, n_dev=8)
+    data = load_task("sst2", validation_size=8, max_train=16, glue_dir=root)
+    members = [random_expert(tiny_base, f"m{i}", rank=4, seed=i, scale=4.0, task="sst2") for i in range(3)]
+    pooled = ensemble(ExpertLibrary(members), tiny_base, pooling="log_linear")
+    calls = []
+    real = pooled.member_log_probs
+    pooled.member_log_probs = lambda task, batch: calls.append(len(batch)) or real(task, batch)
+    for predictor in (pooled, TaskwisePredictor("told", {"sst2": pooled})):
+        calls.clear()
+        probs, scores = probs_and_uncertainty(predictor, data.task, data.test)
+        assert calls == [len(data.test)]  # the members run once for both
+        torch.testing.assert_close(probs, pooled.predict_proba(data.task, data.test))
+        torch.testing.assert_close(scores["entropy"], normalised_entropy(data.task, probs))
+        lp = real(data.task, data.test)
+        torch.testing.assert_close(scores["mutual_information"], mutual_information(lp.exp()) / math.log(2))
+        assert bool((scores["mutual_information"] > 0).all())

@@ -163,12 +163,17 @@ def held_out_table(results: list[dict[str, Any]]) -> str:
     """One row per predictor scored on held-out tasks: each one's score and the out-of-task AUROC."""
     scored = [r for r in results if "out_of_task_auroc" in r]
     tasks = list(dict.fromkeys(t for r in scored for t in r.get("held_out", {})))
+    members = any("out_of_task_auroc_mi" in r for r in scored)
     head = ["predictor", *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks], "out-of-task AUROC"]
+    head += ["out-of-task AUROC, disagreement"] if members else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scored:
         held = r.get("held_out", {})
         cells = [r["predictor"]] + [f"{held[t]['score']:.3f}" if t in held else "—" for t in tasks]
-        lines.append("| " + " | ".join([*cells, f"{r['out_of_task_auroc']:.3f}"]) + " |")
+        cells.append(f"{r['out_of_task_auroc']:.3f}")
+        if members:
+            cells.append(f"{r['out_of_task_auroc_mi']:.3f}" if "out_of_task_auroc_mi" in r else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -291,7 +296,10 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
             "the AUROC of the predictive entropy (divided by log of the number of label words) at telling "
             "those inputs from the recipe's own: 0.5 is chance, 1 a perfect separation. Predictors told the "
             "task have no answer for a task without an expert (—); their AUROC is the mean over tasks of "
-            "each task's own predictor telling its inputs from the held-out ones.\n\n" + held_out_table(results) + "\n"
+            "each task's own predictor telling its inputs from the held-out ones. Ensembles are also scored "
+            "by their members' disagreement (mutual information, on the same scale).\n\n"
+            + held_out_table(results)
+            + "\n"
         )
     write_text(out / "results.md", text)
     files = ["results.md"]

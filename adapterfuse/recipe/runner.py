@@ -292,10 +292,12 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
         :func:`~adapterfuse.harness.evaluate`'s result; for a sequence-level router also
         ``"routing_accuracy"`` (the share of inputs whose top-1 expert is their own task's). With
         ``held_out``, also ``"out_of_task_auroc"``: how well the normalised predictive entropy tells
-        held-out inputs from the recipe's own (0.5: chance, 1: perfect), and ``"held_out"``: each held-out
-        task's metrics, kept out of the average. A predictor told each input's task has no answer for a
-        task without an expert, so it gets no ``"held_out"``, and its AUROC is the mean over tasks of each
-        task's own predictor telling that task's inputs from the held-out ones.
+        held-out inputs from the recipe's own (0.5: chance, 1: perfect), for an ensemble
+        ``"out_of_task_auroc_mi"``: the same for its members' disagreement (mutual information), and
+        ``"held_out"``: each held-out task's metrics, kept out of the average. A predictor told each
+        input's task has no answer for a task without an expert, so it gets no ``"held_out"``, and its
+        AUROCs are the means over tasks of each task's own predictor telling that task's inputs from the
+        held-out ones.
     """
     result = evaluate(predictor, list(data.values()), entropies=bool(held_out))
     if isinstance(predictor, RoutePredictor):  # Arrow routes per token and has no such number
@@ -307,16 +309,26 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
     if by_task is None:
         away = evaluate(predictor, list(held_out), entropies=True)
         result["held_out"] = away["tasks"]
-        result["out_of_task_auroc"] = auroc(
-            torch.cat(list(inside.values())), torch.cat(list(away["entropies"].values()))
-        )
-        return result
-    aurocs = []
+        return {**result, **_detection([(inside, away["entropies"])])}
+    pairs = []
     for task, own in by_task.items():
-        away = evaluate(own, list(held_out), entropies=True)["entropies"]
-        aurocs.append(auroc(inside[task], torch.cat(list(away.values()))))
-    result["out_of_task_auroc"] = statistics.fmean(aurocs)
-    return result
+        pairs.append(({task: inside[task]}, evaluate(own, list(held_out), entropies=True)["entropies"]))
+    return {**result, **_detection(pairs)}
+
+
+_AUROC_KEYS = {"entropy": "out_of_task_auroc", "mutual_information": "out_of_task_auroc_mi"}
+
+
+def _detection(pairs: list[tuple[dict[str, dict], dict[str, dict]]]) -> dict[str, float]:
+    """The mean over (in-task, held-out) pairs of each uncertainty score's AUROC; a score counts only when
+    every input of every pair has it (the members' disagreement needs members)."""
+    found: dict[str, list[float]] = {}
+    for inside, away in pairs:
+        for score in _AUROC_KEYS:
+            a, b = [s[score] for s in inside.values() if score in s], [s[score] for s in away.values() if score in s]
+            if len(a) == len(inside) and len(b) == len(away):
+                found.setdefault(score, []).append(auroc(torch.cat(a), torch.cat(b)))
+    return {_AUROC_KEYS[s]: statistics.fmean(v) for s, v in found.items() if len(v) == len(pairs)}
 
 
 def _base(recipe: Recipe, base: BaseModel | None, device: str | None) -> BaseModel:

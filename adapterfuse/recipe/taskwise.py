@@ -57,11 +57,19 @@ class TaskwisePredictor:
     def __init__(self, name: str, by_task: dict[str, Any]) -> None:
         self.name, self.by_task = name, by_task
 
-    def predict_proba(self, task: TaskSpec, batch: list[Example]):
-        """Delegate to the task's own predictor."""
+    def for_task(self, task: TaskSpec) -> Any:
+        """The task's own predictor.
+
+        Raises:
+            ConfigError: no predictor was built for the task.
+        """
         if task.train_task not in self.by_task:
             raise ConfigError(f"{self.name}: no predictor for task {task.name!r}; have {sorted(self.by_task)}")
-        return self.by_task[task.train_task].predict_proba(task, batch)
+        return self.by_task[task.train_task]
+
+    def predict_proba(self, task: TaskSpec, batch: list[Example]):
+        """Delegate to the task's own predictor."""
+        return self.for_task(task).predict_proba(task, batch)
 
     def cost(self) -> Cost:
         """Parameters and memory of all tasks' predictors; passes per input of the costliest."""

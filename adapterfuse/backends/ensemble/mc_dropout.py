@@ -90,7 +90,11 @@ class MCDropoutPredictor:
         """``[n, n_labels]``: the mean of the samples' probabilities."""
         if not batch:
             return torch.empty((0, task.n_labels))
-        return linear(self.member_log_probs(task, batch).exp(), [1.0 / self.samples] * self.samples)
+        return self.pool_members(self.member_log_probs(task, batch))
+
+    def pool_members(self, member_log_probs: torch.Tensor) -> torch.Tensor:
+        """``[n, n_labels]``: the mean of the masks' probabilities."""
+        return linear(member_log_probs.exp(), [1.0 / self.samples] * self.samples)
 
     def cost(self) -> Cost:
         """One expert stored; ``samples`` rows of base work per input."""

@@ -121,7 +121,11 @@ class EnsemblePredictor:
         """``[n, n_labels]`` pooled probabilities over the task's label words, in the input order."""
         if not batch:
             return torch.empty((0, task.n_labels))
-        return pool(self.pooling, self.member_log_probs(task, batch), self.weights, self.temperature)
+        return self.pool_members(self.member_log_probs(task, batch))
+
+    def pool_members(self, member_log_probs: torch.Tensor) -> torch.Tensor:
+        """``[n, n_labels]``: the members' ``[K, n, n_labels]`` log-probabilities pooled as this ensemble pools."""
+        return pool(self.pooling, member_log_probs, self.weights, self.temperature)
 
     def cost(self) -> Cost:
         """K distinct members: K base forward passes of work per input, and their adapters stored (fp32)."""

@@ -277,8 +277,12 @@ class PEEnsemblePredictor:
         """``[n, n_labels]`` pooled probabilities over the task's label words."""
         if not batch:
             return torch.empty((0, task.n_labels))
+        return self.pool_members(self.member_log_probs(task, batch))
+
+    def pool_members(self, member_log_probs: torch.Tensor) -> torch.Tensor:
+        """``[n, n_labels]``: the members' ``[K, n, n_labels]`` log-probabilities pooled with weights 1/K."""
         k = self.ensemble.k  # uniform weights 1/K, as the ensemble backend's: log-linear is the geometric mean
-        return pool(self.pooling, self.member_log_probs(task, batch), [1.0 / k] * k)
+        return pool(self.pooling, member_log_probs, [1.0 / k] * k)
 
     def cost(self) -> Cost:
         """What is stored (the compact trained tensors) and K rows (MIMO: K-times longer rows) of work."""
