@@ -31,7 +31,7 @@ from adapterfuse.progress import bar
 from adapterfuse.tasks.glue import get_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
-from adapterfuse.uncertainty import ECE_BINS, uncertainty_metrics
+from adapterfuse.uncertainty import ECE_BINS, reliability, uncertainty_metrics
 
 
 def score_examples(
@@ -257,8 +257,9 @@ def evaluate(
     Returns:
         ``{"predictor", "tasks": {task: metrics + nll, brier, ece + n + seconds + examples_per_s}, "average",
         "examples_per_s", "cost", "ece_bins"}``; ``average`` is the mean of the per-task ``score``; ``ece``
-        (classification tasks) uses ``ece_bins`` equal-mass bins. With ``entropies``, also
-        ``"entropies": {task: {score name: [n] tensor}}``.
+        (classification tasks) uses ``ece_bins`` equal-mass bins, whose reliability diagrams are in
+        ``"reliability": {task: {"confidence", "accuracy", "count"}}`` (for classification tasks). With
+        ``entropies``, also ``"entropies": {task: {score name: [n] tensor}}``.
 
     Raises:
         ConfigError: for an unknown split or no tasks.
@@ -269,6 +270,7 @@ def evaluate(
         raise ConfigError("evaluate: expected at least one task, got none")
     tasks: dict[str, dict[str, float]] = {}
     per_input: dict[str, dict[str, torch.Tensor]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
     total_n, total_s = 0, 0.0
     for td in bar(data, f"evaluate {predictor.name}", unit="task"):
         examples = getattr(td, split)[:max_examples]
@@ -288,6 +290,8 @@ def evaluate(
             "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2),
         }
         total_n, total_s = total_n + len(examples), total_s + seconds
+        if not td.task.regression:
+            curves[td.task.name] = reliability(probs, labels)
     result = {
         "predictor": predictor.name,
         "split": split,
@@ -296,6 +300,7 @@ def evaluate(
         "examples_per_s": round(total_n / max(total_s, 1e-9), 2),
         "cost": predictor.cost().as_dict(),
         "ece_bins": ECE_BINS,
+        **({"reliability": curves} if curves else {}),
     }
     return {**result, "entropies": per_input} if entropies else result
 

@@ -1,4 +1,5 @@
-"""How sure a predictor is, and whether it is right to be: NLL, Brier, ECE, entropy, mutual information, AUROC.
+"""How sure a predictor is, and whether it is right to be: NLL, Brier, ECE and its reliability diagram, entropy,
+mutual information, AUROC.
 
 Every function reads probabilities over a task's label words, ``[n, n_labels]``, the form every predictor
 returns. Targets are the label words' one-hot vectors, and for regression the same two-level soft target
@@ -34,8 +35,8 @@ def brier(task: TaskSpec, probs: torch.Tensor, labels: Sequence[float]) -> float
     return float(((probs.float() - soft_targets(task, labels)) ** 2).sum(dim=1).mean())
 
 
-def ece(probs: torch.Tensor, labels: Sequence[float], bins: int = ECE_BINS) -> float:
-    """Expected calibration error of the top class, over equal-mass bins of confidence.
+def reliability(probs: torch.Tensor, labels: Sequence[float], bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """The reliability diagram of the top class: confidence against accuracy over equal-mass bins.
 
     Args:
         probs: ``[n, n_labels]`` probabilities of a classification task.
@@ -43,7 +44,7 @@ def ece(probs: torch.Tensor, labels: Sequence[float], bins: int = ECE_BINS) -> f
         bins: the number of bins; examples are sorted by confidence and split into ``bins`` near-equal groups.
 
     Returns:
-        ``sum_b (n_b / n) * |accuracy_b - confidence_b|``.
+        ``{"confidence": [...], "accuracy": [...], "count": [...]}``, one entry per bin, by rising confidence.
 
     Raises:
         ConfigError: ``bins`` below 1.
@@ -52,11 +53,34 @@ def ece(probs: torch.Tensor, labels: Sequence[float], bins: int = ECE_BINS) -> f
         raise ConfigError(f"ece bins: expected an integer >= 1, got {bins}")
     confidence, predicted = probs.float().max(dim=1)
     correct = (predicted == torch.tensor([int(v) for v in labels])).double().numpy()
-    order = np.argsort(confidence.double().numpy(), kind="stable")
+    conf = confidence.double().numpy()
+    groups = np.array_split(np.argsort(conf, kind="stable"), min(bins, len(conf)))
+    return {
+        "confidence": [float(conf[g].mean()) for g in groups],
+        "accuracy": [float(correct[g].mean()) for g in groups],
+        "count": [len(g) for g in groups],
+    }
+
+
+def ece(probs: torch.Tensor, labels: Sequence[float], bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top class, over equal-mass bins of confidence.
+
+    Args:
+        probs: ``[n, n_labels]`` probabilities of a classification task.
+        labels: the ``n`` gold class ids.
+        bins: the number of bins (see :func:`reliability`).
+
+    Returns:
+        ``sum_b (n_b / n) * |accuracy_b - confidence_b|``.
+
+    Raises:
+        ConfigError: ``bins`` below 1.
+    """
+    r = reliability(probs, labels, bins)
     total = 0.0
-    for group in np.array_split(order, min(bins, len(order))):
-        total += len(group) * abs(correct[group].mean() - confidence.double().numpy()[group].mean())
-    return total / len(order)
+    for count, accuracy, confidence in zip(r["count"], r["accuracy"], r["confidence"], strict=True):
+        total += count * abs(accuracy - confidence)
+    return total / sum(r["count"])
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

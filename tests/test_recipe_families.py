@@ -133,6 +133,12 @@ def test_every_family_trains_its_members_once_and_scores_like_its_parts(tmp_path
     assert rows["seeds"]["out_of_task_auroc_mi"] == pytest.approx(expected_mi, abs=1e-9)
     assert "out_of_task_auroc_mi" not in rows["oracle"] and "out_of_task_auroc_mi" not in rows["temperature"]
     assert "disagreement" in (out / "results.md").read_text()
+    # Each row keeps the reliability diagram behind its ECE (classification tasks only).
+    curve = rows["seeds"]["reliability"]["sst2"]
+    assert sum(curve["count"]) == rows["seeds"]["tasks"]["sst2"]["n"] and set(rows["seeds"]["reliability"]) == {
+        "sst2",
+        "rte",
+    }
     assert all("held_out" not in r and 0 <= r["out_of_task_auroc"] <= 1 for r in summary["results"])
 
     trained.clear()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from adapterfuse.recipe.report import _AXES_H, _AXES_W, _MARKER, _limits, cost_plot_data, markdown_table, write_report
 
 
@@ -61,8 +63,33 @@ def test_markers_of_one_cost_with_close_scores_are_moved_apart():
 
 def test_report_writes_the_table_and_both_plots(tmp_path):
     files = write_report({"recipe": "tiny", "results": RESULTS}, tmp_path)
-    assert files == ["results.md", "accuracy_vs_cost.png", "scores_heatmap.png"]
+    assert files == ["results.md", "accuracy_vs_cost.png", "scores_heatmap.png"]  # no reliability data: none
     for png in files[1:]:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "not told the task" in (tmp_path / "results.md").read_text()
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def _calibrated(name: str, nll: float, passes: float, ece: float | None = None) -> dict:
+    result = _result(name, 0.5, passes)
+    result["tasks"] = {
+        "sst2": {"score": 0.5, "nll": nll, "brier": 0.3},
+        "stsb": {"score": 0.5, "nll": nll + 1, "brier": 0.4},
+    }
+    if ece is not None:
+        result["tasks"]["sst2"]["ece"] = ece
+        result["reliability"] = {"sst2": {"confidence": [0.6, 0.9], "accuracy": [0.5, 0.95], "count": [4, 4]}}
+    return result
+
+
+def test_the_cost_plot_shows_any_metric_and_each_predictor_gets_a_reliability_diagram(tmp_path):
+    results = [_calibrated("a", 0.9, 1, 0.1), _calibrated("b", 0.5, 2, 0.2), _calibrated("c", 0.7, 4)]
+    points = {p["predictor"]: p for p in cost_plot_data(results, "nll")}
+    assert points["a"]["score"] == pytest.approx(1.4)  # the mean over the tasks that have it
+    assert {n for n, p in points.items() if p["on_front"]} == {"a", "b"}  # lower is better: c is beaten by b
+    assert [p["predictor"] for p in cost_plot_data(results, "ece")] == ["a", "b"]  # c has no classification ECE
+    files = write_report({"recipe": "tiny", "results": results}, tmp_path, metric="nll")
+    assert files == ["results.md", "nll_vs_cost.png", "scores_heatmap.png", "reliability.png"]
+    for png in files[1:]:
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*"))

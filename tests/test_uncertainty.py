@@ -14,7 +14,16 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.harness import ExpertPredictor, evaluate, uncertainty_table
 from adapterfuse.io.manifest import MANIFEST
 from adapterfuse.tasks.glue import get_task, load_task
-from adapterfuse.uncertainty import auroc, brier, ece, entropy, mutual_information, nll, uncertainty_metrics
+from adapterfuse.uncertainty import (
+    auroc,
+    brier,
+    ece,
+    entropy,
+    mutual_information,
+    nll,
+    reliability,
+    uncertainty_metrics,
+)
 from tests.conftest import write_glue_dir
 from tests.helpers import random_expert
 
@@ -46,6 +55,11 @@ def test_ece_over_equal_mass_bins_by_hand():
     assert ece(PROBS, LABELS, bins=1) == pytest.approx(abs(0.75 - 0.75), abs=1e-6)
     with pytest.raises(ConfigError, match="ece bins: expected an integer >= 1, got 0"):
         ece(PROBS, LABELS, bins=0)
+    # The reliability diagram is those bins: mean confidence and accuracy per bin, by rising confidence.
+    curve = reliability(PROBS, LABELS, bins=2)
+    assert curve["count"] == [2, 2]
+    assert curve["confidence"] == pytest.approx([0.65, 0.85], abs=1e-6)
+    assert curve["accuracy"] == pytest.approx([1.0, 0.5], abs=1e-12)
 
 
 def test_entropy_mutual_information_and_auroc():

@@ -9,23 +9,18 @@ drawn apart and kept off the Pareto front: the others must find the task themsel
 from __future__ import annotations
 
 import math
-import os
+import statistics
 from pathlib import Path
 from typing import Any
 
 from adapterfuse.harness import uncertainty_table
 from adapterfuse.io.atomic import write_text
+from adapterfuse.recipe.plots import _AXES_H, _AXES_W, _MARKER, _limits, plot_cost, plot_heatmap, plot_reliability
+from adapterfuse.recipe.schema import PlotMetric
 from adapterfuse.tasks.glue import get_task
 
+LOWER_IS_BETTER = frozenset({"nll", "ece", "brier"})
 REFERENCES = ("base zero-shot", "oracle")
-# The figure's size in points: the overlap logic below works in these units so that markers never cover
-# each other however the scores bunch up.
-_AXES_W, _AXES_H, _MARKER = 380.0, 330.0, 13.0
-GROUPS = {
-    "backend": ("tab:blue", "o", "no task id"),
-    "task_id": ("tab:orange", "D", "needs the task id"),
-    "reference": ("grey", "s", "base zero-shot"),
-}
 
 
 def ms_per_input(result: dict[str, Any]) -> float:
@@ -56,11 +51,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def cost_front(results: list[dict[str, Any]]) -> list[int]:
-    """The Pareto front of average score against base forward passes per input, among the results whose
-    predictor needs no task id; indices into ``results``, cheapest first."""
-    eligible = [i for i, r in enumerate(results) if not needs_task_id(r)]
-    points = [(results[i]["cost"]["forward_passes"], results[i]["average"]) for i in eligible]
+def metric_value(result: dict[str, Any], metric: PlotMetric) -> float | None:
+    """A result's value of a metric the cost plot can show: the average score, or the mean over the tasks
+    that have the metric (ECE: the classification tasks); ``None`` when no task has it."""
+    if metric == "score":
+        return result["average"]
+    values = [t[metric] for t in result["tasks"].values() if t.get(metric) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def cost_front(results: list[dict[str, Any]], metric: PlotMetric = "score") -> list[int]:
+    """The Pareto front of a metric (the average score by default; NLL, ECE and Brier: lower is better)
+    against base forward passes per input, among the results whose predictor needs no task id and that
+    have the metric; indices into ``results``, cheapest first."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    eligible = [i for i, r in enumerate(results) if not needs_task_id(r) and metric_value(r, metric) is not None]
+    points = [(results[i]["cost"]["forward_passes"], sign * metric_value(results[i], metric)) for i in eligible]
     return [eligible[j] for j in pareto_front(points)]
 
 
@@ -80,24 +86,24 @@ def _dodge(xs: list[float], ys: list[float], x_span: float, y_span: float) -> li
     return offsets
 
 
-def _limits(xs: list[float], ys: list[float]) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The cost plot's axis limits (before markers are moved apart): a margin around the points."""
-    x_pad, y_pad = max(max(xs) - min(xs), 1.0) * 0.2, max(max(ys) - min(ys), 0.05) * 0.1
-    return (min(xs) - x_pad, max(xs) + x_pad), (min(ys) - y_pad, max(ys) + y_pad)
+def cost_plot_data(results: list[dict[str, Any]], metric: PlotMetric = "score") -> list[dict[str, Any]]:
+    """What the metric-vs-cost figure draws: one point per result that has the metric, numbered for the
+    side table.
 
-
-def cost_plot_data(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What the accuracy-vs-cost figure draws: one point per result, numbered for the side table.
+    Args:
+        results: the run's results.
+        metric: what the y axis shows (see :func:`metric_value`).
 
     Returns:
         Per result, in order: ``number`` (1-based), ``predictor``, ``passes`` (base forward passes per
-        input), ``score`` (the average), ``group`` (``backend``, ``task_id`` or ``reference``),
+        input), ``score`` (the metric's value), ``group`` (``backend``, ``task_id`` or ``reference``),
         ``on_front`` (the Pareto front among predictors that need no task id), and ``x`` (``log2``
         passes, moved right where markers of one cost would overlap).
     """
-    front = set(cost_front(results))
+    results = [r for r in results if metric_value(r, metric) is not None]
+    front = set(cost_front(results, metric))
     xs = [math.log2(max(r["cost"]["forward_passes"], 1e-3)) for r in results]
-    ys = [r["average"] for r in results]
+    ys = [metric_value(r, metric) for r in results]
     (x0, x1), (y0, y1) = _limits(xs, ys)
     offsets = _dodge(xs, ys, x1 - x0, y1 - y0)
     points = []
@@ -108,7 +114,7 @@ def cost_plot_data(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "number": i + 1,
                 "predictor": r["predictor"],
                 "passes": r["cost"]["forward_passes"],
-                "score": r["average"],
+                "score": ys[i],
                 "group": group,
                 "on_front": i in front,
                 "x": xs[i] + offsets[i],
@@ -177,106 +183,15 @@ def held_out_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot_cost(results: list[dict[str, Any]], path: Path, title: str) -> list[dict[str, Any]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = cost_plot_data(results)
-    fig, (ax, side) = plt.subplots(1, 2, figsize=(10, 5.5), gridspec_kw={"width_ratios": [1.6, 1]})
-    for group, (colour, marker, meaning) in GROUPS.items():
-        mine = [p for p in points if p["group"] == group]
-        ax.scatter(
-            [p["x"] for p in mine],
-            [p["score"] for p in mine],
-            s=_MARKER**2,
-            c=colour,
-            marker=marker,
-            label=meaning,
-            zorder=3,
-            edgecolors=["black" if p["on_front"] else "white" for p in mine],
-            linewidths=[1.6 if p["on_front"] else 0.8 for p in mine],
-        )
-        for p in mine:
-            ax.annotate(
-                str(p["number"]),
-                (p["x"], p["score"]),
-                ha="center",
-                va="center",
-                fontsize=6.5,
-                color="white",
-                weight="bold",
-                zorder=4,
-            )
-    xs, ys = [math.log2(max(p["passes"], 1e-3)) for p in points], [p["score"] for p in points]
-    (x0, x1), y_lim = _limits(xs, ys)
-    ax.set_xlim(x0, x1 + max(p["x"] - x for p, x in zip(points, xs, strict=True)))
-    ax.set_ylim(*y_lim)
-    ticks = list(range(math.floor(min(xs)), math.ceil(max(xs)) + 1))  # 1, 2, 4, 8 ... passes
-    ax.set_xticks(ticks, [f"{2**t:g}" for t in ticks])
-    ax.set_xlabel("base forward passes per input (log scale)")
-    ax.set_ylabel("average dev score")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    # a ringed marker is on the front; an empty ring stands for that in the legend
-    ax.scatter(
-        [], [], s=_MARKER**2, facecolors="none", edgecolors="black", linewidths=1.6, label="Pareto front (no task id)"
-    )
-    ax.legend(loc="lower right", fontsize=8, markerscale=0.6)
-    _side_table(side, points)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return points
-
-
-def _side_table(side: Any, points: list[dict[str, Any]]) -> None:
-    """The markers' numbers with their predictors, scores and passes, beside the plot."""
-    side.axis("off")
-    rows = [f"{p['number']:>2}  {p['predictor'][:34]:<34} {p['score']:.3f}  {p['passes']:g}" for p in points]
-    text = "\n".join([f"{'#':>2}  {'predictor':<34} score  passes", *rows])
-    side.text(0, 1, text, va="top", family="monospace", fontsize=7, transform=side.transAxes)
-
-
-def _plot_heatmap(results: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = _tasks(results)
-    grid = [[r["tasks"][t]["score"] if t in r["tasks"] else float("nan") for t in tasks] for r in results]
-    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 3, 0.42 * len(results) + 1.5))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks)
-    names = [r["predictor"] + (" (task id)" if needs_task_id(r) else "") for r in results]
-    ax.set_yticks(range(len(results)), names, fontsize=8)
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(
-                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black"
-            )
-    fig.colorbar(image, ax=ax, label="dev score")
-    ax.set_title(title)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # a kill never leaves half a PNG
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-
-
-def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list[str]:
-    """Write ``results.md`` and, with ``plots``, ``accuracy_vs_cost.png`` and ``scores_heatmap.png``.
+def write_report(summary: dict[str, Any], out: Path, plots: bool = True, metric: PlotMetric = "score") -> list[str]:
+    """Write ``results.md`` and, with ``plots``, the figures of :mod:`adapterfuse.recipe.plots`.
 
     Args:
         summary: what :func:`~adapterfuse.recipe.runner.run_recipe` measured.
         out: the run folder.
-        plots: draw the two figures (needs matplotlib).
+        plots: draw the figures (needs matplotlib).
+        metric: the y axis of the cost plot (``accuracy_vs_cost.png`` for the score, else
+            ``<metric>_vs_cost.png``).
 
     Returns:
         The names of the files written.
@@ -304,7 +219,13 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True) -> list
     write_text(out / "results.md", text)
     files = ["results.md"]
     if plots and results:
-        _plot_cost(results, out / "accuracy_vs_cost.png", f"{name}: accuracy vs cost")
-        _plot_heatmap(results, out / "scores_heatmap.png", f"{name}: dev score per task")
-        files += ["accuracy_vs_cost.png", "scores_heatmap.png"]
+        stem = "accuracy" if metric == "score" else metric
+        worse = " (lower is better)" if metric in LOWER_IS_BETTER else ""
+        label = "average dev score" if metric == "score" else f"mean {metric.upper()} over tasks{worse}"
+        plot_cost(cost_plot_data(results, metric), out / f"{stem}_vs_cost.png", f"{name}: {stem} vs cost", label)
+        names = [r["predictor"] + (" (task id)" if needs_task_id(r) else "") for r in results]
+        plot_heatmap(results, names, out / "scores_heatmap.png", f"{name}: dev score per task")
+        files += [f"{stem}_vs_cost.png", "scores_heatmap.png"]
+        if plot_reliability(results, out / "reliability.png", f"{name}: reliability (top class, equal-mass bins)"):
+            files.append("reliability.png")
     return files

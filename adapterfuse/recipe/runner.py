@@ -342,7 +342,7 @@ def _report(recipe: Recipe, out: Path, summary: dict[str, Any], steps: Steps, ma
     """Write results.md, the plots and results.json from the main process; the others wait for it."""
     if main:
         steps.start(f"report: results.md{' and plots' if recipe.outputs.plots else ''} in {out}")
-        summary["files"] = write_report(summary, out, plots=recipe.outputs.plots)
+        summary["files"] = write_report(summary, out, recipe.outputs.plots, recipe.outputs.plot_metric)
         write_json(out / "results.json", summary)
     else:
         summary["files"] = []

@@ -206,12 +206,19 @@ class PushEntry(_Strict):
     endpoint: str | None = None
 
 
+PlotMetric = Literal["score", "nll", "ece", "brier"]
+"""What a run's cost plot can show: the average score, or a task metric averaged over the tasks."""
+
+
 class OutputsSection(_Strict):
     """What is kept besides the results: saved predictors, Hub pushes, plots."""
 
     save: list[str] = Field(default_factory=list, description="predictor labels saved under OUT/predictors")
     push: list[PushEntry] = Field(default_factory=list)
     plots: bool = True
+    plot_metric: PlotMetric = Field(
+        "score", description="the cost plot's y axis: the average score, or NLL, ECE or Brier averaged over tasks"
+    )
 
 
 class Recipe(_Strict):
