@@ -21,6 +21,16 @@ GROUPS = {
 }
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported here: only a run that draws needs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _limits(xs: list[float], ys: list[float]) -> tuple[tuple[float, float], tuple[float, float]]:
     """The cost plot's axis limits (before markers are moved apart): a margin around the points."""
     x_pad, y_pad = max(max(xs) - min(xs), 1.0) * 0.2, max(max(ys) - min(ys), 0.05) * 0.1
@@ -29,11 +39,7 @@ def _limits(xs: list[float], ys: list[float]) -> tuple[tuple[float, float], tupl
 
 def plot_cost(points: list[dict[str, Any]], path: Path, title: str, ylabel: str) -> None:
     """Draw the metric-vs-cost figure from :func:`~adapterfuse.recipe.report.cost_plot_data`'s points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax, side) = plt.subplots(1, 2, figsize=(10, 5.5), gridspec_kw={"width_ratios": [1.6, 1]})
     for group, (colour, marker, meaning) in GROUPS.items():
         mine = [p for p in points if p["group"] == group]
@@ -88,14 +94,9 @@ def _side_table(side: Any, points: list[dict[str, Any]]) -> None:
     side.text(0, 1, text, va="top", family="monospace", fontsize=7, transform=side.transAxes)
 
 
-def plot_heatmap(results: list[dict[str, Any]], names: list[str], path: Path, title: str) -> None:
-    """Draw each predictor's (row, named ``names``) dev score per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+def plot_heatmap(results: list[dict[str, Any]], names: list[str], tasks: list[str], path: Path, title: str) -> None:
+    """Draw each predictor's (row, named ``names``) dev score per task (column)."""
+    plt = _pyplot()
     grid = [[r["tasks"][t]["score"] if t in r["tasks"] else float("nan") for t in tasks] for r in results]
     fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 3, 0.42 * len(results) + 1.5))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -129,11 +130,7 @@ def plot_reliability(results: list[dict[str, Any]], path: Path, title: str, colu
     drawn = [r for r in results if r.get("reliability")]
     if not drawn:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = math.ceil(len(drawn) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows + 0.6), squeeze=False)
     for ax, r in zip(axes.flat, drawn, strict=False):

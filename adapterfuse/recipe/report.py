@@ -224,7 +224,7 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True, metric:
         label = "average dev score" if metric == "score" else f"mean {metric.upper()} over tasks{worse}"
         plot_cost(cost_plot_data(results, metric), out / f"{stem}_vs_cost.png", f"{name}: {stem} vs cost", label)
         names = [r["predictor"] + (" (task id)" if needs_task_id(r) else "") for r in results]
-        plot_heatmap(results, names, out / "scores_heatmap.png", f"{name}: dev score per task")
+        plot_heatmap(results, names, _tasks(results), out / "scores_heatmap.png", f"{name}: dev score per task")
         files += [f"{stem}_vs_cost.png", "scores_heatmap.png"]
         if plot_reliability(results, out / "reliability.png", f"{name}: reliability (top class, equal-mass bins)"):
             files.append("reliability.png")
