@@ -93,3 +93,16 @@ def test_the_cost_plot_shows_any_metric_and_each_predictor_gets_a_reliability_di
     for png in files[1:]:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*"))
+
+
+def test_the_table_beside_the_cost_plot_heads_its_values_with_the_metric():
+    from adapterfuse.recipe.plots import _pyplot, _side_table
+
+    plt = _pyplot()
+    fig, side = plt.subplots()
+    points = [{"number": 1, "predictor": "a", "score": 1.4, "passes": 1}]
+    _side_table(side, points, "NLL")
+    text = side.texts[0].get_text()
+    plt.close(fig)
+    assert text.splitlines()[0].split()[-2:] == ["NLL", "passes"]
+    assert text.splitlines()[1].split()[-2:] == ["1.400", "1"]

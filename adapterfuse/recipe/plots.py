@@ -37,8 +37,16 @@ def _limits(xs: list[float], ys: list[float]) -> tuple[tuple[float, float], tupl
     return (min(xs) - x_pad, max(xs) + x_pad), (min(ys) - y_pad, max(ys) + y_pad)
 
 
-def plot_cost(points: list[dict[str, Any]], path: Path, title: str, ylabel: str) -> None:
-    """Draw the metric-vs-cost figure from :func:`~adapterfuse.recipe.report.cost_plot_data`'s points."""
+def plot_cost(points: list[dict[str, Any]], path: Path, title: str, ylabel: str, column: str = "score") -> None:
+    """Draw the metric-vs-cost figure from :func:`~adapterfuse.recipe.report.cost_plot_data`'s points.
+
+    Args:
+        points: the markers, each with its predictor, value (``"score"``), passes and place.
+        path: the PNG to write (atomically).
+        title: the figure's title.
+        ylabel: the value axis's label.
+        column: the heading of the value column in the table beside the plot (the metric's short name).
+    """
     plt = _pyplot()
     fig, (ax, side) = plt.subplots(1, 2, figsize=(10, 5.5), gridspec_kw={"width_ratios": [1.6, 1]})
     for group, (colour, marker, meaning) in GROUPS.items():
@@ -80,17 +88,17 @@ def plot_cost(points: list[dict[str, Any]], path: Path, title: str, ylabel: str)
         [], [], s=_MARKER**2, facecolors="none", edgecolors="black", linewidths=1.6, label="Pareto front (no task id)"
     )
     ax.legend(loc="lower right", fontsize=8, markerscale=0.6)
-    _side_table(side, points)
+    _side_table(side, points, column)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
 
 
-def _side_table(side: Any, points: list[dict[str, Any]]) -> None:
-    """The markers' numbers with their predictors, scores and passes, beside the plot."""
+def _side_table(side: Any, points: list[dict[str, Any]], column: str) -> None:
+    """The markers' numbers with their predictors, values (under ``column``) and passes, beside the plot."""
     side.axis("off")
-    rows = [f"{p['number']:>2}  {p['predictor'][:34]:<34} {p['score']:.3f}  {p['passes']:g}" for p in points]
-    text = "\n".join([f"{'#':>2}  {'predictor':<34} score  passes", *rows])
+    rows = [f"{p['number']:>2}  {p['predictor'][:34]:<34} {p['score']:>5.3f}  {p['passes']:g}" for p in points]
+    text = "\n".join([f"{'#':>2}  {'predictor':<34} {column[:5]:>5}  passes", *rows])
     side.text(0, 1, text, va="top", family="monospace", fontsize=7, transform=side.transAxes)
 
 

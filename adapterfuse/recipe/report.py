@@ -222,7 +222,9 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True, metric:
         stem = "accuracy" if metric == "score" else metric
         worse = " (lower is better)" if metric in LOWER_IS_BETTER else ""
         label = "average dev score" if metric == "score" else f"mean {metric.upper()} over tasks{worse}"
-        plot_cost(cost_plot_data(results, metric), out / f"{stem}_vs_cost.png", f"{name}: {stem} vs cost", label)
+        column = "score" if metric == "score" else metric.upper()
+        title = f"{name}: {stem} vs cost"
+        plot_cost(cost_plot_data(results, metric), out / f"{stem}_vs_cost.png", title, label, column)
         names = [r["predictor"] + (" (task id)" if needs_task_id(r) else "") for r in results]
         plot_heatmap(results, names, _tasks(results), out / "scores_heatmap.png", f"{name}: dev score per task")
         files += [f"{stem}_vs_cost.png", "scores_heatmap.png"]
