@@ -52,6 +52,42 @@ def recipe_of(args: argparse.Namespace, backend: str, options: dict[str, Any]) -
     )
 
 
+def command_options(args: argparse.Namespace, model: Any, backend: str) -> tuple[Any, dict[str, Any]]:
+    """The command's backend options (the flags named as ``model``'s fields), validated by that model.
+
+    Args:
+        args: the parsed arguments (``tasks`` and the backend's option flags).
+        model: the backend's config model (``EnsembleConfig``, ``RouteConfig``).
+        backend: its name, for the messages.
+
+    Returns:
+        The validated config and the options as given (what the one-combiner recipe records).
+
+    Raises:
+        ConfigError: an unknown task or a bad option (the message the API and a recipe give).
+    """
+    from adapterfuse.backends.options import validate_options
+    from adapterfuse.tasks.glue import parse_tasks
+
+    parse_tasks(args.tasks)
+    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    return validate_options(model, given, backend), given
+
+
+def checked_recipe(args: argparse.Namespace, backend: str, options: dict[str, Any]) -> Any:
+    """:func:`recipe_of`, with ``--base`` and ``--out`` checked too: everything before anything is loaded.
+
+    Raises:
+        ConfigError: a bad ``--validation-size`` or task; OutputError: ``--out`` exists without ``--overwrite``.
+    """
+    from adapterfuse.io.atomic import check_output
+
+    recipe = recipe_of(args, backend, options)
+    source(args.base, "--base")
+    check_output(args.out, args.overwrite)
+    return recipe
+
+
 def load_experts(args: argparse.Namespace, check: Callable[[Any], list[str]] | None = None) -> Any:
     """Load ``--experts`` (folders or Hub ids; no base yet), run the checks that need their names, print notes.
 

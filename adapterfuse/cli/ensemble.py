@@ -18,7 +18,6 @@ from adapterfuse.cli.common import (
     add_verify_option,
     positive_int,
     set_verbosity,
-    source,
 )
 
 OPTIONS: dict[str, tuple[Any, str]] = {
@@ -105,18 +104,11 @@ def run(args: argparse.Namespace) -> int:
             missing data, or an existing ``--out`` without ``--overwrite``.
     """
     from adapterfuse.backends.ensemble.config import EnsembleConfig, check_ensemble
-    from adapterfuse.backends.options import validate_options
-    from adapterfuse.cli.combine import fit_and_evaluate, load_experts, recipe_of, save_and_print
-    from adapterfuse.io.atomic import check_output
-    from adapterfuse.tasks.glue import parse_tasks
+    from adapterfuse.cli.combine import checked_recipe, command_options, fit_and_evaluate, load_experts, save_and_print
 
     set_verbosity(args)
-    parse_tasks(args.tasks)
-    given = {k: v for k, v in vars(args).items() if k in EnsembleConfig.model_fields}
-    config = validate_options(EnsembleConfig, given, "ensemble")
-    recipe = recipe_of(args, "ensemble", given)
-    source(args.base, "--base")
-    check_output(args.out, args.overwrite)
+    config, given = command_options(args, EnsembleConfig, "ensemble")
+    recipe = checked_recipe(args, "ensemble", given)
 
     def check(library: Any) -> list[str]:
         check_ensemble(config, [e.name for e in library], has_validation=True)  # before the base is loaded

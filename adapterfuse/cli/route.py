@@ -21,7 +21,6 @@ from adapterfuse.cli.common import (
     optional_int,
     positive_int,
     set_verbosity,
-    source,
 )
 
 OPTIONS: dict[str, tuple[Any, str]] = {
@@ -118,23 +117,17 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: bad arguments (checked before the base is loaded), incompatible experts,
             missing data, or an existing ``--out`` without ``--overwrite``.
     """
-    from adapterfuse.backends.options import validate_options
     from adapterfuse.backends.route.api import routing_accuracy
     from adapterfuse.backends.route.config import RouteConfig, check_route
     from adapterfuse.backends.route.predictor import RoutePredictor
-    from adapterfuse.cli.combine import fit_and_evaluate, load_experts, recipe_of, save_and_print
-    from adapterfuse.io.atomic import check_output
+    from adapterfuse.cli.combine import checked_recipe, command_options, fit_and_evaluate, load_experts, save_and_print
     from adapterfuse.tasks.glue import parse_tasks
 
     set_verbosity(args)
-    parse_tasks(args.tasks)
     held_out = [t.name for t in parse_tasks(args.eval_tasks)] if args.eval_tasks else []
-    given = {k: v for k, v in vars(args).items() if k in RouteConfig.model_fields}
-    config = validate_options(RouteConfig, given, "route")
+    config, given = command_options(args, RouteConfig, "route")
     check_route(config, len(args.experts), has_data=True)
-    recipe = recipe_of(args, "route", given)
-    source(args.base, "--base")
-    check_output(args.out, args.overwrite)
+    recipe = checked_recipe(args, "route", given)
     done, _ = fit_and_evaluate(args, recipe, load_experts(args), held_out)
     predictor, result = done.predictor, done.result
     result["route"] = {"experts": predictor.names, "info": predictor.info}
