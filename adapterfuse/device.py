@@ -130,3 +130,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's first parameter (the CPU for a model without parameters)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def available_memory(device: torch.device, meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the kernel's ``MemAvailable`` for the
+    CPU (Linux); ``None`` where it cannot be read (MPS, other systems)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -47,6 +47,7 @@ from adapterfuse.surgery import shared_copy
 from adapterfuse.tasks.glue import get_task, load_task
 from adapterfuse.tasks.metrics import compute_metrics
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
+from adapterfuse.train.activations import checkpoint_if_needed
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.loop import (
     Callback,
@@ -265,6 +266,9 @@ def train_pe_ensemble(
     torch.manual_seed(config.seed)
     model, layers, layout = prepare_model(base, kind, members, config, opts)
     model.train()
+    replicated = kind == "camero" or (kind == "batchensemble" and opts.be_data == "all")
+    largest = max((members if replicated else 1) * len(step) * max(len(encoded[i]) for i in step) for step in schedule)
+    checkpointed = checkpoint_if_needed(model, largest)  # same bytes either way; less memory, more time
     params = {f"{m}.{n}": p for m, layer in layers.items() for n, p in layer.tensors().items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     total = len(schedule)
@@ -295,6 +299,7 @@ def train_pe_ensemble(
         f"train {kind} {task_spec.name}" if progress else None,
     )
     ensemble = _ensemble(objective, layout, base, len(train), result, opts)
+    ensemble.manifest["training"]["activation_checkpointing"] = checkpointed
     ensemble.manifest["scores"] = _scores(ensemble, base, data, config)
     ensemble.save(out, overwrite)
     ckpt.clear()
