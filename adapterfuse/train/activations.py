@@ -27,13 +27,15 @@ def activation_bytes(config: Any, tokens: int) -> int:
     """The estimated activation memory of a forward pass over ``tokens`` tokens (padding included).
 
     Args:
-        config: the model's config (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``).
+        config: the model's config (``hidden_size``, ``num_hidden_layers``, and ``intermediate_size`` when
+            it has one: four times the hidden size otherwise).
         tokens: rows times padded length of the step.
 
     Returns:
         Bytes.
     """
-    per_token = _HIDDEN_VECTORS * config.hidden_size + _MLP_VECTORS * config.intermediate_size
+    mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # GPT-2-style configs have none
+    per_token = _HIDDEN_VECTORS * config.hidden_size + _MLP_VECTORS * mlp
     return per_token * config.num_hidden_layers * _BYTES * tokens
 
 
