@@ -40,12 +40,14 @@ def _checkpointed_layers(model) -> list[bool]:
     return [bool(getattr(layer, "gradient_checkpointing", False)) for layer in model.model.layers]
 
 
-def test_turned_on_only_when_the_step_would_take_over_half_the_free_memory(tiny_base, monkeypatch):
+def test_turned_on_only_when_the_step_would_take_over_half_the_free_memory(tiny_base, monkeypatch, capsys):
     one_token = activation_bytes(tiny_base.model.config, 1)
     monkeypatch.setattr(activations, "available_memory", lambda device: 100 * one_token)
     small, large = shared_copy(tiny_base.model), shared_copy(tiny_base.model)
     assert not checkpoint_if_needed(small, 50) and not any(_checkpointed_layers(small))
+    assert "activation checkpointing" not in capsys.readouterr().err
     assert checkpoint_if_needed(large, 51) and all(_checkpointed_layers(large))
+    assert "activation checkpointing on" in capsys.readouterr().err  # said, not silent
     assert not any(_checkpointed_layers(tiny_base.model))  # the caller's base is untouched
     monkeypatch.setattr(activations, "available_memory", lambda device: None)
     assert not checkpoint_if_needed(shared_copy(tiny_base.model), 10**12)  # unknown memory: left as it is

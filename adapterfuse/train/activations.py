@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from adapterfuse.device import available_memory, model_device
+from adapterfuse.progress import status
 
 # Floats a decoder layer keeps per token for the backward pass: about a dozen vectors of the hidden size
 # (norms, projections, attention output, residuals) and four of the MLP's width (gate, up, activation,
@@ -52,8 +53,13 @@ def checkpoint_if_needed(model: nn.Module, largest_step_tokens: int, share: floa
         Whether checkpointing was turned on.
     """
     free = available_memory(model_device(model))
-    if free is None or activation_bytes(model.config, largest_step_tokens) <= share * free:
+    need = activation_bytes(model.config, largest_step_tokens)
+    if free is None or need <= share * free:
         return False
+    status(
+        f"activation checkpointing on: the largest step's activations (about {need / 2**30:.1f} GiB) would take "
+        f"over {share:.0%} of the {free / 2**30:.1f} GiB free; same result, more time per step"
+    )
     kwargs = {"use_reentrant": False}  # the frozen base's inputs need no gradient under this variant
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5; the older name before it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
