@@ -21,10 +21,10 @@ WEIGHTS = "weights.safetensors"
 
 def test_the_estimate_grows_with_tokens_width_and_depth():
     config = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
-    assert activation_bytes(config, 1) == (12 * 576 + 4 * 1536) * 30 * 4
+    assert activation_bytes(config, 1) == (24 * 576 + 12 * 1536) * 30 * 4
     assert activation_bytes(config, 6400) == 6400 * activation_bytes(config, 1)
     gpt2_like = SimpleNamespace(hidden_size=576, intermediate_size=None, num_hidden_layers=30)
-    assert activation_bytes(gpt2_like, 1) == (12 * 576 + 4 * 4 * 576) * 30 * 4
+    assert activation_bytes(gpt2_like, 1) == (24 * 576 + 12 * 4 * 576) * 30 * 4
 
 
 def test_free_memory_is_read_from_meminfo(tmp_path):
