@@ -266,8 +266,9 @@ def train_pe_ensemble(
     torch.manual_seed(config.seed)
     model, layers, layout = prepare_model(base, kind, members, config, opts)
     model.train()
-    replicated = kind == "camero" or (kind == "batchensemble" and opts.be_data == "all")
-    largest = max((members if replicated else 1) * len(step) * max(len(encoded[i]) for i in step) for step in schedule)
+    # K copies of each row (BatchEnsemble on all data, CAMERO) or K prompts packed per row (MIMO)
+    k_fold = kind in ("camero", "mimo") or (kind == "batchensemble" and opts.be_data == "all")
+    largest = max((members if k_fold else 1) * len(step) * max(len(encoded[i]) for i in step) for step in schedule)
     checkpointed = checkpoint_if_needed(model, largest)  # same bytes either way; less memory, more time
     params = {f"{m}.{n}": p for m, layer in layers.items() for n, p in layer.tensors().items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
