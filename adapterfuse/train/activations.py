@@ -1,12 +1,12 @@
 """Activation checkpointing for a training run whose largest step would not fit in memory.
 
 A parameter-efficient ensemble runs each step's batch once per member (BatchEnsemble, CAMERO), so the
-activations kept for the backward pass grow K-fold: at K = 4 on long STS-B pairs that is most of a 24 GiB
-machine. Before the run, the largest step's activations are estimated from the model's shape; when they
-would take more than half of the memory free on the device, every decoder layer is checkpointed (its
-activations recomputed in the backward pass). Recomputation runs the same kernels on the same inputs with
-the same random state, so the trained tensors are the same bytes either way; only time (about a quarter
-more per step) and peak memory change.
+activations kept for the backward pass grow K-fold and, on long inputs, can outgrow the machine. Before
+the run, the largest step's activations are estimated from the model's shape; when they would take more
+than half of the memory free on the device, every decoder layer is checkpointed (its activations
+recomputed in the backward pass). Recomputation runs the same kernels on the same inputs with the same
+random state, so the trained tensors are the same bytes either way; only the time per step and the peak
+memory change.
 """
 
 from __future__ import annotations
