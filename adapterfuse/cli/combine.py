@@ -78,7 +78,8 @@ def checked_recipe(args: argparse.Namespace, backend: str, options: dict[str, An
     """:func:`recipe_of`, with ``--base`` and ``--out`` checked too: everything before anything is loaded.
 
     Raises:
-        ConfigError: a bad ``--validation-size`` or task; OutputError: ``--out`` exists without ``--overwrite``.
+        ConfigError: a bad ``--validation-size``, task or ``--base``.
+        OutputExistsError: ``--out`` exists and ``--overwrite`` was not given.
     """
     from adapterfuse.io.atomic import check_output
 
