@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from adapterfuse.recipe.report import _AXES_H, _AXES_W, _MARKER, _limits, cost_plot_data, markdown_table, write_report
+from adapterfuse.recipe.plots import _AXES_H, _AXES_W, _MARKER, _limits
+from adapterfuse.recipe.report import cost_plot_data, markdown_table, write_report
 
 
 def _result(name: str, average: float, passes: float, needs_task_id: bool = False) -> dict:

@@ -37,6 +37,33 @@ def _limits(xs: list[float], ys: list[float]) -> tuple[tuple[float, float], tupl
     return (min(xs) - x_pad, max(xs) + x_pad), (min(ys) - y_pad, max(ys) + y_pad)
 
 
+def marker_offsets(xs: list[float], ys: list[float]) -> list[float]:
+    """Horizontal offsets that keep the cost plot's markers apart.
+
+    Where points of one cost have values closer than a marker's height, each moves one marker width right
+    of the last, in the units of ``xs``.
+
+    Args:
+        xs: the points' x positions (``log2`` passes).
+        ys: their values.
+
+    Returns:
+        One offset per point, to add to its x position.
+    """
+    (x0, x1), (y0, y1) = _limits(xs, ys)
+    dx, dy = _MARKER / _AXES_W * (x1 - x0), _MARKER / _AXES_H * (y1 - y0)
+    offsets = [0.0] * len(xs)
+    for x in sorted(set(xs)):
+        column = sorted((i for i in range(len(xs)) if xs[i] == x), key=lambda i: ys[i])
+        placed: list[int] = []
+        for i in column:
+            near = [j for j in placed if abs(ys[i] - ys[j]) < dy]
+            taken = {round(offsets[j] / dx) for j in near}
+            offsets[i] = dx * min(k for k in range(len(column) + 1) if k not in taken)
+            placed.append(i)
+    return offsets
+
+
 def plot_cost(points: list[dict[str, Any]], path: Path, title: str, ylabel: str, column: str = "score") -> None:
     """Draw the metric-vs-cost figure from :func:`~adapterfuse.recipe.report.cost_plot_data`'s points.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from adapterfuse.harness import uncertainty_table
 from adapterfuse.io.atomic import write_text
-from adapterfuse.recipe.plots import _AXES_H, _AXES_W, _MARKER, _limits, plot_cost, plot_heatmap, plot_reliability
+from adapterfuse.recipe.plots import marker_offsets, plot_cost, plot_heatmap, plot_reliability
 from adapterfuse.recipe.schema import PlotMetric
 from adapterfuse.tasks.glue import get_task
 
@@ -70,22 +70,6 @@ def cost_front(results: list[dict[str, Any]], metric: PlotMetric = "score") -> l
     return [eligible[j] for j in pareto_front(points)]
 
 
-def _dodge(xs: list[float], ys: list[float], x_span: float, y_span: float) -> list[float]:
-    """Horizontal offsets (in units of ``log2`` passes) that keep markers of one cost apart when their
-    scores are closer than a marker: each such point moves one marker width right of the last."""
-    dx, dy = _MARKER / _AXES_W * x_span, _MARKER / _AXES_H * y_span
-    offsets = [0.0] * len(xs)
-    for x in sorted(set(xs)):
-        column = sorted((i for i in range(len(xs)) if xs[i] == x), key=lambda i: ys[i])
-        placed: list[int] = []
-        for i in column:
-            near = [j for j in placed if abs(ys[i] - ys[j]) < dy]
-            taken = {round(offsets[j] / dx) for j in near}
-            offsets[i] = dx * min(k for k in range(len(column) + 1) if k not in taken)
-            placed.append(i)
-    return offsets
-
-
 def cost_plot_data(results: list[dict[str, Any]], metric: PlotMetric = "score") -> list[dict[str, Any]]:
     """What the metric-vs-cost figure draws: one point per result that has the metric, numbered for the
     side table.
@@ -104,8 +88,7 @@ def cost_plot_data(results: list[dict[str, Any]], metric: PlotMetric = "score") 
     front = set(cost_front(results, metric))
     xs = [math.log2(max(r["cost"]["forward_passes"], 1e-3)) for r in results]
     ys = [metric_value(r, metric) for r in results]
-    (x0, x1), (y0, y1) = _limits(xs, ys)
-    offsets = _dodge(xs, ys, x1 - x0, y1 - y0)
+    offsets = marker_offsets(xs, ys)
     points = []
     for i, r in enumerate(results):
         group = "task_id" if needs_task_id(r) else "reference" if r["predictor"] in REFERENCES else "backend"
