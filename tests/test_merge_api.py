@@ -152,7 +152,8 @@ def test_ranks_add_up_for_lora_of_different_ranks_and_adalora(lib):
     k = "model.layers.0.self_attn.k_proj"
     assert merged.deltas[q].rank == 4 + 2 + ada_rank[q]
     assert merged.deltas[k].rank == 4 + ada_rank[k]  # lora2 has no k_proj
-    assert merged.coverage[k] == ["lora4", "ada"] and merged.overall_error == 0.0
+    # the experts are merged in their canonical order (by weight hash), which differs with the CPU that trained them
+    assert sorted(merged.coverage[k]) == ["ada", "lora4"] and merged.overall_error == 0.0
 
 
 def _probs(model, base, data):
@@ -337,7 +338,8 @@ def test_merged_adapter_round_trips_its_state(lib):
     state, config = merged.peft_files()
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-llama-0"
     assert sum(t.numel() for t in state.values()) == merged.num_params
-    assert copy.deepcopy(merged.metadata())["sources"][1]["peft_type"] == "ADALORA"
+    sources = copy.deepcopy(merged.metadata())["sources"]  # in canonical order (by weight hash)
+    assert {s["name"]: s["peft_type"] for s in sources} == {"lora4": "LORA", "ada": "ADALORA"}
 
 
 def test_merge_combiner_fits_the_library_into_one_predictor(lib, tiny_base):

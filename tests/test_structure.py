@@ -66,6 +66,8 @@ LAYERS: dict[str, int] = {
     # 5: training, which may build on the backends (distilling an ensemble, parameter-efficient
     #    ensembles that pool like backends.ensemble and merge like backends.merge)
     "train": 5,
+    # the out-of-task detector reads the base's features as a router does (backends.route.features)
+    "feature_detector": 5,
     # 6, 7: what drives it all (loading reads any saved predictor, so it sits above what saves them)
     "loading": 6,
     "recipe": 6,

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapterfuse._version import __version__
-from adapterfuse.cli import check_serving, ensemble, evaluate, merge, push, route, run, train
+from adapterfuse.cli import check_serving, detect, ensemble, evaluate, merge, push, route, run, train
 from adapterfuse.cli.common import Parser
 from adapterfuse.distributed import is_main
 from adapterfuse.errors import AdapterFuseError, AdapterFuseWarning, ConfigError
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
-    for command in (train, evaluate, merge, ensemble, route, run, push, check_serving):
+    for command in (train, evaluate, merge, ensemble, route, run, push, check_serving, detect):
         command.register(sub)
     return parser
 
