@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ WEIGHTS_FILE = "detector.safetensors"
 CONFIG_FILE = "detector.json"
 FORMAT_VERSION = 1
 FIELD_SLOTS = 2  # a GLUE input has one or two fields
+SCORE_ROWS = 1024  # inputs compared with the whole bank at once: a [1024, bank size] similarity matrix
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,33 @@ class DetectorSpec:
     k: int = 1
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(DetectorSpec)
+        for name in ("on", "readout"):
+            choices = get_args(hints[name])
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}; pick one of those"
+                )
         if self.k < 1:
             raise ConfigError(f"k: expected a neighbour rank >= 1, got {self.k}; 1 is the nearest in-task input")
 
 
+def check_accept(accept: float) -> float:
+    """Return ``accept`` if it is a share in ``(0, 1]``.
+
+    Raises:
+        ConfigError: otherwise.
+    """
+    if not 0 < accept <= 1:
+        raise ConfigError(f"accept: expected a share in (0, 1], got {accept}; 0.95 keeps 95% of in-task inputs")
+    return accept
+
+
 def feature_extractor(base: BaseModel, spec: DetectorSpec) -> FeatureExtractor:
     """The extractor of ``spec``'s features, run in fp32 so that a detector scores alike on every device."""
-    return FeatureExtractor(base, layer=spec.layer, autocast=False, readout=spec.readout)
+    extractor = FeatureExtractor(base, layer=spec.layer, autocast=False, readout=spec.readout)
+    extractor.label = "detector features"
+    return extractor
 
 
 def unit_rows(features: torch.Tensor) -> torch.Tensor:
@@ -110,8 +131,9 @@ def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Te
         bank: ``[m, d]`` the in-task features, rows of length 1 (see :func:`unit_rows`), ``m >= k``.
         k: which neighbour (1: the nearest).
     """
-    similarity = unit_rows(features) @ bank.T
-    return 1.0 - similarity.topk(k, dim=1).values[:, -1]
+    rows = unit_rows(features)
+    kth = [(chunk @ bank.T).topk(k, dim=1).values[:, -1] for chunk in rows.split(SCORE_ROWS)]
+    return 1.0 - torch.cat(kth) if kth else torch.empty(0)
 
 
 class FeatureDetector:
@@ -168,8 +190,7 @@ class FeatureDetector:
             ConfigError: no tasks, fewer training inputs than ``k``, or ``accept`` out of range.
         """
         spec = spec or DetectorSpec()
-        if not 0 < accept <= 1:
-            raise ConfigError(f"accept: expected a share in (0, 1], got {accept}; 0.95 keeps 95% of in-task inputs")
+        check_accept(accept)
         if not data:
             raise ConfigError("feature detector: expected at least one in-task task, got none; name the tasks")
         extractor = feature_extractor(base, spec)

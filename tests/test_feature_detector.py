@@ -34,6 +34,16 @@ def test_knn_distance_is_the_cosine_distance_to_the_kth_neighbour():
     assert torch.allclose(knn_distance(x, bank, 3), torch.tensor([1 + r, 2.0]))
 
 
+def test_knn_distance_in_chunks_equals_one_pass(monkeypatch):
+    import adapterfuse.feature_detector as fd
+
+    gen = torch.Generator().manual_seed(0)
+    x, bank = torch.randn(7, 5, generator=gen), unit_rows(torch.randn(11, 5, generator=gen))
+    whole = knn_distance(x, bank, 3)
+    monkeypatch.setattr(fd, "SCORE_ROWS", 2)
+    assert torch.equal(knn_distance(x, bank, 3), whole) and knn_distance(x[:0], bank, 3).shape == (0,)
+
+
 def test_unit_rows_forget_the_length():
     rows = unit_rows(torch.tensor([[3.0, 4.0], [30.0, 40.0]]))
     assert torch.allclose(rows, torch.tensor([[0.6, 0.8], [0.6, 0.8]]))
@@ -110,6 +120,8 @@ def test_leave_one_task_out_scores_each_task_against_the_others(tiny_base, tasks
     "make,fragment",
     [
         (lambda base, tasks: DetectorSpec(k=0), "k: expected a neighbour rank >= 1, got 0"),
+        (lambda base, tasks: DetectorSpec(on="text"), "on: expected one of each_field, fields, prompt, got 'text'"),
+        (lambda base, tasks: DetectorSpec(readout="max"), "readout: expected one of mean, mean_last, got 'max'"),
         (lambda base, tasks: FeatureDetector.fit(base, tasks, accept=0.0), "accept: expected a share in"),
         (lambda base, tasks: FeatureDetector.fit(base, [], DetectorSpec(layer=1)), "at least one in-task task"),
         (lambda base, tasks: FeatureDetector.fit(base, tasks, DetectorSpec(layer=9)), "layer 9: out of range"),
@@ -146,3 +158,4 @@ def test_detect_command_prints_the_table_and_saves_the_detector(tokenizer, tmp_p
     assert "all held-out against all in-task inputs: AUROC" in printed
     assert "each in-task task left out in turn: AUROC sst2 " in printed
     assert main(argv) == 1 and "already exists" in capsys.readouterr().err
+    assert main([*argv, "--accept", "1.5"]) == 1 and "accept: expected a share in (0, 1]" in capsys.readouterr().err

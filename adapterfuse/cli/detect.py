@@ -57,12 +57,13 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: an unknown task, missing data, a bad option or an existing ``--out``.
     """
     from adapterfuse.base import load_base
-    from adapterfuse.feature_detector import DetectorSpec, FeatureDetector, leave_one_task_out
+    from adapterfuse.feature_detector import DetectorSpec, FeatureDetector, check_accept, leave_one_task_out
     from adapterfuse.io.atomic import atomic_dir, check_output, write_json
     from adapterfuse.tasks.glue import load_held_out, load_task, parse_tasks
 
     set_verbosity(args)
     spec = DetectorSpec(layer=args.layer, on=args.on, readout=args.readout, k=args.k)
+    check_accept(args.accept)  # every option checked before the base is loaded
     tasks, held_out = parse_tasks(args.tasks), parse_tasks(args.held_out)
     if args.out is not None:
         check_output(args.out, args.overwrite)

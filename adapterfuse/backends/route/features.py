@@ -236,6 +236,7 @@ class FeatureExtractor:
         self.readout = check_readout(readout)
         self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
         self.cache: dict[str, torch.Tensor] = {}
+        self.label = "routing features"  # what the progress bar says is being read
 
     @property
     def dim(self) -> int:
@@ -298,7 +299,7 @@ class FeatureExtractor:
         device = model_device(self.base.model)
         tokens = self._tokens(texts)
         batches = length_batches([len(x) for x in tokens], self.batch_size)
-        for idx in bar(batches, f"routing features ({len(texts)} inputs)", unit="batch"):
+        for idx in bar(batches, f"{self.label} ({len(texts)} inputs)", unit="batch"):
             ids, mask = pad([tokens[i] for i in idx], self.base.tokenizer.pad_token_id)
             out[idx] = self.pooled(ids.to(device), mask.to(device)).cpu()
         return out
