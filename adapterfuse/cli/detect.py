@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         AdapterFuseError: an unknown task, missing data, a bad option or an existing ``--out``.
     """
     from adapterfuse.base import load_base
+    from adapterfuse.distributed import is_main
     from adapterfuse.feature_detector import DetectorSpec, FeatureDetector, check_accept, leave_one_task_out
     from adapterfuse.io.atomic import atomic_dir, check_output, write_json
     from adapterfuse.tasks.glue import load_held_out, load_task, parse_tasks
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     result["fit_seconds"] = round(fit_s, 1)
     if args.leave_one_out:
         result["leave_one_out"] = leave_one_task_out(detector, data)
-    if args.out is not None:
+    if args.out is not None and is_main():  # every process has the whole result; one writes it
         with atomic_dir(args.out, args.overwrite) as tmp:  # the detector and its results land together
             detector.write(tmp)
             write_json(tmp / "results.json", result)
