@@ -159,3 +159,5 @@ def test_detect_command_prints_the_table_and_saves_the_detector(tokenizer, tmp_p
     assert "each in-task task left out in turn: AUROC sst2 " in printed
     assert main(argv) == 1 and "already exists" in capsys.readouterr().err
     assert main([*argv, "--accept", "1.5"]) == 1 and "accept: expected a share in (0, 1]" in capsys.readouterr().err
+    argv[argv.index("rte")] = "cola"
+    assert main(argv) == 1 and "--held-out: ['cola'] also in --tasks" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from adapterfuse.base import load_base
     from adapterfuse.distributed import is_main
+    from adapterfuse.errors import ConfigError
     from adapterfuse.feature_detector import DetectorSpec, FeatureDetector, check_accept, leave_one_task_out
     from adapterfuse.io.atomic import atomic_dir, check_output, write_json
     from adapterfuse.tasks.glue import load_held_out, load_task, parse_tasks
@@ -66,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     spec = DetectorSpec(layer=args.layer, on=args.on, readout=args.readout, k=args.k)
     check_accept(args.accept)  # every option checked before the base is loaded
     tasks, held_out = parse_tasks(args.tasks), parse_tasks(args.held_out)
+    both = sorted({t.name for t in tasks} & {t.name for t in held_out})
+    if both:
+        raise ConfigError(
+            f"--held-out: {both} also in --tasks; a held-out task is one the detector never saw, so drop it from one"
+        )
     if args.out is not None:
         check_output(args.out, args.overwrite)
     data = [load_task(t, args.validation_size, args.seed, args.max_train, args.max_test) for t in tasks]
