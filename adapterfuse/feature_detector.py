@@ -316,3 +316,32 @@ def leave_one_task_out(detector: FeatureDetector, data: Sequence[TaskData]) -> d
         inside = torch.cat([knn_distance(test, bank, detector.spec.k) for _, test in others])
         found[name] = auroc(inside, knn_distance(left_out, bank, detector.spec.k))
     return found
+
+
+def detection_result(detector: FeatureDetector, data: Sequence[TaskData], away: Sequence[TaskData]) -> dict[str, Any]:
+    """The detector on each task's test inputs: the share flagged, each held-out task's AUROC against all
+    in-task inputs, and all held-out inputs' together (``"auroc"``).
+
+    Args:
+        detector: a fitted detector with a threshold.
+        data: the in-task tasks.
+        away: the held-out tasks, at least one.
+
+    Returns:
+        ``{"settings", "in_task": {task: {"n", "flagged"}}, "held_out": {task: {"n", "flagged", "auroc"}},
+        "auroc"}``.
+    """
+    inside = {td.task.name: detector.score(td.task, td.test) for td in data}
+    outside = {td.task.name: detector.score(td.task, td.test) for td in away}
+    everything_in = torch.cat(list(inside.values()))
+    threshold = detector.threshold if detector.threshold is not None else float("inf")
+
+    def row(scores: torch.Tensor) -> dict[str, Any]:
+        return {"n": len(scores), "flagged": float((scores > threshold).float().mean())}
+
+    return {
+        "settings": detector.settings(),
+        "in_task": {name: row(s) for name, s in inside.items()},
+        "held_out": {name: {**row(s), "auroc": auroc(everything_in, s)} for name, s in outside.items()},
+        "auroc": auroc(everything_in, torch.cat(list(outside.values()))),
+    }

@@ -45,6 +45,7 @@ def _write(tmp_path, **harness):
         ({"held_out": ["mrpc", "mrpc"]}, "expected distinct task names"),
         ({"max_held_out": 0}, "harness.max_held_out"),
         ({"baselines": ["expert"]}, "harness.baselines.0"),
+        ({"detector": True}, "harness.detector: is measured on held-out tasks, but held_out is empty"),
     ],
 )
 def test_bad_held_out_settings_fail_on_load(tmp_path, no_loading, harness, message):
@@ -101,3 +102,15 @@ def test_held_out_tasks_are_scored_apart_with_their_detection_auroc(tmp_path, gl
     run_recipe(plain, tmp_path / "out", base=tiny_base, log=lines.append)
     assert sum("reused result" in x for x in lines) == 3
     assert "held_out" not in json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
+
+
+def test_the_recipe_reports_the_feature_detector_and_a_rerun_reuses_it(tmp_path, glue_dir, tiny_base):
+    recipe = load_recipe(_write(tmp_path, held_out=["mrpc"], max_held_out=12, baselines=["zero_shot"], detector=True))
+    summary = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lambda _: None)
+    found = summary["detector"]
+    assert 0.0 <= found["auroc"] <= 1.0 and set(found["held_out"]) == {"mrpc"} and found["held_out"]["mrpc"]["n"] == 12
+    assert set(found["in_task"]) == {"sst2", "rte"}
+    assert "## Telling the held-out tasks from the input" in (tmp_path / "out" / "results.md").read_text()
+    lines: list[str] = []
+    again = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lines.append)
+    assert again["detector"] == found and any("feature detector: reused result" in line for line in lines)

@@ -59,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from adapterfuse.base import load_base
     from adapterfuse.distributed import is_main
     from adapterfuse.errors import ConfigError
-    from adapterfuse.feature_detector import DetectorSpec, FeatureDetector, check_accept, leave_one_task_out
+    from adapterfuse.feature_detector import (
+        DetectorSpec,
+        FeatureDetector,
+        check_accept,
+        detection_result,
+        leave_one_task_out,
+    )
     from adapterfuse.io.atomic import atomic_dir, check_output, write_json
     from adapterfuse.tasks.glue import load_held_out, load_task, parse_tasks
 
@@ -92,31 +98,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def detection_result(detector: Any, data: list[Any], away: list[Any]) -> dict[str, Any]:
-    """The detector's scores on each task's test inputs: the share flagged, and each held-out task's AUROC
-    against all in-task inputs (then all held-out inputs together, ``"auroc"``)."""
-    from adapterfuse.uncertainty import auroc
-
-    def side(tds: list[Any]) -> dict[str, Any]:
-        return {td.task.name: detector.score(td.task, td.test) for td in tds}
-
-    inside, outside = side(data), side(away)
-    everything_in = [float(v) for s in inside.values() for v in s]
-
-    def row(scores: Any, with_auroc: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": len(scores), "flagged": float((scores > detector.threshold).float().mean())}
-        return {**out, "auroc": auroc(everything_in, scores)} if with_auroc else out
-
-    return {
-        "settings": detector.settings(),
-        "in_task": {name: row(s, False) for name, s in inside.items()},
-        "held_out": {name: row(s, True) for name, s in outside.items()},
-        "auroc": auroc(everything_in, [float(v) for s in outside.values() for v in s]),
-    }
-
-
 def detection_table(result: dict[str, Any]) -> str:
-    """The printed form of :func:`detection_result`."""
+    """The printed form of :func:`~adapterfuse.feature_detector.detection_result`."""
     settings = result["settings"]
     spec = settings["spec"]
     lines = [

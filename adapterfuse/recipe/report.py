@@ -15,6 +15,7 @@ from typing import Any
 
 from adapterfuse.harness import uncertainty_table
 from adapterfuse.io.atomic import write_text
+from adapterfuse.recipe.detector import detector_paragraph
 from adapterfuse.recipe.plots import marker_offsets, plot_cost, plot_heatmap, plot_reliability
 from adapterfuse.recipe.schema import PlotMetric
 from adapterfuse.tasks.glue import get_task
@@ -199,6 +200,8 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True, metric:
             + held_out_table(results)
             + "\n"
         )
+    if summary.get("detector"):
+        text += detector_paragraph(summary["detector"])
     write_text(out / "results.md", text)
     files = ["results.md"]
     if plots and results:

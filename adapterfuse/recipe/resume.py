@@ -102,7 +102,7 @@ def run_digest(recipe: Recipe, library: ExpertLibrary) -> str:
     when there are any, so results measured without them stay valid)."""
     h = recipe.harness
     return digest(
-        h.model_dump(exclude={"held_out", "max_held_out"}),
+        h.model_dump(exclude={"held_out", "max_held_out", "detector"}),
         {t: e.model_dump() for t, e in recipe.tasks.items()},
         sorted(e.weights_sha256() for e in library),
         *([h.held_out, h.max_held_out] if h.held_out else []),

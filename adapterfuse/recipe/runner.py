@@ -41,6 +41,7 @@ from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Predictor
 from adapterfuse.progress import status
 from adapterfuse.recipe.checks import check_layers, check_recipe
+from adapterfuse.recipe.detector import run_detector
 from adapterfuse.recipe.plan import Steps, count_steps
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.resume import append_line, check_reused, combiner_setting, digest, finished_results, run_digest
@@ -276,7 +277,8 @@ def run_recipe(
     for entry in recipe.combiners:
         build = partial(_fit, entry, RunParts(recipe, out, base, library, data, validation))
         measure(entry.label, combiner_setting(entry), build, task_id=entry.backend in TASKWISE)
-    summary = {"recipe": recipe.name, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+    found = {"detector": run_detector(out, setting, [*data.values()], held_out, base, steps.say)} if h.detector else {}
+    summary = {"recipe": recipe.name, "results": results, **found, "wall_s": round(time.perf_counter() - t_start, 1)}
     return _report(recipe, out, summary, steps, main)
 
 

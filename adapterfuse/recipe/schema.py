@@ -184,6 +184,9 @@ class HarnessSection(_Strict):
         description="tasks no expert trained on: every predictor is also scored on their dev sets, apart",
     )
     max_held_out: int | None = Field(1000, ge=1, description="dev examples per held-out task (seeded subset)")
+    detector: bool = Field(
+        False, description="also fit the feature detector on the tasks' inputs and report its held-out AUROC"
+    )
 
     @field_validator("held_out")
     @classmethod
@@ -263,6 +266,8 @@ class Recipe(_Strict):
             raise ValueError(
                 f"harness.held_out: {both} also in tasks; a held-out task has no expert, so remove it from one of them"
             )
+        if self.harness.detector and not self.harness.held_out:
+            raise ValueError("harness.detector: is measured on held-out tasks, but held_out is empty; add e.g. [qnli]")
         labels = [c.label for c in self.combiners]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
