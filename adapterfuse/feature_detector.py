@@ -15,7 +15,6 @@ router or an ensemble can abstain on them or hand them to the base.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from adapterfuse.backends.route.features import FeatureExtractor
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import CompatibilityError, ConfigError, ExpertError
-from adapterfuse.io.atomic import atomic_dir
+from adapterfuse.io.atomic import atomic_dir, read_manifest, write_json
 from adapterfuse.io.manifest import sha256_file
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.uncertainty import auroc
@@ -36,6 +35,7 @@ from adapterfuse.uncertainty import auroc
 WEIGHTS_FILE = "detector.safetensors"
 CONFIG_FILE = "detector.json"
 FORMAT_VERSION = 1
+KIND = "feature detector"  # the kind detector.json declares
 FIELD_SLOTS = 2  # a GLUE input has one or two fields
 SCORE_ROWS = 1024  # inputs compared with the whole bank at once: a [1024, bank size] similarity matrix
 
@@ -84,9 +84,7 @@ def check_accept(accept: float) -> float:
 
 def feature_extractor(base: BaseModel, spec: DetectorSpec) -> FeatureExtractor:
     """The extractor of ``spec``'s features, run in fp32 so that a detector scores alike on every device."""
-    extractor = FeatureExtractor(base, layer=spec.layer, autocast=False, readout=spec.readout)
-    extractor.label = "detector features"
-    return extractor
+    return FeatureExtractor(base, layer=spec.layer, autocast=False, readout=spec.readout, label="detector features")
 
 
 def unit_rows(features: torch.Tensor) -> torch.Tensor:
@@ -146,6 +144,7 @@ class FeatureDetector:
         bank: ``[m, d]`` the in-task training features, rows of length 1.
         threshold: distances above it are flagged (``None``: not set, see :meth:`fit`).
         accept: the share of in-task validation inputs the threshold keeps.
+        extractor: the extractor of ``spec``'s features (default: a new one, see :func:`feature_extractor`).
 
     Raises:
         ConfigError: a bank that does not match the base's features or has fewer than ``k`` rows.
@@ -159,10 +158,10 @@ class FeatureDetector:
         bank: torch.Tensor,
         threshold: float | None = None,
         accept: float | None = None,
+        extractor: FeatureExtractor | None = None,
     ) -> None:
-        self.extractor = feature_extractor(base, spec)
+        self.extractor = extractor or feature_extractor(base, spec)
         self.spec = replace(spec, layer=self.extractor.layer)
-        self.on = spec.on
         if bank.ndim != 2 or bank.shape[1] != self.dim or bank.shape[0] < spec.k:
             raise ConfigError(
                 f"feature detector: expected a bank of at least k={spec.k} rows of {self.dim} features "
@@ -195,8 +194,7 @@ class FeatureDetector:
             raise ConfigError("feature detector: expected at least one in-task task, got none; name the tasks")
         extractor = feature_extractor(base, spec)
         bank = torch.cat([input_rows(extractor, td.task, td.train, spec.on) for td in data])
-        detector = cls(base, spec, [td.task.name for td in data], bank)
-        detector.extractor = extractor  # its cache holds the training inputs' features
+        detector = cls(base, spec, [td.task.name for td in data], bank, extractor=extractor)  # its cache is kept
         validation = [detector.score(td.task, td.validation) for td in data if td.validation]
         if validation:
             detector.threshold = float(torch.quantile(torch.cat(validation), accept).item())
@@ -212,12 +210,12 @@ class FeatureDetector:
         """
         if not examples:
             return torch.empty(0)
-        return knn_distance(input_rows(self.extractor, task, examples, self.on), self.bank, self.spec.k)
+        return knn_distance(input_rows(self.extractor, task, examples, self.spec.on), self.bank, self.spec.k)
 
     @property
     def dim(self) -> int:
         """The size of a feature row: the base's pooled state, once per field slot with ``on="each_field"``."""
-        return self.extractor.dim * (FIELD_SLOTS if self.on == "each_field" else 1)
+        return self.extractor.dim * (FIELD_SLOTS if self.spec.on == "each_field" else 1)
 
     def flags(self, task: TaskSpec, examples: Sequence[Example]) -> torch.Tensor:
         """Which inputs lie beyond the threshold (``True``: out of task), bool ``[n]``.
@@ -232,6 +230,7 @@ class FeatureDetector:
     def settings(self) -> dict[str, Any]:
         """What :meth:`save` writes beside the features (and :meth:`load` checks)."""
         return {
+            "kind": KIND,
             "format_version": FORMAT_VERSION,
             "spec": asdict(self.spec),
             "tasks": self.tasks,
@@ -254,30 +253,23 @@ class FeatureDetector:
         """Write the detector's two files into an existing ``folder`` (:meth:`save` gives it a temporary one)."""
         save_file({"bank": self.bank.contiguous()}, str(folder / WEIGHTS_FILE))
         record = {**self.settings(), "sha256": sha256_file(folder / WEIGHTS_FILE)}
-        (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(folder / CONFIG_FILE, record)
 
     @classmethod
     def load(cls, path: str | Path, base: BaseModel) -> FeatureDetector:
         """Read a detector saved by :meth:`save`, for the base it was fitted on.
 
         Raises:
-            ExpertError: a missing, unreadable or altered file, or another format version.
+            ExpertError: a missing, unreadable, incomplete or altered file, or another kind or format version.
             CompatibilityError: the detector was fitted on another base.
         """
         folder = Path(path)
-        try:
-            record = json.loads((folder / CONFIG_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise ExpertError(f"feature detector {folder}: cannot read {CONFIG_FILE} ({exc}); save it again") from exc
-        if record.get("format_version") != FORMAT_VERSION:
-            raise ExpertError(
-                f"feature detector {folder}: format version {record.get('format_version')!r}, expected "
-                f"{FORMAT_VERSION}; fit and save it again with this version of adapterfuse"
-            )
+        required = ("spec", "tasks", "threshold", "accept", "base", "sha256")
+        record = read_manifest(folder, CONFIG_FILE, KIND, FORMAT_VERSION, required, "FeatureDetector.save")
         weights = folder / WEIGHTS_FILE
         if not weights.is_file() or sha256_file(weights) != record.get("sha256"):
             raise ExpertError(f"feature detector {folder}: {WEIGHTS_FILE} is missing or altered; save it again")
-        fitted_on, fingerprint = record["base"]["spec"], str(record["base"]["fingerprint"])
+        fitted_on, fingerprint = record["base"].get("spec"), str(record["base"].get("fingerprint"))
         if fingerprint != base.fingerprint:
             raise CompatibilityError(
                 f"feature detector {folder}: fitted on base {fitted_on} ({fingerprint[:12]}), got {base.spec} "
@@ -305,10 +297,8 @@ def leave_one_task_out(detector: FeatureDetector, data: Sequence[TaskData]) -> d
     """
     if len(data) < 2:
         raise ConfigError(f"leave one task out: expected at least 2 in-task tasks, got {len(data)}; add a task")
-    rows = {
-        td.task.name: [input_rows(detector.extractor, td.task, split, detector.on) for split in (td.train, td.test)]
-        for td in data
-    }
+    on = detector.spec.on
+    rows = {td.task.name: [input_rows(detector.extractor, td.task, s, on) for s in (td.train, td.test)] for td in data}
     found = {}
     for name, (_, left_out) in rows.items():
         others = [pair for other, pair in rows.items() if other != name]

@@ -102,6 +102,12 @@ def test_save_and_load_score_alike_and_refuse_altered_or_foreign_folders(tiny_ba
         detector.save(tmp_path / "det")
     with pytest.raises(CompatibilityError, match="fitted on base tiny-llama-0"):
         FeatureDetector.load(tmp_path / "det", other_base)
+    config = tmp_path / "det" / "detector.json"
+    kept = config.read_text()
+    config.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "tasks"}))
+    with pytest.raises(ExpertError, match=r"detector.json lacks \['tasks'\]; the file is incomplete"):
+        FeatureDetector.load(tmp_path / "det", tiny_base)
+    config.write_text(kept)
     weights = tmp_path / "det" / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ExpertError, match="missing or altered"):

@@ -215,6 +215,7 @@ class FeatureExtractor:
         shape: append :func:`text_shape` to every feature row (``True``: the current version; an int: that
             version, see :func:`shape_version`).
         readout: ``"mean"`` over real tokens, or ``"mean_last"``: the mean, then the last real token's state.
+        label: what the progress bar says is being read.
 
     Raises:
         ConfigError: a layer out of range, a batch size below 1 or an unknown readout.
@@ -229,6 +230,7 @@ class FeatureExtractor:
         max_length: int = DEFAULT_MAX_LENGTH,
         shape: bool | int = False,
         readout: str = "mean",
+        label: str = "routing features",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
@@ -236,7 +238,7 @@ class FeatureExtractor:
         self.readout = check_readout(readout)
         self.batch_size, self.autocast, self.max_length = batch_size, autocast, max_length
         self.cache: dict[str, torch.Tensor] = {}
-        self.label = "routing features"  # what the progress bar says is being read
+        self.label = label
 
     @property
     def dim(self) -> int:
