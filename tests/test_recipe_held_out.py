@@ -12,7 +12,7 @@ from adapterfuse.backends.route.api import routing_accuracy
 from adapterfuse.detection import out_of_task_auroc
 from adapterfuse.errors import ConfigError
 from adapterfuse.harness import ZeroShotPredictor
-from adapterfuse.recipe.plan import count_steps
+from adapterfuse.recipe.plan import count_steps, plan
 from adapterfuse.recipe.runner import DATA_SEED, load_data, run_recipe
 from adapterfuse.recipe.schema import load_recipe
 from adapterfuse.tasks.glue import load_held_out
@@ -106,6 +106,7 @@ def test_held_out_tasks_are_scored_apart_with_their_detection_auroc(tmp_path, gl
 
 def test_the_recipe_reports_the_feature_detector_and_a_rerun_reuses_it(tmp_path, glue_dir, tiny_base):
     recipe = load_recipe(_write(tmp_path, held_out=["mrpc"], max_held_out=12, baselines=["zero_shot"], detector=True))
+    assert "feature detector: fit and score on mrpc (reused if unchanged)" in plan(recipe, tmp_path / "out")
     summary = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lambda _: None)
     found = summary["detector"]
     assert 0.0 <= found["auroc"] <= 1.0 and set(found["held_out"]) == {"mrpc"} and found["held_out"]["mrpc"]["n"] == 12

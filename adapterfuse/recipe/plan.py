@@ -51,6 +51,8 @@ def plan(recipe: Recipe, out: str | Path) -> list[str]:
         # The run reuses a recorded result only if its settings and the experts' weights still match.
         what = "result on disk (reused if unchanged)" if label in done else "fit and evaluate"
         lines.append(f"predictor {label}: {what}")
+    if recipe.harness.detector:
+        lines.append(f"feature detector: fit and score on {', '.join(recipe.harness.held_out)} (reused if unchanged)")
     for entry in recipe.outputs.push:
         lines.append(f"push {entry.predictor} -> {entry.repo_id} ({'private' if entry.private else 'public'})")
     return lines
