@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from adapterfuse.base import BaseModel, load_base
     from adapterfuse.errors import AdapterFuseError
     from adapterfuse.expert import Expert
+    from adapterfuse.feature_detector import FeatureDetector
+    from adapterfuse.guarded import guard
     from adapterfuse.harness import ExpertPredictor, OraclePredictor, ZeroShotPredictor, evaluate
     from adapterfuse.library import ExpertLibrary
     from adapterfuse.loading import load_predictor
@@ -49,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "load_base": "adapterfuse.base",
     "AdapterFuseError": "adapterfuse.errors",
     "Expert": "adapterfuse.expert",
+    "FeatureDetector": "adapterfuse.feature_detector",
+    "guard": "adapterfuse.guarded",
     "ExpertPredictor": "adapterfuse.harness",
     "OraclePredictor": "adapterfuse.harness",
     "ZeroShotPredictor": "adapterfuse.harness",
@@ -72,6 +76,7 @@ __all__ = [
     "Expert",
     "ExpertLibrary",
     "ExpertPredictor",
+    "FeatureDetector",
     "MergeConfig",
     "OraclePredictor",
     "RouteConfig",
@@ -82,6 +87,7 @@ __all__ = [
     "ensemble",
     "evaluate",
     "get_task",
+    "guard",
     "load_base",
     "load_predictor",
     "load_task",

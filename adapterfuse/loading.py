@@ -17,6 +17,7 @@ from adapterfuse.backends.route.predictor import load_routed
 from adapterfuse.base import BaseModel, fingerprints_conflict, load_base
 from adapterfuse.calibration import TemperatureScaled
 from adapterfuse.errors import CompatibilityError
+from adapterfuse.guarded import load_guarded
 from adapterfuse.harness import load_model_predictor
 from adapterfuse.io.manifest import Kind, Manifest, read_manifest
 from adapterfuse.predictor import Predictor
@@ -38,6 +39,7 @@ LOADERS: dict[Kind, Callable[[Path, Manifest, Any], Predictor]] = {
         manifest.name,
         manifest.settings.get("unseen", "error"),
     ),
+    "guarded": lambda folder, manifest, base: load_guarded(folder, manifest, base, load_predictor),
 }
 """Kind -> ``(folder, manifest, base) -> predictor``; one entry per kind of :data:`~adapterfuse.io.manifest.Kind`."""
 

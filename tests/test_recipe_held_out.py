@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from adapterfuse import load_predictor
@@ -115,3 +116,66 @@ def test_the_recipe_reports_the_feature_detector_and_a_rerun_reuses_it(tmp_path,
     lines: list[str] = []
     again = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lines.append)
     assert again["detector"] == found and any("feature detector: reused result" in line for line in lines)
+
+
+def test_a_guarded_combiner_hands_what_the_run_detector_flags_to_the_base(tmp_path, glue_dir, tiny_base):
+    from adapterfuse.feature_detector import FeatureDetector
+    from adapterfuse.guarded import Guarded
+
+    path = _write(tmp_path, held_out=["mrpc"], max_held_out=12, baselines=[], detector=True)
+    raw = yaml.safe_load(path.read_text())
+    guarded = {
+        "backend": "route",
+        "name": "routed, guarded",
+        "options": raw["combiners"][1]["options"],
+        "guard": "base",
+    }
+    raw["combiners"].append(guarded)
+    raw["outputs"]["save"] = ["routed", "routed, guarded"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    recipe = load_recipe(path)
+    assert "predictor routed, guarded: fit and evaluate (flagged inputs to the base)" in plan(recipe, tmp_path / "out")
+    summary = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lambda _: None)
+    rows = {r["predictor"]: r for r in summary["results"]}
+    assert "handed_over" not in rows["routed"]
+
+    detector = FeatureDetector.load(tmp_path / "out" / "detector", tiny_base)
+    data, _ = load_data(recipe)
+    inside = [f for td in data.values() for f in detector.flags(td.task, list(td.test)).tolist()]
+    held = load_held_out("mrpc", 12, DATA_SEED)
+    assert rows["routed, guarded"]["handed_over"] == pytest.approx(sum(inside) / len(inside))
+    assert rows["routed, guarded"]["held_out_handed_over"] == pytest.approx(
+        float(detector.flags(held.task, list(held.test)).float().mean())
+    )
+    loaded = load_predictor(tmp_path / "out" / "predictors" / "routed,_guarded", tiny_base)
+    routed = load_predictor(tmp_path / "out" / "predictors" / "routed", tiny_base)
+    assert isinstance(loaded, Guarded)
+    batch = list(held.test)
+    flags = detector.flags(held.task, batch)[:, None]
+    want = torch.where(
+        flags, ZeroShotPredictor(tiny_base).predict_proba(held.task, batch), routed.predict_proba(held.task, batch)
+    )
+    assert torch.allclose(loaded.predict_proba(held.task, batch), want, atol=1e-6)
+    assert "handed to the base: held-out" in (tmp_path / "out" / "results.md").read_text()
+
+    lines: list[str] = []
+    run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lines.append)
+    assert any("predictor routed, guarded: reused result" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"detector": False}, "guard needs the run's feature detector; set harness.detector: true"),
+        ({"backend": "task_ensemble"}, "guard: a task_ensemble or pe_ensemble is told each input's task"),
+    ],
+)
+def test_a_guard_without_a_detector_or_on_a_taskwise_combiner_fails_on_load(tmp_path, no_loading, change, message):
+    path = _write(tmp_path, held_out=["mrpc"], detector=change.get("detector", True))
+    raw = yaml.safe_load(path.read_text())
+    entry = {"backend": change.get("backend", "merge"), "name": "guarded", "guard": "base"}
+    raw["combiners"].append({**entry, "options": {"family": "seeds"}} if "backend" in change else entry)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    assert message in str(e.value)

@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "train": 5,
     # the out-of-task detector reads the base's features as a router does (backends.route.features)
     "feature_detector": 5,
+    "guarded": 5,
     # 6, 7: what drives it all (loading reads any saved predictor, so it sits above what saves them)
     "loading": 6,
     "recipe": 6,

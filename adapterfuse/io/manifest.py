@@ -36,6 +36,7 @@ Kind = Literal[
     "pe_ensemble",
     "temperature_scaled",
     "mc_dropout",
+    "guarded",
 ]
 KINDS: tuple[str, ...] = get_args(Kind)
 _FIX = "save the predictor again with adapterfuse's save(), or load it with load_predictor(folder, verify=False)"

@@ -149,6 +149,12 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+GUARD_NOTE = (
+    " A guarded predictor hands the inputs the feature detector flags to the base; the last two columns "
+    "give the shares handed over."
+)
+
+
 def held_out_table(results: list[dict[str, Any]]) -> str:
     """One row per predictor scored on held-out tasks: each one's score and the out-of-task AUROC."""
     scored = [r for r in results if "out_of_task_auroc" in r]
@@ -156,6 +162,8 @@ def held_out_table(results: list[dict[str, Any]]) -> str:
     members = any("out_of_task_auroc_mi" in r for r in scored)
     head = ["predictor", *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks], "out-of-task AUROC"]
     head += ["out-of-task AUROC, disagreement"] if members else []
+    guarded = any("handed_over" in r for r in scored)
+    head += ["handed to the base: in-task", "handed to the base: held-out"] if guarded else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scored:
         held = r.get("held_out", {})
@@ -163,6 +171,8 @@ def held_out_table(results: list[dict[str, Any]]) -> str:
         cells.append(f"{r['out_of_task_auroc']:.3f}")
         if members:
             cells.append(f"{r['out_of_task_auroc_mi']:.3f}" if "out_of_task_auroc_mi" in r else "—")
+        if guarded:
+            cells += [f"{r[k]:.1%}" if k in r else "—" for k in ("handed_over", "held_out_handed_over")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -196,7 +206,9 @@ def write_report(summary: dict[str, Any], out: Path, plots: bool = True, metric:
             "those inputs from the recipe's own: 0.5 is chance, 1 a perfect separation. Predictors told the "
             "task have no answer for a task without an expert (—); their AUROC is the mean over tasks of "
             "each task's own predictor telling its inputs from the held-out ones. Ensembles are also scored "
-            "by their members' disagreement (mutual information, on the same scale).\n\n"
+            "by their members' disagreement (mutual information, on the same scale)."
+            + (GUARD_NOTE if any("handed_over" in r for r in results) else "")
+            + "\n\n"
             + held_out_table(results)
             + "\n"
         )

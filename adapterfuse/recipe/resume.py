@@ -84,17 +84,22 @@ def check_reused(expert: Expert, config: TrainConfig) -> None:
         )
 
 
-def combiner_setting(entry: CombinerEntry) -> dict[str, Any]:
+def combiner_setting(entry: CombinerEntry, detector_key: str = "") -> dict[str, Any]:
     """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
-    changed default does not reuse a result fitted with the old one)."""
+    changed default does not reuse a result fitted with the old one), and for a guarded entry what its
+    detector was fitted on (``detector_key``)."""
+    # an unguarded entry's setting is what it was before guards existed, so its results stay valid
+    recorded = entry.model_dump(exclude=set() if entry.guard else {"guard"})
+    if entry.guard:
+        recorded["detector"] = detector_key
     if entry.backend == "pe_ensemble":
         kind, members, opts = entry.pe_parts()
         full = {"kind": kind, "members": members, **PEOptions(**opts).model_dump(mode="json")}
-        return {**entry.model_dump(), "config": full}
+        return {**recorded, "config": full}
     if entry.backend not in BACKENDS:
-        return {**entry.model_dump(), "config": FamilyOptions(**entry.options).model_dump(mode="json")}
+        return {**recorded, "config": FamilyOptions(**entry.options).model_dump(mode="json")}
     config = backend_config(entry.backend, entry.backend_options())
-    return {**entry.model_dump(), "config": config.model_dump(mode="json")}
+    return {**recorded, "config": config.model_dump(mode="json")}
 
 
 def run_digest(recipe: Recipe, library: ExpertLibrary) -> str:

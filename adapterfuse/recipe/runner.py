@@ -35,13 +35,14 @@ from adapterfuse.base import BaseModel, load_base
 from adapterfuse.distributed import barrier, is_main
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
+from adapterfuse.guarded import Guarded, guard
 from adapterfuse.harness import ExpertPredictor, OraclePredictor, ZeroShotPredictor, evaluate
 from adapterfuse.io.atomic import write_json
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Predictor
 from adapterfuse.progress import status
 from adapterfuse.recipe.checks import check_layers, check_recipe
-from adapterfuse.recipe.detector import run_detector
+from adapterfuse.recipe.detector import RunDetector, run_detector
 from adapterfuse.recipe.plan import Steps, count_steps
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.resume import append_line, check_reused, combiner_setting, digest, finished_results, run_digest
@@ -108,14 +109,14 @@ def fit_combiner(
     return make_combiner(entry.backend, base, options, entry.members).fit(library, validation)
 
 
-def _fit(entry: CombinerEntry, run: RunParts) -> Predictor:
+def _fit(entry: CombinerEntry, run: RunParts, detector: RunDetector) -> Predictor:
     if entry.backend == "pe_ensemble":
         return pe_ensembles(entry, run)
     if entry.backend == "task_ensemble":
         return task_ensembles(entry, run)
     predictor = fit_combiner(entry, run.base, run.library, run.validation)
     predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
-    return predictor
+    return guard(predictor, detector.get(), name=entry.label) if entry.guard else predictor
 
 
 def load_data(recipe: Recipe, seed: int = DATA_SEED) -> tuple[dict[str, TaskData], dict[str, TaskData]]:
@@ -230,11 +231,10 @@ def run_recipe(
         write_json(out / "recipe.json", json.loads(recipe.model_dump_json()))
     steps = Steps(count_steps(recipe), (log or status) if main else _silent)
     base = _base(recipe, base, device)
-    h = recipe.harness
     data, validation = load_data(recipe)
     library = ExpertLibrary(_experts(recipe, out, base, data, steps), base.fingerprint)
     setting = run_digest(recipe, library)
-    held_out = [load_held_out(task, h.max_held_out, DATA_SEED) for task in h.held_out]
+    held_out = [load_held_out(task, recipe.harness.max_held_out, DATA_SEED) for task in recipe.harness.held_out]
     done = {k: v for k, v in finished_results(out).items() if v.get("setting", {}).get("digest") == setting}
     results = []
 
@@ -267,17 +267,18 @@ def run_recipe(
         del predictor
         gc.collect()
 
-    if "zero_shot" in h.baselines:
+    if "zero_shot" in recipe.harness.baselines:
         measure("base zero-shot", "zero_shot", lambda: ZeroShotPredictor(base), fits=False)
-    if "oracle" in h.baselines:
+    if "oracle" in recipe.harness.baselines:
         measure("oracle", [e.name for e in library], lambda: OraclePredictor(base, library), False, True)
-    if "experts" in h.baselines:
+    if "experts" in recipe.harness.baselines:
         for e in library:
             measure(f"expert {e.name}", ["expert", e.name], partial(ExpertPredictor, base, e), fits=False)
+    detector = RunDetector(out, setting, [*data.values()], base, steps.say, DATA_SEED)
     for entry in recipe.combiners:
-        build = partial(_fit, entry, RunParts(recipe, out, base, library, data, validation))
-        measure(entry.label, combiner_setting(entry), build, task_id=entry.backend in TASKWISE)
-    found = {"detector": run_detector(out, setting, [*data.values()], held_out, base, steps.say)} if h.detector else {}
+        build = partial(_fit, entry, RunParts(recipe, out, base, library, data, validation), detector)
+        measure(entry.label, combiner_setting(entry, detector.key), build, task_id=entry.backend in TASKWISE)
+    found = {"detector": run_detector(detector, out, held_out)} if recipe.harness.detector else {}
     summary = {"recipe": recipe.name, "results": results, **found, "wall_s": round(time.perf_counter() - t_start, 1)}
     return _report(recipe, out, summary, steps, main)
 
@@ -299,9 +300,11 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
         ``"held_out"``: each held-out task's metrics, kept out of the average. A predictor told each
         input's task has no answer for a task without an expert, so it gets no ``"held_out"``, and its
         AUROCs are the means over tasks of each task's own predictor telling that task's inputs from the
-        held-out ones.
+        held-out ones. A guarded predictor also gets ``"handed_over"`` (the share of the tasks' inputs its
+        detector handed to the fallback) and, with ``held_out``, ``"held_out_handed_over"``.
     """
     result = evaluate(predictor, list(data.values()), entropies=bool(held_out))
+    result.update(_handed_over(predictor, "handed_over"))
     if isinstance(predictor, RoutePredictor):  # Arrow routes per token and has no such number
         result["routing_accuracy"] = routing_accuracy(predictor, list(data.values()))["oracle"]
     if not held_out:
@@ -311,11 +314,22 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
     if by_task is None:
         away = evaluate(predictor, list(held_out), entropies=True)
         result["held_out"] = away["tasks"]
+        result.update(_handed_over(predictor, "held_out_handed_over"))
         return {**result, **_detection([(inside, away["entropies"])])}
     pairs = []
     for task, own in by_task.items():
         pairs.append(({task: inside[task]}, evaluate(own, list(held_out), entropies=True)["entropies"]))
     return {**result, **_detection(pairs)}
+
+
+def _handed_over(predictor: Predictor, key: str) -> dict[str, float]:
+    """``{key: the share of inputs answered since the last call that a guarded predictor handed to its
+    fallback}`` (empty for any other predictor)."""
+    if not isinstance(predictor, Guarded) or not predictor.answered:
+        return {}
+    share = predictor.flagged / predictor.answered
+    predictor.flagged = predictor.answered = 0
+    return {key: share}
 
 
 _AUROC_KEYS = {"entropy": "out_of_task_auroc", "mutual_information": "out_of_task_auroc_mi"}

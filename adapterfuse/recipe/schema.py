@@ -120,6 +120,9 @@ class CombinerEntry(_Strict):
     name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
     members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the backend's config model")
+    guard: Literal["base"] | None = Field(
+        None, description="inputs the run's feature detector flags get the base's answer (needs harness.detector)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -139,6 +142,16 @@ class CombinerEntry(_Strict):
             backend_config(backend, value)
         elif backend == "task_ensemble":
             FamilyOptions(**value)
+        return value
+
+    @field_validator("guard")
+    @classmethod
+    def _guards_what_answers_any_task(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("backend") in TASKWISE:
+            raise ValueError(
+                "guard: a task_ensemble or pe_ensemble is told each input's task, so no input is out of task; "
+                "remove guard, or guard a merge, ensemble or route combiner"
+            )
         return value
 
     def backend_options(self) -> dict[str, Any]:
@@ -268,6 +281,9 @@ class Recipe(_Strict):
             )
         if self.harness.detector and not self.harness.held_out:
             raise ValueError("harness.detector: is measured on held-out tasks, but held_out is empty; add e.g. [qnli]")
+        guarded = [c.label for c in self.combiners if c.guard]
+        if guarded and not self.harness.detector:
+            raise ValueError(f"combiners {guarded}: guard needs the run's feature detector; set harness.detector: true")
         labels = [c.label for c in self.combiners]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
@@ -281,7 +297,7 @@ class Recipe(_Strict):
                     f"(pe_ensemble and task_ensemble members are kept in the run folder already); expected one of "
                     f"{sorted(savable)}"
                 )
-        merges = {c.label for c in self.combiners if c.backend == "merge"}
+        merges = {c.label for c in self.combiners if c.backend == "merge" and c.guard is None}
         for entry in self.outputs.push:
             if entry.predictor not in merges:
                 raise ValueError(
