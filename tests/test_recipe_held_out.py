@@ -130,11 +130,14 @@ def test_a_guarded_combiner_hands_what_the_run_detector_flags_to_the_base(tmp_pa
         "options": raw["combiners"][1]["options"],
         "guard": "base",
     }
-    raw["combiners"].append(guarded)
-    raw["outputs"]["save"] = ["routed", "routed, guarded"]
+    mixed = {"backend": "merge", "name": "merged, guarded", "options": {"method": "uniform"}, "guard": "mix"}
+    raw["combiners"] += [guarded, mixed]
+    raw["outputs"]["save"] = ["routed", "routed, guarded", "merged, guarded"]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     recipe = load_recipe(path)
-    assert "predictor routed, guarded: fit and evaluate (flagged inputs to the base)" in plan(recipe, tmp_path / "out")
+    dry = plan(recipe, tmp_path / "out")
+    assert "predictor routed, guarded: fit and evaluate (flagged inputs to the base)" in dry
+    assert "predictor merged, guarded: fit and evaluate (flagged inputs to every expert merged)" in dry
     summary = run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lambda _: None)
     rows = {r["predictor"]: r for r in summary["results"]}
     assert "handed_over" not in rows["routed"]
@@ -156,7 +159,9 @@ def test_a_guarded_combiner_hands_what_the_run_detector_flags_to_the_base(tmp_pa
         flags, ZeroShotPredictor(tiny_base).predict_proba(held.task, batch), routed.predict_proba(held.task, batch)
     )
     assert torch.allclose(loaded.predict_proba(held.task, batch), want, atol=1e-6)
-    assert "handed to the base: held-out" in (tmp_path / "out" / "results.md").read_text()
+    assert "handed over: held-out" in (tmp_path / "out" / "results.md").read_text()
+    mix = json.loads((tmp_path / "out" / "predictors" / "merged,_guarded" / "fallback" / "manifest.json").read_text())
+    assert mix["kind"] == "merged" and mix["name"] == "every expert merged"
 
     lines: list[str] = []
     run_recipe(recipe, tmp_path / "out", base=tiny_base, log=lines.append)

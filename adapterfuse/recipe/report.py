@@ -150,8 +150,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 
 GUARD_NOTE = (
-    " A guarded predictor hands the inputs the feature detector flags to the base; the last two columns "
-    "give the shares handed over."
+    " A guarded predictor hands the inputs the feature detector flags to its fallback (the base, or the "
+    "uniform merge of every expert); the last two columns give the shares handed over."
 )
 
 
@@ -163,7 +163,7 @@ def held_out_table(results: list[dict[str, Any]]) -> str:
     head = ["predictor", *[f"{t} ({'/'.join(get_task(t).metrics)})" for t in tasks], "out-of-task AUROC"]
     head += ["out-of-task AUROC, disagreement"] if members else []
     guarded = any("handed_over" in r for r in scored)
-    head += ["handed to the base: in-task", "handed to the base: held-out"] if guarded else []
+    head += ["handed over: in-task", "handed over: held-out"] if guarded else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scored:
         held = r.get("held_out", {})

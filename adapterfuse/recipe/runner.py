@@ -116,7 +116,14 @@ def _fit(entry: CombinerEntry, run: RunParts, detector: RunDetector) -> Predicto
         return task_ensembles(entry, run)
     predictor = fit_combiner(entry, run.base, run.library, run.validation)
     predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
-    return guard(predictor, detector.get(), name=entry.label) if entry.guard else predictor
+    if not entry.guard:
+        return predictor
+    fallback = None  # the base alone
+    if entry.guard == "mix":
+        uniform = make_combiner("merge", run.base, {"method": "uniform"}, entry.members)
+        fallback = uniform.fit(run.library, run.validation)
+        fallback.name = "every expert merged"
+    return guard(predictor, detector.get(), fallback, name=entry.label)
 
 
 def load_data(recipe: Recipe, seed: int = DATA_SEED) -> tuple[dict[str, TaskData], dict[str, TaskData]]:

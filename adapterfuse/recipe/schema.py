@@ -120,8 +120,10 @@ class CombinerEntry(_Strict):
     name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
     members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the backend's config model")
-    guard: Literal["base"] | None = Field(
-        None, description="inputs the run's feature detector flags get the base's answer (needs harness.detector)"
+    guard: Literal["base", "mix"] | None = Field(
+        None,
+        description="inputs the run's feature detector flags get the base's answer, or with 'mix' the uniform "
+        "merge of every expert's (needs harness.detector)",
     )
 
     @field_validator("name")
