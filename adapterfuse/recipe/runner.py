@@ -8,6 +8,8 @@ Everything a run produces lives under its ``--out`` folder::
     OUT/results.jsonl      one line per evaluated predictor, appended as soon as it is measured
     OUT/results.json|.md   the comparison; OUT/accuracy_vs_cost.png and OUT/scores_heatmap.png
     OUT/predictors/        predictors listed in ``outputs.save``
+    OUT/detector/          the feature detector (``harness.detector`` or a combiner's ``guard``);
+    OUT/detector.json      its AUROC on the held-out tasks
 
 A rerun skips every expert and predictor already finished with the same settings (each result line
 carries a hash of what produced it), so an interrupted run resumes where it stopped.
