@@ -82,6 +82,10 @@ class BaseModel:
         """Where the model's weights are: every predictor and fit over this base computes there."""
         return model_device(self.model)
 
+    def record(self) -> dict[str, str]:
+        """``{"spec", "fingerprint"}``: what a saved predictor, expert or detector records of its base."""
+        return {"spec": self.spec, "fingerprint": self.fingerprint}
+
 
 def fingerprint_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """Hash a model's weights (names, shapes, values) and its tokenizer's vocabulary, in a stable order.

@@ -236,7 +236,7 @@ class FeatureDetector:
             "tasks": self.tasks,
             "threshold": self.threshold,
             "accept": self.accept,
-            "base": {"spec": self.base.spec, "fingerprint": self.base.fingerprint},
+            "base": self.base.record(),
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:

@@ -126,7 +126,7 @@ class ZeroShotPredictor(ModelPredictor):
             OutputExistsError: if ``path`` exists and ``overwrite`` is false.
         """
         with atomic_dir(path, overwrite) as tmp:
-            write_manifest(tmp, "zero_shot", self.name, {"scoring": self.scoring()}, _base_record(self.base))
+            write_manifest(tmp, "zero_shot", self.name, {"scoring": self.scoring()}, self.base.record())
 
 
 class ExpertPredictor(ModelPredictor):
@@ -193,13 +193,7 @@ class OraclePredictor(ModelPredictor):
                 (tmp / expert.name).mkdir()
                 expert.write_into(tmp / expert.name)
             tasks = [{"task": t, "name": e.name, "folder": e.name} for t, e in self.by_task.items()]
-            write_manifest(
-                tmp, "oracle", self.name, {"tasks": tasks, "scoring": self.scoring()}, _base_record(self.base)
-            )
-
-
-def _base_record(base: BaseModel) -> dict[str, Any]:
-    return {"spec": base.spec, "fingerprint": base.fingerprint}
+            write_manifest(tmp, "oracle", self.name, {"tasks": tasks, "scoring": self.scoring()}, self.base.record())
 
 
 def load_model_predictor(folder: Path, manifest: Manifest, base: BaseModel) -> ModelPredictor:

@@ -245,7 +245,7 @@ def _save(
         "tasks": tasks,
         "method": "distill",
         "seed": config.seed,
-        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        "base": base.record(),
         "training": {**config.model_dump(mode="json"), **run},
         "distillation": {
             "teacher": {

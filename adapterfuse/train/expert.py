@@ -374,7 +374,7 @@ def _evaluate_into(
         "task": spec.name,
         "method": config.method,
         "seed": config.seed,
-        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        "base": base.record(),
         "training": {**config.model_dump(mode="json"), **run, "eval_wall_s": round(time.perf_counter() - t0, 2)},
         "scores": scores,
         "versions": versions(),

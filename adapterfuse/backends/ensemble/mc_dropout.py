@@ -118,8 +118,7 @@ class MCDropoutPredictor:
         with atomic_dir(path, overwrite) as tmp:
             (tmp / "expert").mkdir()
             self.expert.write_into(tmp / "expert")
-            base = {"spec": self.base.spec, "fingerprint": self.base.fingerprint}
-            write_manifest(tmp, "mc_dropout", self.name, settings, base)
+            write_manifest(tmp, "mc_dropout", self.name, settings, self.base.record())
 
     @classmethod
     def from_manifest(cls, folder: Path, manifest: Manifest, base: BaseModel) -> MCDropoutPredictor:

@@ -158,9 +158,7 @@ class EnsemblePredictor:
             for expert, entry in zip(self.experts, settings["members"], strict=True):
                 (tmp / entry["folder"]).mkdir()
                 expert.write_into(tmp / entry["folder"])
-            write_manifest(
-                tmp, "ensemble", self.name, settings, {"spec": self.base.spec, "fingerprint": self.base.fingerprint}
-            )
+            write_manifest(tmp, "ensemble", self.name, settings, self.base.record())
 
     @classmethod
     def load(cls, path: str | Path, base: BaseModel, verify: bool = True, **overrides: Any) -> EnsemblePredictor:

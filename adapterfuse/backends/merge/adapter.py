@@ -49,7 +49,7 @@ def expert_record(expert: Expert) -> dict[str, Any]:
 def base_record(experts: Sequence[Expert], base: BaseModel | None) -> dict[str, Any]:
     """The base the merge belongs to: the loaded one if given, else what the first expert recorded."""
     if base is not None:
-        return {"spec": base.spec, "fingerprint": base.fingerprint}
+        return base.record()
     first = experts[0]
     return {"spec": first.base_name, "fingerprint": first.base_fingerprint}
 

@@ -111,7 +111,7 @@ def emr_experts(experts: Sequence[Expert], base: BaseModel, energy: float = 0.9)
             "task": expert.task,
             "method": "emr",
             "members": [e.name for e in experts],
-            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+            "base": base.record(),
         }
         out.append(Expert(name=f"{expert.name}-emr", config=config, state_dict=state, meta=meta))
     return out, report

@@ -113,8 +113,7 @@ class _Saved:
                 (tmp / EXPERTS / entry["folder"]).mkdir()
                 expert.write_into(tmp / EXPERTS / entry["folder"])
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-            base = {"spec": self.base.spec, "fingerprint": self.base.fingerprint}
-            write_manifest(tmp, kind, self.name, settings, base)
+            write_manifest(tmp, kind, self.name, settings, self.base.record())
 
 
 class RoutePredictor(_Saved):

@@ -329,7 +329,7 @@ def _ensemble(
         "rank": config.rank,
         "scale": config.lora_alpha / config.rank,
         "options": opts.model_dump(mode="json"),
-        "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+        "base": base.record(),
         "training": {
             **config.model_dump(mode="json"),
             "train_examples": train_examples,

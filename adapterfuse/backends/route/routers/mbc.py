@@ -135,7 +135,7 @@ def merge_clusters(
             "tasks": tasks,
             "method": f"mbc-{method}",
             "members": [e.name for e in members],
-            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+            "base": base.record(),
         }
         out.append(Expert(name=f"cluster-{c}", config=config, state_dict=state, meta=meta))
     return out
