@@ -65,6 +65,13 @@ class Guarded:
         self.answered += len(batch)
         return out
 
+    def handed_over(self) -> float | None:
+        """The share of the inputs answered since the last call that went to the fallback (``None``: no
+        input was answered); the counts start again from zero."""
+        share = self.flagged / self.answered if self.answered else None
+        self.flagged = self.answered = 0
+        return share
+
     def cost(self) -> Cost:
         """Stored: both predictors and the detector's features; passes: the detector's one pass over the
         input, then the costlier of the two predictors (each input runs one of them)."""
@@ -87,8 +94,7 @@ class Guarded:
             self.fallback.save(tmp / FALLBACK)
             self.detector.save(tmp / DETECTOR)
             settings = {"inner": INNER, "fallback": FALLBACK, "detector": DETECTOR}
-            base = self.detector.base
-            write_manifest(tmp, "guarded", self.name, settings, {"spec": base.spec, "fingerprint": base.fingerprint})
+            write_manifest(tmp, "guarded", self.name, settings, self.detector.base.record())
 
 
 def guard(

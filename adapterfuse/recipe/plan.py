@@ -7,7 +7,7 @@ from pathlib import Path
 
 from adapterfuse.recipe.checks import check_expert_headers, check_recipe
 from adapterfuse.recipe.resume import finished_results
-from adapterfuse.recipe.schema import Recipe
+from adapterfuse.recipe.schema import GUARD_FALLBACKS, Recipe
 
 
 def plan(recipe: Recipe, out: str | Path) -> list[str]:
@@ -44,8 +44,7 @@ def plan(recipe: Recipe, out: str | Path) -> list[str]:
     # The run names an expert by its folder (Expert.load's default), one baseline row per expert.
     expert_names = [Path(p).name for p in recipe.experts.paths or []] or [n for _, n, _ in recipe.trained_experts()]
     names = {"zero_shot": ["base zero-shot"], "oracle": ["oracle"], "experts": [f"expert {n}" for n in expert_names]}
-    fallback = {"base": "the base", "mix": "every expert merged"}
-    guarded = {c.label: f" (flagged inputs to {fallback[c.guard]})" for c in recipe.combiners if c.guard}
+    guarded = {c.label: f" (flagged inputs to {GUARD_FALLBACKS[c.guard]})" for c in recipe.combiners if c.guard}
     for label in [
         *(label for b in recipe.harness.baselines for label in names[b]),
         *(c.label for c in recipe.combiners),

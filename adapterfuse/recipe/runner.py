@@ -48,7 +48,7 @@ from adapterfuse.recipe.detector import RunDetector, run_detector
 from adapterfuse.recipe.plan import Steps, count_steps
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.resume import append_line, check_reused, combiner_setting, digest, finished_results, run_digest
-from adapterfuse.recipe.schema import TASKWISE, CombinerEntry, Recipe
+from adapterfuse.recipe.schema import GUARD_FALLBACKS, TASKWISE, CombinerEntry, Recipe
 from adapterfuse.recipe.taskwise import RunParts, pe_ensembles, per_task_predictors, task_ensembles
 from adapterfuse.tasks.glue import load_held_out, load_task
 from adapterfuse.tasks.spec import TaskData, check_disjoint
@@ -124,7 +124,7 @@ def _fit(entry: CombinerEntry, run: RunParts, detector: RunDetector) -> Predicto
     if entry.guard == "mix":
         uniform = make_combiner("merge", run.base, {"method": "uniform"}, entry.members)
         fallback = uniform.fit(run.library, run.validation)
-        fallback.name = "every expert merged"
+        fallback.name = GUARD_FALLBACKS["mix"]
     return guard(predictor, detector.get(), fallback, name=entry.label)
 
 
@@ -334,11 +334,8 @@ def score(predictor: Predictor, data: dict[str, TaskData], held_out: Sequence[Ta
 def _handed_over(predictor: Predictor, key: str) -> dict[str, float]:
     """``{key: the share of inputs answered since the last call that a guarded predictor handed to its
     fallback}`` (empty for any other predictor)."""
-    if not isinstance(predictor, Guarded) or not predictor.answered:
-        return {}
-    share = predictor.flagged / predictor.answered
-    predictor.flagged = predictor.answered = 0
-    return {key: share}
+    share = predictor.handed_over() if isinstance(predictor, Guarded) else None
+    return {} if share is None else {key: share}
 
 
 _AUROC_KEYS = {"entropy": "out_of_task_auroc", "mutual_information": "out_of_task_auroc_mi"}

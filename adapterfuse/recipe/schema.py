@@ -23,6 +23,8 @@ from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.grid import grid_configs
 
 BACKENDS = ("merge", "ensemble", "route", "pe_ensemble", "task_ensemble")
+GuardFallback = Literal["base", "mix"]
+GUARD_FALLBACKS: dict[str, str] = {"base": "the base", "mix": "every expert merged"}  # each fallback's name
 TASKWISE = ("pe_ensemble", "task_ensemble")  # one predictor per task: told each input's task, like the oracle
 BASELINES = ("zero_shot", "oracle")  # the default; "experts" (each expert alone, on every task) is asked by name
 
@@ -120,7 +122,7 @@ class CombinerEntry(_Strict):
     name: str | None = Field(None, min_length=1, description="its row label (default: derived)")
     members: list[str] | None = Field(None, min_length=1, description="expert names (default: all)")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the backend's config model")
-    guard: Literal["base", "mix"] | None = Field(
+    guard: GuardFallback | None = Field(
         None,
         description="inputs the run's feature detector flags get the base's answer, or with 'mix' the uniform "
         "merge of every expert's (needs harness.detector)",
