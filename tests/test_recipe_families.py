@@ -28,6 +28,11 @@ FAMILIES = [
     {"backend": "task_ensemble", "name": "grid", "options": {"family": "grid", "grid": {"lr": [5e-3, 1e-2]}}},
     {"backend": "task_ensemble", "name": "mc p0", "options": {"family": "mc_dropout", "members": 2, "p": 0.0}},
     {"backend": "task_ensemble", "name": "temperature", "options": {"family": "temperature"}},
+    {
+        "backend": "task_ensemble",
+        "name": "seeds learned",
+        "options": {"family": "seeds", "members": 2, "pooling": "log_linear", "weights": "learned"},
+    },
 ]
 
 
@@ -56,6 +61,7 @@ def _write(tmp_path, combiners, **extra):
         ({"family": "seeds", "p": 0.1}, "p: the dropout rate is an option of family 'mc_dropout'"),
         ({"family": "mc_dropout", "members": 0}, "members"),
         ({"family": "seeds", "member": 2}, "member: Extra inputs are not permitted"),
+        ({"family": "temperature", "weights": "learned"}, "weights: learned weights pool trained members"),
     ],
 )
 def test_bad_family_options_fail_on_load(tmp_path, no_loading, options, message):
@@ -100,12 +106,17 @@ def test_every_family_trains_its_members_once_and_scores_like_its_parts(tmp_path
     assert all(rows[f["name"]]["needs_task_id"] for f in FAMILIES)
 
     # The seeds family is the ensemble of the recipe's experts of seeds 0 and 1, task by task.
-    data, _ = load_data(recipe)
+    # With learned weights, the same members weighed (and log-linear, tempered) on the task's validation split.
+    data, validation = load_data(recipe)
     for task in ("sst2", "rte"):
         members = ExpertLibrary([Expert.load(out / "experts" / f"{task}-lora-r4-s{s}") for s in (0, 1)])
         direct = evaluate(ensemble(members, tiny_base, pooling="linear"), [data[task]])["tasks"][task]
         assert rows["seeds"]["tasks"][task]["score"] == pytest.approx(direct["score"], abs=1e-9)
         assert rows["seeds"]["tasks"][task]["nll"] == pytest.approx(direct["nll"], abs=1e-6)
+        fitted = ensemble(members, tiny_base, pooling="log_linear", weights="learned", validation=[validation[task]])
+        learned = evaluate(fitted, [data[task]])["tasks"][task]
+        assert rows["seeds learned"]["tasks"][task]["nll"] == pytest.approx(learned["nll"], abs=1e-6)
+        assert rows["seeds learned"]["tasks"][task]["nll"] != pytest.approx(direct["nll"], abs=1e-6)
         # MC-dropout at p = 0 is the expert; temperature scaling keeps its ranking, so its accuracy.
         for metric in ("score", "nll", "brier"):
             assert rows["mc p0"]["tasks"][task][metric] == pytest.approx(
@@ -173,6 +184,12 @@ def test_a_seeds_member_trained_otherwise_is_refused(tmp_path, glue_dir, tiny_ba
             {"kind": "camero", "camero_perturbation": "dropout"},
         ),
         ("task_ensemble", {"family": "seeds"}, {"family": "seeds", "members": 3}, {"family": "seeds", "members": 2}),
+        (
+            "task_ensemble",
+            {"family": "seeds"},
+            {"family": "seeds", "weights": "uniform"},
+            {"family": "seeds", "weights": "learned"},
+        ),
     ],
 )
 def test_a_result_is_keyed_by_every_option_so_a_changed_default_is_not_reused(backend, given, spelled_out, changed):

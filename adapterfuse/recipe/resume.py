@@ -84,6 +84,10 @@ def check_reused(expert: Expert, config: TrainConfig) -> None:
         )
 
 
+FAMILY_ADDED = {"weights": "uniform"}
+"""Options of :class:`FamilyOptions` added after results were recorded, with their defaults."""
+
+
 def combiner_setting(entry: CombinerEntry, detector_key: str = "") -> dict[str, Any]:
     """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
     changed default does not reuse a result fitted with the old one), and for a guarded entry what its
@@ -97,7 +101,10 @@ def combiner_setting(entry: CombinerEntry, detector_key: str = "") -> dict[str, 
         full = {"kind": kind, "members": members, **PEOptions(**opts).model_dump(mode="json")}
         return {**recorded, "config": full}
     if entry.backend not in BACKENDS:
-        return {**recorded, "config": FamilyOptions(**entry.options).model_dump(mode="json")}
+        family = FamilyOptions(**entry.options).model_dump(mode="json")
+        # options added later are left out at their defaults, so results measured before them stay valid
+        family = {k: v for k, v in family.items() if FAMILY_ADDED.get(k, object()) != v}
+        return {**recorded, "config": family}
     config = backend_config(entry.backend, entry.backend_options())
     return {**recorded, "config": config.model_dump(mode="json")}
 

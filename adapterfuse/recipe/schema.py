@@ -93,6 +93,8 @@ class FamilyOptions(_Strict):
         grid: ``{TrainConfig field: [values]}`` for ``family="grid"`` (e.g. ``{"lr": [5e-4, 2e-3]}``).
         p: the dropout rate of ``mc_dropout`` (``None``: the ``lora_dropout`` the expert was trained with).
         pooling: how members are pooled: ``"linear"`` (mixture of probabilities) or ``"log_linear"``.
+        weights: the members' weights: ``"uniform"``, or ``"learned"`` on the task's validation split (for
+            ``log_linear`` pooling with a temperature; a family of trained members only).
     """
 
     family: Family
@@ -100,6 +102,7 @@ class FamilyOptions(_Strict):
     grid: dict[str, list[Any]] | None = None
     p: float | None = Field(None, ge=0.0, lt=1.0)
     pooling: Literal["linear", "log_linear"] = "linear"
+    weights: Literal["uniform", "learned"] = "uniform"
 
     @model_validator(mode="after")
     def _grid_iff_grid(self) -> FamilyOptions:
@@ -112,6 +115,11 @@ class FamilyOptions(_Strict):
                 raise ValueError(str(e)) from None
         if self.p is not None and self.family != "mc_dropout":
             raise ValueError(f"p: the dropout rate is an option of family 'mc_dropout', not {self.family!r}")
+        if self.weights == "learned" and self.family not in TRAINED_FAMILIES:
+            raise ValueError(
+                f"weights: learned weights pool trained members; family {self.family!r} has none "
+                f"(use one of {', '.join(TRAINED_FAMILIES)})"
+            )
         return self
 
 

@@ -164,7 +164,7 @@ def family_predictor(
         base: the frozen base.
         expert: the task's expert (what ``mc_dropout`` and ``temperature`` use).
         members: the trained members (empty for ``mc_dropout`` and ``temperature``).
-        validation: the task's validation split (what ``temperature`` fits on).
+        validation: the task's validation split (what ``temperature`` and learned weights fit on).
 
     Returns:
         A predictor for that task.
@@ -180,7 +180,10 @@ def family_predictor(
         return MCDropoutPredictor(base, expert, samples=options.members, p=options.p, name=name)
     from adapterfuse.backends.ensemble.fit import ensemble
 
-    return ensemble(ExpertLibrary(members), base, pooling=options.pooling, name=name)
+    fit_on = [validation] if options.weights == "learned" else None
+    return ensemble(
+        ExpertLibrary(members), base, pooling=options.pooling, weights=options.weights, validation=fit_on, name=name
+    )
 
 
 def pe_ensembles(entry: CombinerEntry, run: RunParts) -> TaskwisePredictor:
