@@ -20,7 +20,8 @@ from adapterfuse.backends.route.config import check_route
 from adapterfuse.backends.route.features import layer_index
 from adapterfuse.base import fingerprints_conflict
 from adapterfuse.errors import CompatibilityError, ConfigError
-from adapterfuse.recipe.schema import TRAINED_FAMILIES, CombinerEntry, FamilyOptions, Recipe
+from adapterfuse.recipe.families import TRAINED_FAMILIES, FamilyOptions
+from adapterfuse.recipe.schema import CombinerEntry, Recipe
 
 
 def expert_names(recipe: Recipe) -> list[str]:

@@ -44,14 +44,15 @@ def plan(recipe: Recipe, out: str | Path) -> list[str]:
     # The run names an expert by its folder (Expert.load's default), one baseline row per expert.
     expert_names = [Path(p).name for p in recipe.experts.paths or []] or [n for _, n, _ in recipe.trained_experts()]
     names = {"zero_shot": ["base zero-shot"], "oracle": ["oracle"], "experts": [f"expert {n}" for n in expert_names]}
-    guarded = {c.label: f" (flagged inputs to {GUARD_FALLBACKS[c.guard]})" for c in recipe.combiners if c.guard}
+    notes = {c.label: f" (flagged inputs to {GUARD_FALLBACKS[c.guard]})" for c in recipe.combiners if c.guard}
+    notes.update({c.label: " (distilled into a LoRA student)" for c in recipe.combiners if c.distill})
     for label in [
         *(label for b in recipe.harness.baselines for label in names[b]),
         *(c.label for c in recipe.combiners),
     ]:
         # The run reuses a recorded result only if its settings and the experts' weights still match.
         what = "result on disk (reused if unchanged)" if label in done else "fit and evaluate"
-        lines.append(f"predictor {label}: {what}{guarded.get(label, '')}")
+        lines.append(f"predictor {label}: {what}{notes.get(label, '')}")
     if recipe.harness.detector:
         lines.append(f"feature detector: fit and score on {', '.join(recipe.harness.held_out)} (reused if unchanged)")
     for entry in recipe.outputs.push:

@@ -15,7 +15,8 @@ from adapterfuse.errors import AdapterFuseWarning, ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.io.atomic import save_error, write_failure
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.recipe.schema import CombinerEntry, FamilyOptions, Recipe
+from adapterfuse.recipe.families import FamilyOptions
+from adapterfuse.recipe.schema import CombinerEntry, Recipe
 from adapterfuse.train.config import TrainConfig
 from adapterfuse.train.pe.options import PEOptions
 
@@ -92,8 +93,8 @@ def combiner_setting(entry: CombinerEntry, detector_key: str = "") -> dict[str, 
     """What produced a combiner's result: its recipe entry and the full config its options resolve to (so a
     changed default does not reuse a result fitted with the old one), and for a guarded entry what its
     detector was fitted on (``detector_key``)."""
-    # an unguarded entry's setting is what it was before guards existed, so its results stay valid
-    recorded = entry.model_dump(exclude=set() if entry.guard else {"guard"})
+    # an entry without guard or distill is keyed as before those existed, so its results stay valid
+    recorded = entry.model_dump(exclude={k for k in ("guard", "distill") if getattr(entry, k) is None})
     if entry.guard:
         recorded["detector"] = detector_key
     if entry.backend == "pe_ensemble":

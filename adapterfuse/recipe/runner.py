@@ -45,6 +45,7 @@ from adapterfuse.predictor import Predictor
 from adapterfuse.progress import status
 from adapterfuse.recipe.checks import check_layers, check_recipe
 from adapterfuse.recipe.detector import RunDetector, run_detector
+from adapterfuse.recipe.distilled import distilled
 from adapterfuse.recipe.plan import Steps, count_steps
 from adapterfuse.recipe.report import write_report
 from adapterfuse.recipe.resume import append_line, check_reused, combiner_setting, digest, finished_results, run_digest
@@ -115,9 +116,12 @@ def _fit(entry: CombinerEntry, run: RunParts, detector: RunDetector) -> Predicto
     if entry.backend == "pe_ensemble":
         return pe_ensembles(entry, run)
     if entry.backend == "task_ensemble":
-        return task_ensembles(entry, run)
+        fitted = task_ensembles(entry, run)
+        return distilled(entry, fitted, run) if entry.distill else fitted
     predictor = fit_combiner(entry, run.base, run.library, run.validation)
     predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
+    if entry.distill:
+        return distilled(entry, predictor, run)
     if not entry.guard:
         return predictor
     fallback = None  # the base alone

@@ -18,9 +18,9 @@ from adapterfuse.backends.base import backend_config
 from adapterfuse.backends.options import MAX_SEED
 from adapterfuse.errors import ConfigError
 from adapterfuse.io.atomic import SAFE_FOLDER
+from adapterfuse.recipe.families import TRAINED_FAMILIES, FamilyOptions
 from adapterfuse.tasks.glue import TASKS
 from adapterfuse.train.config import TrainConfig
-from adapterfuse.train.grid import grid_configs
 
 BACKENDS = ("merge", "ensemble", "route", "pe_ensemble", "task_ensemble")
 GuardFallback = Literal["base", "mix"]
@@ -79,48 +79,12 @@ class ExpertsSection(_Strict):
         return value
 
 
-Family = Literal["seeds", "bagging", "grid", "snapshots", "mc_dropout", "temperature"]
-TRAINED_FAMILIES: tuple[Family, ...] = ("seeds", "bagging", "grid", "snapshots")
-"""The families whose members a run trains (the others reuse the task's expert)."""
+class DistillEntry(_Strict):
+    """Distil a fitted ensemble into one LoRA student (per task for a ``task_ensemble``), trained with the
+    recipe's expert settings on the tasks' training inputs; the student is the row."""
 
-
-class FamilyOptions(_Strict):
-    """The options of a ``task_ensemble`` combiner: an ensemble per task, of that task's own members.
-
-    Attributes:
-        family: how the members differ (see :mod:`adapterfuse.recipe.taskwise`).
-        members: K: seeds, bootstrap resamples, snapshot cycles or dropout masks.
-        grid: ``{TrainConfig field: [values]}`` for ``family="grid"`` (e.g. ``{"lr": [5e-4, 2e-3]}``).
-        p: the dropout rate of ``mc_dropout`` (``None``: the ``lora_dropout`` the expert was trained with).
-        pooling: how members are pooled: ``"linear"`` (mixture of probabilities) or ``"log_linear"``.
-        weights: the members' weights: ``"uniform"``, or ``"learned"`` on the task's validation split (for
-            ``log_linear`` pooling with a temperature; a family of trained members only).
-    """
-
-    family: Family
-    members: int = Field(3, ge=1, le=64, strict=True)
-    grid: dict[str, list[Any]] | None = None
-    p: float | None = Field(None, ge=0.0, lt=1.0)
-    pooling: Literal["linear", "log_linear"] = "linear"
-    weights: Literal["uniform", "learned"] = "uniform"
-
-    @model_validator(mode="after")
-    def _grid_iff_grid(self) -> FamilyOptions:
-        if (self.family == "grid") != (self.grid is not None):
-            raise ValueError("grid: give a grid (e.g. {lr: [5e-4, 2e-3]}) with family 'grid', and only with it")
-        if self.family == "grid":
-            try:
-                grid_configs(TrainConfig(), self.grid or {})
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
-        if self.p is not None and self.family != "mc_dropout":
-            raise ValueError(f"p: the dropout rate is an option of family 'mc_dropout', not {self.family!r}")
-        if self.weights == "learned" and self.family not in TRAINED_FAMILIES:
-            raise ValueError(
-                f"weights: learned weights pool trained members; family {self.family!r} has none "
-                f"(use one of {', '.join(TRAINED_FAMILIES)})"
-            )
-        return self
+    max_train: int | None = Field(None, ge=1, description="training inputs per task (default: the experts' cap)")
+    epochs: float | None = Field(None, gt=0, le=100, description="default: the experts' epochs")
 
 
 class CombinerEntry(_Strict):
@@ -135,6 +99,7 @@ class CombinerEntry(_Strict):
         description="inputs the run's feature detector flags get the base's answer, or with 'mix' the uniform "
         "merge of every expert's (needs harness.detector)",
     )
+    distill: DistillEntry | None = Field(None, description="the row is a LoRA student of the fitted ensemble")
 
     @field_validator("name")
     @classmethod
@@ -165,6 +130,18 @@ class CombinerEntry(_Strict):
                 "remove guard, or guard a merge, ensemble or route combiner"
             )
         return value
+
+    @model_validator(mode="after")
+    def _distils_an_ensemble(self) -> CombinerEntry:
+        pooled = self.backend == "task_ensemble" and self.options.get("family") in TRAINED_FAMILIES
+        if self.distill is not None and not (self.backend == "ensemble" or pooled):
+            raise ValueError(
+                f"distill: the teacher must be an ensemble; got backend {self.backend!r}; use backend 'ensemble', "
+                f"or 'task_ensemble' with a family of trained members ({', '.join(TRAINED_FAMILIES)})"
+            )
+        if self.distill is not None and self.guard is not None:
+            raise ValueError("distill: a distilled student is not guarded; remove guard or distill")
+        return self
 
     def backend_options(self) -> dict[str, Any]:
         """The options a merge, ensemble or route combiner's config is built from: its predictor is named

@@ -31,8 +31,9 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
 from adapterfuse.predictor import Cost
+from adapterfuse.recipe.families import TRAINED_FAMILIES, FamilyOptions
 from adapterfuse.recipe.resume import check_reused, digest
-from adapterfuse.recipe.schema import TRAINED_FAMILIES, CombinerEntry, FamilyOptions, Recipe, expert_name
+from adapterfuse.recipe.schema import CombinerEntry, Recipe, expert_name
 from adapterfuse.tasks.spec import Example, TaskData, TaskSpec
 from adapterfuse.train.config import TrainConfig
 
@@ -85,7 +86,7 @@ class TaskwisePredictor:
         raise ConfigError(f"{self.name}: one predictor per task, whose members are in the run folder; nothing to save")
 
 
-def _train_once(done: Path, train: Callable[[], Any]) -> None:
+def train_once(done: Path, train: Callable[[], Any]) -> None:
     """Run ``train`` unless the file ``done`` exists; under several processes the main one trains."""
     if not done.is_file():
         if is_main():
@@ -99,7 +100,7 @@ def family_members(
     """Train (or reuse) the members of a trained family for one task.
 
     Args:
-        options: the family (one of :data:`~adapterfuse.recipe.schema.TRAINED_FAMILIES`).
+        options: the family (one of :data:`~adapterfuse.recipe.families.TRAINED_FAMILIES`).
         task: the task.
         config: the recipe's training config of the task's expert (its first seed).
         folders: ``"experts"`` (where the recipe's experts live) and ``"families"`` (``OUT/families/<task>``).
@@ -117,7 +118,7 @@ def family_members(
     if options.family == "grid":
         out = root / f"grid-{digest(config.model_dump(), options.grid)}"
         names = [name for name, _ in grid_configs(config, options.grid or {})]
-        _train_once(
+        train_once(
             out / names[-1] / "adapterfuse.json", partial(train_grid, base, task, config, options.grid, out, data)
         )
         return [Expert.load(out / name) for name in names]
@@ -125,7 +126,7 @@ def family_members(
         snap = config.model_copy(update={"snapshots": options.members})
         out = root / f"snapshots-{digest(snap.model_dump())}"
         done = out / f"snapshot-{options.members}" / "adapterfuse.json"
-        _train_once(done, partial(train_expert, base, task, snap, out=out, data=data))
+        train_once(done, partial(train_expert, base, task, snap, out=out, data=data))
         return [Expert.load(out / f"snapshot-{i}") for i in range(1, options.members + 1)]
     members = []
     for seed in seeds:
@@ -135,7 +136,7 @@ def family_members(
         else:  # bagging
             member = config.model_copy(update={"seed": seed, "bootstrap": True})
             folder = root / f"bagging-s{seed}-{digest(member.model_dump())}"
-        _train_once(folder / "adapterfuse.json", partial(train_expert, base, task, member, out=folder, data=data))
+        train_once(folder / "adapterfuse.json", partial(train_expert, base, task, member, out=folder, data=data))
         expert = Expert.load(folder)
         check_reused(expert, member)  # a seeds member's folder has the recipe's name, not a digest of its config
         members.append(expert)

@@ -154,6 +154,7 @@ def distill(
     overwrite: bool = False,
     callback: Callback | None = None,
     progress: bool = False,
+    compare: bool = True,
 ) -> Expert:
     """Train one LoRA adapter to match the pooled ensemble on the tasks' training inputs.
 
@@ -167,11 +168,13 @@ def distill(
         overwrite: replace an existing ``out`` (and discard a stale partial checkpoint).
         callback: called as ``callback(step, loss)`` after every step (progress, tests, early stop).
         progress: show a progress bar with the loss.
+        compare: score student, ensemble and base on the test split (a caller that scores the student
+            itself, as a recipe run does, passes ``False``).
 
     Returns:
-        The student :class:`Expert`. ``meta["distillation"]`` holds the teacher, the test averages of
-        student, ensemble and base, and ``kept``: the share of the ensemble's gain over the base that
-        the student keeps (``None`` when the ensemble gains nothing).
+        The student :class:`Expert`. ``meta["distillation"]`` holds the teacher and, when compared, the
+        test averages of student, ensemble and base, and ``kept``: the share of the ensemble's gain over
+        the base that the student keeps (``None`` when the ensemble gains nothing).
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
@@ -204,7 +207,7 @@ def distill(
         "distill" if progress else None,
     )
     student.eval()
-    results, report = _compare(student, ensemble, tasks_data, config)
+    results, report = _compare(student, ensemble, tasks_data, config) if compare else (None, {})
     expert = _save(
         student,
         ensemble,
@@ -227,7 +230,7 @@ def _save(
     config: TrainConfig,
     out: Path,
     overwrite: bool,
-    results: dict[str, Any],
+    results: dict[str, Any] | None,
     report: dict[str, Any],
     run: dict[str, Any],
 ) -> Expert:
@@ -236,7 +239,7 @@ def _save(
     tasks = [td.task.name for td in tasks_data]
     test = {
         f"{t}.{m}": v
-        for t, r in results["student"]["tasks"].items()
+        for t, r in (results["student"]["tasks"] if results else {}).items()
         for m, v in r.items()
         if m not in ("n", "seconds", "examples_per_s")
     }
