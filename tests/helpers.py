@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import torch
+import yaml
 
 from adapterfuse.tasks.glue import load_task
 from adapterfuse.tasks.spec import TaskData
@@ -100,3 +101,24 @@ def stop_at(step_to_stop: int):
             raise Interrupt
 
     return callback
+
+
+TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
+"""Training settings of a tiny recipe's experts: a few steps, fp32, a checkpoint every 4."""
+
+
+def write_tiny_recipe(tmp_path: Path, combiners: list[dict], **sections) -> Path:
+    """A recipe file for the tiny model: sst2 and rte experts on 16 examples, the oracle, no plots;
+    ``sections`` replace whole sections (``harness={...}``, ``experts={...}``)."""
+    raw = {
+        "name": "tiny",
+        "tasks": {"sst2": {}, "rte": {}},
+        "experts": {"rank": 4, "max_train": 16, "epochs": 1.0, "train": TINY_TRAIN},
+        "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 10, "baselines": ["oracle"]},
+        "combiners": combiners,
+        "outputs": {"plots": False},
+        **sections,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import adapterfuse.train.distill
@@ -17,23 +16,9 @@ from adapterfuse.recipe.plan import plan
 from adapterfuse.recipe.resume import combiner_setting
 from adapterfuse.recipe.runner import load_data, run_recipe
 from adapterfuse.recipe.schema import CombinerEntry, load_recipe
+from tests.helpers import write_tiny_recipe
 
-TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
 SEEDS = {"family": "seeds", "members": 2}
-
-
-def _write(tmp_path, combiners):
-    raw = {
-        "name": "distil",
-        "tasks": {"sst2": {}, "rte": {}},
-        "experts": {"rank": 4, "max_train": 16, "epochs": 1.0, "train": TINY_TRAIN},
-        "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 10, "baselines": ["oracle"]},
-        "combiners": combiners,
-        "outputs": {"plots": False},
-    }
-    path = tmp_path / "distil.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -54,7 +39,7 @@ def _write(tmp_path, combiners):
 )
 def test_a_bad_distillation_fails_on_load(tmp_path, no_loading, entry, message):
     with pytest.raises(ConfigError) as e:
-        load_recipe(_write(tmp_path, [{"distill": {}, **entry}]))
+        load_recipe(write_tiny_recipe(tmp_path, [{"distill": {}, **entry}]))
     assert message in str(e.value)
 
 
@@ -63,7 +48,7 @@ def test_students_of_a_task_ensemble_and_of_a_cross_task_ensemble(tmp_path, glue
         {"backend": "task_ensemble", "name": "seeds distilled", "options": SEEDS, "distill": {}},
         {"backend": "ensemble", "name": "cross distilled", "distill": {"max_train": 8, "epochs": 2.0}},
     ]
-    recipe = load_recipe(_write(tmp_path, combiners))
+    recipe = load_recipe(write_tiny_recipe(tmp_path, combiners))
     assert "predictor seeds distilled: fit and evaluate (distilled into a LoRA student)" in plan(recipe, tmp_path / "o")
     out = tmp_path / "out"
     summary = run_recipe(recipe, out, base=tiny_base, log=lambda _: None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import statistics
 
 import pytest
-import yaml
 
 import adapterfuse.train.expert
 from adapterfuse.backends.ensemble.fit import ensemble
@@ -19,8 +18,8 @@ from adapterfuse.recipe.resume import combiner_setting
 from adapterfuse.recipe.runner import DATA_SEED, load_data, run_recipe
 from adapterfuse.recipe.schema import CombinerEntry, load_recipe
 from adapterfuse.tasks.glue import load_held_out
+from tests.helpers import write_tiny_recipe
 
-TINY_TRAIN = {"batch_size": 4, "lr": 5e-3, "checkpoint_every": 4, "max_eval_examples": 8, "autocast": False}
 FAMILIES = [
     {"backend": "task_ensemble", "name": "seeds", "options": {"family": "seeds", "members": 2}},
     {"backend": "task_ensemble", "name": "bagging", "options": {"family": "bagging", "members": 2}},
@@ -34,21 +33,6 @@ FAMILIES = [
         "options": {"family": "seeds", "members": 2, "pooling": "log_linear", "weights": "learned"},
     },
 ]
-
-
-def _write(tmp_path, combiners, **extra):
-    raw = {
-        "name": "fam",
-        "tasks": {"sst2": {}, "rte": {}},
-        "experts": {"rank": 4, "max_train": 16, "epochs": 1.0, "train": TINY_TRAIN},
-        "harness": {"validation_size": 8, "validation_per_task": 8, "max_test": 10, "baselines": ["oracle"]},
-        "combiners": combiners,
-        "outputs": {"plots": False},
-        **extra,
-    }
-    path = tmp_path / "fam.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -66,14 +50,14 @@ def _write(tmp_path, combiners, **extra):
 )
 def test_bad_family_options_fail_on_load(tmp_path, no_loading, options, message):
     with pytest.raises(ConfigError) as e:
-        load_recipe(_write(tmp_path, [{"backend": "task_ensemble", "options": options}]))
+        load_recipe(write_tiny_recipe(tmp_path, [{"backend": "task_ensemble", "options": options}]))
     assert message in str(e.value)
 
 
 def test_a_trained_family_needs_the_recipe_to_train_experts(tmp_path, no_loading):
     given = {"paths": ["experts/sst2", "experts/rte"]}
     for family, fails in (("bagging", True), ("temperature", False)):
-        path = _write(tmp_path, [{"backend": "task_ensemble", "options": {"family": family}}], experts=given)
+        path = write_tiny_recipe(tmp_path, [{"backend": "task_ensemble", "options": {"family": family}}], experts=given)
         if fails:
             with pytest.raises(ConfigError, match="family 'bagging' trains members with the recipe's expert settings"):
                 plan(load_recipe(path), tmp_path / "out")
@@ -82,7 +66,9 @@ def test_a_trained_family_needs_the_recipe_to_train_experts(tmp_path, no_loading
 
 
 def test_every_family_trains_its_members_once_and_scores_like_its_parts(tmp_path, glue_dir, tiny_base, monkeypatch):
-    recipe = load_recipe(_write(tmp_path, FAMILIES, harness={**_harness(), "held_out": ["mrpc"], "max_held_out": 10}))
+    recipe = load_recipe(
+        write_tiny_recipe(tmp_path, FAMILIES, harness={**_harness(), "held_out": ["mrpc"], "max_held_out": 10})
+    )
     real_train = adapterfuse.train.expert.train_expert
     trained: list[tuple[str, int, bool, int]] = []
 
@@ -164,7 +150,7 @@ def _harness() -> dict:
 
 def test_a_seeds_member_trained_otherwise_is_refused(tmp_path, glue_dir, tiny_base):
     combiner = {"backend": "task_ensemble", "name": "seeds", "options": {"family": "seeds", "members": 2}}
-    recipe = load_recipe(_write(tmp_path, [combiner]))
+    recipe = load_recipe(write_tiny_recipe(tmp_path, [combiner]))
     out = tmp_path / "out"
     other = recipe.train_config("sst2", 1).model_copy(update={"lr": 1e-2})
     adapterfuse.train.expert.train_expert(tiny_base, "sst2", other, out=out / "experts" / "sst2-lora-r4-s1")
