@@ -86,7 +86,8 @@ def check_reused(expert: Expert, config: TrainConfig) -> None:
 
 
 FAMILY_ADDED = {"weights": "uniform"}
-"""Options of :class:`FamilyOptions` added after results were recorded, with their defaults."""
+"""Options of :class:`FamilyOptions` left out of a result's key at these defaults, so that keys written
+before the options existed still match."""
 
 
 def combiner_setting(entry: CombinerEntry, detector_key: str = "") -> dict[str, Any]:
