@@ -15,7 +15,7 @@ from typing import Any
 
 from adapterfuse.expert import Expert
 from adapterfuse.library import ExpertLibrary
-from adapterfuse.recipe.resume import combiner_setting, digest, run_digest
+from adapterfuse.recipe.resume import combiner_setting, digest
 from adapterfuse.recipe.schema import CombinerEntry
 from adapterfuse.recipe.taskwise import RunParts, TaskwisePredictor, train_once
 from adapterfuse.tasks.spec import TaskData
@@ -48,7 +48,7 @@ def distilled(entry: CombinerEntry, teacher: Any, run: RunParts) -> Any:
     Args:
         entry: the combiner's recipe entry (its ``distill`` is set).
         teacher: the fitted ensemble: an ``EnsemblePredictor``, or a :class:`TaskwisePredictor` of them.
-        run: the run's recipe, folder, base and data.
+        run: the run's recipe, folder, base, data and digest.
 
     Returns:
         An expert predictor of the multi-task student, or an oracle over the per-task students, named
@@ -56,7 +56,7 @@ def distilled(entry: CombinerEntry, teacher: Any, run: RunParts) -> Any:
     """
     from adapterfuse.harness import ExpertPredictor, OraclePredictor
 
-    root = run.out / "distilled" / digest(run_digest(run.recipe, run.library), combiner_setting(entry))
+    root = run.out / "distilled" / digest(run.digest, combiner_setting(entry))
     if isinstance(teacher, TaskwisePredictor):
         students = [
             _student(teacher.by_task[t], [run.data[t]], _student_config(entry, run, t), root / t)

@@ -116,13 +116,13 @@ def _fit(entry: CombinerEntry, run: RunParts, detector: RunDetector) -> Predicto
     if entry.backend == "pe_ensemble":
         return pe_ensembles(entry, run)
     if entry.backend == "task_ensemble":
-        fitted = task_ensembles(entry, run)
-        return distilled(entry, fitted, run) if entry.distill else fitted
-    predictor = fit_combiner(entry, run.base, run.library, run.validation)
-    predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
+        predictor = task_ensembles(entry, run)
+    else:
+        predictor = fit_combiner(entry, run.base, run.library, run.validation)
+        predictor.name = entry.label  # a merge names its predictor after the method; a recipe row goes by its label
     if entry.distill:
         return distilled(entry, predictor, run)
-    if not entry.guard:
+    if not entry.guard:  # the schema refuses guard on a task_ensemble and with distill
         return predictor
     fallback = None  # the base alone
     if entry.guard == "mix":
@@ -289,7 +289,7 @@ def run_recipe(
             measure(f"expert {e.name}", ["expert", e.name], partial(ExpertPredictor, base, e), fits=False)
     detector = RunDetector(out, setting, [*data.values()], base, steps.say, DATA_SEED)
     for entry in recipe.combiners:
-        build = partial(_fit, entry, RunParts(recipe, out, base, library, data, validation), detector)
+        build = partial(_fit, entry, RunParts(recipe, out, base, library, data, validation, setting), detector)
         measure(entry.label, combiner_setting(entry, detector.key), build, task_id=entry.backend in TASKWISE)
     found = {"detector": run_detector(detector, out, held_out)} if recipe.harness.detector else {}
     summary = {"recipe": recipe.name, "results": results, **found, "wall_s": round(time.perf_counter() - t_start, 1)}

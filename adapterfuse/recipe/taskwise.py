@@ -50,6 +50,8 @@ class RunParts:
     """Task -> its splits (test capped as the recipe says)."""
     validation: dict[str, TaskData]
     """Task -> the validation examples combiners fit on."""
+    digest: str
+    """What every result of the run shares (:func:`~adapterfuse.recipe.resume.run_digest`)."""
 
 
 class TaskwisePredictor:
