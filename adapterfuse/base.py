@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from adapterfuse.device import DeviceSpec, model_device, resolve_device
 from adapterfuse.errors import BaseModelError
+from adapterfuse.io.atomic import commit_cache_dir
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_ALIASES = (None, "", "default", "smollm2-135m-instruct", DEFAULT_HUB_ID)
@@ -204,10 +205,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _FINGERPRINT_FILE).write_text(fingerprint_model(plain, tokenizer) + "\n")
-        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    commit_cache_dir(tmp, target, "config.json")  # two first runs at once: the first copy is kept
 
 
 def _gguf_cache_path(gguf: Path, kind: str) -> Path:
@@ -243,9 +244,9 @@ def load_default_tokenizer() -> PreTrainedTokenizerBase:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     tokenizer.save_pretrained(tmp)
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process cached it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_cache_dir(tmp, target, "tokenizer.json")
+    except OSError:  # an unwritable cache only costs the conversion next time
+        pass
     return tokenizer
 
 

@@ -23,7 +23,7 @@ import adapterfuse.backends.merge.adapter as merge_adapter
 from adapterfuse import cli
 from adapterfuse.backends.merge.api import merge
 from adapterfuse.errors import AdapterFuseWarning, ConfigError, OutputExistsError, SaveError
-from adapterfuse.io.atomic import atomic_dir, check_output, write_json
+from adapterfuse.io.atomic import atomic_dir, check_output, commit_cache_dir, write_json
 from tests.helpers import random_expert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +198,28 @@ def test_two_writers_racing_into_one_output_keep_the_first_complete_one(tmp_path
                 (fast / "who").write_text("fast")
     assert "was written by another process while this one ran" in str(e.value) and "\n" not in str(e.value)
     assert (out / "who").read_text() == "fast" and _debris(tmp_path) == []
+
+
+def _cache_copy(folder: Path, who: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(who)
+    return folder
+
+
+def test_two_processes_filling_one_cache_entry_keep_the_first_copy_and_both_go_on(tmp_path):
+    entry = tmp_path / "base"
+    commit_cache_dir(_cache_copy(tmp_path / ".tmp-first", "first"), entry, "config.json")
+    commit_cache_dir(_cache_copy(tmp_path / ".tmp-second", "second"), entry, "config.json")  # no error
+    assert (entry / "config.json").read_text() == "first" and _debris(tmp_path) == []
+
+
+def test_a_cache_entry_without_its_done_file_is_not_taken_for_a_finished_copy(tmp_path):
+    entry = tmp_path / "base"
+    entry.mkdir()
+    (entry / "partial.safetensors").write_text("half")
+    with pytest.raises(OSError):
+        commit_cache_dir(_cache_copy(tmp_path / ".tmp-mine", "mine"), entry, "config.json")
+    assert _debris(tmp_path) == [] and not (entry / "config.json").exists()
 
 
 def test_a_dangling_symlink_as_output_is_refused_in_one_line(experts, tmp_path, capsys):

@@ -190,6 +190,28 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def commit_cache_dir(tmp: Path, target: Path, done_file: str) -> None:
+    """Rename a finished cache folder ``tmp`` to ``target``, keeping a complete copy another process put first.
+
+    A cache entry is a pure function of its key, so when two processes fill the same one at once the
+    first rename wins and the later copy is dropped instead of failing the second process.
+
+    Args:
+        tmp: the finished temporary folder (removed when it is not used).
+        target: the cache entry.
+        done_file: a file that only a finished entry holds (``config.json``, ``tokenizer.json``).
+
+    Raises:
+        OSError: the rename failed and ``target`` holds no finished copy.
+    """
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / done_file).is_file():
+            raise
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``path`` only if the block finishes.
