@@ -202,6 +202,24 @@ def member_entries(folder: Path, manifest: Manifest, key: str) -> list[dict[str,
     return entries
 
 
+def member_folders(names: Sequence[str], prefix: str) -> list[str]:
+    """A sub-folder name per member of a saved predictor.
+
+    Args:
+        names: the members' names, in order.
+        prefix: the stem of the fallback name (``member``, ``expert``).
+
+    Returns:
+        Each member's own name when it is a safe single path part, else ``{prefix}-{i}`` (also for a
+        repeated name, or one that is the manifest's).
+    """
+    out: list[str] = []
+    for i, name in enumerate(names):
+        folder = name if SAFE_FOLDER.fullmatch(name) and name != MANIFEST else f"{prefix}-{i}"
+        out.append(folder if folder not in out else f"{prefix}-{i}")
+    return out
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())

@@ -17,9 +17,8 @@ from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import Scoring
-from adapterfuse.io import atomic as fsutil
 from adapterfuse.io.atomic import atomic_dir
-from adapterfuse.io.manifest import MANIFEST, Manifest, member_entries, read_manifest, write_manifest
+from adapterfuse.io.manifest import Manifest, member_entries, member_folders, read_manifest, write_manifest
 from adapterfuse.library import ExpertLibrary, check_against_base
 from adapterfuse.predictor import Cost
 from adapterfuse.tasks.spec import Example, TaskSpec
@@ -134,7 +133,7 @@ class EnsemblePredictor:
 
     def settings(self) -> dict[str, Any]:
         """The settings its manifest records (members and their folders, pooling, weights, temperature …)."""
-        folders = _member_folders(self.names)
+        folders = member_folders(self.names, "member")
         return {
             "members": [
                 {"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
@@ -197,12 +196,3 @@ class EnsemblePredictor:
             name=manifest.name,
             info=settings.get("info"),
         )
-
-
-def _member_folders(names: Sequence[str]) -> list[str]:
-    """A folder name per member: its own name when that is a safe single path part, else ``member-i``."""
-    out = []
-    for i, name in enumerate(names):
-        folder = name if fsutil.SAFE_FOLDER.fullmatch(name) and name != MANIFEST else f"member-{i}"
-        out.append(folder if folder not in out else f"member-{i}")
-    return out

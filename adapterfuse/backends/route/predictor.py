@@ -18,12 +18,12 @@ group, so a routing costs one model copy per distinct choice (the base weights a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from adapterfuse.backends.ensemble.batched import BatchedEnsemble
 from adapterfuse.backends.ensemble.predictor import check_members
@@ -32,18 +32,16 @@ from adapterfuse.backends.route.features import FeatureExtractor, FeatureSpec, c
 from adapterfuse.backends.route.routers.arrow import ArrowModel, ArrowSpec, arrow_prototypes, mean_subtracted
 from adapterfuse.backends.route.routers.base import Router, check_top_k, load_router
 from adapterfuse.backends.route.rowmerge import RowMergeModel
+from adapterfuse.backends.route.saved import EXPERTS, TENSORS, SavedPool
 from adapterfuse.base import BaseModel
 from adapterfuse.errors import ConfigError
 from adapterfuse.expert import Expert, load_member
 from adapterfuse.harness import adapter_params
 from adapterfuse.head import Scoring, predict_proba
-from adapterfuse.io import atomic as fsutil
-from adapterfuse.io.atomic import atomic_dir
-from adapterfuse.io.manifest import Kind, Manifest, member_entries, read_manifest, write_manifest
+from adapterfuse.io.manifest import Manifest, member_entries, read_manifest
 from adapterfuse.predictor import Cost
 from adapterfuse.tasks.spec import Example, TaskSpec
 
-TENSORS, EXPERTS = "router.safetensors", "experts"
 THEN = ("ensemble", "merge")
 FALLBACKS = ("mix", "base")
 _MAX_CACHED = 64
@@ -80,43 +78,7 @@ class Choice:
     fallback: str = "mix"
 
 
-class _Saved:
-    """What both routed predictors share: the pool, the scoring settings, the manifest and the folder."""
-
-    def _setup(
-        self, base: BaseModel, pool: Sequence[Expert], name: str, info: dict[str, Any] | None, scoring: Scoring
-    ) -> None:
-        self.base, self.experts, self.name = base, list(pool), name
-        self.names = [e.name for e in self.experts]
-        self.info = dict(info or {})
-        self.scoring = scoring
-
-    def _settings(self, router: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        folders = _folders(self.names)
-        return {
-            "router": router,
-            "experts": [
-                {"name": e.name, "folder": f, "task": e.task, "sha256": e.weights_sha256()}
-                for e, f in zip(self.experts, folders, strict=True)
-            ],
-            "scoring": asdict(self.scoring),
-            "info": self.info,
-            **extra,
-        }
-
-    def _write(
-        self, path: str | Path, kind: Kind, settings: dict[str, Any], tensors: dict[str, torch.Tensor], overwrite: bool
-    ) -> None:
-        with atomic_dir(path, overwrite) as tmp:
-            (tmp / EXPERTS).mkdir()
-            for expert, entry in zip(self.experts, settings["experts"], strict=True):
-                (tmp / EXPERTS / entry["folder"]).mkdir()
-                expert.write_into(tmp / EXPERTS / entry["folder"])
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-            write_manifest(tmp, kind, self.name, settings, self.base.record())
-
-
-class RoutePredictor(_Saved):
+class RoutePredictor(SavedPool):
     """Sequence-level routing over a pool of experts (a :class:`~adapterfuse.predictor.Predictor`).
 
     Args:
@@ -316,7 +278,7 @@ class RoutePredictor(_Saved):
         return load_routed(folder, read_manifest(folder, verify, kinds=("route", "arrow")), base, **overrides)
 
 
-class ArrowPredictor(_Saved):
+class ArrowPredictor(SavedPool):
     """Arrow routing (per token, per layer; zero-shot) as a :class:`~adapterfuse.predictor.Predictor`.
 
     Args:
@@ -373,15 +335,6 @@ class ArrowPredictor(_Saved):
         self._write(path, "arrow", self._settings(router, {"top_k": self.top_k}), tensors, overwrite)
 
     load = RoutePredictor.load
-
-
-def _folders(names: Sequence[str]) -> list[str]:
-    """A folder per expert: its name when that is a safe single path part, else ``expert-i``."""
-    out: list[str] = []
-    for i, name in enumerate(names):
-        folder = name if fsutil.SAFE_FOLDER.fullmatch(name) else f"expert-{i}"
-        out.append(folder if folder not in out else f"expert-{i}")
-    return out
 
 
 def load_routed(folder: Path, manifest: Manifest, base: BaseModel, **overrides: Any) -> RoutePredictor | ArrowPredictor:
