@@ -36,10 +36,10 @@ def sentiment(n: int, seed: int, flip: bool = False) -> list[Example]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_base, tmp_path_factory):
-    """An expert, and one trained on flipped labels (anti-correlated with the truth); 10 epochs make both
-    confident enough on every supported library version for the weights to tell them apart."""
+    """An expert, and one trained on flipped labels (anti-correlated with the truth); 20 epochs make both
+    confident enough on every supported library version and CPU for the weights to tell them apart."""
     task, root = get_task("sst2"), tmp_path_factory.mktemp("ens-weights")
-    config = tiny_config(max_train_examples=None, epochs=10, lr=1e-2, batch_size=4, max_eval_examples=4)
+    config = tiny_config(max_train_examples=None, epochs=20, lr=1e-2, batch_size=4, max_eval_examples=4)
     validation = sentiment(32, seed=2)
     experts = []
     for name, flip in (("good", False), ("flipped", True)):
