@@ -244,11 +244,9 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         AdapterFuseError: bad arguments, experts or base (nothing is written then).
     """
-    from adapterfuse.backends.merge.mergekit_yaml import mergekit_args
-
     set_verbosity(args)
     if getattr(args, "config", None) is not None:  # the file's adapters and options, as the flags they stand for
-        args = mergekit_args(args)
+        args = _mergekit_args(args)
     config, given, uses_validation = _check_args(args)
     if uses_validation or args.eval:
         adapter, base = _fit(args, given)
@@ -325,3 +323,44 @@ def summary_text(record: dict[str, Any]) -> str:
             value = f"{value:.4g}"
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
+
+
+_FLAGS = ("method", "weights", "density", "lam", "rank", "seed")
+
+
+def _mergekit_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The ``merge`` command's arguments with ``--config FILE`` turned into the flags it stands for.
+
+    Args:
+        args: the parsed arguments; ``args.config`` is the mergekit file.
+
+    Returns:
+        A copy with ``experts``, the method flags and ``--param`` set from the file, and ``--base``
+        defaulting to the file's ``base_model``.
+
+    Raises:
+        ConfigError: ``--config`` together with ``--experts``, a method flag or ``--param``; or a bad file.
+    """
+    given = [f"--{'lambda' if k == 'lam' else k}" for k in _FLAGS if hasattr(args, k)]
+    given += ["--experts"] * bool(args.experts) + ["--param"] * bool(args.param)
+    if given:
+        raise ConfigError(
+            f"--config: the mergekit file gives the adapters, the method and its parameters; drop {', '.join(given)}"
+        )
+    from adapterfuse.backends.merge.mergekit_yaml import read_mergekit
+
+    plan = read_mergekit(args.config)
+    raw = plan.config.params.model_dump(by_alias=True, exclude_unset=True)
+    out = argparse.Namespace(**vars(args))
+    out.experts, out.method = plan.experts, plan.config.method
+    if raw.get("weights") is not None:
+        out.weights = ",".join(repr(float(w)) for w in raw.pop("weights"))
+    raw.pop("weights", None)
+    for key in ("density", "rank", "seed"):
+        if key in raw:
+            setattr(out, key, raw.pop(key))
+    if "lambda" in raw:
+        out.lam = raw.pop("lambda")
+    out.param = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(raw.items())]
+    out.base = args.base or plan.base_model
+    return out

@@ -20,7 +20,6 @@ refuses, naming the setting, where it cannot:
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -363,42 +362,3 @@ def merge_mergekit(
     """
     plan = read_mergekit(source)
     return merge(plan.experts, plan.config, base=base, validation=validation, allow_pickle=allow_pickle)
-
-
-_FLAGS = ("method", "weights", "density", "lam", "rank", "seed")
-
-
-def mergekit_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The ``merge`` command's arguments with ``--config FILE`` turned into the flags it stands for.
-
-    Args:
-        args: the parsed arguments; ``args.config`` is the mergekit file.
-
-    Returns:
-        A copy with ``experts``, the method flags and ``--param`` set from the file, and ``--base``
-        defaulting to the file's ``base_model``.
-
-    Raises:
-        ConfigError: ``--config`` together with ``--experts``, a method flag or ``--param``; or a bad file.
-    """
-    given = [f"--{'lambda' if k == 'lam' else k}" for k in _FLAGS if hasattr(args, k)]
-    given += ["--experts"] * bool(args.experts) + ["--param"] * bool(args.param)
-    if given:
-        raise ConfigError(
-            f"--config: the mergekit file gives the adapters, the method and its parameters; drop {', '.join(given)}"
-        )
-    plan = read_mergekit(args.config)
-    raw = plan.config.params.model_dump(by_alias=True, exclude_unset=True)
-    out = argparse.Namespace(**vars(args))
-    out.experts, out.method = plan.experts, plan.config.method
-    if raw.get("weights") is not None:
-        out.weights = ",".join(repr(float(w)) for w in raw.pop("weights"))
-    raw.pop("weights", None)
-    for key in ("density", "rank", "seed"):
-        if key in raw:
-            setattr(out, key, raw.pop(key))
-    if "lambda" in raw:
-        out.lam = raw.pop("lambda")
-    out.param = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(raw.items())]
-    out.base = args.base or plan.base_model
-    return out
