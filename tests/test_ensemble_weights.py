@@ -36,8 +36,8 @@ def sentiment(n: int, seed: int, flip: bool = False) -> list[Example]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_base, tmp_path_factory):
-    """An expert, and one trained on flipped labels (anti-correlated with the truth); 20 epochs make both
-    confident enough on every supported library version and CPU for the weights to tell them apart."""
+    """An expert, and one trained on flipped labels (anti-correlated with the truth), 20 epochs each; on some
+    CPUs the first stays near chance while the second learns its flipped labels."""
     task, root = get_task("sst2"), tmp_path_factory.mktemp("ens-weights")
     config = tiny_config(max_train_examples=None, epochs=20, lr=1e-2, batch_size=4, max_eval_examples=4)
     validation = sentiment(32, seed=2)
@@ -78,10 +78,15 @@ def test_log_linear_learns_a_negative_weight_for_the_anti_correlated_expert(tiny
     assert accuracy(flipped_alone, labels) < 0.4  # it really is anti-correlated with the truth
     predictor = ensemble(experts, tiny_base, pooling="log_linear", weights="learned", validation=[data], autocast=False)
     good, flipped = predictor.weights
-    # The two members are near mirror images, so log-linear pooling sees mostly good - flipped: the
-    # anti-correlated member must get the negative weight, the good one's sign is not identifiable.
+    # On some CPUs the good member barely learns in this budget (about chance), so the fit rests on the
+    # negated flipped member and the good one's sign is noise: what must hold is the negative weight, and
+    # an ensemble at least as accurate as the better of the two used the right way round.
     assert flipped < 0 and good > flipped
-    assert accuracy(predictor.predict_proba(data.task, data.validation), labels) > 0.6
+    good_alone = predict_proba(
+        experts[0].attach(tiny_base.model), tiny_base.tokenizer, data.task, data.validation, autocast=False
+    )
+    best_member = max(accuracy(good_alone, labels), 1 - accuracy(flipped_alone, labels))
+    assert accuracy(predictor.predict_proba(data.task, data.validation), labels) >= best_member - 2 / len(labels)
     assert sum(abs(w) for w in predictor.weights) == pytest.approx(1.0) and predictor.temperature > 0
     assert predictor.info["learned"]["weights"] == {"good": good, "flipped": flipped}
 
