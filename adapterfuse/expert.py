@@ -305,18 +305,24 @@ def attach_experts(
     Args:
         model: the base causal LM.
         experts: the experts.
-        names: adapter names (default: the experts' names).
+        names: adapter names (default: the experts' names, each '.' made '_': PEFT refuses dots in them).
         copy_base: deep-copy the base first so the caller's model stays untouched.
 
     Returns:
         A ``PeftModel`` in eval mode with the first adapter active.
 
     Raises:
-        ExpertError: if an expert's tensors do not fit the base's modules.
+        ExpertError: if a given name holds a '.' or an expert's tensors do not fit the base's modules.
     """
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 
-    names = list(names or [e.name for e in experts])
+    names = list(names or [e.name.replace(".", "_") for e in experts])
+    dotted = [n for n in names if "." in n]
+    if dotted:
+        raise ExpertError(
+            f"adapter name {dotted[0]!r}: PEFT module names cannot hold '.'; pass a name without one "
+            f"(e.g. {dotted[0].replace('.', '_')!r})"
+        )
     base = copy.deepcopy(model) if copy_base else model
     peft_model = None
     for expert, name in zip(experts, names, strict=False):

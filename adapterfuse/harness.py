@@ -172,15 +172,16 @@ class OraclePredictor(ModelPredictor):
         experts = list(self.by_task.values())
         if not experts:
             raise ConfigError("oracle: no expert records its task; expected experts trained by adapterfuse")
-        model = attach_experts(base.model, experts)
+        # Adapters named by position: an expert's own name may hold characters PEFT refuses ('.').
+        self.adapters = {task: f"expert{i}" for i, task in enumerate(self.by_task)}
+        model = attach_experts(base.model, experts, list(self.adapters.values()))
         super().__init__("oracle", model, base.tokenizer, stored_params=adapter_params(experts), **kwargs)
         self.base = base
 
     def prepare(self, task: TaskSpec) -> None:
-        expert = self.by_task.get(task.train_task)
-        if expert is None:
+        if task.train_task not in self.adapters:
             raise ConfigError(f"oracle: no expert for task {task.name!r}; have experts for {sorted(self.by_task)}")
-        self.model.set_adapter(expert.name)
+        self.model.set_adapter(self.adapters[task.train_task])
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write every expert in a subfolder and ``manifest.json`` mapping tasks to them.

@@ -21,13 +21,31 @@ _level: Verbosity = "normal"
 def set_verbosity(level: Verbosity) -> None:
     """Set how much is reported: ``quiet`` (errors only), ``normal`` (bars and status), ``verbose``.
 
+    ``quiet`` also hides the bars transformers and huggingface_hub draw (loading weights, downloads).
+
     Raises:
         ValueError: ``level`` is not one of the three.
     """
     global _level
     if level not in _ORDER:
         raise ValueError(f"verbosity must be one of {sorted(_ORDER)}, got {level!r}")
+    if level == "quiet" or _level == "quiet":
+        _show_library_bars(level != "quiet")
     _level = level
+
+
+def _show_library_bars(show: bool) -> None:
+    """Show or hide the bars the Hugging Face libraries draw themselves (downloads, loading weights)."""
+    from huggingface_hub import utils as hub_utils
+
+    # transformers copies the hub's setting when imported; once imported, it keeps its own flag.
+    if show:
+        hub_utils.enable_progress_bars()
+    else:
+        hub_utils.disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        hf_logging = sys.modules["transformers.utils.logging"]
+        (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
 
 
 def verbosity() -> Verbosity:

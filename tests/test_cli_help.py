@@ -89,10 +89,14 @@ def test_one_output_convention_summary_or_json(experts, tmp_path, capsys):
 
 
 def test_quiet_and_verbose_set_the_verbosity(experts, tmp_path):
+    from transformers.utils.logging import is_progress_bar_enabled
+
     argv = ["merge", "--experts", *map(str, experts), "--method", "uniform"]
     try:
         assert main([*argv, "--out", str(tmp_path / "q"), "-q"]) == 0 and progress.verbosity() == "quiet"
+        assert not is_progress_bar_enabled()  # transformers' own "Loading weights" bar is hidden too
         assert main([*argv, "--out", str(tmp_path / "v"), "-v"]) == 0 and progress.verbosity() == "verbose"
+        assert is_progress_bar_enabled()
         with pytest.raises(SystemExit):
             main([*argv, "--out", str(tmp_path / "qv"), "-q", "-v"])
     finally:

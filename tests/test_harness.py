@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from adapterfuse.errors import ConfigError
+from adapterfuse.errors import ConfigError, ExpertError
+from adapterfuse.expert import attach_experts
 from adapterfuse.harness import OraclePredictor, ZeroShotPredictor, evaluate, results_table
 from adapterfuse.head import predict_proba
 from adapterfuse.library import ExpertLibrary
@@ -50,6 +52,24 @@ def test_oracle_answers_each_task_with_its_own_expert(tiny_base, two_experts):
     assert result["cost"]["stored_params"] == sum(t.numel() for e in experts for t in e.state_dict.values())
     table = results_table([result, evaluate(ZeroShotPredictor(tiny_base), data)])
     assert "| oracle |" in table and "| base zero-shot |" in table and "sst2 accuracy" in table
+
+
+def test_oracle_answers_with_experts_whose_folder_names_hold_dots(tiny_base, two_experts, tmp_path):
+    experts, data = two_experts
+    # Grid members are saved as e.g. lr0.0005-rank4; PEFT refuses '.' in adapter names.
+    folders = [tmp_path / name for name in ("lr0.0005-rank4", "lr0.002-rank16")]
+    for expert, folder in zip(experts, folders, strict=True):
+        shutil.copytree(expert.path, folder)
+    library = ExpertLibrary.load(folders)
+    assert [e.name for e in library] == ["lr0.0005-rank4", "lr0.002-rank16"]
+    oracle = OraclePredictor(tiny_base, library, autocast=False)
+    for expert, td in zip(experts, data, strict=True):
+        alone = predict_proba(expert.attach(tiny_base.model), tiny_base.tokenizer, td.task, td.test, autocast=False)
+        torch.testing.assert_close(oracle.predict_proba(td.task, td.test), alone, rtol=0, atol=1e-5)
+    peft_model = attach_experts(tiny_base.model, list(library))
+    assert sorted(peft_model.peft_config) == ["lr0_0005-rank4", "lr0_002-rank16"]
+    with pytest.raises(ExpertError, match=r"adapter name 'a\.b': .*cannot hold '\.'.*'a_b'"):
+        attach_experts(tiny_base.model, experts[:1], ["a.b"])
 
 
 def test_oracle_without_an_expert_for_the_task_is_a_clear_error(tiny_base, two_experts):
