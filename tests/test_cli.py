@@ -120,22 +120,24 @@ def test_train_then_eval_end_to_end(tiny_folder, tmp_path, capsys, glue_dir):
 
 def test_eval_scores_an_adapter_without_a_task_on_every_task(tiny_folder, tmp_path, capsys, glue_dir):
     expert = tmp_path / "expert"
-    small = ["--base", str(tiny_folder), "--validation-size", "8", "--no-autocast"]
-    argv = ["train", "--task", "sst2", "--out", str(expert), "--max-train-examples", "16", "--batch-size", "4"]
-    assert main([*argv, *small]) == 0
+    small = ["--base", str(tiny_folder), "--validation-size", "8"]
+    argv = ["train", "--task", "stsb", "--out", str(expert), "--max-train-examples", "16", "--batch-size", "4"]
+    assert main([*argv, *small, "--max-eval-examples", "6"]) == 0
+    recorded = json.loads((expert / "adapterfuse.json").read_text())["scores"]["test"]
     plain = tmp_path / "plain"  # the same adapter as a plain PEFT folder: no task recorded
     plain.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (plain / name).write_bytes((expert / name).read_bytes())
     scored = ["--base", str(tiny_folder), "--validation-size", "8", "--max-eval-examples", "6", "--json"]
     capsys.readouterr()
-    assert main(["eval", "--experts", str(expert), "--tasks", "sst2", *scored]) == 0
+    assert main(["eval", "--experts", str(expert), "--tasks", "stsb", *scored]) == 0
     oracle = json.loads(capsys.readouterr().out)
-    assert main(["eval", "--experts", str(plain), "--tasks", "sst2,rte", *scored]) == 0
+    assert oracle["tasks"]["stsb"]["pearson"] == pytest.approx(recorded["pearson"], abs=1e-3)  # same subset
+    assert main(["eval", "--experts", str(plain), "--tasks", "stsb,rte", *scored]) == 0
     alone = json.loads(capsys.readouterr().out)
-    assert alone["predictor"] == "plain" and set(alone["tasks"]) == {"sst2", "rte"}
-    assert alone["tasks"]["sst2"]["score"] == oracle["tasks"]["sst2"]["score"]
-    assert main(["eval", "--experts", str(expert), str(plain), "--tasks", "sst2", *scored]) == 1
+    assert alone["predictor"] == "plain" and set(alone["tasks"]) == {"stsb", "rte"}
+    assert alone["tasks"]["stsb"]["score"] == oracle["tasks"]["stsb"]["score"]
+    assert main(["eval", "--experts", str(expert), str(plain), "--tasks", "stsb", *scored]) == 1
     err = capsys.readouterr().err
     assert "'plain' records no task" in err and "alone" in err and len(err.strip().splitlines()) == 1
 
