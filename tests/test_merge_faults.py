@@ -17,7 +17,7 @@ import adapterfuse.recipe.runner as runner
 import adapterfuse.train.expert
 from adapterfuse.backends.ensemble.fit import ensemble
 from adapterfuse.backends.merge.api import merge
-from adapterfuse.backends.merge.lambda_search import choose_lambda
+from adapterfuse.backends.merge.lambda_search import choose_lambda, edge_note
 from adapterfuse.backends.merge.soup import greedy_select, soup_order
 from adapterfuse.backends.route.api import route
 from adapterfuse.base import wrap_base
@@ -100,6 +100,19 @@ def test_a_nan_score_never_wins_the_lambda_search():
     assert choose_lambda([0.5, 1.0, 1.5], [0.3, nan, 0.3]) == 0  # the tie goes to the smaller λ, NaN skipped
     with pytest.raises(ConfigError, match=r"every grid point \[0\.5, 1\.0\] scored NaN"):
         choose_lambda([0.5, 1.0], [nan, nan])
+
+
+def test_a_lambda_chosen_at_the_grid_end_while_still_improving_is_noted():
+    grid = [0.25, 0.5, 1.0, 1.5]
+    note = edge_note(grid, [0.38, 0.40, 0.50, 0.54], 3)
+    assert "chose λ = 1.5, the largest" in note and "0.5000 -> 0.5400" in note and "reaching above 1.5" in note
+    assert "the smallest" in edge_note(grid, [0.6, 0.5, 0.4, 0.3], 0) and "below 0.25" in edge_note(
+        grid, [0.6, 0.5, 0.4, 0.3], 0
+    )
+    assert edge_note(grid, [0.38, 0.55, 0.50, 0.54], 1) is None  # inside the grid
+    assert edge_note(grid, [0.38, 0.40, 0.54, 0.54], 3) is None  # tied with its neighbour: no trend
+    assert edge_note([1.0], [0.5], 0) is None
+    assert "the largest" in edge_note([1.5, 0.5, 1.0], [0.6, 0.4, 0.5], 0)  # grid order does not matter
 
 
 def test_a_nan_candidate_never_wins_the_greedy_soup():

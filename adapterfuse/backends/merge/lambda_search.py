@@ -8,6 +8,7 @@ merged adapter; every grid point's score is recorded so the choice can be checke
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from adapterfuse.backends.merge.common import MergeResult
 from adapterfuse.base import BaseModel
-from adapterfuse.errors import ConfigError
+from adapterfuse.errors import AdapterFuseWarning, ConfigError
 from adapterfuse.expert import Expert
 from adapterfuse.harness import ModelPredictor, evaluate
 from adapterfuse.progress import bar
@@ -175,6 +176,34 @@ def choose_lambda(grid: Sequence[float], scores: Sequence[float]) -> int:
     return max(valid, key=lambda i: (scores[i], -abs(grid[i] - 1.0), -grid[i]))
 
 
+def edge_note(grid: Sequence[float], scores: Sequence[float], best: int) -> str | None:
+    """A one-line note when the chosen λ is the grid's largest or smallest and beats its neighbour.
+
+    The validation score then still improves towards the grid's end, so a λ beyond it may score higher.
+
+    Args:
+        grid: the λ values tried.
+        scores: their validation scores, in the same order.
+        best: the chosen index (:func:`choose_lambda`).
+
+    Returns:
+        The note, or None when the choice lies inside the grid (or the grid has one point).
+    """
+    order = sorted(range(len(grid)), key=lambda i: grid[i])
+    if len(order) < 2 or best not in (order[0], order[-1]):
+        return None
+    largest = best == order[-1]
+    neighbour = order[-2] if largest else order[1]
+    if not scores[best] > scores[neighbour]:  # a tie or a NaN neighbour: no sign of a better λ beyond
+        return None
+    side, beyond = ("largest", f"above {grid[best]:g}") if largest else ("smallest", f"below {grid[best]:g}")
+    return (
+        f"lambda search: chose λ = {grid[best]:g}, the {side} of lambda_grid {[float(g) for g in grid]}, and the "
+        f"validation score still improves towards it ({scores[neighbour]:.4f} -> {scores[best]:.4f}); "
+        f"a lambda_grid reaching {beyond} may score higher"
+    )
+
+
 def search_lambda(
     merge_at: Callable[[float], MergeResult],
     to_files: Callable[[MergeResult], tuple[Any, Any]],
@@ -207,6 +236,8 @@ def search_lambda(
         scores.append(host.score(state, config, validation, name=f"lambda={lam:g}"))
         results.append(result)
     best = choose_lambda(grid, scores)
+    if note := edge_note(grid, scores, best):
+        warnings.warn(note, AdapterFuseWarning, stacklevel=2)
     record = {
         "grid": list(grid),
         "scores": scores,
