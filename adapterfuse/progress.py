@@ -36,16 +36,14 @@ def set_verbosity(level: Verbosity) -> None:
 
 def _show_library_bars(show: bool) -> None:
     """Show or hide the bars the Hugging Face libraries draw themselves (downloads, loading weights)."""
+    # transformers copies the hub's setting when imported, then keeps its own flag (and sets the hub's too).
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+        return
     from huggingface_hub import utils as hub_utils
 
-    # transformers copies the hub's setting when imported; once imported, it keeps its own flag.
-    if show:
-        hub_utils.enable_progress_bars()
-    else:
-        hub_utils.disable_progress_bars()
-    if "transformers.utils.logging" in sys.modules:
-        hf_logging = sys.modules["transformers.utils.logging"]
-        (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    (hub_utils.enable_progress_bars if show else hub_utils.disable_progress_bars)()
 
 
 def verbosity() -> Verbosity:
